@@ -1,0 +1,37 @@
+# Thin wrappers; the knobs are environment variables (README.md, "Build knobs"),
+# e.g.  make build FLASH_ATTN_CUDA_ARCHS=90 FLASH_ATTN_HEAD_DIMS=64,128
+PYTHON ?= python3
+
+# The reduced kernel set that CI builds: one arch, two head dims.
+CI_KNOBS = FLASH_ATTN_CUDA_ARCHS=90 FLASH_ATTN_HEAD_DIMS=64,128 FLASH_ATTN_DTYPES=fp16,bf16
+
+.PHONY: build ci-build test lint clean distclean
+
+## build: compile the kernels (cached in build/kernels) and flash_attn._C in place
+build:
+	$(PYTHON) setup.py build_ext --inplace
+
+## ci-build: the same with the reduced kernel set
+ci-build:
+	$(CI_KNOBS) $(PYTHON) setup.py build_ext --inplace
+
+## test: ruff, then the tests (GPU tests skip without a GPU); fails if either fails
+test:
+	@$(PYTHON) -m ruff check . ; lint=$$? ; \
+	$(PYTHON) -m pytest -q tests ; tests=$$? ; \
+	if [ $$lint -ne 0 ]; then echo "make test: ruff check failed (see above)"; fi ; \
+	exit $$(( tests != 0 ? tests : lint ))
+
+## lint: ruff only
+lint:
+	$(PYTHON) -m ruff check .
+
+## clean: build outputs, but not the kernel object cache (build/kernels), which is
+## content-addressed and never stale; distclean removes that too
+clean:
+	find build -mindepth 1 -maxdepth 1 ! -name kernels -exec rm -rf {} + 2>/dev/null || true
+	rm -rf flash_attn/_C*.so *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf build .ruff_cache

@@ -1,0 +1,192 @@
+// Forward: O = softmax(score(Q K^T)) V, one CTA per (query block, head, batch).
+// Each warp owns 16 or 32 query rows; keys stream through shared memory from the
+// last visible block to the first (the masked blocks come first), with the
+// next K tile loading while P V runs and the V tile loading while Q K^T runs.
+#pragma once
+
+#include <type_traits>
+
+#include "tile.cuh"
+
+namespace flash {
+
+template <int D_, int BN_, int WARPS_, int MT_, bool QREG_>
+struct FwdConfig {
+  static constexpr int D = D_, BN = BN_, kWarps = WARPS_, kThreads = 32 * kWarps;
+  static constexpr int kMT = MT_;                // m-tiles of 16 query rows per warp
+  static constexpr int BM = 16 * kMT * kWarps;
+  static constexpr bool kQInRegs = QREG_;        // keep Q's A fragments in registers
+  using Dims = TileDims<D>;
+  static constexpr size_t kSmem = size_t(BM + 2 * BN) * Dims::kLd * 2;
+};
+
+// Two m-tiles per warp let every K/V fragment read from shared memory feed two
+// MMAs; above 128 the output accumulators leave room for one.
+template <int D>
+using FwdConfigFor = std::conditional_t<
+    (D <= 64), FwdConfig<D, 64, 4, 2, true>,
+    std::conditional_t<(D <= 128), FwdConfig<D, 64, 4, 2, false>, FwdConfig<D, 64, 8, 1, false>>>;
+
+template <typename C, typename T>
+__global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams p) {
+  constexpr int D = C::D, BM = C::BM, BN = C::BN, LD = C::Dims::kLd;
+  constexpr int KS = C::Dims::kKSteps, DT = C::Dims::kNTiles, NT = BN / 8, MT = C::kMT;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sK = sQ + BM * LD;
+  T *sV = sK + BN * LD;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= seq.sq) return;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+  const ScoreMod mod(p, b, h);
+
+  const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  T *o = static_cast<T *>(p.o) + seq.q_off(b, p.o_batch_stride, p.o_row_stride, p.o_head_stride, h);
+
+  int n_lo, n_hi;
+  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
+  const int nb_lo = n_lo / BN;
+  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+
+  load_tile<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
+                                p.head_dim, q, tid);
+  if (nb_hi > nb_lo) {
+    const int n0 = (nb_hi - 1) * BN;
+    load_tile<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride, seq.sk - n0,
+                                  p.head_dim, k, tid);
+  }
+  cp_async_commit();
+
+  float acc_o[MT][DT][4];
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    zero(acc_o[m]);
+    row_max[m][0] = row_max[m][1] = -INFINITY;
+    row_sum[m][0] = row_sum[m][1] = 0.f;
+  }
+  const int w0 = warp * 16 * MT;  // this warp's first row in the tile
+  const T *sQw = sQ + w0 * LD;
+  uint32_t q_frag[MT][C::kQInRegs ? KS : 1][4];
+  if constexpr (C::kQInRegs) {
+    cp_async_wait<0>();
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < MT; ++m) load_a<KS, LD>(q_frag[m], sQw + m * 16 * LD, lane);
+  }
+
+  for (int nb = nb_hi - 1; nb >= nb_lo; --nb) {
+    const int n0 = nb * BN;
+    cp_async_wait<0>();
+    __syncthreads();  // K[nb] landed; every warp is done with V[nb+1]
+    load_tile<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0,
+                                  p.head_dim, v, tid);
+    cp_async_commit();
+
+    float s[MT][NT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) zero(s[m]);
+    if constexpr (C::kQInRegs) gemm_rs_nt<MT, NT, KS, LD, T>(s, q_frag, sK, lane);
+    else gemm_ss_nt<MT, NT, KS, LD, T>(s, sQw, sK, lane);
+
+    // Scores in log2 units (masked entries -inf), then the online softmax.
+    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = m0 + w0 + m * 16 + g + (e / 2) * 8, col = n0 + j * 8 + 2 * t + (e % 2);
+          float x;
+          if (mod.active) {
+            float unused;
+            x = mod.log2_score(s[m][j][e], i, col, vis.off(), unused);
+          } else {
+            x = s[m][j][e] * mod.scale_log2;
+          }
+          s[m][j][e] = (masked && !vis.visible(i, col)) ? -INFINITY : x;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[m][r];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[m][j][2 * r], s[m][j][2 * r + 1]));
+        mx = quad_max(mx);
+        const float base = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2_approx(row_max[m][r] - base);
+        row_max[m][r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          s[m][j][2 * r] = exp2_approx(s[m][j][2 * r] - base);
+          s[m][j][2 * r + 1] = exp2_approx(s[m][j][2 * r + 1] - base);
+          sum += s[m][j][2 * r] + s[m][j][2 * r + 1];
+        }
+        row_sum[m][r] = row_sum[m][r] * alpha + sum;
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          acc_o[m][j][2 * r] *= alpha;
+          acc_o[m][j][2 * r + 1] *= alpha;
+        }
+      }
+    }
+
+    cp_async_wait<0>();
+    __syncthreads();  // V[nb] landed; every warp is done with K[nb]
+    if (nb > nb_lo) {
+      const int n1 = n0 - BN;
+      load_tile<BN, D, C::kThreads>(sK, k + int64_t(n1) * p.k_row_stride, p.k_row_stride, seq.sk - n1,
+                                    p.head_dim, k, tid);
+      cp_async_commit();
+    }
+    uint32_t p_frag[MT][BN / 16][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) pack_a<BN / 16, T>(p_frag[m], s[m]);
+    gemm_rs_nn<MT, DT, BN / 16, LD, T>(acc_o, p_frag, sV, lane);
+  }
+
+  // Normalise, write O through shared memory and the log-sum-exp.
+  cp_async_wait<0>();
+  __syncthreads();
+  float *lse_ptr = p.lse + seq.lse_off(p, b, h);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_sum[m][r]);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      const int i = m0 + w0 + m * 16 + g + 8 * r;
+      if (t == 0 && i < seq.sq) lse_ptr[i] = l > 0.f ? row_max[m][r] * kLn2 + logf(l) : INFINITY;
+    }
+#pragma unroll
+    for (int j = 0; j < DT; ++j) {
+      acc_o[m][j][0] *= inv[0];
+      acc_o[m][j][1] *= inv[0];
+      acc_o[m][j][2] *= inv[1];
+      acc_o[m][j][3] *= inv[1];
+    }
+    acc_to_smem<DT, LD, T>(sQ + (w0 + m * 16) * LD, acc_o[m], 1.f, lane);
+  }
+  __syncthreads();
+  store_tile<BM, D, C::kThreads>(o + int64_t(m0) * p.o_row_stride, sQ, p.o_row_stride, seq.sq - m0,
+                                 p.head_dim, tid);
+}
+
+template <int D, typename T>
+int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
+  using C = FwdConfigFor<D>;
+  const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
+  return launch(fwd_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
+}
+
+}  // namespace flash

@@ -1,0 +1,287 @@
+// Tile-level building blocks shared by the forward and backward kernels:
+// where a sequence lives, global<->shared tile copies, warp GEMMs on
+// m16n8k16 fragments, and the score function (scale, softcap, ALiBi, mask).
+//
+// Shared-memory tiles are row-major with rows padded by 8 elements (16 bytes),
+// which keeps ldmatrix free of bank conflicts without a swizzle.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "flash_api.h"
+#include "ptx.cuh"
+
+namespace flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+struct TileDims {
+  static constexpr int kLd = D + 8;      // shared-memory row stride (elements)
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kKSteps = D / 16; // k-steps of 16 along the head dim
+  static constexpr int kNTiles = D / 8;  // n-tiles of 8 along the head dim
+};
+
+// Where batch entry b lives in the (dense or packed) tensors.
+struct SeqInfo {
+  int q_start, k_start;  // first token (varlen) or 0
+  int sq, sk;            // this sequence's lengths
+  bool varlen;
+
+  __device__ __forceinline__ SeqInfo(const FlashAttnParams &p, int b) {
+    varlen = p.cu_seqlens_q != nullptr;
+    if (varlen) {
+      q_start = p.cu_seqlens_q[b];
+      k_start = p.cu_seqlens_k[b];
+      sq = p.cu_seqlens_q[b + 1] - q_start;
+      sk = p.cu_seqlens_k[b + 1] - k_start;
+    } else {
+      q_start = k_start = 0;
+      sq = p.seqlen_q;
+      sk = p.seqlen_k;
+    }
+  }
+  // Offset of token 0 of head h of this sequence.
+  __device__ __forceinline__ int64_t q_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
+    return (varlen ? q_start * rs : b * bs) + h * hs;
+  }
+  __device__ __forceinline__ int64_t k_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
+    return (varlen ? k_start * rs : b * bs) + h * hs;
+  }
+  // Offset of the lse / softmax_d entry of query 0 of head h.
+  __device__ __forceinline__ int64_t lse_off(const FlashAttnParams &p, int b, int h) const {
+    return (varlen ? q_start : b * p.lse_batch_stride) + h * p.lse_head_stride;
+  }
+};
+
+// Which keys a query sees: i + off - left <= j <= i + off + right, j < sk.
+struct Visibility {
+  int sq, sk, left, right;
+  __device__ __forceinline__ int off() const { return sk - sq; }
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return j < sk && (right < 0 || j <= i + off() + right) && (left < 0 || j >= i + off() - left);
+  }
+  // Keys [lo, hi) that queries [m0, m1) can see.
+  __device__ __forceinline__ void key_range(int m0, int m1, int &lo, int &hi) const {
+    hi = right < 0 ? sk : min(sk, m1 - 1 + off() + right + 1);
+    lo = left < 0 ? 0 : max(0, m0 + off() - left);
+  }
+  // Queries [lo, hi) that see at least one of keys [n0, n1).
+  __device__ __forceinline__ void query_range(int n0, int n1, int &lo, int &hi) const {
+    lo = right < 0 ? 0 : max(0, n0 - off() - right);
+    hi = left < 0 ? sq : min(sq, n1 - 1 - off() + left + 1);
+  }
+  // Whether any pair (i in [m0,m1), j in [n0,n1)) may be invisible.
+  __device__ __forceinline__ bool needs_mask(int m0, int m1, int n0, int n1) const {
+    return n1 > sk || (right >= 0 && n1 - 1 > m0 + off() + right) ||
+           (left >= 0 && n0 < m1 - 1 + off() - left);
+  }
+};
+
+// The score function in log2 units: x = scale*s; x = softcap*tanh(x/softcap);
+// x -= slope*|i + off - j|. `deriv` receives d(score)/d(scale*s) (softcap).
+struct ScoreMod {
+  float scale, scale_log2, softcap, slope;
+  bool active;  // softcap or ALiBi present
+
+  __device__ __forceinline__ ScoreMod(const FlashAttnParams &p, int b, int h) {
+    scale = p.scale;
+    scale_log2 = p.scale * kLog2e;
+    softcap = p.softcap;
+    slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+    active = softcap > 0.f || p.alibi_slopes != nullptr;
+  }
+  __device__ __forceinline__ float log2_score(float s, int i, int j, int off, float &deriv) const {
+    float x = s * scale;
+    deriv = 1.f;
+    if (softcap > 0.f) {
+      const float t = tanhf(x / softcap);
+      x = softcap * t;
+      deriv = 1.f - t * t;
+    }
+    x -= slope * fabsf(static_cast<float>(i + off - j));
+    return x * kLog2e;
+  }
+};
+
+// Copy a ROWS x D tile (rows >= rows_valid or cols >= cols_valid read as 0).
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void load_tile(T *s, const T *g, int64_t ld, int rows_valid,
+                                          int cols_valid, const T *fallback, int tid) {
+  constexpr int kLd = TileDims<D>::kLd, kCh = TileDims<D>::kChunks, kTotal = ROWS * kCh;
+#pragma unroll 1  // unrolling hoists every address into registers the MMAs need
+  for (int it = 0; it < (kTotal + NTHREADS - 1) / NTHREADS; ++it) {
+    const int idx = tid + it * NTHREADS;
+    if (kTotal % NTHREADS != 0 && idx >= kTotal) break;
+    const int r = idx / kCh, c = (idx % kCh) * 8;
+    const bool ok = r < rows_valid && c < cols_valid;
+    cp_async_16(s + r * kLd + c, ok ? g + r * ld + c : fallback, ok);
+  }
+}
+
+// Store a ROWS x D tile from shared memory (only the valid part).
+template <int ROWS, int D, int NTHREADS, typename T>
+__device__ __forceinline__ void store_tile(T *g, const T *s, int64_t ld, int rows_valid,
+                                           int cols_valid, int tid) {
+  constexpr int kLd = TileDims<D>::kLd, kCh = TileDims<D>::kChunks, kTotal = ROWS * kCh;
+#pragma unroll
+  for (int it = 0; it < (kTotal + NTHREADS - 1) / NTHREADS; ++it) {
+    const int idx = tid + it * NTHREADS;
+    if (kTotal % NTHREADS != 0 && idx >= kTotal) break;
+    const int r = idx / kCh, c = (idx % kCh) * 8;
+    if (r < rows_valid && c < cols_valid)
+      *reinterpret_cast<uint4 *>(g + r * ld + c) = *reinterpret_cast<const uint4 *>(s + r * kLd + c);
+  }
+}
+
+// Write a warp's 16 x (8*NT) f32 accumulator into shared memory as T.
+template <int NT, int LD, typename T>
+__device__ __forceinline__ void acc_to_smem(T *s, const float (&acc)[NT][4], float mul, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    *reinterpret_cast<uint32_t *>(s + g * LD + j * 8 + 2 * t) =
+        pack2<T>(acc[j][0] * mul, acc[j][1] * mul);
+    *reinterpret_cast<uint32_t *>(s + (g + 8) * LD + j * 8 + 2 * t) =
+        pack2<T>(acc[j][2] * mul, acc[j][3] * mul);
+  }
+}
+
+// A fragments of a 16 x (16*KS) row-major shared tile.
+template <int KS, int LD, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[KS][4], const T *s, int lane) {
+#pragma unroll
+  for (int k = 0; k < KS; ++k) ldmatrix_x4(a[k], s + (lane % 16) * LD + k * 16 + (lane / 16) * 8);
+}
+
+// B fragments (two n-tiles) of k-step k, n-tiles n, n+1, from rows stored [n][k].
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_nt(uint32_t (&b)[4], const T *sB, int n, int k, int lane) {
+  ldmatrix_x4(b, sB + (n * 8 + (lane % 8) + (lane / 16) * 8) * LD + k * 16 + ((lane / 8) % 2) * 8);
+}
+// The same from rows stored [k][n] (transposing load).
+template <int LD, typename T>
+__device__ __forceinline__ void load_b_nn(uint32_t (&b)[4], const T *sB, int n, int k, int lane) {
+  ldmatrix_x4_trans(b, sB + (k * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + n * 8 + (lane / 16) * 8);
+}
+
+// acc(16MT x 8NT) += A(16MT x 16KS) * B^T, B stored as rows [n][k] (like K in
+// Q K^T); A from registers. Each B fragment feeds MT m-tiles.
+template <int MT, int NT, int KS, int LD, typename T>
+__device__ __forceinline__ void gemm_rs_nt(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
+                                           const T *sB, int lane) {
+  static_assert(NT % 2 == 0, "n-tiles come in pairs");
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t b[4];
+      load_b_nt<LD>(b, sB, n, k, lane);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma_16816<T>(acc[m][n], a[m][k], b[0], b[1]);
+        mma_16816<T>(acc[m][n + 1], a[m][k], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Same, A from a (16MT)-row shared tile, one k-step at a time (fewer registers).
+template <int MT, int NT, int KS, int LD, typename T>
+__device__ __forceinline__ void gemm_ss_nt(float (&acc)[MT][NT][4], const T *sA, const T *sB,
+                                           int lane) {
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      ldmatrix_x4(a[m], sA + (m * 16 + lane % 16) * LD + k * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t b[4];
+      load_b_nt<LD>(b, sB, n, k, lane);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma_16816<T>(acc[m][n], a[m], b[0], b[1]);
+        mma_16816<T>(acc[m][n + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc(16MT x 8NT) += A(16MT x 16KS) * B, B stored row-major as [k][n] (like V in P V).
+template <int MT, int NT, int KS, int LD, typename T>
+__device__ __forceinline__ void gemm_rs_nn(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
+                                           const T *sB, int lane) {
+  static_assert(NT % 2 == 0, "n-tiles come in pairs");
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+#pragma unroll
+    for (int n = 0; n < NT; n += 2) {
+      uint32_t b[4];
+      load_b_nn<LD>(b, sB, n, k, lane);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        mma_16816<T>(acc[m][n], a[m][k], b[0], b[1]);
+        mma_16816<T>(acc[m][n + 1], a[m][k], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Single m-tile forms (one warp, 16 rows), as the backward uses them.
+template <int NT, int KS, int LD, typename T>
+__device__ __forceinline__ void gemm_ss_nt(float (&acc)[NT][4], const T *sA, const T *sB, int lane) {
+  gemm_ss_nt<1, NT, KS, LD, T>(reinterpret_cast<float(&)[1][NT][4]>(acc), sA, sB, lane);
+}
+template <int NT, int KS, int LD, typename T>
+__device__ __forceinline__ void gemm_rs_nn(float (&acc)[NT][4], const uint32_t (&a)[KS][4],
+                                           const T *sB, int lane) {
+  gemm_rs_nn<1, NT, KS, LD, T>(reinterpret_cast<float(&)[1][NT][4]>(acc),
+                               reinterpret_cast<const uint32_t(&)[1][KS][4]>(a), sB, lane);
+}
+
+// The accumulator layout of a 16 x 16KS tile is the A-operand layout once
+// packed to 16 bits: n-tiles 2k and 2k+1 form k-step k.
+template <int KS, typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[KS][4], const float (&c)[2 * KS][4]) {
+#pragma unroll
+  for (int k = 0; k < KS; ++k) {
+    a[k][0] = pack2<T>(c[2 * k][0], c[2 * k][1]);
+    a[k][1] = pack2<T>(c[2 * k][2], c[2 * k][3]);
+    a[k][2] = pack2<T>(c[2 * k + 1][0], c[2 * k + 1][1]);
+    a[k][3] = pack2<T>(c[2 * k + 1][2], c[2 * k + 1][3]);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+}
+
+// Records a CUDA error for flash_last_cuda_error() (dispatch.cu).
+void set_cuda_error(cudaError_t e);
+
+// Raise the dynamic shared-memory limit and launch; returns a FlashStatus.
+template <typename Kernel>
+inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                  const FlashAttnParams &p) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e == cudaSuccess) {
+    kernel<<<grid, threads, smem, stream>>>(p);
+    e = cudaGetLastError();
+  }
+  if (e != cudaSuccess) {
+    set_cuda_error(e);
+    return FLASH_ERR_CUDA;
+  }
+  return FLASH_OK;
+}
+
+}  // namespace flash

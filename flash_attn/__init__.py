@@ -1,0 +1,42 @@
+"""flash_attn: FlashAttention kernels behind the flash_attn 2.x Python interface.
+
+This is an independent implementation of that interface, with its own CUDA
+kernels; it is not the Dao-AILab ``flash-attn`` package and shares no code with
+it. Code written for flash_attn 2.x imports it unchanged::
+
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flash_attn.bert_padding import pad_input, unpad_input
+
+The functions keep the 2.x names, argument order and defaults. Not implemented in
+this release (each raises NotImplementedError that says so): attention dropout
+(``dropout_p > 0``), the paged KV cache (``block_table``) and
+``flash_attn_with_kvcache``.
+
+Importing this package does not load the compiled extension (``flash_attn._C``);
+the first attention call does, and reports a missing or broken build then.
+"""
+
+from flash_attn.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
+
+# Compatible with the 2.x interface; high enough for ">= 2.6.3"-style feature gates
+# (softcap, deterministic backward) in libraries that check the version.
+__version__ = "2.9.0"
+
+__all__ = [
+    "__version__",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]

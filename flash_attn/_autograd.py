@@ -1,0 +1,129 @@
+"""Autograd Functions over the compiled forward and backward ops.
+
+One Function per input form: separate q, k, v; packed qkv; packed kv. Each serves
+the dense and the varlen layout (varlen passes cu_seqlens, dense passes None). The
+inputs arrive validated; here they are put in kernel layout (last dim contiguous,
+head_dim padded to a multiple of 8) and the results are sliced back. Gradients of
+packed inputs come back packed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flash_attn import _ops
+from flash_attn._layout import kernel_layout
+
+# The non-tensor arguments every Function takes after its tensors, in op order.
+# (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap)
+OpArgs = tuple[int, int, float, int, int, float]
+
+
+def _forward(
+    ctx: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    args: OpArgs,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    head_dim = q.shape[-1]
+    q, k, v = kernel_layout(q), kernel_layout(k), kernel_layout(v)
+    out_padded, lse = _ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.op_args = args
+    ctx.deterministic = deterministic
+    ctx.head_dim = head_dim
+    ctx.mark_non_differentiable(lse)
+    return out_padded[..., :head_dim], lse
+
+
+def _backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = _ops.bwd(
+        kernel_layout(dout),
+        q,
+        k,
+        v,
+        out_padded,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *ctx.op_args,
+        alibi_slopes,
+        ctx.deterministic,
+    )
+    d = ctx.head_dim
+    return dq[..., :d], dk[..., :d], dv[..., :d]
+
+
+class FlashAttnFunc(torch.autograd.Function):
+    """Attention over separate q, k, v."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        alibi_slopes: torch.Tensor | None,
+        args: OpArgs,
+        deterministic: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, args, deterministic)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
+        dq, dk, dv = _backward(ctx, dout)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class FlashAttnQKVPackedFunc(torch.autograd.Function):
+    """Attention over qkv packed as (..., 3, nheads, head_dim); dqkv comes back packed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        qkv: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        alibi_slopes: torch.Tensor | None,
+        args: OpArgs,
+        deterministic: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.unbind(dim=-3)
+        return _forward(ctx, q, k, v, cu_seqlens, cu_seqlens, alibi_slopes, args, deterministic)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
+        dqkv = torch.stack(_backward(ctx, dout), dim=-3)
+        return dqkv, None, None, None, None
+
+
+class FlashAttnKVPackedFunc(torch.autograd.Function):
+    """Attention over q and kv packed as (..., 2, nheads_k, head_dim); dkv comes back packed."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        alibi_slopes: torch.Tensor | None,
+        args: OpArgs,
+        deterministic: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = kv.unbind(dim=-3)
+        return _forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, args, deterministic)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
+        dq, dk, dv = _backward(ctx, dout)
+        return dq, torch.stack((dk, dv), dim=-3), None, None, None, None, None

@@ -1,0 +1,267 @@
+"""The compiled extension: importing it on first use, calling its ops, and the fake
+implementations that let torch.compile trace through them.
+
+``flash_attn._C`` registers ``torch.ops.flash_attn.{fwd,bwd,build_info}`` from C++
+(CUDA dispatch key). Importing ``flash_attn`` never imports it: the first attention
+call does, and a failure is reported then, with what to do about it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flash_attn._build_info import BuildInfo
+from flash_attn.errors import ExtensionNotBuiltError
+
+EXTENSION_MODULE = "flash_attn._C"
+NAMESPACE = "flash_attn"
+
+# The op schemas the binding registers (without the namespace).
+FWD_SCHEMA = (
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+    "int window_right, float softcap, Tensor? alibi_slopes) "
+    "-> (Tensor out, Tensor softmax_lse)"
+)
+BWD_SCHEMA = (
+    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+    "float softmax_scale, int window_left, int window_right, float softcap, "
+    "Tensor? alibi_slopes, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)"
+)
+BUILD_INFO_SCHEMA = "build_info() -> str"
+
+
+def _import_compiled() -> object:
+    return importlib.import_module(EXTENSION_MODULE)
+
+
+@dataclass
+class Extension:
+    """Where the ops live and what importing them gave.
+
+    ``importer`` imports the module that registers the ops in ``namespace``. Tests
+    swap in a CPU stand-in by replacing the module-level instance.
+    """
+
+    namespace: str = NAMESPACE
+    importer: Callable[[], object] = _import_compiled
+    attempted: bool = False
+    error: str = ""
+    build_info: BuildInfo | None = field(default=None, repr=False)
+
+    def load(self) -> str:
+        """Import once; return "" when the ops are ready, else why they are not."""
+        if not self.attempted:
+            self.attempted = True
+            self.error = self._import()
+        return self.error
+
+    def _import(self) -> str:
+        try:
+            self.importer()
+        except Exception as exc:  # an ImportError, or an OSError from the loader
+            return f"{type(exc).__name__}: {exc}"
+        ops = getattr(torch.ops, self.namespace)
+        missing = [n for n in ("fwd", "bwd", "build_info") if not hasattr(ops, n)]
+        if missing:
+            return (
+                f"it imported but did not register torch.ops.{self.namespace}.{', '.join(missing)}"
+            )
+        register_fakes(self.namespace)
+        return ""
+
+    def ops(self) -> torch._ops._OpNamespace:
+        return getattr(torch.ops, self.namespace)
+
+
+_EXTENSION = Extension()
+
+
+def current() -> Extension:
+    return _EXTENSION
+
+
+@torch.compiler.assume_constant_result
+def load_error() -> str:
+    """ "" when the extension is loaded, else the reason it is not.
+
+    Marked constant so torch.compile runs it once while tracing instead of
+    tracing into the import machinery.
+    """
+    return _EXTENSION.load()
+
+
+def not_built_message(reason: str) -> str:
+    return (
+        f"flash_attn's compiled extension ({EXTENSION_MODULE}) could not be loaded: "
+        f"{reason}. Every attention call needs it. Build it from a source checkout "
+        "with `pip install --no-build-isolation .` (needs nvcc and a CUDA build of "
+        "torch), or install a flash_attn wheel built for your torch and CUDA "
+        "versions. An 'undefined symbol' error means it was built against another "
+        f"torch or C++ ABI: rebuild it against the torch installed now "
+        f"({torch.__version__})."
+    )
+
+
+def require() -> None:
+    """Raise ExtensionNotBuiltError unless the extension is loaded."""
+    reason = load_error()
+    if reason:
+        raise ExtensionNotBuiltError(not_built_message(reason))
+
+
+def build_info() -> BuildInfo:
+    """What the loaded extension was built with (parsed once)."""
+    require()
+    ext = _EXTENSION
+    if ext.build_info is None:
+        ext.build_info = BuildInfo.from_json(str(ext.ops().build_info()))
+    return ext.build_info
+
+
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (out, softmax_lse)."""
+    return getattr(torch.ops, _EXTENSION.namespace).fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+    )
+
+
+def bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: (dq, dk, dv)."""
+    return getattr(torch.ops, _EXTENSION.namespace).bwd(
+        dout,
+        q,
+        k,
+        v,
+        out,
+        softmax_lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        deterministic,
+    )
+
+
+# --- fake implementations: output metadata only -----------------------------
+
+
+def fwd_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out: q's shape and dtype; softmax_lse: float32, (batch, nheads, seqlen_q) or
+    (nheads, total_q). Both contiguous, as the binding allocates them."""
+    out = q.new_empty(q.shape)
+    if cu_seqlens_q is None:
+        batch, seqlen_q, nheads, _ = q.shape
+        lse_shape = (batch, nheads, seqlen_q)
+    else:
+        total_q, nheads, _ = q.shape
+        lse_shape = (nheads, total_q)
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def bwd_fake(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv: the shapes and dtypes of q, k, v, contiguous (as the binding)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+FAKES: dict[str, Callable[..., object]] = {"fwd": fwd_fake, "bwd": bwd_fake}
+
+
+def register_fakes(namespace: str) -> list[str]:
+    """Register the fakes for the ops of namespace that exist and lack one.
+
+    Idempotent: an op that already has a Meta kernel (ours from an earlier call,
+    or one registered in C++) is left alone. Returns the ops registered now.
+    """
+    registered = []
+    ops = getattr(torch.ops, namespace)
+    for name, fake in FAKES.items():
+        qualname = f"{namespace}::{name}"
+        if not hasattr(ops, name):
+            continue
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"):
+            continue
+        torch.library.register_fake(qualname, fake)
+        registered.append(qualname)
+    return registered

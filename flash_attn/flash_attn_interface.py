@@ -1,0 +1,394 @@
+"""The flash_attn 2.x functions: same names, argument order and defaults.
+
+Every function validates its inputs before any launch (see flash_attn._checks),
+puts them in the layout the kernels take, and returns ``out``, or
+``(out, softmax_lse, None)`` when ``return_attn_probs`` is true: there is no
+dropout mask to return because dropout is not implemented yet.
+
+Layouts: q (batch, seqlen_q, nheads, head_dim), k and v (batch, seqlen_k,
+nheads_k, head_dim); varlen packs the tokens of all sequences, (total, nheads,
+head_dim), with int32 cu_seqlens of length batch + 1. nheads must be a multiple of
+nheads_k (MQA/GQA). With seqlen_q != seqlen_k, causal and sliding-window masks are
+aligned to the bottom-right corner of the score matrix: query i sees key j iff
+``i + seqlen_k - seqlen_q - window_size[0] <= j <= i + seqlen_k - seqlen_q +
+window_size[1]`` (-1 = unbounded; causal sets window_size[1] = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from flash_attn import _checks
+from flash_attn._autograd import (
+    FlashAttnFunc,
+    FlashAttnKVPackedFunc,
+    FlashAttnQKVPackedFunc,
+    OpArgs,
+)
+from flash_attn._checks import AttnOptions, AttnShape
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+# out, or (out, softmax_lse, None) with return_attn_probs. (typing names: this
+# alias is evaluated at runtime, and the package supports Python 3.9.)
+AttnResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
+
+
+def _needs_backward(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _op_args(shape: AttnShape, opts: AttnOptions) -> OpArgs:
+    window_left, window_right = opts.window_for(shape.seqlen_q, shape.seqlen_k)
+    return (
+        shape.seqlen_q,
+        shape.seqlen_k,
+        opts.scale_for(shape.head_dim),
+        window_left,
+        window_right,
+        opts.softcap,
+    )
+
+
+def _result(out: torch.Tensor, softmax_lse: torch.Tensor, return_attn_probs: bool) -> AttnResult:
+    return (out, softmax_lse, None) if return_attn_probs else out
+
+
+def _alibi(alibi_slopes: torch.Tensor | None) -> torch.Tensor | None:
+    return None if alibi_slopes is None else alibi_slopes.contiguous()
+
+
+def _distinct(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors, with a repeated one (q is k, cu_seqlens_q is cu_seqlens_k)
+    replaced by a view of itself.
+
+    torch.compile refuses the same tensor twice among an autograd.Function's
+    inputs (torch 2.13: "duplicate tensor input"), and older releases (2.11 seen)
+    silently dropped gradient contributions for it. A view is a distinct input
+    whose gradient still reaches the original.
+    """
+    seen: list[torch.Tensor] = []
+    result: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is not None:
+            if any(t is other for other in seen):
+                t = t.view(t.shape)
+            seen.append(t)
+        result.append(t)
+    return result
+
+
+def _options(
+    dropout_p: float,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+) -> AttnOptions:
+    return _checks.check_options(
+        dropout_p=dropout_p,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+    )
+
+
+def _reject_paged_kv(block_table: torch.Tensor | None) -> None:
+    if block_table is not None:
+        raise NotImplementedError(
+            "block_table was given: the paged KV cache is not implemented in this "
+            "release of flash_attn (planned for a later release). Pass "
+            "block_table=None with k and v laid out contiguously per sequence."
+        )
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnResult:
+    """Attention over qkv (batch, seqlen, 3, nheads, head_dim).
+
+    Returns out (batch, seqlen, nheads, head_dim); with return_attn_probs,
+    (out, softmax_lse (batch, nheads, seqlen) float32, None). The gradient of qkv
+    comes back packed.
+    """
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    layout = "(batch, seqlen, 3, nheads, head_dim)"
+    _checks.check_packed("qkv", qkv, 3, layout)
+    q, k, v = qkv.unbind(dim=-3)
+    shape = _checks.check_dense(q, k, v, alibi_slopes)
+    _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, _needs_backward(qkv))
+    out, lse = FlashAttnQKVPackedFunc.apply(
+        qkv, None, _alibi(alibi_slopes), _op_args(shape, opts), deterministic
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnResult:
+    """Attention of q (batch, seqlen_q, nheads, head_dim) over kv (batch, seqlen_k,
+    2, nheads_k, head_dim).
+
+    Returns out shaped like q; with return_attn_probs, (out, softmax_lse (batch,
+    nheads, seqlen_q) float32, None). The gradient of kv comes back packed.
+    """
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    _checks.check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, head_dim)")
+    k, v = kv.unbind(dim=-3)
+    shape = _checks.check_dense(q, k, v, alibi_slopes)
+    _checks.check_launch(
+        {"q": q, "kv": kv, "alibi_slopes": alibi_slopes},
+        shape,
+        _needs_backward(q, kv),
+    )
+    out, lse = FlashAttnKVPackedFunc.apply(
+        *_distinct(q, kv, None, None, _alibi(alibi_slopes)),
+        _op_args(shape, opts),
+        deterministic,
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnResult:
+    """Attention of q (batch, seqlen_q, nheads, head_dim) over k, v (batch,
+    seqlen_k, nheads_k, head_dim).
+
+    softmax_scale defaults to 1/sqrt(head_dim); softcap > 0 applies
+    softcap * tanh(scores / softcap); alibi_slopes (nheads,) or (batch, nheads)
+    float32 adds -slope * |i + seqlen_k - seqlen_q - j| to the scores.
+    Returns out shaped like q; with return_attn_probs, (out, softmax_lse (batch,
+    nheads, seqlen_q) float32, None).
+    """
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    shape = _checks.check_dense(q, k, v, alibi_slopes)
+    _checks.check_launch(
+        {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
+        shape,
+        _needs_backward(q, k, v),
+    )
+    out, lse = FlashAttnFunc.apply(
+        *_distinct(q, k, v, None, None, _alibi(alibi_slopes)),
+        _op_args(shape, opts),
+        deterministic,
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnResult:
+    """Attention over qkv (total, 3, nheads, head_dim) holding the tokens of the
+    sequences that int32 cu_seqlens (batch + 1) delimits; max_seqlen is the
+    longest.
+
+    Returns out (total, nheads, head_dim); with return_attn_probs, (out,
+    softmax_lse (nheads, total) float32, None). The gradient of qkv comes back
+    packed.
+    """
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    _checks.check_packed("qkv", qkv, 3, "(total, 3, nheads, head_dim)")
+    q, k, v = qkv.unbind(dim=-3)
+    shape = _checks.check_varlen(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, alibi_slopes
+    )
+    _checks.check_launch(
+        {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes},
+        shape,
+        _needs_backward(qkv),
+    )
+    out, lse = FlashAttnQKVPackedFunc.apply(
+        qkv,
+        cu_seqlens.contiguous(),
+        _alibi(alibi_slopes),
+        _op_args(shape, opts),
+        deterministic,
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnResult:
+    """Attention of q (total_q, nheads, head_dim) over kv (total_k, 2, nheads_k,
+    head_dim), sequences delimited by int32 cu_seqlens_q / cu_seqlens_k.
+
+    Returns out shaped like q; with return_attn_probs, (out, softmax_lse (nheads,
+    total_q) float32, None). The gradient of kv comes back packed.
+    """
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    _checks.check_packed("kv", kv, 2, "(total_k, 2, nheads_k, head_dim)")
+    k, v = kv.unbind(dim=-3)
+    shape = _checks.check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
+    )
+    _checks.check_launch(
+        {
+            "q": q,
+            "kv": kv,
+            "cu_seqlens_q": cu_seqlens_q,
+            "cu_seqlens_k": cu_seqlens_k,
+            "alibi_slopes": alibi_slopes,
+        },
+        shape,
+        _needs_backward(q, kv),
+    )
+    out, lse = FlashAttnKVPackedFunc.apply(
+        *_distinct(
+            q, kv, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), _alibi(alibi_slopes)
+        ),
+        _op_args(shape, opts),
+        deterministic,
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+) -> AttnResult:
+    """Attention of q (total_q, nheads, head_dim) over k, v (total_k, nheads_k,
+    head_dim); sequence b spans rows cu_seqlens[b] to cu_seqlens[b + 1] (int32,
+    length batch + 1) and max_seqlen_q / max_seqlen_k are the longest.
+
+    Returns out shaped like q; with return_attn_probs, (out, softmax_lse (nheads,
+    total_q) float32, None). block_table (paged KV) is not implemented yet.
+    """
+    _reject_paged_kv(block_table)
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    shape = _checks.check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
+    )
+    _checks.check_launch(
+        {
+            "q": q,
+            "k": k,
+            "v": v,
+            "cu_seqlens_q": cu_seqlens_q,
+            "cu_seqlens_k": cu_seqlens_k,
+            "alibi_slopes": alibi_slopes,
+        },
+        shape,
+        _needs_backward(q, k, v),
+    )
+    out, lse = FlashAttnFunc.apply(
+        *_distinct(
+            q,
+            k,
+            v,
+            cu_seqlens_q.contiguous(),
+            cu_seqlens_k.contiguous(),
+            _alibi(alibi_slopes),
+        ),
+        _op_args(shape, opts),
+        deterministic,
+    )
+    return _result(out, lse, return_attn_probs)
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The KV-cache (decode) entry point: not implemented in this release."""
+    raise NotImplementedError(
+        "flash_attn_with_kvcache: the KV-cache / decode path (in-place cache "
+        "update, rotary embedding, split-KV decoding, paged KV) is not implemented "
+        "in this release of flash_attn (planned for a later release). For now, "
+        "append to the cache yourself and call flash_attn_func (or "
+        "flash_attn_varlen_func) on the filled part of k_cache and v_cache."
+    )

@@ -1,0 +1,151 @@
+"""Build flash-attn for the toolchain this runs in.
+
+    python3 setup.py build_ext --inplace          # a development build (make build)
+    pip install --no-build-isolation -e .         # the same, installed editable
+
+Two steps. The kernels (csrc/kernels/*.cu and the generated instantiations)
+never see torch: nvcc compiles each to its own object in a content-addressed
+cache (build/kernels), reused by every later build that has the same sources,
+flags, nvcc and archs. Then the binding flash_attn._C (csrc/binding/*.cpp, the
+only C++ that includes torch) is compiled as a host-only torch extension and
+linked with those objects and the static CUDA runtime.
+
+Knobs (environment variables; README.md, "Build knobs"):
+FLASH_ATTN_CUDA_ARCHS, FLASH_ATTN_HEAD_DIMS, FLASH_ATTN_DTYPES,
+FLASH_ATTN_BACKWARD, MAX_JOBS, NVCC_THREADS, FLASH_ATTN_NVCC_MEM_GB,
+FLASH_ATTN_NVCC_FLAGS, FLASH_ATTN_OBJECT_CACHE, FLASH_ATTN_LOCAL_VERSION, CUDA_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from setuptools import find_packages, setup  # noqa: E402
+
+from build_tools.cache import write_text_if_changed  # noqa: E402
+from build_tools.kernels import KernelBuildError, KernelLayout, build_kernel_objects  # noqa: E402
+from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog  # noqa: E402
+from build_tools.toolchain import probe_toolchain  # noqa: E402
+from build_tools.version import read_version, with_local_label  # noqa: E402
+
+EXTENSION = "flash_attn._C"
+KERNELS_DIR = ROOT / "csrc" / "kernels"
+BINDING_DIR = ROOT / "csrc" / "binding"
+
+NO_TORCH = """
+flash-attn compiles against the torch that is installed, and this build's Python
+({python}) cannot import it: {error}.
+
+If torch is installed and you ran `pip install` without `--no-build-isolation`,
+pip is building in a fresh, isolated environment that has no torch (on purpose:
+a torch downloaded there would not match the one you run). Install torch first,
+then build without isolation:
+
+    python3 -m pip install torch
+    python3 -m pip install --no-build-isolation flash-attn    # or: -e . in a checkout
+"""
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"\nerror: {message.strip()}\n\n")
+    raise SystemExit(1)
+
+
+def _torch_cxx_std(torch_version: str) -> str:
+    """torch >= 2.13 headers need C++20; older ones build with C++17."""
+    m = re.match(r"(\d+)\.(\d+)", torch_version)
+    major_minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return "-std=c++20" if major_minor >= (2, 13) else "-std=c++17"
+
+
+def _relative(paths: list[Path]) -> list[str]:
+    return [p.relative_to(ROOT).as_posix() for p in paths]
+
+
+def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as e:
+        _fail(NO_TORCH.format(error=e, python=sys.executable))
+
+    class BuildFlashAttn(BuildExtension):  # type: ignore[misc]
+        """Compile the kernel objects first, then the binding linked with them."""
+
+        def build_extensions(self) -> None:
+            env = dict(os.environ)
+            try:
+                knobs = knobs_from_env(env, load_catalog(KERNELS_DIR / "generate.py"))
+                toolchain = probe_toolchain(env)
+                cache = env.get("FLASH_ATTN_OBJECT_CACHE", "").strip()
+                layout = KernelLayout.standard(ROOT, Path(cache) if cache else None)
+                objects = build_kernel_objects(layout, knobs, toolchain)
+            except (BuildConfigError, KernelBuildError) as e:
+                _fail(str(e))
+            # setuptools relinks only when a dependency is newer than the
+            # extension; the object list is content-addressed, so name it in a
+            # manifest whose mtime changes exactly when the list does.
+            manifest = layout.cache_dir.parent / "kernel_objects.txt"
+            write_text_if_changed(manifest, "".join(f"{o}\n" for o in objects))
+            link_args = [
+                f"-L{toolchain.cudart_static_dir}",
+                "-lcudart_static",
+                "-lrt",
+                "-ldl",
+                "-lpthread",
+                # keep the static runtime's symbols private to this module, so
+                # that torch's shared libcudart cannot interpose on them
+                "-Wl,--exclude-libs,libcudart_static.a",
+            ]
+            for ext in self.extensions:
+                ext.extra_objects = [str(o) for o in objects]
+                ext.extra_link_args = list(ext.extra_link_args or []) + link_args
+                ext.depends = list(ext.depends or []) + [str(manifest)]
+            super().build_extensions()
+
+    binding_sources = sorted(BINDING_DIR.glob("*.cpp"))
+    if not binding_sources:
+        _fail(f"no binding sources: {BINDING_DIR.relative_to(ROOT)}/*.cpp is empty")
+    headers = sorted(KERNELS_DIR.glob("*.h")) + sorted(BINDING_DIR.glob("*.h"))
+    extension = CppExtension(
+        name=EXTENSION,
+        sources=_relative(binding_sources),
+        include_dirs=[str(KERNELS_DIR)],
+        depends=_relative(headers),
+        # -g0: Python's CFLAGS ask for debug info, which costs a third of the
+        # binding's compile time and most of its size
+        extra_compile_args={"cxx": ["-O2", "-g0", _torch_cxx_std(torch.__version__)]},
+    )
+    return [extension], {"build_ext": BuildFlashAttn.with_options(use_ninja=True)}
+
+
+def main() -> None:
+    os.chdir(ROOT)  # setuptools wants source paths relative to the project
+    try:
+        version = with_local_label(
+            read_version(ROOT / "flash_attn" / "__init__.py"),
+            os.environ.get("FLASH_ATTN_LOCAL_VERSION"),
+        )
+    except BuildConfigError as e:
+        _fail(str(e))
+    ext_modules, cmdclass = extension_and_cmdclass()
+    setup(
+        version=version,
+        packages=find_packages(include=["flash_attn", "flash_attn.*"]),
+        py_modules=["flash_attn_interface"],
+        package_data={"flash_attn": ["py.typed"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Test setup: the ``gpu`` marker, and ``import reference`` from any test module.
+
+Tests marked ``@pytest.mark.gpu`` need a CUDA GPU and a built ``flash_attn._C``;
+they are skipped, with the reason, where either is missing. Everything else must
+run on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # `from reference import attention_ref`
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gpu: needs a CUDA GPU and the compiled extension flash_attn._C"
+    )
+
+
+@cache
+def gpu_skip_reason() -> str:
+    """Why GPU tests cannot run here ("" when they can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    from flash_attn import _ops
+
+    error = _ops.load_error()
+    if error:
+        return f"flash_attn._C is not built or does not load ({error})"
+    return ""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = gpu_skip_reason()
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
