@@ -127,19 +127,40 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
     zero(s);
     gemm_ss_nt<MT, KS, LD, T>(s, sKw, sQs, lane);
     const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
-    float pr[MT][4];  // P itself, for dV; s becomes P * d(score)/d(s), for dS
+    // P^T = exp2(score - lse): masked entries 0. s becomes P * d(score)/d(scale*s)
+    // (softcap), what dS needs; P itself goes to p_frag for dV.
+    float pr[MT][4];
+    if (mod.active) {
 #pragma unroll
-    for (int c = 0; c < MT; ++c) {
+      for (int c = 0; c < MT; ++c)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = j0 + (e / 2) * 8, il = c * 8 + 2 * t + (e % 2), i = m0 + il;
-        float x, deriv = 1.f;
-        if (mod.active) x = mod.log2_score(s[c][e], i, j, vis.off(), deriv);
-        else x = s[c][e] * mod.scale_log2;
-        pr[c][e] = (masked && !vis.visible(i, j)) ? 0.f : exp2_approx(x - lse2[il]);
-        s[c][e] = pr[c][e] * deriv;
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int il = c * 8 + 2 * t + (e % 2);
+          float deriv;
+          const float x = mod.log2_score(s[c][e], m0 + il, j0 + (e / 2) * 8, vis.off(), deriv);
+          pr[c][e] = exp2_approx(x - lse2[il]);
+          s[c][e] = deriv;
+        }
+    } else {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          pr[c][e] = exp2_approx(s[c][e] * mod.scale_log2 - lse2[c * 8 + 2 * t + (e % 2)]);
+          s[c][e] = 1.f;
+        }
     }
+    if (masked) {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!vis.visible(m0 + c * 8 + 2 * t + (e % 2), j0 + (e / 2) * 8)) pr[c][e] = 0.f;
+    }
+#pragma unroll
+    for (int c = 0; c < MT; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[c][e] *= pr[c][e];
     uint32_t p_frag[BM / 16][4];
     pack_a<BM / 16, T>(p_frag, pr);
     if constexpr (kDV) gemm_rs_nn<DT, BM / 16, LD, T>(acc_dv, p_frag, sdOs, lane);
@@ -253,18 +274,29 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
     zero(s);
     gemm_ss_nt<NT, KS, LD, T>(s, sQw, sKs, lane);
     const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    // P = exp2(score - lse), masked entries 0; s = P * d(score)/d(scale*s).
+    if (mod.active) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = r0 + (e / 2) * 8, col = n0 + j * 8 + 2 * t + (e % 2);
-        float x, deriv = 1.f;
-        if (mod.active) x = mod.log2_score(s[j][e], i, col, vis.off(), deriv);
-        else x = s[j][e] * mod.scale_log2;
-        float pr = exp2_approx(x - lse2[e / 2]);
-        if (masked && !vis.visible(i, col)) pr = 0.f;
-        s[j][e] = pr * deriv;
-      }
+        for (int e = 0; e < 4; ++e) {
+          float deriv;
+          const float x = mod.log2_score(s[j][e], r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2),
+                                         vis.off(), deriv);
+          s[j][e] = exp2_approx(x - lse2[e / 2]) * deriv;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(s[j][e] * mod.scale_log2 - lse2[e / 2]);
+    }
+    if (masked) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!vis.visible(r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = 0.f;
     }
     float dp[NT][4];
     zero(dp);

@@ -98,22 +98,31 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 
     // Scores in log2 units (masked entries -inf), then the online softmax.
     const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    uint32_t p_frag[MT][BN / 16][4];  // P as 16-bit A fragments: s[m] dies once packed
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
+      const int i0 = m0 + w0 + m * 16 + g;  // rows i0 (e < 2) and i0 + 8
+      if (mod.active) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = m0 + w0 + m * 16 + g + (e / 2) * 8, col = n0 + j * 8 + 2 * t + (e % 2);
-          float x;
-          if (mod.active) {
+          for (int e = 0; e < 4; ++e) {
             float unused;
-            x = mod.log2_score(s[m][j][e], i, col, vis.off(), unused);
-          } else {
-            x = s[m][j][e] * mod.scale_log2;
+            s[m][j][e] = mod.log2_score(s[m][j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2),
+                                        vis.off(), unused);
           }
-          s[m][j][e] = (masked && !vis.visible(i, col)) ? -INFINITY : x;
-        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[m][j][e] *= mod.scale_log2;
+      }
+      if (masked) {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!vis.visible(i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[m][j][e] = -INFINITY;
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -138,6 +147,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
           acc_o[m][j][2 * r + 1] *= alpha;
         }
       }
+      pack_a<BN / 16, T>(p_frag[m], s[m]);
     }
 
     cp_async_wait<0>();
@@ -148,9 +158,6 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
                                     p.head_dim, k, tid);
       cp_async_commit();
     }
-    uint32_t p_frag[MT][BN / 16][4];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) pack_a<BN / 16, T>(p_frag[m], s[m]);
     gemm_rs_nn<MT, DT, BN / 16, LD, T>(acc_o, p_frag, sV, lane);
   }
 
