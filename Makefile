@@ -35,3 +35,34 @@ clean:
 
 distclean: clean
 	rm -rf build .ruff_cache
+
+## --- wheel factory (scripts/factory; README.md, "Wheels") ---------------------
+# MATRIX: a preset (local, ci, release) or an inline selection, e.g.
+#   make wheels MATRIX="torch=2.13 python=3.11 cuda=13.0"
+MATRIX ?= local
+TOOLCHAIN ?= system
+FACTORY = $(PYTHON) -m scripts.factory
+
+.PHONY: matrix matrix-json plan wheels report doctor
+
+## matrix: print the cells of MATRIX; matrix-json: the GitHub Actions matrix
+matrix:
+	@$(FACTORY) matrix --matrix "$(MATRIX)"
+
+matrix-json:
+	@$(FACTORY) matrix --matrix "$(MATRIX)" --json
+
+## plan: each cell's build plan (cache hits, jobs x threads and why)
+plan:
+	@$(FACTORY) plan --matrix "$(MATRIX)"
+
+## wheels: build, tag, smoke-test and publish every cell of MATRIX into dist/whl
+wheels:
+	@$(FACTORY) wheels --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
+
+## report: the last `make wheels` table; doctor: which variant this environment needs
+report:
+	@$(FACTORY) report
+
+doctor:
+	@$(FACTORY) doctor

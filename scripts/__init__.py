@@ -1,0 +1,1 @@
+"""Project scripts; the wheel factory is scripts.factory (python3 -m scripts.factory)."""

@@ -1,0 +1,169 @@
+"""Build: one cell's wheel with `pip wheel --no-build-isolation` in its staged sources,
+with the cell's kernel knobs, the shared object cache and the planned parallelism;
+wall time, CPU time and peak RSS of the whole build measured, the log kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from build_tools.version import read_version
+
+from .errors import FactoryError
+from .matrix import Cell
+from .plan import CellPlan
+from .provision import Toolchain
+
+# Runs argv[2:] and writes the rusage of its process tree to argv[1]: CPU seconds
+# (user + system, all waited-for descendants) and the largest single-process peak RSS.
+_MEASURE = (
+    "import json, resource, subprocess, sys\n"
+    "rc = subprocess.call(sys.argv[2:])\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "json.dump({'rc': rc, 'cpu_s': r.ru_utime + r.ru_stime, 'peak_kib': r.ru_maxrss},"
+    " open(sys.argv[1], 'w'))\n"
+    "sys.exit(rc if rc >= 0 else 128 - rc)\n"
+)
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    wall_s: float
+    cpu_s: float
+    peak_rss_bytes: int
+
+
+@dataclass(frozen=True)
+class RawWheel:
+    cell_id: str
+    path: str
+    base_version: str  # flash_attn.__version__ without the local label
+    wall_s: float
+    cpu_s: float
+    peak_rss_bytes: int
+    objects: int
+    cache_hits: int
+    compiled: int
+    log: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> Measured:
+    """Run cmd to the end with its output in log; wall, CPU and peak RSS of its tree."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    stats = log.with_suffix(".rusage.json")
+    start = time.perf_counter()
+    with log.open("ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _MEASURE, str(stats), *cmd],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+        )
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C: stop the build, leave nothing running
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    wall = time.perf_counter() - start
+    try:
+        data = json.loads(stats.read_text())
+    except (OSError, ValueError):
+        data = {"cpu_s": 0.0, "peak_kib": 0}
+    return Measured(rc, wall, float(data["cpu_s"]), int(data["peak_kib"]) * 1024)
+
+
+def source_date_epoch(repo: Path) -> int:
+    """SOURCE_DATE_EPOCH if set, else the commit time of HEAD (a rebuild of the same
+    commit stamps the same times), else 1980-01-01."""
+    if os.environ.get("SOURCE_DATE_EPOCH", "").strip().isdigit():
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), "log", "-1", "--format=%ct"],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode == 0 and done.stdout.strip().isdigit():
+            return int(done.stdout.strip())
+    except OSError:
+        pass
+    return 315532800
+
+
+def build_env(
+    cell: Cell, plan: CellPlan | None, object_cache: Path, epoch: int,
+    extra: dict[str, str] | None = None, toolchain: Toolchain | None = None,
+) -> dict[str, str]:
+    env = dict(os.environ)
+    if toolchain is not None:
+        env.update(toolchain.env())
+    env.update(cell.kernels.env())
+    if plan is not None:
+        env.update(plan.env())
+    env["FLASH_ATTN_OBJECT_CACHE"] = str(object_cache.resolve())
+    env["FLASH_ATTN_LOCAL_VERSION"] = cell.local_label
+    env["SOURCE_DATE_EPOCH"] = str(epoch)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PYTHONHASHSEED"] = "0"
+    env.update(extra or {})
+    return env
+
+
+def build_wheel(
+    cell: Cell,
+    toolchain: Toolchain,
+    src: Path,
+    out_dir: Path,
+    log: Path,
+    env: dict[str, str],
+) -> RawWheel:
+    """pip wheel in the staged sources; a failure raises FactoryError naming the log."""
+    if out_dir.exists():
+        for old in out_dir.glob("*.whl"):
+            old.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if log.exists():
+        log.unlink()
+    cmd = [
+        toolchain.python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
+        "--no-cache-dir", "-w", str(out_dir), str(src),
+    ]
+    m = run_measured(cmd, env, log, cwd=src)
+    wheels = sorted(out_dir.glob("*.whl"))
+    if m.returncode != 0 or len(wheels) != 1:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise FactoryError(
+            f"cell {cell.id}: the build failed (exit {m.returncode}); last lines of {log}:\n{tail}"
+        )
+    objects = cache_hits = compiled = 0
+    report = src / "build" / "kernel_build_times.json"
+    if report.is_file():
+        records = json.loads(report.read_text()).get("objects", [])
+        objects = len(records)
+        cache_hits = sum(1 for r in records if r.get("status") == "reused")
+        compiled = sum(1 for r in records if r.get("status") == "compiled")
+    return RawWheel(
+        cell_id=cell.id,
+        path=str(wheels[0]),
+        base_version=read_version(src / "flash_attn" / "__init__.py"),
+        wall_s=m.wall_s,
+        cpu_s=m.cpu_s,
+        peak_rss_bytes=m.peak_rss_bytes,
+        objects=objects,
+        cache_hits=cache_hits,
+        compiled=compiled,
+        log=str(log),
+    )

@@ -1,0 +1,177 @@
+"""The factory's one CLI: `python3 -m scripts.factory <stage> ...`.
+
+    matrix   --matrix SEL [--json]     the cells of a selection (or the GitHub matrix)
+    plan     --matrix SEL              the build plan of each cell, with its reasons
+    wheels   --matrix SEL              provision, plan, build, tag, smoke, publish, report
+    smoke    --cell ID WHEEL           the smoke gate alone on one wheel
+    publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
+    report                             the last run's table
+    doctor   [--python EXE]            which variant an environment needs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .doctor import diagnose
+from .errors import FactoryError
+from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
+from .paths import FactoryPaths
+from .pipeline import RunOptions, run_cells
+from .plan import plan_cell
+from .probe import local_facts, probe_python
+from .provision import TOOLCHAINS, provision
+from .publish import Candidate, publish
+from .report import load, print_report, save
+from .smoke import quarantine, smoke_wheel
+from .stage import stage_sources
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _cells(args: argparse.Namespace, spec: MatrixSpec) -> list[Cell]:
+    return select_cells(args.matrix, spec, local_facts())
+
+
+def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cells = _cells(args, spec)
+    if args.json:
+        print(json.dumps(github_matrix(cells)))
+        return 0
+    print(f"MATRIX={args.matrix!r}: {len(cells)} cell{'s' if len(cells) != 1 else ''}")
+    for c in cells:
+        print(f"  {c.id:40} kernels {c.kernels.name} (archs {';'.join(c.kernels.archs)}), "
+              f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    for cell in _cells(args, spec):
+        src = stage_sources(paths.repo, paths.src(cell.id))
+        print(f"{cell.id}: {plan_cell(cell, src, paths.object_cache).describe()}")
+    return 0
+
+
+def cmd_wheels(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cells = _cells(args, spec)
+    _log(f"wheels: MATRIX={args.matrix!r}: {len(cells)} cell(s); toolchain {args.toolchain}; "
+         f"object cache {paths.object_cache}; tree {paths.tree}")
+    rows = run_cells(cells, spec, paths, RunOptions(toolchain=args.toolchain), _log)
+    save(rows, paths.report_json)
+    print_report(rows)
+    return 0 if all(r.status == "published" for r in rows) else 1
+
+
+def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
+    import re
+
+    m = re.fullmatch(r"cu(\d+)(\d)-torch([\d.]+)-cxx11abi(TRUE|FALSE)-cp(\d)(\d+)", cell_id)
+    if m is None:
+        raise FactoryError(f"cell id {cell_id!r} is not like cu130-torch2.13-cxx11abiTRUE-cp311")
+    text = (f"cuda={m.group(1)}.{m.group(2)} torch={m.group(3)} cxx11abi={m.group(4)} "
+            f"python={m.group(5)}.{m.group(6)}")
+    return select_cells(text, spec, local_facts())[0]
+
+
+def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cell = _cell_by_id(args.cell, spec)
+    toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
+    result = smoke_wheel(cell, Path(args.wheel), toolchain.python, toolchain.torch,
+                         paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
+                         isolated=toolchain.isolated,
+                         torch_dist=toolchain.torch_dist)
+    print(f"{cell.id}: {result.summary()} (log {result.log})")
+    if not result.passed and args.quarantine:
+        print(f"quarantined in {quarantine(result, paths.quarantine)}")
+    return 0 if result.passed else 1
+
+
+def cmd_publish(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cell = _cell_by_id(args.cell, spec)
+    toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
+    candidates = []
+    for wheel in args.wheels:
+        result = smoke_wheel(cell, Path(wheel), toolchain.python, toolchain.torch,
+                             paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
+                             isolated=toolchain.isolated,
+                             torch_dist=toolchain.torch_dist)
+        if not result.passed:
+            raise FactoryError(f"{wheel} did not pass the smoke gate: {result.summary()}")
+        candidates.append(Candidate(cell.id, cell.variant, Path(wheel), "", result.summary()))
+    entries = publish(paths.out, candidates)
+    print(f"published {len(candidates)} wheel(s); {len(entries)} in {paths.tree}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    if not paths.report_json.is_file():
+        raise FactoryError(f"no report yet ({paths.report_json}); run `make wheels` first")
+    print_report(load(paths.report_json))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    for line in diagnose(probe_python(args.python or sys.executable), spec, args.base_url):
+        print(line)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python3 -m scripts.factory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="where the tree goes (<out>/whl); default dist/")
+    p.add_argument("--work", type=Path, help="scratch: default build/factory")
+    sub = p.add_subparsers(dest="command", required=True)
+    matrix_default = os.environ.get("MATRIX", "local") or "local"
+
+    def with_matrix(name: str, help_: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--matrix", default=matrix_default,
+                       help='a preset (local, ci, release) or "torch=2.13 python=3.11 ..."')
+        return s
+
+    m = with_matrix("matrix", "print the cells of a selection")
+    m.add_argument("--json", action="store_true", help="the GitHub Actions matrix")
+    with_matrix("plan", "print each cell's build plan")
+    w = with_matrix("wheels", "build, tag, smoke-test and publish every cell")
+    w.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    s = sub.add_parser("smoke", help="run the smoke gate on one wheel")
+    s.add_argument("--cell", required=True)
+    s.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    s.add_argument("--quarantine", action="store_true")
+    s.add_argument("wheel")
+    pb = sub.add_parser("publish", help="smoke-test and publish wheels of one cell")
+    pb.add_argument("--cell", required=True)
+    pb.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    pb.add_argument("wheels", nargs="+")
+    sub.add_parser("report", help="print the last run's report")
+    d = sub.add_parser("doctor", help="which variant an environment needs")
+    d.add_argument("--python", help="the interpreter to inspect (default: this one)")
+    d.add_argument("--base-url", default="<index>")
+    return p
+
+
+COMMANDS = {
+    "matrix": cmd_matrix, "plan": cmd_plan, "wheels": cmd_wheels, "smoke": cmd_smoke,
+    "publish": cmd_publish, "report": cmd_report, "doctor": cmd_doctor,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    paths = FactoryPaths.default(out=args.out, work=args.work)
+    try:
+        spec = load_spec()
+        return COMMANDS[args.command](args, spec, paths)
+    except FactoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published from this run", file=sys.stderr)
+        return 130

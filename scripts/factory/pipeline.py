@@ -1,0 +1,128 @@
+"""The cell loop: provision, plan, build, tag, smoke each cell; publish the ones that pass.
+
+Cells run one after another (each build already uses every CPU it may); a failure
+in one cell is recorded and the next goes on. Publishing happens once, at the end,
+and atomically, so Ctrl-C or a failure leaves the published tree as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .build import build_env, build_wheel, source_date_epoch
+from .errors import FactoryError
+from .matrix import Cell, MatrixSpec
+from .paths import FactoryPaths
+from .plan import plan_cell
+from .preflight import check_disk
+from .progress import working
+from .provision import provision
+from .publish import Candidate, publish
+from .report import CellReport
+from .smoke import quarantine, smoke_wheel
+from .stage import stage_sources
+from .tag import tag_wheel
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunOptions:
+    toolchain: str = "system"
+    publish: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a planted fault's CFLAGS
+
+
+@dataclass
+class CellOutcome:
+    report: CellReport
+    candidate: Candidate | None = None
+
+
+def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOptions,
+             log: Log) -> CellOutcome:
+    report = CellReport(cell=cell.id)
+    stage = "provision"
+    start = time.perf_counter()
+    try:
+        with working(f"{cell.id}: provisioning the {options.toolchain} toolchain"):
+            toolchain = provision(cell, spec, options.toolchain, paths.toolchains)
+        where = f" ({toolchain.cuda_home})" if toolchain.cuda_home else ""
+        log(f"  toolchain: {toolchain.kind}: python {toolchain.python}, torch {toolchain.torch}, "
+            f"nvcc {toolchain.nvcc}{where}")
+        for note in toolchain.notes:
+            log(f"  note: {note}")
+        stage = "plan"
+        src = stage_sources(paths.repo, paths.src(cell.id))
+        plan = plan_cell(cell, src, paths.object_cache, toolchain.env())
+        log(f"  plan: {plan.describe()}")
+        if plan.warning:
+            log(f"  plan: warning: {plan.warning}")
+        stage = "build"
+        epoch = source_date_epoch(paths.repo)
+        env = build_env(cell, plan, paths.object_cache, epoch, options.extra_env, toolchain)
+        cell_dir = paths.cell_dir(cell.id)
+        with working(f"{cell.id}: building (log {paths.log(cell.id, 'build')})"):
+            raw = build_wheel(
+                cell, toolchain, src, cell_dir / "raw", paths.log(cell.id, "build"), env
+            )
+        report.cpu_s, report.peak_rss_bytes = raw.cpu_s, raw.peak_rss_bytes
+        report.objects, report.cache_hits = raw.objects, raw.cache_hits
+        log(f"  build: {Path(raw.path).name} in {raw.wall_s:.1f} s; kernel objects "
+            f"{raw.cache_hits} reused, {raw.compiled} compiled; log {raw.log}")
+        stage = "tag"
+        tagged = tag_wheel(cell, Path(raw.path), raw.base_version, cell_dir / "wheel", epoch)
+        report.wheel, report.wheel_size, report.platform = (
+            Path(tagged.path).name, tagged.size, tagged.platform)
+        log(f"  tag: {report.wheel} ({tagged.platform_reason})")
+        (cell_dir / "cell.json").write_text(json.dumps(
+            {"cell": cell.to_dict(), "toolchain": toolchain.to_dict(), "plan": plan.to_dict(),
+             "build": raw.to_dict(), "tag": tagged.to_dict()}, indent=2) + "\n")
+        stage = "smoke"
+        with working(f"{cell.id}: smoke test in a fresh venv"):
+            smoke = smoke_wheel(cell, Path(tagged.path), toolchain.python, toolchain.torch,
+                                paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
+                                isolated=toolchain.isolated,
+                                torch_dist=toolchain.torch_dist)
+        report.smoke = smoke.summary()
+        log(f"  smoke: {report.smoke}")
+        if not smoke.passed:
+            where = quarantine(smoke, paths.quarantine)
+            report.status = "quarantined"
+            report.note = f"smoke failed; wheel and log in {where}"
+            return CellOutcome(report)
+        report.status = "built"
+        notes = [tagged.platform_reason] if not tagged.platform.startswith("manylinux") else []
+        report.note = "; ".join(notes + list(toolchain.notes))
+        return CellOutcome(report, Candidate(cell.id, cell.variant, Path(tagged.path),
+                                             tagged.platform_reason, report.smoke))
+    except FactoryError as e:
+        report.status = f"failed ({stage})"
+        report.note = str(e).splitlines()[0]
+        log(f"  {stage} failed: {e}")
+        return CellOutcome(report)
+    finally:
+        report.wall_s = time.perf_counter() - start
+
+
+def run_cells(cells: list[Cell], spec: MatrixSpec, paths: FactoryPaths, options: RunOptions,
+              log: Log) -> list[CellReport]:
+    check_disk([paths.work, paths.out])
+    outcomes: list[CellOutcome] = []
+    for i, cell in enumerate(cells, 1):
+        log(f"[{i}/{len(cells)}] {cell.id} (kernels {cell.kernels.name}: "
+            f"archs {';'.join(cell.kernels.archs)})")
+        outcomes.append(run_cell(cell, spec, paths, options, log))
+    candidates = [o.candidate for o in outcomes if o.candidate is not None]
+    if candidates and options.publish:
+        entries = publish(paths.out, candidates)
+        log(f"publish: {len(candidates)} wheel(s) into {paths.tree} "
+            f"({len(entries)} in the tree); pages: {paths.tree / 'index.html'}")
+        for o in outcomes:
+            if o.candidate is not None:
+                o.report.status = "published"
+    return [o.report for o in outcomes]

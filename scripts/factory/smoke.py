@@ -1,0 +1,269 @@
+"""Smoke gate: a wheel is published only after it works in a fresh venv with exactly its torch.
+
+Checks: the venv's torch is the cell's; `import flash_attn` and `flash_attn._C`
+(a wrong torch or C++ ABI shows up here as `undefined symbol`); the extension's
+C++ ABI (from its dynamic symbols) equals torch._C._GLIBCXX_USE_CXX11_ABI and the
+cell's; the GPU code it embeds (`cuobjdump --list-elf`) is the cell's arch list;
+with a GPU, one attention call against a reference. A failing wheel goes to
+quarantine with its log.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .matrix import Cell
+
+_CHECK = r"""
+import json, sys
+out = {}
+import torch
+out["torch"] = torch.__version__
+out["torch_cxx11abi"] = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+out["gpu"] = torch.cuda.is_available()
+try:
+    import flash_attn
+    out["flash_attn"] = flash_attn.__version__
+    out["flash_attn_file"] = flash_attn.__file__
+    import flash_attn._C as ext
+    out["ext_file"] = ext.__file__
+    out["build_info"] = json.loads(torch.ops.flash_attn.build_info())
+except Exception as e:
+    out["import_error"] = "%s: %s" % (type(e).__name__, e)
+if out["gpu"] and "import_error" not in out:
+    try:
+        from flash_attn import flash_attn_func
+        info = out["build_info"]
+        d = 64 if 64 in info["head_dims"] else info["head_dims"][0]
+        dt = torch.bfloat16 if "bf16" in info["dtypes"] else torch.float16
+        q, k, v = (torch.randn(2, 256, 4, d, device="cuda", dtype=dt) for _ in range(3))
+        o = flash_attn_func(q, k, v, causal=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            *(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+        low = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+        err = (o.float() - ref).abs().max().item()
+        base = (low.float() - ref).abs().max().item()
+        out["numeric"] = {"max_err": err, "ref_err": base, "ok": err <= 2 * base + 1e-5}
+    except Exception as e:
+        out["numeric"] = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+print("SMOKE_JSON=" + json.dumps(out))
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool | None  # None: skipped, with the reason in detail
+    detail: str
+
+
+@dataclass
+class SmokeResult:
+    cell_id: str
+    wheel: str
+    checks: list[Check] = field(default_factory=list)
+    log: str = ""
+    quarantined: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.ok is not False for c in self.checks)
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def summary(self) -> str:
+        failed = [c for c in self.checks if c.ok is False]
+        if not failed:
+            skipped = [c.name for c in self.checks if c.ok is None]
+            return "passed" + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+        return "failed: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status
+        return data
+
+
+def extension_abi(symbols: str) -> bool | None:
+    """The C++ ABI an extension was compiled with, from its demangled dynamic symbols:
+    True (std::__cxx11 strings), False (old std::string), None (no std::string seen)."""
+    if "std::__cxx11::" in symbols:
+        return True
+    if re.search(r"std::(string|basic_string<)", symbols):
+        return False
+    return None
+
+
+def read_symbols(so: Path) -> str:
+    nm = shutil.which("nm")
+    if nm is None:
+        return ""
+    done = subprocess.run([nm, "-D", "-C", str(so)], capture_output=True, text=True, check=False)
+    return done.stdout
+
+
+def find_cuobjdump() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            exe = Path(os.environ[var]) / "bin" / "cuobjdump"
+            if exe.is_file():
+                return str(exe)
+    exe = shutil.which("cuobjdump")
+    if exe:
+        return exe
+    for base in sys.path:  # the pip package nvidia-cuda-cuobjdump
+        hits = sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "bin", "cuobjdump")))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def parse_elf_archs(listing: str) -> set[str]:
+    """'ELF file    1: _C.1.sm_90.cubin' lines -> {'90'} (90a stays 90a)."""
+    return set(re.findall(r"\bsm_(\d+a?)\b", listing))
+
+
+def embedded_archs(so: Path) -> tuple[set[str] | None, str]:
+    exe = find_cuobjdump()
+    if exe is None:
+        return None, "no cuobjdump (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump)"
+    done = subprocess.run(
+        [exe, "--list-elf", str(so)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return None, f"cuobjdump failed: {(done.stderr or done.stdout).strip()[:200]}"
+    return parse_elf_archs(done.stdout), exe
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}(exit {done.returncode})\n")
+    return done
+
+
+def evaluate(cell: Cell, expected_torch: str, data: dict[str, Any]) -> list[Check]:
+    """The checks over what the venv reported (pure: unit-tested without building)."""
+    checks = [
+        Check(
+            "torch",
+            data.get("torch") == expected_torch,
+            f"venv has torch {data.get('torch')}, the cell's toolchain {expected_torch}",
+        )
+    ]
+    error = data.get("import_error")
+    checks.append(Check("import", not error, error or f"flash_attn {data.get('flash_attn')}"))
+    if error:
+        return checks
+    ext_abi = data.get("ext_cxx11abi")
+    torch_abi = data.get("torch_cxx11abi")
+    if ext_abi is None:
+        checks.append(Check("cxx11abi", None, "no std::string symbol in the extension"))
+    else:
+        ok = ext_abi == torch_abi == cell.cxx11abi
+        checks.append(Check(
+            "cxx11abi", ok,
+            f"extension {_tf(ext_abi)}, torch {_tf(torch_abi)}, cell {cell.abi_text}",
+        ))
+    info = data.get("build_info") or {}
+    declared = set(str(a) for a in info.get("cuda_archs", []))
+    elf = data.get("elf_archs")
+    want = set(cell.kernels.archs)
+    if elf is None:
+        checks.append(Check(
+            "archs", None if declared == want else False,
+            f"build_info {sorted(declared)}, cell {sorted(want)}; ELF not listed: "
+            f"{data.get('elf_note', '')}",
+        ))
+    else:
+        checks.append(Check(
+            "archs", set(elf) == want and declared == want,
+            f"cuobjdump sm_{','.join(sorted(elf))}; build_info {','.join(sorted(declared))}; "
+            f"cell {','.join(sorted(want))}",
+        ))
+    numeric = data.get("numeric")
+    if numeric is None:
+        checks.append(Check("gpu", None, "no GPU: numeric check skipped"))
+    else:
+        checks.append(Check("gpu", bool(numeric.get("ok")), json.dumps(numeric)))
+    return checks
+
+
+def _tf(flag: Any) -> str:
+    return "?" if flag is None else ("TRUE" if flag else "FALSE")
+
+
+def smoke_wheel(
+    cell: Cell, wheel: Path, python: str, expected_torch: str, venv: Path, log: Path,
+    isolated: bool = False,
+    torch_dist: str = "",
+) -> SmokeResult:
+    """Install the wheel into a fresh venv and check it. The venv sees the interpreter's
+    torch (system toolchain) or, isolated, installs exactly expected_torch itself."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"smoke {cell.id}: {wheel.name}\n")
+    result = SmokeResult(cell.id, str(wheel), log=str(log))
+    if venv.exists():
+        shutil.rmtree(venv)
+    site = [] if isolated else ["--system-site-packages"]
+    done = _run([python, "-m", "venv", *site, str(venv)], log)
+    vpy = str(venv / "bin" / "python")
+    if done.returncode == 0 and isolated:
+        done = _run([vpy, "-m", "pip", "install", "--disable-pip-version-check",
+                     f"torch=={torch_dist or expected_torch}"], log)
+    if done.returncode == 0:
+        done = _run([vpy, "-m", "pip", "install", "--no-index", "--no-deps",
+                     "--force-reinstall", "--disable-pip-version-check", str(wheel)], log)
+    if done.returncode != 0:
+        result.checks.append(Check("install", False, f"venv or pip install failed; see {log}"))
+        return result
+    with tempfile.TemporaryDirectory(prefix="factory-smoke-") as cwd:
+        done = _run([vpy, "-I", "-c", _CHECK], log, cwd=Path(cwd))
+    m = re.search(r"^SMOKE_JSON=(.*)$", done.stdout, re.MULTILINE)
+    if m is None:
+        result.checks.append(Check("import", False, f"the check crashed (exit {done.returncode})"))
+        return result
+    data: dict[str, Any] = json.loads(m.group(1))
+    ext = data.get("ext_file")
+    if ext:
+        if not str(Path(ext).resolve()).startswith(str(venv.resolve())):
+            data["import_error"] = f"imported {ext}, not the wheel installed in {venv}"
+        data["ext_cxx11abi"] = extension_abi(read_symbols(Path(ext)))
+        archs, note = embedded_archs(Path(ext))
+        data["elf_archs"] = sorted(archs) if archs is not None else None
+        data["elf_note"] = note
+    result.checks.extend(evaluate(cell, expected_torch, data))
+    with log.open("a") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        for c in result.checks:
+            f.write(f"check {c.name}: {'skip' if c.ok is None else c.ok}: {c.detail}\n")
+    return result
+
+
+def quarantine(result: SmokeResult, root: Path) -> Path:
+    """Move a failed wheel and its log aside; it is never published."""
+    dest = root / result.cell_id
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    wheel = Path(result.wheel)
+    if wheel.exists():
+        shutil.move(str(wheel), dest / wheel.name)
+    if result.log and Path(result.log).exists():
+        shutil.copy2(result.log, dest / "smoke.log")
+    (dest / "reason.txt").write_text(result.summary() + "\n")
+    result.quarantined = str(dest)
+    return dest

@@ -1,0 +1,150 @@
+"""End to end, for real: build one cell (the tiny kernel set, objects from the shared cache),
+tag, smoke, publish; rebuild bit-identically; serve the tree over HTTP and pip-install from
+it into a fresh venv; plant a wrong-ABI build and watch the smoke gate stop it.
+
+Needs nvcc and an installed torch that the matrix table knows (CI has both); about two
+minutes on a 2-core machine once the kernel objects are cached."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from scripts.factory.matrix import Cell, MatrixSpec, load_spec, select_cells
+from scripts.factory.paths import FactoryPaths
+from scripts.factory.pipeline import RunOptions, run_cell, run_cells
+from scripts.factory.probe import local_facts, nvcc_version
+from scripts.factory.report import CellReport
+from scripts.factory.wheelfile import read_wheel_info
+
+
+@dataclass
+class Built:
+    spec: MatrixSpec
+    cell: Cell
+    paths: FactoryPaths
+    report: CellReport
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    if nvcc_version() is None:
+        pytest.skip("no nvcc: the factory's end-to-end test builds a wheel")
+    spec = load_spec()
+    local = local_facts()
+    if local.torch not in spec.torch:
+        pytest.skip(f"installed torch {local.torch} is not in recipes/matrix.toml")
+    cell = select_cells("local kernels=tiny", spec, local)[0]
+    tmp = tmp_path_factory.mktemp("factory")
+    paths = replace(FactoryPaths.default(), work=tmp / "work", out=tmp / "dist")
+    rows = run_cells([cell], spec, paths, RunOptions(), print)
+    return Built(spec, cell, paths, rows[0])
+
+
+def _published_wheel(b: Built) -> Path:
+    pages = b.paths.tree / b.cell.variant / "simple" / "flash-attn"
+    wheels = sorted(pages.glob("*.whl"))
+    assert len(wheels) == 1
+    return wheels[0]
+
+
+def test_one_cell_end_to_end(built: Built) -> None:
+    r = built.report
+    assert r.status == "published", r.note
+    wheel = _published_wheel(built)
+    label = built.cell.local_label
+    assert wheel.name.startswith(f"flash_attn-2.9.0+{label}-{built.cell.python_tag}-")
+    info = read_wheel_info(wheel)
+    assert info.version.endswith(f"+{label}")
+    assert f"torch=={built.cell.torch}.*" in info.requires_dist
+    assert r.objects > 0 and r.smoke.startswith("passed")
+    manifest = json.loads((built.paths.tree / "manifest.json").read_text())
+    assert [w["file"] for w in manifest["wheels"]] == [wheel.name]
+
+
+def test_rebuild_is_bit_identical(built: Built, tmp_path: Path) -> None:
+    """Even with every kernel object compiled anew (nvcc names its temporary files
+    after its pid inside each object; the tag stage strips those names)."""
+    first = _published_wheel(built).read_bytes()
+    paths = replace(built.paths, object_cache=tmp_path / "cold-cache")
+    outcome = run_cell(built.cell, built.spec, paths, RunOptions(publish=False), _quiet)
+    assert outcome.report.cache_hits == 0 < outcome.report.objects
+    assert outcome.candidate is not None, outcome.report.note
+    assert hashlib.sha256(outcome.candidate.wheel.read_bytes()).hexdigest() == hashlib.sha256(
+        first
+    ).hexdigest()
+
+
+@pytest.fixture
+def server(built: Built) -> Iterator[str]:
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(built.paths.out)
+    )
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_pip_installs_from_the_served_index(built: Built, server: str, tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    # --system-site-packages: the interpreter's torch (the cell's) without a download
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    py = str(venv / "bin" / "python")
+    url = f"{server}/whl/{built.cell.variant}/simple"
+    done = subprocess.run(
+        [py, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+         "flash-attn", "--index-url", url],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = (
+        "import importlib.metadata as m, flash_attn, flash_attn._C, torch;"
+        "print(m.version('flash-attn'));print(flash_attn._C.__file__);"
+        "print(torch.ops.flash_attn.build_info())"
+    )
+    out = subprocess.run([py, "-I", "-c", check], capture_output=True, text=True,
+                         check=False, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    version, ext, info = out.stdout.strip().splitlines()[-3:]
+    assert version == f"2.9.0+{built.cell.local_label}"
+    assert ext.startswith(str(venv))
+    assert json.loads(info)["cuda_archs"] == list(built.cell.kernels.archs)
+
+
+def test_planted_abi_fault_is_stopped_by_the_smoke_gate(built: Built, tmp_path: Path) -> None:
+    """Compile the binding with the other C++ ABI than torch's: the gate must quarantine it."""
+    header = tmp_path / "wrong_abi.h"
+    other = 0 if built.cell.cxx11abi else 1
+    header.write_text(f"#undef _GLIBCXX_USE_CXX11_ABI\n#define _GLIBCXX_USE_CXX11_ABI {other}\n")
+    before = (built.paths.tree / "manifest.json").read_bytes()
+    paths = replace(built.paths, work=tmp_path / "work")
+    options = RunOptions(extra_env={"CFLAGS": f"-include {header}"})
+    report = run_cells([built.cell], built.spec, paths, options, print)[0]
+    assert report.status == "quarantined", report
+    assert "import" in report.smoke or "cxx11abi" in report.smoke
+    held = paths.quarantine / built.cell.id
+    assert len(list(held.glob("*.whl"))) == 1 and (held / "smoke.log").is_file()
+    assert (built.paths.tree / "manifest.json").read_bytes() == before
+    shutil.rmtree(paths.work, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Publishing: PEP 503 pages with hashes, PEP 658 metadata, manifest, atomic swaps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from factory_wheels import make_wheel
+
+from scripts.factory.publish import Candidate, publish
+from scripts.factory.wheelfile import normalize_wheel
+
+V1 = "cu130-torch2.13-cxx11abiTRUE"
+V2 = "cu130-torch2.14-cxx11abiTRUE"
+
+
+class Anchors(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.links.append({k: v or "" for k, v in attrs})
+
+
+def anchors(page: Path) -> list[dict[str, str]]:
+    parser = Anchors()
+    parser.feed(page.read_text())
+    return parser.links
+
+
+def wheel(tmp: Path, variant: str, python: str = "cp311", payload: bytes = b"x = 1\n") -> Path:
+    label = variant.replace("-", "")
+    raw = make_wheel(tmp / "raw" / variant / python, tag=f"{python}-{python}-linux_x86_64",
+                     payload=payload)
+    minor = variant.split("torch")[1].split("-")[0]
+    return normalize_wheel(raw, tmp / "final" / variant / python, f"2.9.0+{label}",
+                           f"torch=={minor}.*", 1700000000)
+
+
+def candidate(w: Path, variant: str, python: str = "cp311") -> Candidate:
+    return Candidate(f"{variant}-{python}", variant, w, "linux_x86_64: test", "passed")
+
+
+def test_pep503_tree_with_hashes_and_metadata(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    w1 = wheel(tmp_path, V1)
+    w2 = wheel(tmp_path, V1, "cp312")
+    w3 = wheel(tmp_path, V2)
+    publish(out, [candidate(w1, V1), candidate(w2, V1, "cp312"), candidate(w3, V2)])
+    tree = out / "whl"
+    root = anchors(tree / V1 / "simple" / "index.html")
+    assert [a["href"] for a in root] == ["flash-attn/"]
+    links = anchors(tree / V1 / "simple" / "flash-attn" / "index.html")
+    assert sorted(unquote(a["href"].split("#")[0]) for a in links) == sorted([w1.name, w2.name])
+    for a in links:
+        file, _, fragment = a["href"].partition("#")
+        path = tree / V1 / "simple" / "flash-attn" / unquote(file)
+        assert fragment == "sha256=" + hashlib.sha256(path.read_bytes()).hexdigest()
+        assert a["data-requires-python"] == ">=3.9"
+        meta = path.with_name(path.name + ".metadata")
+        digest = hashlib.sha256(meta.read_bytes()).hexdigest()
+        assert a["data-core-metadata"] == a["data-dist-info-metadata"] == f"sha256={digest}"
+        assert b"Requires-Dist: torch==2.13.*" in meta.read_bytes()
+    # one index per variant: the 2.14 wheel is not on the 2.13 page
+    assert all("torch2.14" not in a["href"] for a in links)
+    flat = anchors(tree / V1 / "index.html")
+    assert all((tree / V1 / unquote(a["href"].split("#")[0])).is_file() for a in flat)
+    manifest = json.loads((tree / "manifest.json").read_text())
+    assert manifest["variants"] == [V1, V2]
+    assert {w["file"] for w in manifest["wheels"]} == {w1.name, w2.name, w3.name}
+    for w in manifest["wheels"]:
+        assert (tree / w["path"]).stat().st_size == w["size"]
+        assert w["smoke"] == "passed"
+    table = (tree / "index.html").read_text()
+    assert "<table" in table and w3.name in table and f"/whl/{V2}/simple" in table
+
+
+def test_republishing_a_cell_replaces_its_wheel_and_keeps_others(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    old = wheel(tmp_path / "old", V1)
+    other = wheel(tmp_path, V2)
+    publish(out, [candidate(old, V1), candidate(other, V2)])
+    new = wheel(tmp_path / "new", V1, payload=b"x = 2\n")
+    entries = publish(out, [candidate(new, V1)])
+    assert len(entries) == 2
+    page = out / "whl" / V1 / "simple" / "flash-attn" / "index.html"
+    digest = hashlib.sha256(new.read_bytes()).hexdigest()
+    assert f"sha256={digest}" in page.read_text()
+    assert (out / "whl" / V2 / "simple" / "flash-attn" / other.name).is_file()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failed_publish_leaves_the_old_tree_whole(tmp_path: Path, error: BaseException) -> None:
+    out = tmp_path / "dist"
+    first = wheel(tmp_path, V1)
+    publish(out, [candidate(first, V1)])
+    before = {p.relative_to(out / "whl"): p.read_bytes()
+              for p in (out / "whl").rglob("*") if p.is_file()}
+    target = (out / "whl").resolve()
+
+    def fail(generation: Path) -> None:
+        raise error
+
+    with pytest.raises(type(error)):
+        publish(out, [candidate(wheel(tmp_path, V2), V2)], hook=fail)
+    after = {p.relative_to(out / "whl"): p.read_bytes()
+             for p in (out / "whl").rglob("*") if p.is_file()}
+    assert after == before
+    assert (out / "whl").resolve() == target
+    assert [p.name for p in (out / ".whl-trees").iterdir()] == [target.name]
+    assert not list(out.glob(".whl-link-*"))

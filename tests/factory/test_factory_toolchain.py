@@ -1,0 +1,67 @@
+"""Provisioning and doctor, on probed facts (no interpreter or torch install needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scripts.factory.doctor import diagnose
+from scripts.factory.errors import FactoryError
+from scripts.factory.matrix import LocalFacts, load_spec, select_cells
+from scripts.factory.preflight import check_disk
+from scripts.factory.probe import PythonFacts
+from scripts.factory.provision import cuda_requirements, provision, table_disagreements
+
+SPEC = load_spec()
+CELL = select_cells("local", SPEC, LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
+
+
+def facts(**changes: object) -> PythonFacts:
+    base = dict(python="3.11", executable="/py", torch="2.13.0", torch_cuda="13.0",
+                cxx11abi=True, torch_requires=("cuda-toolkit[nvcc]==13.0.3",))
+    base.update(changes)
+    return PythonFacts(**base)  # type: ignore[arg-type]
+
+
+def test_cuda_compiler_components_share_one_release() -> None:
+    reqs = cuda_requirements("13.0")
+    assert all("==13.0.*" in r for r in reqs)
+    assert any(r.startswith("nvidia-nvvm==") for r in reqs)
+    assert all("-cu12==12.8.*" in r for r in cuda_requirements("12.8"))
+
+
+def test_table_agrees_with_matching_metadata_and_says_where_not() -> None:
+    assert table_disagreements(CELL, SPEC, facts()) == []
+    notes = table_disagreements(
+        CELL, SPEC, facts(torch_cuda="12.4", cxx11abi=False,
+                          torch_requires=("nvidia-cuda-runtime-cu12==12.4.127",))
+    )
+    assert any("cxx11abi" in n for n in notes)
+    assert any("CUDA 12.4" in n for n in notes)
+    assert any("nvidia-cuda-runtime-cu12==12.4.127" in n for n in notes)
+
+
+def test_unknown_toolchain_names_the_valid_ones() -> None:
+    with pytest.raises(FactoryError, match="system, hermetic"):
+        provision(CELL, SPEC, "conda")
+
+
+def test_doctor_names_the_variant_and_the_pip_command() -> None:
+    lines = diagnose(facts(flash_attn="2.9.0+cu130torch2.13cxx11abiTRUE"), SPEC, "https://x")
+    assert "needs variant cu130-torch2.13-cxx11abiTRUE (cp311)" in lines
+    assert any(line.endswith(": matches") for line in lines)
+    assert lines[-1] == (
+        "pip install flash-attn --index-url https://x/whl/cu130-torch2.13-cxx11abiTRUE/simple"
+    )
+    wrong = diagnose(facts(flash_attn="2.9.0+cu130torch2.11cxx11abiTRUE"), SPEC)
+    assert any("does NOT match" in line for line in wrong)
+    cpu = diagnose(facts(torch="2.13.0+cpu", torch_cuda=None), SPEC)
+    assert "needs variant cu130-torch2.13-cxx11abiTRUE (cp311)" in cpu
+    assert any("not importable" in line for line in diagnose(facts(torch=None), SPEC))
+
+
+def test_no_disk_space_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FactoryError, match="no disk space"):
+        check_disk([tmp_path / "not" / "yet"], need=1 << 60)
+    check_disk([tmp_path], need=1)

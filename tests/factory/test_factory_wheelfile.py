@@ -1,0 +1,69 @@
+"""Tagging: version label in file name and METADATA, torch pin, RECORD, reproducibility."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+from factory_wheels import make_wheel
+from packaging.utils import parse_wheel_filename
+from packaging.version import Version
+
+from scripts.factory import tag
+from scripts.factory.matrix import LocalFacts, load_spec, select_cells
+from scripts.factory.wheelfile import normalize_wheel, read_wheel_info
+
+LABEL = "cu130torch2.13cxx11abiTRUE"
+VERSION = f"2.9.0+{LABEL}"
+
+
+def test_label_and_pin_in_file_name_and_metadata(tmp_path: Path) -> None:
+    raw = make_wheel(tmp_path / "raw")
+    out = normalize_wheel(raw, tmp_path / "out", VERSION, "torch==2.13.*", 1700000000)
+    assert out.name == f"flash_attn-{VERSION}-cp311-cp311-linux_x86_64.whl"
+    name, version, _, tags = parse_wheel_filename(out.name)
+    info = read_wheel_info(out)
+    assert info.version == VERSION  # spelled as the cell spells it, like the file name
+    assert Version(info.version) == version
+    assert info.requires_dist == ("torch==2.13.*",)
+    assert info.requires_python == ">=3.9"
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        assert all(not n.startswith("flash_attn-2.9.0+cu130torch2.13cxx11abitrue.") for n in names)
+        assert names[-1] == f"flash_attn-{VERSION}.dist-info/RECORD"
+        body = names[:-1]
+        assert [n for n in body if ".dist-info/" not in n] == sorted(
+            n for n in body if ".dist-info/" not in n
+        )
+        record = zf.read(names[-1]).decode().splitlines()
+        for line in record[:-1]:
+            path, digest, size = line.rsplit(",", 2)
+            data = zf.read(path)
+            expect = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+            assert digest == "sha256=" + expect.decode() and int(size) == len(data)
+        assert {i.date_time for i in zf.infolist()} == {(2023, 11, 14, 22, 13, 20)}
+
+
+def test_same_content_gives_the_same_bytes(tmp_path: Path) -> None:
+    a = make_wheel(tmp_path / "a", date=(2020, 1, 1, 0, 0, 0))
+    b = make_wheel(tmp_path / "b", reverse=True, date=(2025, 2, 3, 4, 5, 6))
+    wa = normalize_wheel(a, tmp_path / "oa", VERSION, "torch==2.13.*", 1700000000)
+    wb = normalize_wheel(b, tmp_path / "ob", VERSION, "torch==2.13.*", 1700000000)
+    assert wa.read_bytes() == wb.read_bytes()
+    c = make_wheel(tmp_path / "c", payload=b"print('changed')\n")
+    wc = normalize_wheel(c, tmp_path / "oc", VERSION, "torch==2.13.*", 1700000000)
+    assert wc.read_bytes() != wa.read_bytes()
+
+
+def test_platform_falls_back_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    monkeypatch.setattr(tag, "_auditwheel", lambda: None)
+    cell = select_cells("local", load_spec(), LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
+    raw = make_wheel(tmp_path / "raw")
+    tagged = tag.tag_wheel(cell, raw, "2.9.0", tmp_path / "out", 1700000000)
+    assert tagged.platform == "linux_x86_64"
+    assert "auditwheel is not installed" in tagged.platform_reason
+    assert Path(tagged.path).name == f"flash_attn-{VERSION}-cp311-cp311-linux_x86_64.whl"
