@@ -9,6 +9,7 @@ resumes where it stopped. Figures per object go to a JSON report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -26,6 +27,7 @@ from .cache import (
     temp_object_path,
 )
 from .knobs import BuildKnobs
+from .memory import LEDGER_NAME, MemoryModel, admits
 from .planner import BuildPlan, gib_to_bytes, plan_build
 from .resources import Resources, probe_resources, size
 from .toolchain import CudaToolchain, RunResult, nvcc_flags, run_measured
@@ -172,6 +174,23 @@ def _sidecar(obj: Path) -> Path:
     return obj.with_suffix(".json")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached_state(obj: Path) -> str:
+    """'ok', 'missing', or 'corrupt' (an object whose bytes differ from its sidecar's sum).
+
+    Entries written before sums were recorded (no "sha256") are trusted as before."""
+    if not obj.is_file() or obj.stat().st_size == 0:
+        return "missing"
+    try:
+        expected = json.loads(_sidecar(obj).read_text()).get("sha256", "")
+    except (OSError, ValueError, AttributeError):
+        return "corrupt"  # the sidecar is written before the object appears
+    return "ok" if expected in ("", _sha256(obj)) else "corrupt"
+
+
 class KernelBuilder:
     """One build of the kernel objects: plan, compile what is missing, report."""
 
@@ -188,6 +207,10 @@ class KernelBuilder:
         self.toolchain = toolchain
         self.log: Log = log or (lambda s: print(s, flush=True))
         self.probe = probe
+        self.free_memory: Callable[[], int] = lambda: self.probe().mem_available_bytes
+        self.memory = MemoryModel.load(
+            layout.cache_dir / LEDGER_NAME, gib_to_bytes(knobs.mem_per_thread_gib)
+        )
         self.include_dirs = [layout.kernels_dir.resolve(), layout.generated_dir.resolve()]
         self.flags = nvcc_flags(knobs.archs, self.include_dirs, knobs.extra_nvcc_flags)
 
@@ -218,7 +241,16 @@ class KernelBuilder:
         jobs = self.jobs_for(kernel_sources(self.layout, generated))
         self.layout.cache_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.layout.cache_dir)
-        missing = [j for j in jobs if not (j.obj.is_file() and j.obj.stat().st_size > 0)]
+        missing = []
+        for job in jobs:
+            state = _cached_state(job.obj)
+            if state == "corrupt":
+                self.log(
+                    f"kernels: cached {self.layout.display(job.obj)} does not match its "
+                    "checksum; compiling it again"
+                )
+            if state != "ok":
+                missing.append(job)
         missing.sort(key=lambda j: _expected_cost(j.source), reverse=True)
 
         self.log(
@@ -310,6 +342,7 @@ class KernelBuilder:
                 "nvcc_threads": threads,
                 "nvcc_version": self.toolchain.nvcc_version,
                 "compiled_at": _now(),
+                "sha256": _sha256(tmp),
             }
             atomic_write_text(_sidecar(job.obj), json.dumps(figures, indent=2) + "\n")
             tmp.replace(job.obj)  # the object appears whole or not at all
@@ -337,7 +370,19 @@ class KernelBuilder:
             try:
                 while queue or running:
                     while queue and len(running) < limit and not failures:
-                        job = queue.pop(0)
+                        job = queue[0]
+                        need = self.memory.expected_bytes(job.source.stem, threads)
+                        expect = self.memory.expected_bytes
+                        reserved = sum(expect(j.source.stem, t) for j, t in running.values())
+                        free = self.free_memory() if running else 0
+                        if not admits(need, free, reserved, len(running)):
+                            self.log(
+                                f"kernels: holding {self.layout.display(job.source)} (expects "
+                                f"{size(need)}): {size(free)} free, {len(running)} running "
+                                f"may reach {size(reserved)}"
+                            )
+                            break
+                        queue.pop(0)
                         future = pool.submit(self._compile_one, job, threads)
                         running[future] = (job, threads)
                     if not running:
@@ -348,6 +393,9 @@ class KernelBuilder:
                         result = future.result()
                         done += 1
                         self._record(job, result, job_threads, records)
+                        if result.returncode == 0:
+                            self.memory.record(job.source.stem, result.peak_rss_bytes, job_threads)
+                            self.memory.save(self.layout.cache_dir / LEDGER_NAME)
                         name = self.layout.display(job.source)
                         figures = f"{result.wall_s:.1f} s, peak RSS {size(result.peak_rss_bytes)}"
                         if result.returncode == 0:

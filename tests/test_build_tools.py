@@ -602,3 +602,63 @@ def test_real_nvcc_version_is_read() -> None:
     tc = toolchain.probe_toolchain(dict(os.environ))
     assert tc.nvcc.is_file() and tc.nvcc_version.count(".") == 2
     assert (tc.cudart_static_dir / "libcudart_static.a").is_file()
+
+
+# ------------------------------------------------ memory model, admission, checksums
+
+
+def test_memory_model_default_then_learned(tmp_path: Path) -> None:
+    from build_tools.memory import MARGIN, MemoryModel
+
+    ledger = tmp_path / "memory_ledger.json"
+    model = MemoryModel.load(ledger, int(2 * GIB))
+    assert model.expected_bytes("flash_fwd_hdim64_bf16", 2) == 4 * GIB  # default x threads
+    model.record("flash_fwd_hdim64_bf16", 600 * 2**20, threads=2)
+    model.record("flash_fwd_hdim64_bf16", 100 * 2**20, threads=1)  # keeps the larger per thread
+    model.save(ledger)
+    again = MemoryModel.load(ledger, int(2 * GIB))
+    assert again.expected_bytes("flash_fwd_hdim64_bf16", 1) == int(300 * 2**20 * MARGIN)
+    assert again.expected_bytes("other", 1) == 2 * GIB
+    ledger.write_text("{not json")
+    assert MemoryModel.load(ledger, 7).per_thread_peaks == {}
+
+
+def test_admission_rule() -> None:
+    from build_tools.memory import admits
+
+    assert admits(need=10 * GIB, free=0, reserved=0, running=0)  # one always runs
+    assert not admits(need=2 * GIB, free=3 * GIB, reserved=2 * GIB, running=1)
+    assert admits(need=2 * GIB, free=5 * GIB, reserved=2 * GIB, running=1)
+
+
+def test_kernel_build_holds_compiles_that_do_not_fit_then_learns(
+    kernel_project: KernelLayout,
+) -> None:
+    layout = kernel_project
+    tight = _builder(layout, MAX_JOBS="2", FLASH_ATTN_NVCC_MEM_GB="2")
+    tight.free_memory = lambda: 3 * GIB  # 2 GiB expected each: only one fits at a time
+    tight.build()
+    held = [line for line in tight.lines if "holding" in line]  # type: ignore[attr-defined]
+    assert held and "3.00 GiB free" in held[0]
+    ledger = json.loads((layout.cache_dir / "memory_ledger.json").read_text())
+    assert len(ledger["per_thread_peak_bytes"]) == 10
+    assert all(0 < v < 2 * GIB for v in ledger["per_thread_peak_bytes"].values())
+
+    # With what the first build measured, the same memory admits two at once.
+    (layout.kernels_dir / "bwd_launch.cuh").write_text('#include "registry.cuh"\n// v2\n')
+    learned = _builder(layout, MAX_JOBS="2", FLASH_ATTN_NVCC_MEM_GB="2")
+    learned.free_memory = lambda: 3 * GIB
+    learned.build()
+    assert not [line for line in learned.lines if "holding" in line]  # type: ignore[attr-defined]
+
+
+def test_kernel_build_detects_a_corrupt_cache_entry(kernel_project: KernelLayout) -> None:
+    layout = kernel_project
+    objects = _builder(layout).build()
+    victim = objects[3]
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # same size, other bytes
+    rebuilt = _builder(layout)
+    assert rebuilt.build() == objects
+    assert len(_calls(layout)) == 11  # just the corrupt one again
+    assert any("does not match its checksum" in line for line in rebuilt.lines)  # type: ignore[attr-defined]
+    assert victim.read_bytes() != b"\0" * victim.stat().st_size
