@@ -43,7 +43,7 @@ MATRIX ?= local
 TOOLCHAIN ?= system
 FACTORY = $(PYTHON) -m scripts.factory
 
-.PHONY: matrix matrix-json plan wheels report doctor
+.PHONY: matrix matrix-json provision plan build-wheels wheels report doctor
 
 ## matrix: print the cells of MATRIX; matrix-json: the GitHub Actions matrix
 matrix:
@@ -55,6 +55,13 @@ matrix-json:
 ## plan: each cell's build plan (cache hits, jobs x threads and why)
 plan:
 	@$(FACTORY) plan --matrix "$(MATRIX)"
+
+## provision: each cell's toolchain; build-wheels: build and tag, no smoke test or publish
+provision:
+	@$(FACTORY) provision --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
+
+build-wheels:
+	@$(FACTORY) build --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
 
 ## wheels: build, tag, smoke-test and publish every cell of MATRIX into dist/whl
 wheels:

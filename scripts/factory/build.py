@@ -67,7 +67,11 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> M
         out.flush()
         proc = subprocess.Popen(
             [sys.executable, "-S", "-c", _MEASURE, str(stats), *cmd],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
         )
         try:
             rc = proc.wait()
@@ -94,7 +98,9 @@ def source_date_epoch(repo: Path) -> int:
     try:
         done = subprocess.run(
             ["git", "-C", str(repo), "log", "-1", "--format=%ct"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode == 0 and done.stdout.strip().isdigit():
             return int(done.stdout.strip())
@@ -104,8 +110,12 @@ def source_date_epoch(repo: Path) -> int:
 
 
 def build_env(
-    cell: Cell, plan: CellPlan | None, object_cache: Path, epoch: int,
-    extra: dict[str, str] | None = None, toolchain: Toolchain | None = None,
+    cell: Cell,
+    plan: CellPlan | None,
+    object_cache: Path,
+    epoch: int,
+    extra: dict[str, str] | None = None,
+    toolchain: Toolchain | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     if toolchain is not None:
@@ -138,8 +148,17 @@ def build_wheel(
     if log.exists():
         log.unlink()
     cmd = [
-        toolchain.python, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
-        "--no-cache-dir", "-w", str(out_dir), str(src),
+        toolchain.python,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-build-isolation",
+        "--no-deps",
+        "--no-cache-dir",
+        "-w",
+        str(out_dir),
+        str(src),
     ]
     m = run_measured(cmd, env, log, cwd=src)
     wheels = sorted(out_dir.glob("*.whl"))

@@ -1,12 +1,14 @@
 """The factory's one CLI: `python3 -m scripts.factory <stage> ...`.
 
-    matrix   --matrix SEL [--json]     the cells of a selection (or the GitHub matrix)
-    plan     --matrix SEL              the build plan of each cell, with its reasons
-    wheels   --matrix SEL              provision, plan, build, tag, smoke, publish, report
-    smoke    --cell ID WHEEL           the smoke gate alone on one wheel
-    publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
-    report                             the last run's table
-    doctor   [--python EXE]            which variant an environment needs
+matrix   --matrix SEL [--json]     the cells of a selection (or the GitHub matrix)
+provision --matrix SEL             the toolchain of each cell (interpreter, torch, nvcc)
+plan     --matrix SEL              the build plan of each cell, with its reasons
+build    --matrix SEL              provision, plan, build and tag; no smoke, no publish
+wheels   --matrix SEL              provision, plan, build, tag, smoke, publish, report
+smoke    --cell ID WHEEL           the smoke gate alone on one wheel
+publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
+report                             the last run's table
+doctor   [--python EXE]            which variant an environment needs
 """
 
 from __future__ import annotations
@@ -46,9 +48,30 @@ def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
         return 0
     print(f"MATRIX={args.matrix!r}: {len(cells)} cell{'s' if len(cells) != 1 else ''}")
     for c in cells:
-        print(f"  {c.id:40} kernels {c.kernels.name} (archs {';'.join(c.kernels.archs)}), "
-              f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}")
+        print(
+            f"  {c.id:40} kernels {c.kernels.name} (archs {';'.join(c.kernels.archs)}), "
+            f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}"
+        )
     return 0
+
+
+def cmd_provision(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    for cell in _cells(args, spec):
+        tc = provision(cell, spec, args.toolchain, paths.toolchains)
+        where = f" ({tc.cuda_home})" if tc.cuda_home else ""
+        print(f"{cell.id}: {tc.kind}: python {tc.python}, torch {tc.torch}, nvcc {tc.nvcc}{where}")
+        for note in tc.notes:
+            print(f"  note: {note}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cells = _cells(args, spec)
+    options = RunOptions(toolchain=args.toolchain, smoke=False, publish=False)
+    rows = run_cells(cells, spec, paths, options, _log)
+    save(rows, paths.report_json)
+    print_report(rows)
+    return 0 if all(r.status == "tagged" for r in rows) else 1
 
 
 def cmd_plan(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
@@ -60,8 +83,10 @@ def cmd_plan(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) ->
 
 def cmd_wheels(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cells = _cells(args, spec)
-    _log(f"wheels: MATRIX={args.matrix!r}: {len(cells)} cell(s); toolchain {args.toolchain}; "
-         f"object cache {paths.object_cache}; tree {paths.tree}")
+    _log(
+        f"wheels: MATRIX={args.matrix!r}: {len(cells)} cell(s); toolchain {args.toolchain}; "
+        f"object cache {paths.object_cache}; tree {paths.tree}"
+    )
     rows = run_cells(cells, spec, paths, RunOptions(toolchain=args.toolchain), _log)
     save(rows, paths.report_json)
     print_report(rows)
@@ -74,18 +99,26 @@ def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
     m = re.fullmatch(r"cu(\d+)(\d)-torch([\d.]+)-cxx11abi(TRUE|FALSE)-cp(\d)(\d+)", cell_id)
     if m is None:
         raise FactoryError(f"cell id {cell_id!r} is not like cu130-torch2.13-cxx11abiTRUE-cp311")
-    text = (f"cuda={m.group(1)}.{m.group(2)} torch={m.group(3)} cxx11abi={m.group(4)} "
-            f"python={m.group(5)}.{m.group(6)}")
+    text = (
+        f"cuda={m.group(1)}.{m.group(2)} torch={m.group(3)} cxx11abi={m.group(4)} "
+        f"python={m.group(5)}.{m.group(6)}"
+    )
     return select_cells(text, spec, local_facts())[0]
 
 
 def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cell = _cell_by_id(args.cell, spec)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
-    result = smoke_wheel(cell, Path(args.wheel), toolchain.python, toolchain.torch,
-                         paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
-                         isolated=toolchain.isolated,
-                         torch_dist=toolchain.torch_dist)
+    result = smoke_wheel(
+        cell,
+        Path(args.wheel),
+        toolchain.python,
+        toolchain.torch,
+        paths.venvs / f"smoke-{cell.id}",
+        paths.log(cell.id, "smoke"),
+        isolated=toolchain.isolated,
+        torch_dist=toolchain.torch_dist,
+    )
     print(f"{cell.id}: {result.summary()} (log {result.log})")
     if not result.passed and args.quarantine:
         print(f"quarantined in {quarantine(result, paths.quarantine)}")
@@ -97,10 +130,16 @@ def cmd_publish(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
     candidates = []
     for wheel in args.wheels:
-        result = smoke_wheel(cell, Path(wheel), toolchain.python, toolchain.torch,
-                             paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
-                             isolated=toolchain.isolated,
-                             torch_dist=toolchain.torch_dist)
+        result = smoke_wheel(
+            cell,
+            Path(wheel),
+            toolchain.python,
+            toolchain.torch,
+            paths.venvs / f"smoke-{cell.id}",
+            paths.log(cell.id, "smoke"),
+            isolated=toolchain.isolated,
+            torch_dist=toolchain.torch_dist,
+        )
         if not result.passed:
             raise FactoryError(f"{wheel} did not pass the smoke gate: {result.summary()}")
         candidates.append(Candidate(cell.id, cell.variant, Path(wheel), "", result.summary()))
@@ -123,8 +162,11 @@ def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python3 -m scripts.factory", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python3 -m scripts.factory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, help="where the tree goes (<out>/whl); default dist/")
     p.add_argument("--work", type=Path, help="scratch: default build/factory")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,13 +174,20 @@ def parser() -> argparse.ArgumentParser:
 
     def with_matrix(name: str, help_: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--matrix", default=matrix_default,
-                       help='a preset (local, ci, release) or "torch=2.13 python=3.11 ..."')
+        s.add_argument(
+            "--matrix",
+            default=matrix_default,
+            help='a preset (local, ci, release) or "torch=2.13 python=3.11 ..."',
+        )
         return s
 
     m = with_matrix("matrix", "print the cells of a selection")
     m.add_argument("--json", action="store_true", help="the GitHub Actions matrix")
+    pv = with_matrix("provision", "print each cell's toolchain")
+    pv.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
     with_matrix("plan", "print each cell's build plan")
+    b = with_matrix("build", "build and tag every cell (no smoke test, no publish)")
+    b.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
     w = with_matrix("wheels", "build, tag, smoke-test and publish every cell")
     w.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
     s = sub.add_parser("smoke", help="run the smoke gate on one wheel")
@@ -158,8 +207,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "matrix": cmd_matrix, "plan": cmd_plan, "wheels": cmd_wheels, "smoke": cmd_smoke,
-    "publish": cmd_publish, "report": cmd_report, "doctor": cmd_doctor,
+    "matrix": cmd_matrix,
+    "provision": cmd_provision,
+    "plan": cmd_plan,
+    "build": cmd_build,
+    "wheels": cmd_wheels,
+    "smoke": cmd_smoke,
+    "publish": cmd_publish,
+    "report": cmd_report,
+    "doctor": cmd_doctor,
 }
 
 

@@ -13,8 +13,9 @@ def diagnose(facts: PythonFacts, spec: MatrixSpec, base_url: str = "<index>") ->
         lines.append("install torch first; flash-attn wheels are built per torch minor")
         return lines
     abi = "TRUE" if facts.cxx11abi else "FALSE"
-    lines.append(f"torch {facts.torch}: CUDA {facts.torch_cuda or 'none (CPU build)'}, "
-                 f"cxx11abi {abi}")
+    lines.append(
+        f"torch {facts.torch}: CUDA {facts.torch_cuda or 'none (CPU build)'}, cxx11abi {abi}"
+    )
     if facts.gpu_arch:
         lines.append(f"GPU: sm_{facts.gpu_arch}")
     minor = facts.torch_minor or ""

@@ -54,8 +54,8 @@ class Entry:
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta name=\"pypi:repository-version\" "
-        f"content=\"1.0\">\n<title>{html.escape(title)}</title>\n</head>\n<body>\n"
+        '<!DOCTYPE html>\n<html>\n<head>\n<meta name="pypi:repository-version" '
+        f'content="1.0">\n<title>{html.escape(title)}</title>\n</head>\n<body>\n'
         f"{body}</body>\n</html>\n"
     )
 
@@ -94,7 +94,7 @@ def table_page(entries: list[Entry]) -> str:
         rows.append(
             "<tr>"
             f"<td>{html.escape(e.variant)}</td>"
-            f"<td><a href=\"{quote(e.path)}\">{html.escape(e.file)}</a></td>"
+            f'<td><a href="{quote(e.path)}">{html.escape(e.file)}</a></td>'
             f"<td>{html.escape(e.version)}</td>"
             f"<td>{html.escape(e.platform)}</td>"
             f"<td>{e.size / 2**20:.1f} MiB</td>"
@@ -107,8 +107,9 @@ def table_page(entries: list[Entry]) -> str:
         f"<h1>{PROJECT} wheels</h1>\n<p>One pip index per variant (CUDA, torch minor, C++ ABI): "
         "pick the one that matches your torch (<code>python -m scripts.factory doctor</code> "
         "says which). Every wheel here passed the smoke gate.</p>\n"
-        "<table border=\"1\">\n<tr><th>variant</th><th>file</th><th>version</th>"
+        '<table border="1">\n<tr><th>variant</th><th>file</th><th>version</th>'
         "<th>platform</th><th>size</th><th>smoke</th><th>sha256</th><th>install</th></tr>\n"
-        + "".join(rows) + "</table>\n<p><a href=\"manifest.json\">manifest.json</a></p>\n"
+        + "".join(rows)
+        + '</table>\n<p><a href="manifest.json">manifest.json</a></p>\n'
     )
     return _page(f"{PROJECT} wheels", body)

@@ -298,9 +298,7 @@ def parse_selection(text: str, spec: MatrixSpec) -> Selection:
             )
         key, raw = m.group(1), m.group(2)
         if key not in FAN_OUT_AXES and key not in SETTINGS:
-            raise MatrixError(
-                f"MATRIX={text!r}: unknown axis {key!r}; valid axes: {_valid_keys()}"
-            )
+            raise MatrixError(f"MATRIX={text!r}: unknown axis {key!r}; valid axes: {_valid_keys()}")
         if key in axes:
             raise MatrixError(f"MATRIX={text!r}: axis {key!r} is given twice")
         values = tuple(v for v in raw.split(","))
@@ -435,14 +433,23 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
                             ruled_out.append(why)
                             continue
                         cells.append(
-                            Cell(cuda, minor, python, abi, platform, kernels,
-                                 release.requirement, release.cxx_std)
+                            Cell(
+                                cuda,
+                                minor,
+                                python,
+                                abi,
+                                platform,
+                                kernels,
+                                release.requirement,
+                                release.cxx_std,
+                            )
                         )
     if ruled_out and not skip:
         raise MatrixError(
             f"MATRIX={selection.text!r}: the torch table ({spec.source}) rules out "
             + ("this combination" if len(ruled_out) == 1 else f"{len(ruled_out)} combinations")
-            + ":\n  " + "\n  ".join(ruled_out)
+            + ":\n  "
+            + "\n  ".join(ruled_out)
             + "\nchoose values the table allows (make matrix MATRIX=release lists every cell)"
         )
     if not cells:

@@ -17,8 +17,9 @@ class FactoryPaths:
     object_cache: Path  # the kernel object cache shared by every cell
 
     @classmethod
-    def default(cls, repo: Path = REPO, out: Path | None = None, work: Path | None = None
-                ) -> FactoryPaths:
+    def default(
+        cls, repo: Path = REPO, out: Path | None = None, work: Path | None = None
+    ) -> FactoryPaths:
         cache = os.environ.get("FLASH_ATTN_OBJECT_CACHE", "").strip()
         return cls(
             repo=repo,

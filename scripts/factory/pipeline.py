@@ -33,6 +33,7 @@ Log = Callable[[str], None]
 @dataclass
 class RunOptions:
     toolchain: str = "system"
+    smoke: bool = True  # False: stop after tagging (the `build` stage alone)
     publish: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a planted fault's CFLAGS
 
@@ -43,8 +44,9 @@ class CellOutcome:
     candidate: Candidate | None = None
 
 
-def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOptions,
-             log: Log) -> CellOutcome:
+def run_cell(
+    cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOptions, log: Log
+) -> CellOutcome:
     report = CellReport(cell=cell.id)
     stage = "provision"
     start = time.perf_counter()
@@ -52,8 +54,10 @@ def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOpti
         with working(f"{cell.id}: provisioning the {options.toolchain} toolchain"):
             toolchain = provision(cell, spec, options.toolchain, paths.toolchains)
         where = f" ({toolchain.cuda_home})" if toolchain.cuda_home else ""
-        log(f"  toolchain: {toolchain.kind}: python {toolchain.python}, torch {toolchain.torch}, "
-            f"nvcc {toolchain.nvcc}{where}")
+        log(
+            f"  toolchain: {toolchain.kind}: python {toolchain.python}, torch {toolchain.torch}, "
+            f"nvcc {toolchain.nvcc}{where}"
+        )
         for note in toolchain.notes:
             log(f"  note: {note}")
         stage = "plan"
@@ -72,22 +76,47 @@ def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOpti
             )
         report.cpu_s, report.peak_rss_bytes = raw.cpu_s, raw.peak_rss_bytes
         report.objects, report.cache_hits = raw.objects, raw.cache_hits
-        log(f"  build: {Path(raw.path).name} in {raw.wall_s:.1f} s; kernel objects "
-            f"{raw.cache_hits} reused, {raw.compiled} compiled; log {raw.log}")
+        log(
+            f"  build: {Path(raw.path).name} in {raw.wall_s:.1f} s; kernel objects "
+            f"{raw.cache_hits} reused, {raw.compiled} compiled; log {raw.log}"
+        )
         stage = "tag"
         tagged = tag_wheel(cell, Path(raw.path), raw.base_version, cell_dir / "wheel", epoch)
         report.wheel, report.wheel_size, report.platform = (
-            Path(tagged.path).name, tagged.size, tagged.platform)
+            Path(tagged.path).name,
+            tagged.size,
+            tagged.platform,
+        )
         log(f"  tag: {report.wheel} ({tagged.platform_reason})")
-        (cell_dir / "cell.json").write_text(json.dumps(
-            {"cell": cell.to_dict(), "toolchain": toolchain.to_dict(), "plan": plan.to_dict(),
-             "build": raw.to_dict(), "tag": tagged.to_dict()}, indent=2) + "\n")
+        (cell_dir / "cell.json").write_text(
+            json.dumps(
+                {
+                    "cell": cell.to_dict(),
+                    "toolchain": toolchain.to_dict(),
+                    "plan": plan.to_dict(),
+                    "build": raw.to_dict(),
+                    "tag": tagged.to_dict(),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        if not options.smoke:
+            report.status = "tagged"
+            report.note = f"not smoke-tested; wheel: {tagged.path}"
+            return CellOutcome(report)
         stage = "smoke"
         with working(f"{cell.id}: smoke test in a fresh venv"):
-            smoke = smoke_wheel(cell, Path(tagged.path), toolchain.python, toolchain.torch,
-                                paths.venvs / f"smoke-{cell.id}", paths.log(cell.id, "smoke"),
-                                isolated=toolchain.isolated,
-                                torch_dist=toolchain.torch_dist)
+            smoke = smoke_wheel(
+                cell,
+                Path(tagged.path),
+                toolchain.python,
+                toolchain.torch,
+                paths.venvs / f"smoke-{cell.id}",
+                paths.log(cell.id, "smoke"),
+                isolated=toolchain.isolated,
+                torch_dist=toolchain.torch_dist,
+            )
         report.smoke = smoke.summary()
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:
@@ -98,8 +127,12 @@ def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOpti
         report.status = "built"
         notes = [tagged.platform_reason] if not tagged.platform.startswith("manylinux") else []
         report.note = "; ".join(notes + list(toolchain.notes))
-        return CellOutcome(report, Candidate(cell.id, cell.variant, Path(tagged.path),
-                                             tagged.platform_reason, report.smoke))
+        return CellOutcome(
+            report,
+            Candidate(
+                cell.id, cell.variant, Path(tagged.path), tagged.platform_reason, report.smoke
+            ),
+        )
     except FactoryError as e:
         report.status = f"failed ({stage})"
         report.note = str(e).splitlines()[0]
@@ -109,19 +142,24 @@ def run_cell(cell: Cell, spec: MatrixSpec, paths: FactoryPaths, options: RunOpti
         report.wall_s = time.perf_counter() - start
 
 
-def run_cells(cells: list[Cell], spec: MatrixSpec, paths: FactoryPaths, options: RunOptions,
-              log: Log) -> list[CellReport]:
+def run_cells(
+    cells: list[Cell], spec: MatrixSpec, paths: FactoryPaths, options: RunOptions, log: Log
+) -> list[CellReport]:
     check_disk([paths.work, paths.out])
     outcomes: list[CellOutcome] = []
     for i, cell in enumerate(cells, 1):
-        log(f"[{i}/{len(cells)}] {cell.id} (kernels {cell.kernels.name}: "
-            f"archs {';'.join(cell.kernels.archs)})")
+        log(
+            f"[{i}/{len(cells)}] {cell.id} (kernels {cell.kernels.name}: "
+            f"archs {';'.join(cell.kernels.archs)})"
+        )
         outcomes.append(run_cell(cell, spec, paths, options, log))
     candidates = [o.candidate for o in outcomes if o.candidate is not None]
     if candidates and options.publish:
         entries = publish(paths.out, candidates)
-        log(f"publish: {len(candidates)} wheel(s) into {paths.tree} "
-            f"({len(entries)} in the tree); pages: {paths.tree / 'index.html'}")
+        log(
+            f"publish: {len(candidates)} wheel(s) into {paths.tree} "
+            f"({len(entries)} in the tree); pages: {paths.tree / 'index.html'}"
+        )
         for o in outcomes:
             if o.candidate is not None:
                 o.report.status = "published"

@@ -78,7 +78,12 @@ def probe_python(executable: str, env: dict[str, str] | None = None) -> PythonFa
     try:
         done = subprocess.run(
             [executable, "-I", "-c", _PROBE],
-            capture_output=True, text=True, check=False, timeout=300, env=env, cwd="/",
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            env=env,
+            cwd="/",
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FactoryError(f"cannot run the interpreter {executable}: {e}") from e

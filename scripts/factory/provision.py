@@ -75,11 +75,15 @@ def table_disagreements(cell: Cell, spec: MatrixSpec, facts: PythonFacts) -> lis
     for req in facts.torch_requires:
         m = _CUDA_REQ.match(req)
         if m and m.group(2) not in release.cuda:
-            notes.append(f"torch {facts.torch} requires {req.split(';')[0].strip()}, a CUDA "
-                         f"the table does not list for torch {cell.torch}")
+            notes.append(
+                f"torch {facts.torch} requires {req.split(';')[0].strip()}, a CUDA "
+                f"the table does not list for torch {cell.torch}"
+            )
     if not release.supports_python(facts.python):
-        notes.append(f"torch {facts.torch} is installed for python {facts.python}, outside the "
-                     f"table's {release.python_min}-{release.python_max}")
+        notes.append(
+            f"torch {facts.torch} is installed for python {facts.python}, outside the "
+            f"table's {release.python_min}-{release.python_max}"
+        )
     return notes
 
 
@@ -160,7 +164,9 @@ def find_pip_cuda_home(venv_python: str) -> Path | None:
     """site-packages/nvidia/<pkg> that holds bin/nvcc (cu13: nvidia/cu13)."""
     done = subprocess.run(
         [venv_python, "-I", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     site = Path(done.stdout.strip())
     for nvcc in sorted(site.glob("nvidia/*/bin/nvcc")):
@@ -175,8 +181,9 @@ def _pip(python: str, args: list[str], log: Path) -> None:
         f.flush()
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise FactoryError(f"hermetic toolchain: pip install failed (exit {done.returncode}); "
-                           f"see {log}")
+        raise FactoryError(
+            f"hermetic toolchain: pip install failed (exit {done.returncode}); see {log}"
+        )
 
 
 def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
@@ -193,8 +200,9 @@ def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
             shutil.rmtree(venv)
         venv.mkdir(parents=True)
         log = venv / "provision.log"
-        done = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(
+            [base, "-m", "venv", str(venv)], capture_output=True, text=True, check=False
+        )
         if done.returncode != 0:
             raise FactoryError(f"hermetic toolchain: {base} -m venv failed: {done.stderr}")
         _pip(python, wanted, log)
@@ -216,9 +224,16 @@ def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
         )
     notes = table_disagreements(cell, spec, facts)
     return Toolchain(
-        kind="hermetic", python=python, torch=facts.torch, torch_cuda=facts.torch_cuda,
-        cxx11abi=bool(facts.cxx11abi), nvcc=nvcc, notes=tuple(notes),
-        cuda_home=str(cuda_home), isolated=True, torch_dist=facts.torch_dist or facts.torch,
+        kind="hermetic",
+        python=python,
+        torch=facts.torch,
+        torch_cuda=facts.torch_cuda,
+        cxx11abi=bool(facts.cxx11abi),
+        nvcc=nvcc,
+        notes=tuple(notes),
+        cuda_home=str(cuda_home),
+        isolated=True,
+        torch_dist=facts.torch_dist or facts.torch,
     )
 
 

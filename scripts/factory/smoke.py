@@ -140,9 +140,7 @@ def embedded_archs(so: Path) -> tuple[set[str] | None, str]:
     exe = find_cuobjdump()
     if exe is None:
         return None, "no cuobjdump (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump)"
-    done = subprocess.run(
-        [exe, "--list-elf", str(so)], capture_output=True, text=True, check=False
-    )
+    done = subprocess.run([exe, "--list-elf", str(so)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return None, f"cuobjdump failed: {(done.stderr or done.stdout).strip()[:200]}"
     return parse_elf_archs(done.stdout), exe
@@ -174,26 +172,35 @@ def evaluate(cell: Cell, expected_torch: str, data: dict[str, Any]) -> list[Chec
         checks.append(Check("cxx11abi", None, "no std::string symbol in the extension"))
     else:
         ok = ext_abi == torch_abi == cell.cxx11abi
-        checks.append(Check(
-            "cxx11abi", ok,
-            f"extension {_tf(ext_abi)}, torch {_tf(torch_abi)}, cell {cell.abi_text}",
-        ))
+        checks.append(
+            Check(
+                "cxx11abi",
+                ok,
+                f"extension {_tf(ext_abi)}, torch {_tf(torch_abi)}, cell {cell.abi_text}",
+            )
+        )
     info = data.get("build_info") or {}
     declared = set(str(a) for a in info.get("cuda_archs", []))
     elf = data.get("elf_archs")
     want = set(cell.kernels.archs)
     if elf is None:
-        checks.append(Check(
-            "archs", None if declared == want else False,
-            f"build_info {sorted(declared)}, cell {sorted(want)}; ELF not listed: "
-            f"{data.get('elf_note', '')}",
-        ))
+        checks.append(
+            Check(
+                "archs",
+                None if declared == want else False,
+                f"build_info {sorted(declared)}, cell {sorted(want)}; ELF not listed: "
+                f"{data.get('elf_note', '')}",
+            )
+        )
     else:
-        checks.append(Check(
-            "archs", set(elf) == want and declared == want,
-            f"cuobjdump sm_{','.join(sorted(elf))}; build_info {','.join(sorted(declared))}; "
-            f"cell {','.join(sorted(want))}",
-        ))
+        checks.append(
+            Check(
+                "archs",
+                set(elf) == want and declared == want,
+                f"cuobjdump sm_{','.join(sorted(elf))}; build_info {','.join(sorted(declared))}; "
+                f"cell {','.join(sorted(want))}",
+            )
+        )
     numeric = data.get("numeric")
     if numeric is None:
         checks.append(Check("gpu", None, "no GPU: numeric check skipped"))
@@ -207,7 +214,12 @@ def _tf(flag: Any) -> str:
 
 
 def smoke_wheel(
-    cell: Cell, wheel: Path, python: str, expected_torch: str, venv: Path, log: Path,
+    cell: Cell,
+    wheel: Path,
+    python: str,
+    expected_torch: str,
+    venv: Path,
+    log: Path,
     isolated: bool = False,
     torch_dist: str = "",
 ) -> SmokeResult:
@@ -222,11 +234,32 @@ def smoke_wheel(
     done = _run([python, "-m", "venv", *site, str(venv)], log)
     vpy = str(venv / "bin" / "python")
     if done.returncode == 0 and isolated:
-        done = _run([vpy, "-m", "pip", "install", "--disable-pip-version-check",
-                     f"torch=={torch_dist or expected_torch}"], log)
+        done = _run(
+            [
+                vpy,
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                f"torch=={torch_dist or expected_torch}",
+            ],
+            log,
+        )
     if done.returncode == 0:
-        done = _run([vpy, "-m", "pip", "install", "--no-index", "--no-deps",
-                     "--force-reinstall", "--disable-pip-version-check", str(wheel)], log)
+        done = _run(
+            [
+                vpy,
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-deps",
+                "--force-reinstall",
+                "--disable-pip-version-check",
+                str(wheel),
+            ],
+            log,
+        )
     if done.returncode != 0:
         result.checks.append(Check("install", False, f"venv or pip install failed; see {log}"))
         return result

@@ -83,8 +83,9 @@ def strip_shared_objects(path: str, data: bytes) -> bytes:
     with tempfile.TemporaryDirectory(prefix="factory-strip-") as tmp:
         so = Path(tmp) / "lib.so"
         so.write_bytes(data)
-        done = subprocess.run([strip, "--strip-unneeded", str(so)], capture_output=True,
-                              check=False)
+        done = subprocess.run(
+            [strip, "--strip-unneeded", str(so)], capture_output=True, check=False
+        )
         return so.read_bytes() if done.returncode == 0 else data
 
 
@@ -92,8 +93,9 @@ def tag_wheel(cell: Cell, raw: Path, base_version: str, out_dir: Path, epoch: in
     with tempfile.TemporaryDirectory(prefix="factory-tag-") as tmp:
         repaired, reason = repair(raw, Path(tmp))
         version = f"{base_version}+{cell.local_label}"
-        final = normalize_wheel(repaired, out_dir, version, cell.requires_torch, epoch,
-                                transform=strip_shared_objects)
+        final = normalize_wheel(
+            repaired, out_dir, version, cell.requires_torch, epoch, transform=strip_shared_objects
+        )
     info = read_wheel_info(final)
     return TaggedWheel(
         cell_id=cell.id,

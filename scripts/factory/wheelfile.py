@@ -157,7 +157,7 @@ def normalize_wheel(
 
 
 def _original(path: str, new_info: str, old_info: str) -> str:
-    return old_info + path[len(new_info):] if path.startswith(new_info + "/") else path
+    return old_info + path[len(new_info) :] if path.startswith(new_info + "/") else path
 
 
 def _zip_time(epoch: int) -> tuple[int, int, int, int, int, int]:
