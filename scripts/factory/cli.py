@@ -23,13 +23,13 @@ from .doctor import diagnose
 from .errors import FactoryError
 from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
 from .paths import FactoryPaths
-from .pipeline import RunOptions, run_cells
+from .pipeline import RunOptions, run_cells, smoke_cell_wheel
 from .plan import plan_cell
 from .probe import local_facts, probe_python
 from .provision import TOOLCHAINS, provision
 from .publish import Candidate, publish
 from .report import load, print_report, save
-from .smoke import quarantine, smoke_wheel
+from .smoke import quarantine
 from .stage import stage_sources
 
 
@@ -109,16 +109,7 @@ def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
 def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cell = _cell_by_id(args.cell, spec)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
-    result = smoke_wheel(
-        cell,
-        Path(args.wheel),
-        toolchain.python,
-        toolchain.torch,
-        paths.venvs / f"smoke-{cell.id}",
-        paths.log(cell.id, "smoke"),
-        isolated=toolchain.isolated,
-        torch_dist=toolchain.torch_dist,
-    )
+    result = smoke_cell_wheel(cell, Path(args.wheel), toolchain, paths)
     print(f"{cell.id}: {result.summary()} (log {result.log})")
     if not result.passed and args.quarantine:
         print(f"quarantined in {quarantine(result, paths.quarantine)}")
@@ -130,16 +121,7 @@ def cmd_publish(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
     candidates = []
     for wheel in args.wheels:
-        result = smoke_wheel(
-            cell,
-            Path(wheel),
-            toolchain.python,
-            toolchain.torch,
-            paths.venvs / f"smoke-{cell.id}",
-            paths.log(cell.id, "smoke"),
-            isolated=toolchain.isolated,
-            torch_dist=toolchain.torch_dist,
-        )
+        result = smoke_cell_wheel(cell, Path(wheel), toolchain, paths)
         if not result.passed:
             raise FactoryError(f"{wheel} did not pass the smoke gate: {result.summary()}")
         candidates.append(Candidate(cell.id, cell.variant, Path(wheel), "", result.summary()))

@@ -20,10 +20,10 @@ from .paths import FactoryPaths
 from .plan import plan_cell
 from .preflight import check_disk
 from .progress import working
-from .provision import provision
+from .provision import Toolchain, provision
 from .publish import Candidate, publish
 from .report import CellReport
-from .smoke import quarantine, smoke_wheel
+from .smoke import SmokeResult, quarantine, smoke_wheel
 from .stage import stage_sources
 from .tag import tag_wheel
 
@@ -42,6 +42,22 @@ class RunOptions:
 class CellOutcome:
     report: CellReport
     candidate: Candidate | None = None
+
+
+def smoke_cell_wheel(
+    cell: Cell, wheel: Path, toolchain: Toolchain, paths: FactoryPaths
+) -> SmokeResult:
+    """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell."""
+    return smoke_wheel(
+        cell,
+        wheel,
+        toolchain.python,
+        toolchain.torch,
+        paths.venvs / f"smoke-{cell.id}",
+        paths.log(cell.id, "smoke"),
+        isolated=toolchain.isolated,
+        torch_dist=toolchain.torch_dist,
+    )
 
 
 def run_cell(
@@ -107,16 +123,7 @@ def run_cell(
             return CellOutcome(report)
         stage = "smoke"
         with working(f"{cell.id}: smoke test in a fresh venv"):
-            smoke = smoke_wheel(
-                cell,
-                Path(tagged.path),
-                toolchain.python,
-                toolchain.torch,
-                paths.venvs / f"smoke-{cell.id}",
-                paths.log(cell.id, "smoke"),
-                isolated=toolchain.isolated,
-                torch_dist=toolchain.torch_dist,
-            )
+            smoke = smoke_cell_wheel(cell, Path(tagged.path), toolchain, paths)
         report.smoke = smoke.summary()
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:
