@@ -178,7 +178,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cached_state(obj: Path) -> str:
+def cached_state(obj: Path) -> str:
     """'ok', 'missing', or 'corrupt' (an object whose bytes differ from its sidecar's sum).
 
     Entries written before sums were recorded (no "sha256") are trusted as before."""
@@ -243,7 +243,7 @@ class KernelBuilder:
         remove_stale_temps(self.layout.cache_dir)
         missing = []
         for job in jobs:
-            state = _cached_state(job.obj)
+            state = cached_state(job.obj)
             if state == "corrupt":
                 self.log(
                     f"kernels: cached {self.layout.display(job.obj)} does not match its "

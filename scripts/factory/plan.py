@@ -9,7 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from build_tools.kernels import KernelBuilder, KernelLayout, generate_sources, kernel_sources
+from build_tools.kernels import (
+    KernelBuilder,
+    KernelLayout,
+    cached_state,
+    generate_sources,
+    kernel_sources,
+)
 from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog
 from build_tools.planner import gib_to_bytes, plan_build
 from build_tools.resources import probe_resources
@@ -60,7 +66,7 @@ def plan_cell(
     layout = KernelLayout.standard(src, object_cache)
     builder = KernelBuilder(layout, knobs, toolchain, log=lambda _: None)
     jobs = builder.jobs_for(kernel_sources(layout, generate_sources(layout, knobs)))
-    cached = sum(1 for j in jobs if j.obj.is_file() and j.obj.stat().st_size > 0)
+    cached = sum(1 for j in jobs if cached_state(j.obj) == "ok")  # as the build will judge
     missing = len(jobs) - cached
     plan = plan_build(
         n_objects=max(1, missing),
