@@ -101,12 +101,21 @@ def probe_toolchain(env: Mapping[str, str]) -> CudaToolchain:
     )
 
 
+def sass_arch(arch: str) -> str:
+    """The SASS target of a knob value: 90 is built as 90a, whose wgmma kernels
+    the sm_90 GPUs (H100, H200) run; sm_90a code runs on nothing else, and there
+    is no compute capability 9.x but 9.0."""
+    return "90a" if arch == "90" else arch
+
+
 def gencode_flags(archs: Sequence[str]) -> list[str]:
-    """SASS for every arch, plus PTX of the newest so newer GPUs can JIT it."""
+    """SASS for every arch, plus PTX of the newest (without the arch-specific
+    features, which newer GPUs lack) so newer GPUs can JIT it."""
     flags: list[str] = []
     for arch in archs:
-        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    newest = max(archs, key=arch_number)
+        sass = sass_arch(arch)
+        flags += ["-gencode", f"arch=compute_{sass},code=sm_{sass}"]
+    newest = str(arch_number(max(archs, key=arch_number)))
     flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 

@@ -428,7 +428,7 @@ def test_version_from_init_and_local_label(tmp_path: Path) -> None:
 def test_gencode_adds_ptx_for_the_newest_arch_only() -> None:
     assert toolchain.gencode_flags(("80", "90")) == [
         "-gencode", "arch=compute_80,code=sm_80",
-        "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90a,code=sm_90a",
         "-gencode", "arch=compute_90,code=compute_90",
     ]  # fmt: skip
 

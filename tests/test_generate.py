@@ -57,7 +57,23 @@ def test_one_translation_unit_per_instantiation(tmp_path: Path) -> None:
         "cuda_archs": ["80", "90"],
         "dtypes": ["fp16", "bf16"],
         "head_dims": [64, 128],
+        "sm90_kernels": True,
     }
+    assert "#define FLASH_HAS_SM90A 1" in unit
+
+
+def test_wgmma_kernels_only_with_hopper_code(tmp_path: Path) -> None:
+    assert generate(tmp_path, "--head-dims", "64", "--archs", "80;86").returncode == 0
+    assert build_info(tmp_path)["sm90_kernels"] is False
+    assert "FLASH_HAS_SM90A" not in (tmp_path / "flash_fwd_hdim64_bf16.cu").read_text()
+    assert generate(tmp_path, "--head-dims", "64", "--archs", "90a").returncode == 0
+    assert build_info(tmp_path)["sm90_kernels"] is True
+
+
+def test_wgmma_header_is_current() -> None:
+    gen = Path(__file__).resolve().parents[1] / "csrc" / "kernels" / "gen_wgmma.py"
+    done = subprocess.run([sys.executable, str(gen), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_inference_only_build_drops_backward_and_stale_units(tmp_path: Path) -> None:

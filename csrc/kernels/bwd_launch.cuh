@@ -9,6 +9,9 @@
 #pragma once
 
 #include "tile.cuh"
+#if defined(FLASH_HAS_SM90A)
+#include "bwd_sm90.cuh"
+#endif
 
 namespace flash {
 
@@ -325,6 +328,11 @@ int run_bwd(const FlashAttnParams &p, cudaStream_t stream) {
   int status = launch(bwd_dot_do_o_kernel<D, T>, dim3((p.seqlen_q + 3) / 4, p.nheads, p.batch), 128,
                       0, stream, p);
   if (status != FLASH_OK) return status;
+#if defined(FLASH_HAS_SM90A)
+  if constexpr (D % 64 == 0) {
+    if (use_sm90_kernels()) return run_bwd_sm90<D, T>(p, stream);
+  }
+#endif
 
   const dim3 kv_grid((p.seqlen_k + 63) / 64, p.nheads_k, p.batch);
   if constexpr (D <= 128) {

@@ -1,5 +1,6 @@
 // The C entry points: pick the smallest compiled head-dim bucket that holds
 // the request and launch it.
+#include <cstdlib>
 #include <string>
 
 #include "registry.cuh"
@@ -28,6 +29,20 @@ int run(const FlashAttnParams *p, void *stream, int direction) {
   return e->fn(*p, static_cast<cudaStream_t>(stream));
 }
 }  // namespace
+
+bool use_sm90_kernels() {
+  static const bool disabled = [] {
+    const char *v = std::getenv("FLASH_ATTN_DISABLE_SM90");
+    return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+  }();
+  if (disabled) return false;
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
 
 void set_cuda_error(cudaError_t e) {
   last_cuda_error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);

@@ -7,6 +7,9 @@
 #include <type_traits>
 
 #include "tile.cuh"
+#if defined(FLASH_HAS_SM90A)
+#include "fwd_sm90.cuh"
+#endif
 
 namespace flash {
 
@@ -191,6 +194,11 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 
 template <int D, typename T>
 int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
+#if defined(FLASH_HAS_SM90A)
+  if constexpr (D % 64 == 0) {
+    if (use_sm90_kernels()) return run_fwd_sm90<D, T>(p, stream);
+  }
+#endif
   using C = FwdConfigFor<D>;
   const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
   return launch(fwd_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);

@@ -266,6 +266,10 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // Records a CUDA error for flash_last_cuda_error() (dispatch.cu).
 void set_cuda_error(cudaError_t e);
 
+// Whether to launch the sm_90a kernels (where a build has them): the current
+// device is compute capability 9.0 and FLASH_ATTN_DISABLE_SM90 is unset or 0.
+bool use_sm90_kernels();
+
 // Raise the dynamic shared-memory limit and launch; returns a FlashStatus.
 template <typename Kernel>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,

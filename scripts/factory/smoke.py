@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from build_tools.toolchain import sass_arch
+
 from .matrix import Cell
 
 _CHECK = r"""
@@ -196,9 +198,9 @@ def evaluate(cell: Cell, expected_torch: str, data: dict[str, Any]) -> list[Chec
         checks.append(
             Check(
                 "archs",
-                set(elf) == want and declared == want,
+                set(elf) == {sass_arch(a) for a in want} and declared == want,
                 f"cuobjdump sm_{','.join(sorted(elf))}; build_info {','.join(sorted(declared))}; "
-                f"cell {','.join(sorted(want))}",
+                f"cell {','.join(sorted(want))} (arch 90 is built as sm_90a)",
             )
         )
     numeric = data.get("numeric")

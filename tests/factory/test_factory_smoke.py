@@ -15,7 +15,7 @@ GOOD: dict[str, Any] = {
     "flash_attn": "2.9.0+cu130torch2.13cxx11abiTRUE",
     "ext_cxx11abi": True,
     "build_info": {"cuda_archs": ["80", "90"], "head_dims": [64], "dtypes": ["bf16"]},
-    "elf_archs": ["80", "90"],
+    "elf_archs": ["80", "90a"],  # knob 90 is built as sm_90a (wgmma)
 }
 
 
@@ -39,7 +39,8 @@ def test_wrong_abi_is_stopped() -> None:
 def test_import_failure_wrong_torch_and_archs_are_stopped() -> None:
     assert not judge(import_error="ImportError: undefined symbol: _ZN3c10").passed
     assert not judge(torch="2.14.1").passed
-    assert "archs" in judge(elf_archs=["90"]).summary()
+    assert "archs" in judge(elf_archs=["90a"]).summary()
+    assert "archs" in judge(elf_archs=["80", "90"]).summary()  # no wgmma code: not this build
     assert not judge(numeric={"ok": False, "max_err": 1.0}).passed
 
 

@@ -1,0 +1,428 @@
+// Backward on Hopper: the dK/dV and dQ passes of bwd_launch.cuh with warpgroup
+// MMAs (the softmax_d pass is shared). Still no atomics: deterministic.
+//
+// dK/dV: a warpgroup owns 64 keys and walks the query blocks of every query
+// head of its GQA group. Per block of BM queries it issues S^T = K Q^T and
+// dP^T = V dO^T together, turns S^T into P^T while dP^T runs, issues
+// dV += P^T dO, then builds dS^T and issues dK += dS^T Q.
+// dQ: a warpgroup owns 64 queries and walks the visible key blocks:
+// S = Q K^T and dP = dO V^T together, then dQ += dS K.
+#pragma once
+
+#include <type_traits>
+
+#include "sm90.cuh"
+
+namespace flash {
+
+enum BwdSm90Mode { kSm90DKDV = 0, kSm90DVOnly = 1, kSm90DKOnly = 2 };
+
+template <int D_, int WG_, int MODE_, int BM_>
+struct BwdKVSm90Config {
+  static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
+  static constexpr int D = D_, kWG = WG_, kMode = MODE_, BM = BM_;
+  static constexpr int BN = 64 * kWG, kThreads = 128 * kWG;
+  static constexpr size_t kTileKV = size_t(BN) * D * 2, kTileQ = size_t(BM) * D * 2;
+  // K, V, two stages of (Q, dO), two stages of (lse, softmax_d)
+  static constexpr size_t kSmem = 2 * kTileKV + 4 * kTileQ + 4 * BM * sizeof(float) + 1024;
+};
+
+__device__ __forceinline__ unsigned char *align_1024(unsigned char *p) {
+  return reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(p) + 1023) &
+                                           ~uintptr_t(1023));
+}
+
+// kMod: softcap or ALiBi present (a separate instantiation, so that the plain
+// path keeps no d(score) registers).
+template <typename C, typename T, bool kMod>
+__global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, MT = BM / 8, PS = BM / 16, DA = D / 64;
+  constexpr bool kDV = C::kMode != kSm90DKOnly, kDK = C::kMode != kSm90DVOnly;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char *smem = align_1024(smem_raw);
+  T *sK = reinterpret_cast<T *>(smem);
+  T *sV = reinterpret_cast<T *>(smem + C::kTileKV);
+  auto sQ = [&](int st) { return smem + 2 * C::kTileKV + st * C::kTileQ; };
+  auto sdO = [&](int st) { return smem + 2 * C::kTileKV + (2 + st) * C::kTileQ; };
+  float *sLse = reinterpret_cast<float *>(smem + 2 * C::kTileKV + 4 * C::kTileQ);  // [2][BM], log2
+  float *sDot = sLse + 2 * BM;                                                      // [2][BM]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int wg = warp / 4;
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(p, b);
+  const int n0 = n_block * BN;
+  if (n0 >= seq.sk) return;
+  const int group = p.nheads / p.nheads_k;
+  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+
+  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  sm90::load_tile_sw<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
+                                         seq.sk - n0, p.head_dim, k, tid);
+  if constexpr (kDK)
+    sm90::load_tile_sw<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
+                                           seq.sk - n0, p.head_dim, v, tid);
+
+  int i_lo, i_hi;
+  vis.query_range(n0, min(n0 + BN, seq.sk), i_lo, i_hi);
+  const int mb_lo = i_lo / BM;
+  const int n_mb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_lo : 0;
+  const int n_iters = group * n_mb;
+
+  auto load_q_side = [&](int it) {
+    const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
+    const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+    const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
+    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
+                                           p.q_row_stride, seq.sq - m0, p.head_dim, q, tid);
+    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sdO(st)),
+                                           dout + int64_t(m0) * p.do_row_stride, p.do_row_stride,
+                                           seq.sq - m0, p.head_dim, dout, tid);
+    const int64_t off = seq.lse_off(p, b, h);
+    for (int r = tid; r < BM; r += C::kThreads) {
+      const bool ok = m0 + r < seq.sq;
+      sLse[st * BM + r] = ok ? p.lse[off + m0 + r] * kLog2e : INFINITY;
+      sDot[st * BM + r] = ok ? p.softmax_d[off + m0 + r] : 0.f;
+    }
+  };
+
+  float acc_dk[kDK ? DA : 1][8][4], acc_dv[kDV ? DA : 1][8][4];
+#pragma unroll
+  for (int a = 0; a < (kDK ? DA : 1); ++a) zero(acc_dk[a]);
+#pragma unroll
+  for (int a = 0; a < (kDV ? DA : 1); ++a) zero(acc_dv[a]);
+  if (n_iters > 0) load_q_side(0);
+  cp_async_commit();
+
+  const int j0 = n0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's keys: j0 and j0 + 8
+  const unsigned char *kbase = reinterpret_cast<const unsigned char *>(sK) + wg * 64 * 128;
+  const unsigned char *vbase = reinterpret_cast<const unsigned char *>(sV) + wg * 64 * 128;
+  for (int it = 0; it < n_iters; ++it) {
+    const int st = it % 2, h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM;
+    cp_async_wait<0>();
+    sm90::fence_async_smem();
+    __syncthreads();  // stage st landed; every warpgroup is done with stage st ^ 1
+    if (it + 1 < n_iters) load_q_side(it + 1);
+    cp_async_commit();
+    const unsigned char *qs = sQ(st), *dos = sdO(st);
+    const float *lse2 = sLse + st * BM, *dot = sDot + st * BM;
+    const ScoreMod mod(p, b, h);
+
+    // S^T (64 keys x BM queries) = K Q^T and dP^T = V dO^T, both in flight.
+    float s[MT][4], dp[MT][4];
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      sm90::Wgmma<BM, T>::template ss<0>(
+          s, sm90::make_desc(kbase + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
+          sm90::make_desc(qs + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+    sm90::commit_group();
+    if constexpr (kDK) {
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+        sm90::Wgmma<BM, T>::template ss<0>(
+            dp, sm90::make_desc(vbase + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
+            sm90::make_desc(dos + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+      sm90::commit_group();
+      sm90::wait_group<1>();
+    } else {
+      sm90::wait_group<0>();
+    }
+    sm90::reg_fence(s);
+
+    // P^T = exp2(score - lse), masked entries 0; s becomes P * d(score)/d(scale*s).
+    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    float pr[MT][4];                   // P^T
+    float deriv[kMod ? MT : 1][4];     // d(score)/d(scale*s), softcap only
+    if constexpr (kMod) {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int il = c * 8 + 2 * t + (e % 2);
+          const float x = mod.log2_score(s[c][e], m0 + il, j0 + (e / 2) * 8, vis.off(), deriv[c][e]);
+          pr[c][e] = exp2_approx(x - lse2[il]);
+        }
+    } else {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse2[c * 8 + 2 * t + (e % 2)]));
+    }
+    if (masked) {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!vis.visible(m0 + c * 8 + 2 * t + (e % 2), j0 + (e / 2) * 8)) pr[c][e] = 0.f;
+    }
+    uint32_t p_frag[PS][4];
+    if constexpr (kDV) {
+      pack_a<PS, T>(p_frag, pr);
+      sm90::warpgroup_fence();
+#pragma unroll
+      for (int kk = 0; kk < PS; ++kk)
+#pragma unroll
+        for (int a = 0; a < DA; ++a)
+          sm90::Wgmma<64, T>::template rs<1>(
+              acc_dv[a], p_frag[kk], sm90::make_desc(dos + a * BM * 128 + kk * 2048, 1024, 1024), 1);
+      sm90::commit_group();
+    }
+
+    if constexpr (kDK) {
+      if constexpr (kDV) sm90::wait_group<1>();  // dP^T done; dV may still run
+      else sm90::wait_group<0>();
+      sm90::reg_fence(dp);
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          dp[c][e] = (kMod ? deriv[c % (kMod ? MT : 1)][e] * pr[c][e] : pr[c][e]) *
+                     (dp[c][e] - dot[c * 8 + 2 * t + (e % 2)]);
+      uint32_t ds_frag[PS][4];
+      pack_a<PS, T>(ds_frag, dp);
+      sm90::warpgroup_fence();
+#pragma unroll
+      for (int kk = 0; kk < PS; ++kk)
+#pragma unroll
+        for (int a = 0; a < DA; ++a)
+          sm90::Wgmma<64, T>::template rs<1>(
+              acc_dk[a], ds_frag[kk], sm90::make_desc(qs + a * BM * 128 + kk * 2048, 1024, 1024), 1);
+      sm90::commit_group();
+      sm90::wait_group<0>();
+      sm90::reg_fence(ds_frag);
+    } else {
+      sm90::wait_group<0>();
+    }
+    if constexpr (kDV) sm90::reg_fence(p_frag);
+#pragma unroll
+    for (int a = 0; a < (kDK ? DA : 1); ++a) sm90::reg_fence(acc_dk[a]);
+#pragma unroll
+    for (int a = 0; a < (kDV ? DA : 1); ++a) sm90::reg_fence(acc_dv[a]);
+  }
+
+  // Write dK (scaled) and dV through shared memory (the K and V tiles).
+  cp_async_wait<0>();
+  __syncthreads();
+  const int r0 = wg * 64 + (warp % 4) * 16;
+  if constexpr (kDK) {
+#pragma unroll
+    for (int a = 0; a < DA; ++a)
+      sm90::acc_to_smem_sw<BN, 8, T>(sK, acc_dk[a], r0, a * 64, p.scale, p.scale, lane);
+  }
+  if constexpr (kDV) {
+    T *dst = kDK ? sV : sK;  // a dV-only pass never loaded V
+#pragma unroll
+    for (int a = 0; a < DA; ++a) sm90::acc_to_smem_sw<BN, 8, T>(dst, acc_dv[a], r0, a * 64, 1.f, 1.f, lane);
+  }
+  __syncthreads();
+  if constexpr (kDK) {
+    T *dk = static_cast<T *>(p.dk) + seq.k_off(b, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, hk);
+    sm90::store_tile_sw<BN, D, C::kThreads>(dk + int64_t(n0) * p.dk_row_stride, sK, p.dk_row_stride,
+                                            seq.sk - n0, p.head_dim, tid);
+  }
+  if constexpr (kDV) {
+    T *dv = static_cast<T *>(p.dv) + seq.k_off(b, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, hk);
+    sm90::store_tile_sw<BN, D, C::kThreads>(dv + int64_t(n0) * p.dv_row_stride, kDK ? sV : sK,
+                                            p.dv_row_stride, seq.sk - n0, p.head_dim, tid);
+  }
+#else
+  __trap();  // launched only where sm_90a code exists (use_sm90_kernels)
+#endif
+}
+
+template <int D_, int WG_, int BN_>
+struct BwdQSm90Config {
+  static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
+  static constexpr int D = D_, kWG = WG_, BN = BN_, BM = 64 * kWG, kThreads = 128 * kWG;
+  static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
+  // Q, dO, two stages of (K, V)
+  static constexpr size_t kSmem = 2 * kTileQ + 4 * kTileKV + 1024;
+};
+
+template <typename C, typename T, bool kMod>
+__global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const FlashAttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, NT = BN / 8, PS = BN / 16, DA = D / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char *smem = align_1024(smem_raw);
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sdO = reinterpret_cast<T *>(smem + C::kTileQ);
+  auto sK = [&](int st) { return smem + 2 * C::kTileQ + st * C::kTileKV; };
+  auto sV = [&](int st) { return smem + 2 * C::kTileQ + (2 + st) * C::kTileKV; };
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int wg = warp / 4;
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= seq.sq) return;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+  const ScoreMod mod(p, b, h);
+
+  const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+  const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
+  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
+  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+
+  int n_lo, n_hi;
+  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
+  const int nb_lo = n_lo / BN;
+  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+  const int n_iters = nb_hi - nb_lo;
+  auto load_kv = [&](int it) {
+    const int n0 = (nb_hi - 1 - it) * BN, st = it % 2;
+    sm90::load_tile_sw<BN, D, C::kThreads>(reinterpret_cast<T *>(sK(st)), k + int64_t(n0) * p.k_row_stride,
+                                           p.k_row_stride, seq.sk - n0, p.head_dim, k, tid);
+    sm90::load_tile_sw<BN, D, C::kThreads>(reinterpret_cast<T *>(sV(st)), v + int64_t(n0) * p.v_row_stride,
+                                           p.v_row_stride, seq.sk - n0, p.head_dim, v, tid);
+  };
+  sm90::load_tile_sw<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride,
+                                         seq.sq - m0, p.head_dim, q, tid);
+  sm90::load_tile_sw<BM, D, C::kThreads>(sdO, dout + int64_t(m0) * p.do_row_stride, p.do_row_stride,
+                                         seq.sq - m0, p.head_dim, dout, tid);
+  if (n_iters > 0) load_kv(0);
+  cp_async_commit();
+
+  const int w0 = wg * 64 + (warp % 4) * 16;
+  const int r0 = m0 + w0 + g;  // this thread's rows: r0 and r0 + 8
+  float lse2[2], dot[2];
+  {
+    const int64_t off = seq.lse_off(p, b, h);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = r0 + 8 * r;
+      lse2[r] = i < seq.sq ? p.lse[off + i] * kLog2e : INFINITY;
+      dot[r] = i < seq.sq ? p.softmax_d[off + i] : 0.f;
+    }
+  }
+  float acc_dq[DA][8][4];
+#pragma unroll
+  for (int a = 0; a < DA; ++a) zero(acc_dq[a]);
+  const unsigned char *qbase = reinterpret_cast<const unsigned char *>(sQ) + wg * 64 * 128;
+  const unsigned char *dobase = reinterpret_cast<const unsigned char *>(sdO) + wg * 64 * 128;
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int st = it % 2, n0 = (nb_hi - 1 - it) * BN;
+    cp_async_wait<0>();
+    sm90::fence_async_smem();
+    __syncthreads();  // stage st landed; every warpgroup is done with stage st ^ 1
+    if (it + 1 < n_iters) load_kv(it + 1);
+    cp_async_commit();
+    const unsigned char *ks = sK(st), *vs = sV(st);
+
+    float s[NT][4], dp[NT][4];
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      sm90::Wgmma<BN, T>::template ss<0>(
+          s, sm90::make_desc(qbase + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024),
+          sm90::make_desc(ks + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+    sm90::commit_group();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+      sm90::Wgmma<BN, T>::template ss<0>(
+          dp, sm90::make_desc(dobase + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024),
+          sm90::make_desc(vs + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk > 0);
+    sm90::commit_group();
+    sm90::wait_group<1>();
+    sm90::reg_fence(s);
+
+    // P = exp2(score - lse), masked entries 0; s = P * d(score)/d(scale*s).
+    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    if constexpr (kMod) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float deriv;
+          const float x = mod.log2_score(s[j][e], r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2),
+                                         vis.off(), deriv);
+          s[j][e] = exp2_approx(x - lse2[e / 2]) * deriv;
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(fmaf(s[j][e], mod.scale_log2, -lse2[e / 2]));
+    }
+    if (masked) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!vis.visible(r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = 0.f;
+    }
+    sm90::wait_group<0>();
+    sm90::reg_fence(dp);
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[j][e] = s[j][e] * (dp[j][e] - dot[e / 2]);
+    uint32_t ds_frag[PS][4];
+    pack_a<PS, T>(ds_frag, dp);
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk)
+#pragma unroll
+      for (int a = 0; a < DA; ++a)
+        sm90::Wgmma<64, T>::template rs<1>(
+            acc_dq[a], ds_frag[kk], sm90::make_desc(ks + a * BN * 128 + kk * 2048, 1024, 1024), 1);
+    sm90::commit_group();
+    sm90::wait_group<0>();
+    sm90::reg_fence(ds_frag);
+#pragma unroll
+    for (int a = 0; a < DA; ++a) sm90::reg_fence(acc_dq[a]);
+  }
+
+  cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < DA; ++a)
+    sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_dq[a], w0, a * 64, p.scale, p.scale, lane);
+  __syncthreads();
+  T *dq = static_cast<T *>(p.dq) + seq.q_off(b, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, h);
+  sm90::store_tile_sw<BM, D, C::kThreads>(dq + int64_t(m0) * p.dq_row_stride, sQ, p.dq_row_stride,
+                                          seq.sq - m0, p.head_dim, tid);
+#else
+  __trap();  // launched only where sm_90a code exists (use_sm90_kernels)
+#endif
+}
+
+template <int D, typename T, bool kMod>
+int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
+  int status;
+  if constexpr (D <= 128) {
+    using KV = BwdKVSm90Config<D, 2, kSm90DKDV, 64>;
+    const dim3 grid((p.seqlen_k + KV::BN - 1) / KV::BN, p.nheads_k, p.batch);
+    status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod>, grid, KV::kThreads, KV::kSmem, stream, p);
+  } else {
+    // 64 x D accumulators leave room for 32-query blocks only
+    using DV = BwdKVSm90Config<D, 2, kSm90DVOnly, 32>;
+    using DK = BwdKVSm90Config<D, 2, kSm90DKOnly, 32>;
+    const dim3 grid((p.seqlen_k + DV::BN - 1) / DV::BN, p.nheads_k, p.batch);
+    status = launch(bwd_dkdv_sm90_kernel<DV, T, kMod>, grid, DV::kThreads, DV::kSmem, stream, p);
+    if (status == FLASH_OK)
+      status = launch(bwd_dkdv_sm90_kernel<DK, T, kMod>, grid, DK::kThreads, DK::kSmem, stream, p);
+  }
+  if (status != FLASH_OK) return status;
+  using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 2, 128>,
+                               std::conditional_t<(D <= 128), BwdQSm90Config<D, 2, 64>,
+                                                  BwdQSm90Config<D, 2, 32>>>;
+  return launch(bwd_dq_sm90_kernel<Q, T, kMod>,
+                dim3((p.seqlen_q + Q::BM - 1) / Q::BM, p.nheads, p.batch), Q::kThreads, Q::kSmem,
+                stream, p);
+}
+
+// dK/dV and dQ after the softmax_d pass (run_bwd launches that one).
+template <int D, typename T>
+int run_bwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
+  if (p.softcap > 0.f || p.alibi_slopes != nullptr) return run_bwd_sm90_mod<D, T, true>(p, stream);
+  return run_bwd_sm90_mod<D, T, false>(p, stream);
+}
+
+}  // namespace flash
