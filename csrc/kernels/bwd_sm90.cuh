@@ -17,10 +17,12 @@ namespace flash {
 
 enum BwdSm90Mode { kSm90DKDV = 0, kSm90DVOnly = 1, kSm90DKOnly = 2 };
 
-template <int D_, int WG_, int MODE_, int BM_>
+template <int D_, int WG_, int MODE_, int BM_, int MINB_ = 1>
 struct BwdKVSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, kWG = WG_, kMode = MODE_, BM = BM_;
+  static constexpr int kMinBlocks = MINB_;  // CTAs per SM the registers are capped for
+  static constexpr bool kOpaque = kMinBlocks > 1;
   static constexpr int BN = 64 * kWG, kThreads = 128 * kWG;
   static constexpr size_t kTileKV = size_t(BN) * D * 2, kTileQ = size_t(BM) * D * 2;
   // K, V, two stages of (Q, dO), two stages of (lse, softmax_d)
@@ -35,7 +37,7 @@ __device__ __forceinline__ unsigned char *align_1024(unsigned char *p) {
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
 // path keeps no d(score) registers).
 template <typename C, typename T, bool kMod>
-__global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, MT = BM / 8, PS = BM / 16, DA = D / 64;
   constexpr bool kDV = C::kMode != kSm90DKOnly, kDK = C::kMode != kSm90DVOnly;
@@ -75,9 +77,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
     const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
     const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
     const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
-    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
+    sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
                                            p.q_row_stride, seq.sq - m0, p.head_dim, q, tid);
-    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sdO(st)),
+    sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sdO(st)),
                                            dout + int64_t(m0) * p.do_row_stride, p.do_row_stride,
                                            seq.sq - m0, p.head_dim, dout, tid);
     const int64_t off = seq.lse_off(p, b, h);
@@ -397,7 +399,9 @@ template <int D, typename T, bool kMod>
 int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
   int status;
   if constexpr (D <= 128) {
-    using KV = BwdKVSm90Config<D, 2, kSm90DKDV, 64>;
+    // Head dim 64: 32-query blocks, two CTAs per SM (measured faster on H100).
+    using KV = std::conditional_t<(D <= 64), BwdKVSm90Config<D, 2, kSm90DKDV, 32, 2>,
+                                  BwdKVSm90Config<D, 2, kSm90DKDV, 64>>;
     const dim3 grid((p.seqlen_k + KV::BN - 1) / KV::BN, p.nheads_k, p.batch);
     status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod>, grid, KV::kThreads, KV::kSmem, stream, p);
   } else {

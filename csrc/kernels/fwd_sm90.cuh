@@ -11,21 +11,26 @@
 
 namespace flash {
 
-template <int D_, int BN_, int WG_>
+template <int D_, int BN_, int WG_, int MINB_>
 struct FwdSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, BN = BN_, kWG = WG_, kThreads = 128 * kWG, BM = 64 * kWG;
+  static constexpr int kMinBlocks = MINB_;  // CTAs per SM the registers are capped for
+  static constexpr bool kOpaque = kMinBlocks > 1;
   static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
   static constexpr size_t kSmem = kTileQ + 4 * kTileKV + 1024;  // + alignment slack
 };
 
-// Up to 128 the S (64 x BN) and O (64 x D) accumulators fit with BN = 128.
+// Measured on H100 (bf16, 16k tokens): head dim 64 runs best as two CTAs per SM
+// with 64-key blocks (more warps to hide the softmax); at 128 one CTA with
+// 128-key blocks; above 128 the O accumulators leave room for 64-key blocks.
 template <int D>
-using FwdSm90ConfigFor =
-    std::conditional_t<(D <= 128), FwdSm90Config<D, 128, 2>, FwdSm90Config<D, 64, 2>>;
+using FwdSm90ConfigFor = std::conditional_t<
+    (D <= 64), FwdSm90Config<D, 64, 2, 2>,
+    std::conditional_t<(D <= 128), FwdSm90Config<D, 128, 2, 1>, FwdSm90Config<D, 64, 2, 1>>>;
 
 template <typename C, typename T>
-__global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
   constexpr int NT = BN / 8, KS = D / 16, PS = BN / 16, DA = D / 64;
@@ -62,12 +67,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_kernel(const FlashAtt
 
   auto load_k = [&](int nb, int stage) {
     const int n0 = nb * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sK(stage), k + int64_t(n0) * p.k_row_stride,
+    sm90::load_tile_sw<BN, D, C::kThreads, T, C::kOpaque>(sK(stage), k + int64_t(n0) * p.k_row_stride,
                                            p.k_row_stride, seq.sk - n0, p.head_dim, k, tid);
   };
   auto load_v = [&](int nb, int stage) {
     const int n0 = nb * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sV(stage), v + int64_t(n0) * p.v_row_stride,
+    sm90::load_tile_sw<BN, D, C::kThreads, T, C::kOpaque>(sV(stage), v + int64_t(n0) * p.v_row_stride,
                                            p.v_row_stride, seq.sk - n0, p.head_dim, v, tid);
   };
 
@@ -84,7 +89,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_kernel(const FlashAtt
 #pragma unroll
   for (int a = 0; a < DA; ++a) zero(acc_o[a]);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const unsigned char *qbase = reinterpret_cast<const unsigned char *>(sQ) + wg * 64 * 128;
+  const uint32_t qaddr = smem_addr(sQ) + wg * 64 * 128;
+  auto addr = [](uint32_t a) { return C::kOpaque ? sm90::opaque(a) : a; };
 
   int stage = 0;
   for (int nb = nb_hi - 1; nb >= nb_lo; --nb, stage ^= 1) {
@@ -96,12 +102,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_kernel(const FlashAtt
     cp_async_commit();
 
     float s[NT][4];
-    const unsigned char *kbase = reinterpret_cast<const unsigned char *>(sK(stage));
+    const uint32_t qa = addr(qaddr), ka = addr(smem_addr(sK(stage)));
     sm90::warpgroup_fence();
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      const uint64_t da = sm90::make_desc(qbase + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = sm90::make_desc(kbase + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t da = sm90::make_desc(qa + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = sm90::make_desc(ka + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
       sm90::Wgmma<BN, T>::template ss<0>(s, da, db, kk > 0);
     }
     sm90::commit_group();
@@ -168,13 +174,13 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_kernel(const FlashAtt
     if (nb > nb_lo) load_v(nb - 1, stage ^ 1);
     cp_async_commit();
 
-    const unsigned char *vbase = reinterpret_cast<const unsigned char *>(sV(stage));
+    const uint32_t va = addr(smem_addr(sV(stage)));
     sm90::warpgroup_fence();
 #pragma unroll
     for (int kk = 0; kk < PS; ++kk)
 #pragma unroll
       for (int a = 0; a < DA; ++a) {
-        const uint64_t db = sm90::make_desc(vbase + a * BN * 128 + kk * 16 * 128, 1024, 1024);
+        const uint64_t db = sm90::make_desc(va + a * BN * 128 + kk * 16 * 128, 1024, 1024);
         sm90::Wgmma<64, T>::template rs<1>(acc_o[a], p_frag[kk], db, 1);
       }
     sm90::commit_group();
