@@ -40,7 +40,7 @@ from .plan import plan_cell
 from .probe import local_facts, probe_python
 from .provision import TOOLCHAINS, fill_wheelhouse, provision, toolchain_requirements
 from .publish import Candidate, publish
-from .report import load, print_report, save
+from .report import CellReport, load, print_report, save
 from .smoke import quarantine
 from .stage import stage_sources
 
@@ -94,6 +94,18 @@ def _runner(
     return cells.run_cell
 
 
+def _run_cells(
+    cells: list[Cell],
+    spec: MatrixSpec,
+    paths: FactoryPaths,
+    options: RunOptions,
+    runner: CellRunner | None,
+) -> list[CellReport]:
+    if runner is None:  # ENGINE=none: the cell loop on this machine, as it always was
+        return run_cells(cells, spec, paths, options, _log)
+    return run_cells(cells, spec, paths, options, _log, runner)
+
+
 def cmd_provision(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     wheelhouse = Path(args.wheelhouse).resolve() if args.wheelhouse else None
     for cell in _cells(args, spec):
@@ -110,7 +122,7 @@ def cmd_build(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -
     options = RunOptions(
         toolchain=args.toolchain, smoke=False, publish=False, fail_fast=args.fail_fast
     )
-    rows = run_cells(cells, spec, paths, options, _log, _runner(args, paths, options))
+    rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
     return 0 if all(r.status == "tagged" for r in rows) else 1
@@ -133,7 +145,7 @@ def cmd_wheels(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
     options = RunOptions(
         toolchain=args.toolchain, publish=not args.no_publish, fail_fast=args.fail_fast
     )
-    rows = run_cells(cells, spec, paths, options, _log, _runner(args, paths, options))
+    rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
     done = "published" if options.publish else "built"
