@@ -41,9 +41,15 @@ distclean: clean
 #   make wheels MATRIX="torch=2.13 python=3.11 cuda=13.0"
 MATRIX ?= local
 TOOLCHAIN ?= system
+# ENGINE: none (build here) or docker/podman (each cell in a container with the matrix's
+# limits; README.md, "Containers"). BASE_IMAGE, WHEELHOUSE, CONTAINER_RUNTIME and
+# CONTAINER_ULIMITS are read from the environment; FAIL_FAST=1 stops at the first failed cell.
+ENGINE ?= none
+FAIL_FAST ?=
 FACTORY = $(PYTHON) -m scripts.factory
+ENGINE_ARGS = --engine "$(ENGINE)" $(if $(filter 1 yes true,$(FAIL_FAST)),--fail-fast,)
 
-.PHONY: matrix matrix-json provision plan build-wheels wheels report doctor
+.PHONY: matrix matrix-json provision plan build-wheels wheels report doctor dev-image dev
 
 ## matrix: print the cells of MATRIX; matrix-json: the GitHub Actions matrix
 matrix:
@@ -61,11 +67,11 @@ provision:
 	@$(FACTORY) provision --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
 
 build-wheels:
-	@$(FACTORY) build --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
+	@$(FACTORY) build --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)" $(ENGINE_ARGS)
 
 ## wheels: build, tag, smoke-test and publish every cell of MATRIX into dist/whl
 wheels:
-	@$(FACTORY) wheels --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)"
+	@$(FACTORY) wheels --matrix "$(MATRIX)" --toolchain "$(TOOLCHAIN)" $(ENGINE_ARGS)
 
 ## report: the last `make wheels` table; doctor: which variant this environment needs
 report:
@@ -73,3 +79,12 @@ report:
 
 doctor:
 	@$(FACTORY) doctor
+
+## dev-image: the builder image of MATRIX's first cell plus test and lint tools;
+## dev: a shell in it with this checkout at /src (both need ENGINE=docker or podman)
+DEV_MATRIX ?= torch=2.14 python=3.11 cuda=13.0
+dev-image:
+	@$(FACTORY) dev-image --matrix "$(DEV_MATRIX)" --engine "$(ENGINE)"
+
+dev:
+	@$(FACTORY) dev --matrix "$(DEV_MATRIX)" --engine "$(ENGINE)"

@@ -268,6 +268,8 @@ class KernelBuilder:
                 nvcc_threads=self.knobs.nvcc_threads,
             )
             self.log(f"kernels: {plan.describe()}")
+            if not self.knobs.admission:
+                self.log("kernels: admission control off (FLASH_ATTN_ADMISSION=0)")
             if plan.warning:
                 self.log(f"kernels: warning: {plan.warning}")
         report = KernelBuildReport(
@@ -375,7 +377,7 @@ class KernelBuilder:
                         expect = self.memory.expected_bytes
                         reserved = sum(expect(j.source.stem, t) for j, t in running.values())
                         free = self.free_memory() if running else 0
-                        if not admits(need, free, reserved, len(running)):
+                        if self.knobs.admission and not admits(need, free, reserved, len(running)):
                             self.log(
                                 f"kernels: holding {self.layout.display(job.source)} (expects "
                                 f"{size(need)}): {size(free)} free, {len(running)} running "

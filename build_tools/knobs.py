@@ -56,6 +56,8 @@ class BuildKnobs:
     nvcc_threads: int | None
     mem_per_thread_gib: float
     extra_nvcc_flags: tuple[str, ...]
+    # start a compile only when its expected peak fits the free memory (FLASH_ATTN_ADMISSION)
+    admission: bool = True
 
     def describe(self) -> str:
         return (
@@ -212,6 +214,7 @@ def knobs_from_env(env: Mapping[str, str], catalog: KernelCatalog) -> BuildKnobs
     jobs_text = get("MAX_JOBS")
     threads_text = get("NVCC_THREADS")
     mem_text = get("FLASH_ATTN_NVCC_MEM_GB")
+    admission_text = get("FLASH_ATTN_ADMISSION")
     return BuildKnobs(
         archs=archs,
         head_dims=head_dims,
@@ -225,4 +228,7 @@ def knobs_from_env(env: Mapping[str, str], catalog: KernelCatalog) -> BuildKnobs
             else DEFAULT_MEM_PER_THREAD_GIB
         ),
         extra_nvcc_flags=tuple((get("FLASH_ATTN_NVCC_FLAGS") or "").split()),
+        admission=(
+            parse_switch(admission_text, "FLASH_ATTN_ADMISSION") if admission_text else True
+        ),
     )

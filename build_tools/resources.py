@@ -278,3 +278,45 @@ def probe_resources(root: Path = Path("/"), cpus: int | None = None) -> Resource
         available = 4 * GIB
         mem_reason = "unknown, assumed 4.0 GiB"
     return Resources(cpu_count, cpu_reason, available, mem_reason)
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    """What this process's memory cgroup has seen (a container's: since it started)."""
+
+    memory_peak_bytes: int | None  # v2 memory.peak, v1 memory.max_usage_in_bytes
+    oom_kills: int | None  # processes the kernel killed for this cgroup's limit
+    memory_limit_bytes: int | None
+    source: str  # "cgroup v2", "cgroup v1", or "" when there is no memory cgroup
+
+
+def _keyed(path: Path, key: str) -> int | None:
+    text = _read(path)
+    if text is None:
+        return None
+    return _stat_value(path, key)
+
+
+def read_cgroup_usage(root: Path = Path("/")) -> CgroupUsage:
+    """Peak memory and OOM kills of this process's own memory cgroup."""
+    v2_mount, v1_mounts = _mounts(root)
+    v2_path, v1_paths = _own_paths(root)
+    if "memory" in v1_mounts:
+        leaf = _levels(v1_mounts["memory"], v1_paths.get("memory", "/"))[0]
+        limit = _read_int(leaf / "memory.limit_in_bytes")
+        return CgroupUsage(
+            memory_peak_bytes=_read_int(leaf / "memory.max_usage_in_bytes"),
+            oom_kills=_keyed(leaf / "memory.oom_control", "oom_kill"),
+            memory_limit_bytes=limit if limit is not None and limit < _V1_UNLIMITED else None,
+            source="cgroup v1",
+        )
+    if v2_mount is not None:
+        leaf = _levels(v2_mount, v2_path)[0]
+        limit_text = (_read(leaf / "memory.max") or "").strip()
+        return CgroupUsage(
+            memory_peak_bytes=_read_int(leaf / "memory.peak"),
+            oom_kills=_keyed(leaf / "memory.events", "oom_kill"),
+            memory_limit_bytes=int(limit_text) if limit_text.isdigit() else None,
+            source="cgroup v2",
+        )
+    return CgroupUsage(None, None, None, "")

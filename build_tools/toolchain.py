@@ -145,9 +145,16 @@ def nvcc_flags(
 # exists because a process forked from this (large, torch-importing) Python
 # starts with our RSS as its high-water mark, which wait4() would then report.
 _MARKER = "__flash_attn_peak_rss_kib"
+# compiles (and their children) are the OOM killer's first choice, not the python process
+# driving the build (it holds torch, so it is larger, and its death fails the whole build)
+COMPILE_OOM_SCORE_ADJ = 500
 _MARKER_RE = re.compile(r"\n?" + _MARKER + r"=(\d+)\n?$")
 _MEASURE = (
     "import os, resource, subprocess, sys\n"
+    "try:\n"  # under a memory limit, the kernel kills a compile (retried) before the build
+    "    open('/proc/self/oom_score_adj', 'w').write('" + str(COMPILE_OOM_SCORE_ADJ) + "')\n"
+    "except OSError:\n"
+    "    pass\n"
     "rc = subprocess.call(sys.argv[1:])\n"
     "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
     "sys.stdout.flush()\n"

@@ -5,10 +5,15 @@ provision --matrix SEL             the toolchain of each cell (interpreter, torc
 plan     --matrix SEL              the build plan of each cell, with its reasons
 build    --matrix SEL              provision, plan, build and tag; no smoke, no publish
 wheels   --matrix SEL              provision, plan, build, tag, smoke, publish, report
+         (build and wheels: --engine docker|podman runs each cell in a container with
+         the matrix's limits; --fail-fast stops at the first failed cell)
 smoke    --cell ID WHEEL           the smoke gate alone on one wheel
 publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
 report                             the last run's table
 doctor   [--python EXE]            which variant an environment needs
+wheelhouse --matrix SEL --dest DIR the wheels the cells' toolchains need, for offline images
+dev-image --engine E               the dev image (builder image + test and lint tools)
+dev      --engine E                a shell in the dev image, the checkout mounted
 """
 
 from __future__ import annotations
@@ -19,16 +24,23 @@ import os
 import sys
 from pathlib import Path
 
+from build_tools.resources import read_cgroup_usage
+
+from .build import source_date_epoch
+from .containers import ContainerCells
+from .devshell import build_dev_image, dev_shell_argv
 from .doctor import diagnose
+from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
+from .images import ImageOptions
 from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
 from .paths import FactoryPaths
-from .pipeline import RunOptions, run_cells, smoke_cell_wheel
+from .pipeline import CellRunner, RunOptions, run_cells, smoke_cell_wheel
 from .plan import plan_cell
 from .probe import local_facts, probe_python
-from .provision import TOOLCHAINS, provision
+from .provision import TOOLCHAINS, fill_wheelhouse, provision, toolchain_requirements
 from .publish import Candidate, publish
-from .report import load, print_report, save
+from .report import CellReport, load, print_report, save
 from .smoke import quarantine
 from .stage import stage_sources
 
@@ -50,14 +62,54 @@ def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
     for c in cells:
         print(
             f"  {c.id:40} kernels {c.kernels.name} (archs {';'.join(c.kernels.archs)}), "
-            f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}"
+            f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}; "
+            f"container limits {c.limits.describe()}"
         )
     return 0
 
 
+def _image_options(args: argparse.Namespace) -> ImageOptions:
+    wheelhouse = Path(args.wheelhouse).resolve() if args.wheelhouse else None
+    return ImageOptions(base=args.base_image or "", wheelhouse=wheelhouse, offline=args.offline)
+
+
+def _engine(args: argparse.Namespace) -> ContainerEngine:
+    engine = ContainerEngine.select(args.engine)
+    engine.check()
+    return engine
+
+
+def _runner(
+    args: argparse.Namespace, paths: FactoryPaths, options: RunOptions
+) -> CellRunner | None:
+    """None for ENGINE=none (cells run here); else the container step, its engine
+    checked before any cell starts."""
+    if args.engine == "none":
+        return None
+    engine = _engine(args)
+    _log(f"engine: {' '.join(engine.base())} (cells run in containers, limits from the matrix)")
+    cells = ContainerCells(
+        engine, paths, options, _image_options(args), _log, source_date_epoch(paths.repo)
+    )
+    return cells.run_cell
+
+
+def _run_cells(
+    cells: list[Cell],
+    spec: MatrixSpec,
+    paths: FactoryPaths,
+    options: RunOptions,
+    runner: CellRunner | None,
+) -> list[CellReport]:
+    if runner is None:  # ENGINE=none: the cell loop on this machine, as it always was
+        return run_cells(cells, spec, paths, options, _log)
+    return run_cells(cells, spec, paths, options, _log, runner)
+
+
 def cmd_provision(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    wheelhouse = Path(args.wheelhouse).resolve() if args.wheelhouse else None
     for cell in _cells(args, spec):
-        tc = provision(cell, spec, args.toolchain, paths.toolchains)
+        tc = provision(cell, spec, args.toolchain, paths.toolchains, wheelhouse)
         where = f" ({tc.cuda_home})" if tc.cuda_home else ""
         print(f"{cell.id}: {tc.kind}: python {tc.python}, torch {tc.torch}, nvcc {tc.nvcc}{where}")
         for note in tc.notes:
@@ -67,8 +119,10 @@ def cmd_provision(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPath
 
 def cmd_build(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cells = _cells(args, spec)
-    options = RunOptions(toolchain=args.toolchain, smoke=False, publish=False)
-    rows = run_cells(cells, spec, paths, options, _log)
+    options = RunOptions(
+        toolchain=args.toolchain, smoke=False, publish=False, fail_fast=args.fail_fast
+    )
+    rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
     return 0 if all(r.status == "tagged" for r in rows) else 1
@@ -84,13 +138,18 @@ def cmd_plan(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) ->
 def cmd_wheels(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cells = _cells(args, spec)
     _log(
-        f"wheels: MATRIX={args.matrix!r}: {len(cells)} cell(s); toolchain {args.toolchain}; "
+        f"wheels: MATRIX={args.matrix!r}: {len(cells)} cell(s); toolchain "
+        f"{'hermetic, from the builder image' if args.engine != 'none' else args.toolchain}; "
         f"object cache {paths.object_cache}; tree {paths.tree}"
     )
-    rows = run_cells(cells, spec, paths, RunOptions(toolchain=args.toolchain), _log)
+    options = RunOptions(
+        toolchain=args.toolchain, publish=not args.no_publish, fail_fast=args.fail_fast
+    )
+    rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
-    return 0 if all(r.status == "published" for r in rows) else 1
+    done = "published" if options.publish else "built"
+    return 0 if all(r.status == done for r in rows) else 1
 
 
 def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
@@ -137,6 +196,34 @@ def cmd_report(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
     return 0
 
 
+def cmd_wheelhouse(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    from .probe import find_interpreter
+
+    dest = Path(args.dest).resolve()
+    for cell in _cells(args, spec):
+        python = find_interpreter(cell.python)
+        wanted = toolchain_requirements(cell, spec)
+        log = paths.work / "wheelhouse.log"
+        fill_wheelhouse(python, wanted, dest, log)
+        print(f"{cell.id}: {' '.join(wanted)} -> {dest} (log {log})")
+    return 0
+
+
+def cmd_dev_image(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cell = _cells(args, spec)[0]
+    tag = build_dev_image(_engine(args), cell, paths, _image_options(args), _log)
+    print(f"dev image {tag}: `make dev ENGINE={args.engine}` opens a shell in it")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    cell = _cells(args, spec)[0]
+    argv = dev_shell_argv(_engine(args), cell, paths)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
 def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     for line in diagnose(probe_python(args.python or sys.executable), spec, args.base_url):
         print(line)
@@ -151,6 +238,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="where the tree goes (<out>/whl); default dist/")
     p.add_argument("--work", type=Path, help="scratch: default build/factory")
+    p.add_argument(
+        "--cgroup-stats",
+        type=Path,
+        help="at the end, write this process's memory cgroup figures (peak, OOM kills) here",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     matrix_default = os.environ.get("MATRIX", "local") or "local"
 
@@ -163,15 +255,52 @@ def parser() -> argparse.ArgumentParser:
         )
         return s
 
+    def with_engine(s: argparse.ArgumentParser) -> None:
+        s.add_argument(
+            "--engine",
+            default="none",
+            choices=ENGINES,
+            help="run each cell in a container (none: on this machine)",
+        )
+        s.add_argument(
+            "--base-image",
+            default=os.environ.get("BASE_IMAGE", ""),
+            help="the builder image's BASE (default: manylinux_2_28)",
+        )
+        s.add_argument(
+            "--wheelhouse",
+            default=os.environ.get("WHEELHOUSE", ""),
+            help="wheels to put in the builder image (python3 -m scripts.factory wheelhouse)",
+        )
+        s.add_argument(
+            "--offline",
+            action="store_true",
+            help="build the image without network, from the wheelhouse alone",
+        )
+
     m = with_matrix("matrix", "print the cells of a selection")
     m.add_argument("--json", action="store_true", help="the GitHub Actions matrix")
     pv = with_matrix("provision", "print each cell's toolchain")
     pv.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    pv.add_argument(
+        "--wheelhouse",
+        help="hermetic: download into this directory first, then install from it alone",
+    )
     with_matrix("plan", "print each cell's build plan")
     b = with_matrix("build", "build and tag every cell (no smoke test, no publish)")
     b.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    b.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
+    with_engine(b)
     w = with_matrix("wheels", "build, tag, smoke-test and publish every cell")
     w.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
+    w.add_argument("--fail-fast", action="store_true", help="stop at the first failed cell")
+    w.add_argument("--no-publish", action="store_true", help="build and smoke-test only")
+    with_engine(w)
+    wh = with_matrix("wheelhouse", "download the wheels the cells' toolchains need")
+    wh.add_argument("--dest", required=True, help="the wheelhouse directory")
+    for name, help_ in (("dev-image", "build the dev image"), ("dev", "a shell in it")):
+        dv = with_matrix(name, help_)
+        with_engine(dv)
     s = sub.add_parser("smoke", help="run the smoke gate on one wheel")
     s.add_argument("--cell", required=True)
     s.add_argument("--toolchain", default="system", choices=TOOLCHAINS)
@@ -198,6 +327,9 @@ COMMANDS = {
     "publish": cmd_publish,
     "report": cmd_report,
     "doctor": cmd_doctor,
+    "wheelhouse": cmd_wheelhouse,
+    "dev-image": cmd_dev_image,
+    "dev": cmd_dev,
 }
 
 
@@ -213,3 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was published from this run", file=sys.stderr)
         return 130
+    finally:
+        if args.cgroup_stats is not None:
+            _write_cgroup_stats(args.cgroup_stats)
+
+
+def _write_cgroup_stats(path: Path) -> None:
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(read_cgroup_usage()), indent=2) + "\n")

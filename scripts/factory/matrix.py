@@ -21,8 +21,71 @@ MATRIX_TOML = Path(__file__).resolve().parents[2] / "recipes" / "matrix.toml"
 
 # axes that fan out into cells, and the settings that apply to every cell
 FAN_OUT_AXES = ("cuda", "rocm", "torch", "python", "cxx11abi", "platform")
-SETTINGS = ("kernels", "archs")
+SETTINGS = ("kernels", "archs", "memory", "cpus")
 ALL = "all"
+LIMIT_KEYS = ("memory", "cpus")
+_MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_memory(text: str, where: str) -> int:
+    """'6g', '512m', '6GiB', '1073741824' -> bytes (the units docker and podman take)."""
+    m = _MEMORY_RE.match(str(text).strip())
+    if m is None or float(m.group(1)) <= 0:
+        raise MatrixError(f"{where}: memory {text!r} is not a size; write e.g. 6g, 512m or 6GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_cpus(value: object, where: str) -> float:
+    try:
+        cpus = float(str(value))
+    except ValueError:
+        cpus = 0.0
+    if not cpus > 0:
+        raise MatrixError(f"{where}: cpus {value!r} is not a positive number, e.g. 2 or 1.5")
+    return cpus
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    """What a cell's container may use (ENGINE=docker|podman); None: no limit."""
+
+    memory_bytes: int | None = None
+    cpus: float | None = None
+
+    @property
+    def memory_text(self) -> str:
+        """The memory limit as docker/podman take it: 6g, 512m, or bytes."""
+        n = self.memory_bytes
+        if n is None:
+            return ""
+        for unit, size in (("g", 1 << 30), ("m", 1 << 20), ("k", 1 << 10)):
+            if n % size == 0:
+                return f"{n // size}{unit}"
+        return f"{n}b"
+
+    @property
+    def cpus_text(self) -> str:
+        return "" if self.cpus is None else f"{self.cpus:g}"
+
+    def describe(self) -> str:
+        memory = self.memory_text or "no memory limit"
+        cpus = f"{self.cpus_text} CPUs" if self.cpus is not None else "no CPU limit"
+        return f"{memory}, {cpus}"
+
+    def merged(self, table: dict[str, Any], where: str) -> CellLimits:
+        """These limits with a TOML table's (or a selection's) entries over them."""
+        unknown = sorted(set(table) - set(LIMIT_KEYS))
+        if unknown:
+            raise MatrixError(
+                f"{where}: unknown limit {', '.join(unknown)}; valid: {', '.join(LIMIT_KEYS)}"
+            )
+        memory, cpus = self.memory_bytes, self.cpus
+        if "memory" in table:
+            memory = parse_memory(table["memory"], where)
+        if "cpus" in table:
+            cpus = parse_cpus(table["cpus"], where)
+        return CellLimits(memory, cpus)
 
 
 @dataclass(frozen=True)
@@ -74,6 +137,7 @@ class Cell:
     kernels: KernelSet
     torch_requirement: str = ""
     cxx_std: str = ""
+    limits: CellLimits = CellLimits()
 
     @property
     def cuda_tag(self) -> str:
@@ -107,12 +171,17 @@ class Cell:
         return f"torch=={self.torch}.*"
 
     def selection(self) -> str:
-        """An inline MATRIX string that selects exactly this cell."""
-        return (
+        """An inline MATRIX string that selects exactly this cell (its limits too)."""
+        text = (
             f"cuda={self.cuda} torch={self.torch} python={self.python} "
             f"cxx11abi={self.abi_text} platform={self.platform} kernels={self.kernels.name} "
             f"archs={'+'.join(self.kernels.archs)}"
         )
+        if self.limits.memory_bytes is not None:
+            text += f" memory={self.limits.memory_text}"
+        if self.limits.cpus is not None:
+            text += f" cpus={self.limits.cpus_text}"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -126,6 +195,8 @@ class Cell:
         kernels = KernelSet(
             k["name"], tuple(k["archs"]), k["head_dims"], k["dtypes"], bool(k["backward"])
         )
+        lim = data.get("limits") or {}
+        limits = CellLimits(lim.get("memory_bytes"), lim.get("cpus"))
         return cls(
             cuda=data["cuda"],
             torch=data["torch"],
@@ -135,6 +206,7 @@ class Cell:
             kernels=kernels,
             torch_requirement=data.get("torch_requirement", ""),
             cxx_std=data.get("cxx_std", ""),
+            limits=limits,
         )
 
 
@@ -160,6 +232,37 @@ class LocalFacts:
 
 
 @dataclass(frozen=True)
+class LimitsTable:
+    """[limits] of matrix.toml: defaults, then per kernel set, then per preset."""
+
+    default: CellLimits = CellLimits()
+    kernels: dict[str, CellLimits] = field(default_factory=dict)
+    presets: dict[str, CellLimits] = field(default_factory=dict)
+
+    def for_cell(self, kernels: str, preset: str | None) -> CellLimits:
+        if preset is not None and preset in self.presets:
+            return self.presets[preset]
+        return self.kernels.get(kernels, self.default)
+
+
+def _load_limits(data: dict[str, Any], path: Path) -> LimitsTable:
+    table = dict(data.get("limits", {}))
+    per_kernels = table.pop("kernels", {})
+    per_preset = table.pop("presets", {})
+    default = CellLimits().merged(table, f"{path} [limits]")
+    kernels = {
+        name: default.merged(t, f"{path} [limits.kernels.{name}]")
+        for name, t in per_kernels.items()
+    }
+    presets = {}
+    for name, t in per_preset.items():
+        kernels_name = str(data.get("presets", {}).get(name, {}).get("kernels", "full"))
+        base = kernels.get(kernels_name, default)
+        presets[name] = base.merged(t, f"{path} [limits.presets.{name}]")
+    return LimitsTable(default, kernels, presets)
+
+
+@dataclass(frozen=True)
 class MatrixSpec:
     """recipes/matrix.toml, typed."""
 
@@ -168,6 +271,7 @@ class MatrixSpec:
     torch: dict[str, TorchRelease]
     presets: dict[str, Preset]
     source: str = str(MATRIX_TOML)
+    limits: LimitsTable = field(default_factory=lambda: LimitsTable())
 
     @property
     def newest_torch(self) -> str:
@@ -239,7 +343,7 @@ def load_spec(path: Path = MATRIX_TOML) -> MatrixSpec:
             )
     except (KeyError, IndexError, TypeError) as e:
         raise MatrixError(f"{path} lacks or misshapes an entry: {e!r}") from e
-    spec = MatrixSpec(axes, kernels, torch, presets, str(path))
+    spec = MatrixSpec(axes, kernels, torch, presets, str(path), _load_limits(data, path))
     _check_spec(spec)
     return spec
 
@@ -255,6 +359,12 @@ def _check_spec(spec: MatrixSpec) -> None:
     for p in spec.presets.values():
         if p.kernels not in spec.kernels:
             raise MatrixError(f"{spec.source}: preset {p.name} names unknown kernels {p.kernels}")
+    for name in spec.limits.kernels:
+        if name not in spec.kernels:
+            raise MatrixError(f"{spec.source}: [limits.kernels.{name}] names no kernel set")
+    for name in spec.limits.presets:
+        if name not in spec.presets:
+            raise MatrixError(f"{spec.source}: [limits.presets.{name}] names no preset")
 
 
 # --- parsing a MATRIX string -------------------------------------------------------------
@@ -347,6 +457,9 @@ def _normalize(axis: str, value: str, spec: MatrixSpec, text: str) -> str:
                 f"MATRIX={text!r}: unknown kernels {value!r}; valid: {', '.join(spec.kernels)}"
             )
         return v
+    if axis in LIMIT_KEYS:
+        CellLimits().merged({axis: v}, f"MATRIX={text!r}")  # raises with what is valid
+        return v
     if axis == "archs":
         if not re.fullmatch(r"\d+a?(?:[;+]\d+a?)*", v):
             raise MatrixError(
@@ -390,6 +503,10 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
         kernels = KernelSet(
             kernels.name, archs, kernels.head_dims, kernels.dtypes, kernels.backward
         )
+    limits = spec.limits.for_cell(kernels_name, selection.preset).merged(
+        {k: v[0] for k, v in selection.axes.items() if k in LIMIT_KEYS},
+        f"MATRIX={selection.text!r}",
+    )
     if axes.get("rocm"):
         raise MatrixError(f"MATRIX={selection.text!r}: rocm cells are built in a later issue")
     skip = bool(preset and preset.skip_unsupported)
@@ -442,6 +559,7 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
                                 kernels,
                                 release.requirement,
                                 release.cxx_std,
+                                limits,
                             )
                         )
     if ruled_out and not skip:

@@ -15,17 +15,22 @@ class FactoryPaths:
     work: Path  # build/factory: staged sources, logs, raw wheels, venvs, quarantine
     out: Path  # the published tree is out/whl
     object_cache: Path  # the kernel object cache shared by every cell
+    # where hermetic toolchains live; None: work/toolchains. FLASH_ATTN_TOOLCHAINS sets
+    # it (a builder image points it at the venvs it provisioned when it was built)
+    toolchain_root: Path | None = None
 
     @classmethod
     def default(
         cls, repo: Path = REPO, out: Path | None = None, work: Path | None = None
     ) -> FactoryPaths:
         cache = os.environ.get("FLASH_ATTN_OBJECT_CACHE", "").strip()
+        toolchains = os.environ.get("FLASH_ATTN_TOOLCHAINS", "").strip()
         return cls(
             repo=repo,
             work=work or repo / "build" / "factory",
             out=out or repo / "dist",
             object_cache=Path(cache).resolve() if cache else repo / "build" / "kernels",
+            toolchain_root=Path(toolchains).resolve() if toolchains else None,
         )
 
     def src(self, cell_id: str) -> Path:
@@ -44,7 +49,7 @@ class FactoryPaths:
     @property
     def toolchains(self) -> Path:
         """Cached hermetic toolchains, one venv per (python, torch, cuda)."""
-        return self.work / "toolchains"
+        return self.toolchain_root or self.work / "toolchains"
 
     @property
     def venvs(self) -> Path:

@@ -1,8 +1,10 @@
 """The cell loop: provision, plan, build, tag, smoke each cell; publish the ones that pass.
 
 Cells run one after another (each build already uses every CPU it may); a failure
-in one cell is recorded and the next goes on. Publishing happens once, at the end,
-and atomically, so Ctrl-C or a failure leaves the published tree as it was.
+in one cell is recorded and the next goes on (unless fail_fast: the rest are then
+skipped). Publishing happens once, at the end, and atomically, so Ctrl-C or a failure
+leaves the published tree as it was. A cell runs here, or in a container through
+the runner that containers.py gives (ENGINE=docker|podman).
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ class RunOptions:
     smoke: bool = True  # False: stop after tagging (the `build` stage alone)
     publish: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a planted fault's CFLAGS
+    fail_fast: bool = False  # stop at the first failed cell; the rest are skipped
 
 
 @dataclass
 class CellOutcome:
     report: CellReport
     candidate: Candidate | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.report.status not in ("built", "tagged", "published")
+
+
+CellRunner = Callable[[Cell], CellOutcome]
 
 
 def smoke_cell_wheel(
@@ -150,16 +160,34 @@ def run_cell(
 
 
 def run_cells(
-    cells: list[Cell], spec: MatrixSpec, paths: FactoryPaths, options: RunOptions, log: Log
+    cells: list[Cell],
+    spec: MatrixSpec,
+    paths: FactoryPaths,
+    options: RunOptions,
+    log: Log,
+    runner: CellRunner | None = None,
 ) -> list[CellReport]:
+    """Every cell through `runner` (default: run_cell on this machine), then publish."""
     check_disk([paths.work, paths.out])
+    run_one = runner or (lambda cell: run_cell(cell, spec, paths, options, log))
     outcomes: list[CellOutcome] = []
+    stopped_by = ""
     for i, cell in enumerate(cells, 1):
+        if stopped_by:
+            note = f"not run: {stopped_by} failed and --fail-fast stops at the first failure"
+            outcomes.append(CellOutcome(CellReport(cell=cell.id, status="skipped", note=note)))
+            continue
         log(
             f"[{i}/{len(cells)}] {cell.id} (kernels {cell.kernels.name}: "
             f"archs {';'.join(cell.kernels.archs)})"
         )
-        outcomes.append(run_cell(cell, spec, paths, options, log))
+        outcome = run_one(cell)
+        outcomes.append(outcome)
+        if options.fail_fast and outcome.failed:
+            stopped_by = cell.id
+            rest = len(cells) - i
+            if rest:
+                log(f"fail-fast: {cell.id} failed; skipping the {rest} cell(s) after it")
     candidates = [o.candidate for o in outcomes if o.candidate is not None]
     if candidates and options.publish:
         entries = publish(paths.out, candidates)

@@ -174,27 +174,51 @@ def find_pip_cuda_home(venv_python: str) -> Path | None:
     return None
 
 
-def _pip(python: str, args: list[str], log: Path) -> None:
-    cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
+def toolchain_requirements(cell: Cell, spec: MatrixSpec) -> list[str]:
+    """What a cell's hermetic venv installs: build tools, its torch, its CUDA compiler."""
+    release = spec.torch[cell.torch]
+    return [*BUILD_REQUIREMENTS, release.requirement, *cuda_requirements(cell.cuda)]
+
+
+def hermetic_venv_name(cell: Cell) -> str:
+    return f"{cell.python_tag}-torch{cell.torch}-{cell.cuda_tag}"
+
+
+def _pip(python: str, args: list[str], log: Path, verb: str = "install") -> None:
+    cmd = [python, "-m", "pip", verb, "--disable-pip-version-check", *args]
     with log.open("a") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         raise FactoryError(
-            f"hermetic toolchain: pip install failed (exit {done.returncode}); see {log}"
+            f"hermetic toolchain: pip {verb} failed (exit {done.returncode}); see {log}"
         )
 
 
-def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
+def fill_wheelhouse(python: str, requirements: list[str], wheelhouse: Path, log: Path) -> None:
+    """Download requirements (and what they need) into wheelhouse, for python's platform;
+    files already there are reused (find-links)."""
+    wheelhouse.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    args = ["--dest", str(wheelhouse), "--find-links", str(wheelhouse), *requirements]
+    _pip(python, args, log, verb="download")
+
+
+def provision_hermetic(
+    cell: Cell, spec: MatrixSpec, root: Path, wheelhouse: Path | None = None
+) -> Toolchain:
     """A venv of the cell's interpreter with its torch and a pinned CUDA compiler from the
-    package index, cached under root/<python>-torch<minor>-cu<cuda> and reused."""
-    release = spec.torch[cell.torch]
+    package index, cached under root/<python>-torch<minor>-cu<cuda> and reused.
+
+    With a wheelhouse, everything is first downloaded into it (reusing what it holds)
+    and installed from it alone: a builder image keeps it, so its smoke venvs install
+    the cell's torch without a network."""
     base = find_interpreter(cell.python)
-    venv = root / f"{cell.python_tag}-torch{cell.torch}-{cell.cuda_tag}"
+    venv = root / hermetic_venv_name(cell)
     marker = venv / "factory-toolchain.json"
     python = str(venv / "bin" / "python")
-    wanted = [*BUILD_REQUIREMENTS, release.requirement, *cuda_requirements(cell.cuda)]
+    wanted = toolchain_requirements(cell, spec)
     if not (marker.is_file() and json.loads(marker.read_text()).get("requirements") == wanted):
         if venv.exists():
             shutil.rmtree(venv)
@@ -205,7 +229,11 @@ def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
         )
         if done.returncode != 0:
             raise FactoryError(f"hermetic toolchain: {base} -m venv failed: {done.stderr}")
-        _pip(python, wanted, log)
+        if wheelhouse is not None:
+            fill_wheelhouse(python, wanted, wheelhouse, log)
+            _pip(python, ["--no-index", "--find-links", str(wheelhouse), *wanted], log)
+        else:
+            _pip(python, wanted, log)
         marker.write_text(json.dumps({"requirements": wanted}, indent=2) + "\n")
     facts = probe_python(python)
     if facts.torch is None or facts.torch_minor != cell.torch:
@@ -238,12 +266,16 @@ def provision_hermetic(cell: Cell, spec: MatrixSpec, root: Path) -> Toolchain:
 
 
 def provision(
-    cell: Cell, spec: MatrixSpec, kind: str = "system", root: Path | None = None
+    cell: Cell,
+    spec: MatrixSpec,
+    kind: str = "system",
+    root: Path | None = None,
+    wheelhouse: Path | None = None,
 ) -> Toolchain:
     if kind == "system":
         return provision_system(cell, spec)
     if kind == "hermetic":
         if root is None:
             raise FactoryError("the hermetic toolchain needs a directory for its venvs")
-        return provision_hermetic(cell, spec, root)
+        return provision_hermetic(cell, spec, root, wheelhouse)
     raise FactoryError(f"toolchain {kind!r} is not known; valid: {', '.join(TOOLCHAINS)}")
