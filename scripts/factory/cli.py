@@ -9,6 +9,10 @@ smoke    --cell ID WHEEL           the smoke gate alone on one wheel
 publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
 report                             the last run's table
 doctor   [--python EXE]            which variant an environment needs
+
+CI and other front-ends (scripts/factory/ci_cli.py): kernel-groups, cache-key, objects,
+torch-args, smoke-wheel, publish-smoked, cibw-cuda, cibw-plan-env, cibw-repair,
+conda-variants.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import ci_cli
 from .doctor import diagnose
 from .errors import FactoryError
 from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
@@ -185,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="which variant an environment needs")
     d.add_argument("--python", help="the interpreter to inspect (default: this one)")
     d.add_argument("--base-url", default="<index>")
+    COMMANDS.update(ci_cli.add_parsers(sub, with_matrix))
     return p
 
 
