@@ -14,6 +14,10 @@ doctor   [--python EXE]            which variant an environment needs
 wheelhouse --matrix SEL --dest DIR the wheels the cells' toolchains need, for offline images
 dev-image --engine E               the dev image (builder image + test and lint tools)
 dev      --engine E                a shell in the dev image, the checkout mounted
+
+CI and other front-ends (scripts/factory/ci_cli.py): kernel-groups, cache-key, objects,
+torch-args, smoke-wheel, publish-smoked, cibw-cuda, cibw-plan-env, cibw-repair,
+conda-variants.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from build_tools.resources import read_cgroup_usage
 
+from . import ci_cli
 from .build import source_date_epoch
 from .containers import ContainerCells
 from .devshell import build_dev_image, dev_shell_argv
@@ -314,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="which variant an environment needs")
     d.add_argument("--python", help="the interpreter to inspect (default: this one)")
     d.add_argument("--base-url", default="<index>")
+    COMMANDS.update(ci_cli.add_parsers(sub, with_matrix))
     return p
 
 

@@ -28,7 +28,7 @@ from .matrix import Cell
 
 _CHECK = r"""
 import json, sys
-out = {}
+out = {"prefix": sys.prefix}
 import torch
 out["torch"] = torch.__version__
 out["torch_cxx11abi"] = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -265,27 +265,37 @@ def smoke_wheel(
     if done.returncode != 0:
         result.checks.append(Check("install", False, f"venv or pip install failed; see {log}"))
         return result
+    result.checks.extend(check_environment(cell, vpy, expected_torch, log, venv))
+    return result
+
+
+def check_environment(
+    cell: Cell, python: str, expected_torch: str, log: Path, venv: Path | None = None
+) -> list[Check]:
+    """The checks, run with `python`, in whose environment the wheel is installed: a fresh
+    smoke venv (venv given), or one that another front-end made (cibuildwheel's test venv;
+    then the extension must come from that interpreter's own prefix)."""
     with tempfile.TemporaryDirectory(prefix="factory-smoke-") as cwd:
-        done = _run([vpy, "-I", "-c", _CHECK], log, cwd=Path(cwd))
+        done = _run([python, "-I", "-c", _CHECK], log, cwd=Path(cwd))
     m = re.search(r"^SMOKE_JSON=(.*)$", done.stdout, re.MULTILINE)
     if m is None:
-        result.checks.append(Check("import", False, f"the check crashed (exit {done.returncode})"))
-        return result
+        return [Check("import", False, f"the check crashed (exit {done.returncode})")]
     data: dict[str, Any] = json.loads(m.group(1))
     ext = data.get("ext_file")
     if ext:
-        if not str(Path(ext).resolve()).startswith(str(venv.resolve())):
-            data["import_error"] = f"imported {ext}, not the wheel installed in {venv}"
+        root = venv if venv is not None else Path(str(data.get("prefix", "/nonexistent")))
+        if not str(Path(ext).resolve()).startswith(str(root.resolve())):
+            data["import_error"] = f"imported {ext}, not the wheel installed in {root}"
         data["ext_cxx11abi"] = extension_abi(read_symbols(Path(ext)))
         archs, note = embedded_archs(Path(ext))
         data["elf_archs"] = sorted(archs) if archs is not None else None
         data["elf_note"] = note
-    result.checks.extend(evaluate(cell, expected_torch, data))
+    checks = evaluate(cell, expected_torch, data)
     with log.open("a") as f:
         f.write(json.dumps(data, indent=2) + "\n")
-        for c in result.checks:
+        for c in checks:
             f.write(f"check {c.name}: {'skip' if c.ok is None else c.ok}: {c.detail}\n")
-    return result
+    return checks
 
 
 def quarantine(result: SmokeResult, root: Path) -> Path:

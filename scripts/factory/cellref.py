@@ -1,0 +1,74 @@
+"""Naming one cell from what CI jobs and other front-ends hold: a selection (a CI matrix
+entry's `matrix`, or a variant such as "torch=2.14 cuda=13.0") plus, for cibuildwheel,
+the CPython of the wheel at hand; and the pip arguments that install that cell's torch."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import FactoryError
+from .matrix import Cell, LocalFacts, MatrixSpec, expand, parse_selection
+from .wheelfile import read_wheel_info
+
+# PyTorch's own per-CUDA indexes (".../whl/cu126"); the package index carries only the
+# default CUDA build of each release (FACTS.md section 1)
+TORCH_INDEX = "https://download.pytorch.org/whl"
+
+# a selection names every axis it needs; these facts only fill what it leaves out
+_NEUTRAL = LocalFacts(python="3.12")
+
+
+def variant_cells(selection: str, spec: MatrixSpec) -> list[Cell]:
+    """The cells of a selection, independent of this machine's python and torch."""
+    return expand(parse_selection(selection, spec), spec, _NEUTRAL)
+
+
+def one_cell(selection: str, spec: MatrixSpec, python: str | None = None) -> Cell:
+    """The one cell of `selection`, its python replaced by `python` when given."""
+    parsed = parse_selection(selection, spec)
+    if python is not None:
+        parsed.axes["python"] = (python,)
+    cells = expand(parsed, spec, _NEUTRAL)
+    if len(cells) != 1:
+        raise FactoryError(
+            f"MATRIX={selection!r} selects {len(cells)} cells ({', '.join(c.id for c in cells)}); "
+            "name one cell (or one variant and let the wheel give the python)"
+        )
+    return cells[0]
+
+
+def wheel_python(wheel: Path) -> str:
+    """'3.12' from flash_attn-...-cp312-cp312-<platform>.whl."""
+    m = re.search(r"-cp(\d)(\d+)-", wheel.name)
+    if m is None:
+        raise FactoryError(f"{wheel.name} is not a CPython wheel (no -cpXY- tag in its name)")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def cell_for_wheel(selection: str, wheel: Path, spec: MatrixSpec) -> Cell:
+    """The cell a built wheel belongs to: the variant of `selection`, the wheel's CPython.
+    A wheel whose version label is of another variant is an error (its label is set at
+    build time from FLASH_ATTN_LOCAL_VERSION; an unlabelled raw wheel is accepted)."""
+    cell = one_cell(selection, spec, wheel_python(wheel))
+    version = read_wheel_info(wheel).version
+    label = version.partition("+")[2]
+    if label and label.lower() != cell.local_label.lower():
+        raise FactoryError(
+            f"{wheel.name} carries the label +{label}; MATRIX={selection!r} is variant "
+            f"{cell.variant} (+{cell.local_label}): build with FLASH_ATTN_LOCAL_VERSION="
+            f"{cell.local_label}, or name the wheel's own variant"
+        )
+    return cell
+
+
+def torch_install_args(cell: Cell, spec: MatrixSpec) -> list[str]:
+    """pip install arguments for the torch a cell builds and is tested against: the
+    package index for the release's default CUDA, PyTorch's per-CUDA index otherwise."""
+    release = spec.torch[cell.torch]
+    args = [release.requirement]
+    if cell.cuda != release.index_cuda:
+        base = os.environ.get("FLASH_ATTN_TORCH_INDEX", TORCH_INDEX).rstrip("/")
+        args += ["--index-url", f"{base}/{cell.cuda_tag}"]
+    return args

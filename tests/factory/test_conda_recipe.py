@@ -1,0 +1,84 @@
+"""recipes/conda: the variant file is the generator's output over MATRIX=release, the
+recipe parses, and rattler-build renders exactly one package per cell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from build_tools.version import read_version
+from scripts.factory import cli
+from scripts.factory.conda import RECIPE_YAML, VARIANTS_YAML, conda_variants, render_variants
+from scripts.factory.matrix import LocalFacts, load_spec, select_cells
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = load_spec()
+CELLS = select_cells("release", SPEC, LocalFacts("3.12"))
+EXPECTED = {(c.cuda, c.torch, c.python) for c in CELLS if c.cxx11abi}
+
+
+def variants() -> dict[str, Any]:
+    return dict(yaml.safe_load(VARIANTS_YAML.read_text()))
+
+
+def test_committed_variant_file_is_the_generators_output(tmp_path: Path) -> None:
+    assert VARIANTS_YAML.read_text() == render_variants(conda_variants(CELLS), "release")
+    assert cli.main(["conda-variants", "--check"]) == 0
+    stale = tmp_path / "variants.yaml"
+    stale.write_text(VARIANTS_YAML.read_text().replace('"2.14"', '"2.13"'))
+    assert cli.main(["conda-variants", "--check", "--output", str(stale)]) == 1
+    assert cli.main(["conda-variants", "--output", str(stale)]) == 0
+    assert stale.read_text() == VARIANTS_YAML.read_text()
+
+
+def test_variants_are_zipped_into_exactly_the_release_cells() -> None:
+    data = variants()
+    zipped = data["zip_keys"][0]
+    assert zipped == ["cuda_compiler", "cuda_compiler_version", "pytorch", "python"]
+    lengths = {len(data[key]) for key in zipped}
+    assert lengths == {len(EXPECTED)} and len(EXPECTED) == len(CELLS)
+    rows = set(zip(data["cuda_compiler_version"], data["pytorch"], data["python"]))
+    assert rows == EXPECTED
+    for compiler, cuda in zip(data["cuda_compiler"], data["cuda_compiler_version"]):
+        assert compiler == ("nvcc" if cuda.startswith("11.") else "cuda-nvcc")
+
+
+def test_recipe_parses_and_builds_the_factorys_way() -> None:
+    recipe = yaml.safe_load(RECIPE_YAML.read_text())
+    assert recipe["schema_version"] == 1
+    assert recipe["context"]["version"] == read_version(REPO / "flash_attn" / "__init__.py")
+    assert recipe["context"]["archs"] == ";".join(SPEC.kernels["full"].archs)
+    host = recipe["requirements"]["host"]
+    assert "pytorch ${{ pytorch }}.* cuda*" in host and "python" in host
+    assert "cuda-version ${{ cuda_compiler_version }}.*" in host
+    assert '${{ compiler("cuda") }}' in recipe["requirements"]["build"]
+    assert "pytorch ${{ pytorch }}.* cuda*" in recipe["requirements"]["run"]
+    script = recipe["build"]["script"]
+    assert "--no-build-isolation" in script["content"][0]
+    assert script["env"]["FLASH_ATTN_CUDA_ARCHS"] == "${{ archs }}"
+
+
+def test_rattler_build_renders_one_package_per_cell() -> None:
+    rb = pytest.importorskip(
+        "rattler_build", reason="py-rattler-build is not installed (see .ci/run)"
+    )
+    platform = rb.PlatformConfig(
+        target_platform="linux-64", build_platform="linux-64", host_platform="linux-64"
+    )
+    rendered = rb.Stage0Recipe.from_file(str(RECIPE_YAML)).render(
+        rb.VariantConfig.from_file(str(VARIANTS_YAML)), rb.RenderConfig(platform=platform)
+    )
+    seen = {
+        (v.variant["cuda_compiler_version"], v.variant["pytorch"], v.variant["python"])
+        for v in rendered
+    }
+    assert len(rendered) == len(EXPECTED) and seen == EXPECTED
+    strings = [v.recipe.build.string for v in rendered]
+    assert len(set(strings)) == len(strings)  # no two variants collide in a channel
+    one = next(v for v in rendered if v.variant["pytorch"] == "2.14")
+    assert one.recipe.build.string.startswith("cuda130_torch214_py")
+    assert "pytorch 2.14.* cuda*" in one.recipe.requirements.host
+    assert "cuda-nvcc_linux-64 13.0.*" in one.recipe.requirements.build
