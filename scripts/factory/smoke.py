@@ -235,6 +235,8 @@ def smoke_wheel(
     site = [] if isolated else ["--system-site-packages"]
     done = _run([python, "-m", "venv", *site, str(venv)], log)
     vpy = str(venv / "bin" / "python")
+    if done.returncode == 0 and not isolated:
+        inherit_parent_env(python, vpy, log)
     if done.returncode == 0 and isolated:
         done = _run(
             [
@@ -267,6 +269,34 @@ def smoke_wheel(
         return result
     result.checks.extend(check_environment(cell, vpy, expected_torch, log, venv))
     return result
+
+
+_SITE_DIRS = (
+    "import json, sys, sysconfig; p = sysconfig.get_paths(); "
+    "print(json.dumps({'venv': sys.prefix != sys.base_prefix, "
+    "'dirs': sorted({p['purelib'], p['platlib']})}))"
+)
+
+
+def inherit_parent_env(python: str, vpy: str, log: Path) -> list[str]:
+    """`python -m venv --system-site-packages` run by a venv's interpreter sees the base
+    installation, not that venv, where the toolchain's torch lives (a GPU box with torch
+    in /opt/<x>/.venv). Then a .pth file in the smoke venv adds the parent venv's
+    site-packages after its own, so the wheel installed in the smoke venv still wins.
+    Returns the directories added."""
+    parent = _run([python, "-c", _SITE_DIRS], log)
+    child = _run([vpy, "-c", _SITE_DIRS], log)
+    if parent.returncode != 0 or child.returncode != 0:
+        return []
+    info = json.loads(parent.stdout.strip().splitlines()[-1])
+    if not info["venv"]:
+        return []
+    own = json.loads(child.stdout.strip().splitlines()[-1])["dirs"]
+    pth = Path(own[0]) / "_factory_parent_env.pth"
+    pth.write_text("".join(f"{d}\n" for d in info["dirs"]))
+    with log.open("a") as f:
+        f.write(f"{pth}: the toolchain's venv {', '.join(info['dirs'])}\n")
+    return list(info["dirs"])
 
 
 def check_environment(

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from scripts.factory.matrix import LocalFacts, load_spec, select_cells
 from scripts.factory.plan import CellPlan
-from scripts.factory.smoke import SmokeResult, evaluate, extension_abi, parse_elf_archs
+from scripts.factory.smoke import (
+    SmokeResult,
+    evaluate,
+    extension_abi,
+    inherit_parent_env,
+    parse_elf_archs,
+)
 
 CELL = select_cells("local", load_spec(), LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
 GOOD: dict[str, Any] = {
@@ -59,3 +68,36 @@ def test_plan_says_why() -> None:
     plan = CellPlan(CELL.id, 12, 10, 2, 1, "9.0 GiB available / 2.5 GiB per nvcc thread")
     assert plan.describe().startswith("12 kernel objects: 10 cached, 2 to compile; 2 jobs x 1")
     assert "only the binding" in CellPlan(CELL.id, 12, 12, 1, 1, "").describe()
+
+
+def test_smoke_venv_made_from_a_venv_sees_that_venvs_packages(tmp_path: Path) -> None:
+    # The toolchain's interpreter lives in a venv holding a package (torch, on a GPU box);
+    # a smoke venv made by it with --system-site-packages must see that package too.
+    parent = tmp_path / "parent"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(parent)], check=True)
+    ppy = str(parent / "bin" / "python")
+    site = subprocess.run(
+        [ppy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    (Path(site) / "marker_pkg_for_smoke.py").write_text("VALUE = 42\n")
+    child = tmp_path / "child"
+    subprocess.run(
+        [ppy, "-m", "venv", "--without-pip", "--system-site-packages", str(child)], check=True
+    )
+    cpy = str(child / "bin" / "python")
+    probe = [cpy, "-c", "import marker_pkg_for_smoke as m; print(m.VALUE)"]
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # the problem
+    added = inherit_parent_env(ppy, cpy, tmp_path / "log.txt")
+    assert added == [site] or site in added
+    done = subprocess.run(probe, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "42"
+    # A base interpreter (not a venv) needs nothing.
+    other = tmp_path / "other"
+    base = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.base_prefix)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    base_py = str(Path(base) / "bin" / Path(sys.executable).name)
+    subprocess.run([base_py, "-m", "venv", "--without-pip", str(other)], check=True)
+    assert inherit_parent_env(base_py, str(other / "bin" / "python"), tmp_path / "l2") == []
