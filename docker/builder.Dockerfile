@@ -31,8 +31,8 @@ COPY recipes/ /opt/flash-attn/factory/recipes/
 
 # Every wheel a toolchain needs lands in the wheelhouse, which stays in the image: the
 # smoke venvs of `make wheels` install the cell's torch from it without a network.
-RUN cd /opt/flash-attn/factory \
- && ${FACTORY_PYTHON} -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
+WORKDIR /opt/flash-attn/factory
+RUN ${FACTORY_PYTHON} -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
       --matrix "cuda=${CUDA} python=${PYTHONS} torch=${TORCH}" \
       --wheelhouse /opt/flash-attn/wheelhouse \
  && rm -rf /root/.cache/pip

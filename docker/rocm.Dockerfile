@@ -17,8 +17,8 @@ COPY scripts/ /opt/flash-attn/factory/scripts/
 COPY build_tools/ /opt/flash-attn/factory/build_tools/
 COPY recipes/ /opt/flash-attn/factory/recipes/
 
-RUN cd /opt/flash-attn/factory \
- && ${FACTORY_PYTHON} -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
+WORKDIR /opt/flash-attn/factory
+RUN ${FACTORY_PYTHON} -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
       --matrix "rocm=${ROCM} python=${PYTHONS} torch=${TORCH}" \
       --wheelhouse /opt/flash-attn/wheelhouse \
  && rm -rf /root/.cache/pip

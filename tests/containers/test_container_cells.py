@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_exe
+from container_helpers import REPO, write_exe
 
 from scripts.factory import cli
 from scripts.factory import pipeline as pipeline_mod

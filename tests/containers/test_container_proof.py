@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from container_helpers import REPO
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_exe
+from container_helpers import REPO, write_exe
 
 from scripts.factory import cli
 from scripts.factory.containers import container_run

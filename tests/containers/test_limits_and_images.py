@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from container_helpers import REPO
 
 from build_tools import knobs
 from build_tools.resources import read_cgroup_usage
@@ -83,7 +83,8 @@ def test_builder_dockerfile_has_its_args_and_provisions_through_the_factory() ->
     runs = [a for kind, a in steps if kind == "RUN"]
     assert len(runs) == 1 and "pip install" not in runs[0]  # no steps of its own
     # the provisioning command is one the factory's CLI accepts, as written
-    command = runs[0].split("&&")[1]
+    command = runs[0].split("&&")[0]
+    assert ("WORKDIR", "/opt/flash-attn/factory") in steps  # where scripts.factory imports from
     for name, value in args.items():
         command = command.replace("${" + name + "}", value)
     words = shlex.split(command)
