@@ -11,16 +11,23 @@ FROM ${BUILDER}
 
 # the cell whose toolchain becomes the shell's python (one of the builder's)
 ARG TOOLCHAIN_VENV=cp311-torch2.14-cu130
-# 1: install the tools from the builder's wheelhouse only (it must hold them)
+# 1: install the tools from the builder's wheelhouse only (it must hold them:
+# python3 -m scripts.factory wheelhouse --dev ...; the factory passes 1 with --offline)
 ARG DEV_PIP_NO_INDEX=0
 ARG DEV_REQUIREMENTS="pytest ruff==0.17.6 numpy psutil packaging rich"
 
 RUN ln -s /opt/flash-attn/toolchains/${TOOLCHAIN_VENV} /opt/flash-attn/dev \
  && PIP_NO_INDEX=${DEV_PIP_NO_INDEX} /opt/flash-attn/dev/bin/python -m pip install \
       --find-links /opt/flash-attn/wheelhouse ${DEV_REQUIREMENTS} \
- && rm -rf /root/.cache/pip
+ && rm -rf /root/.cache/pip \
+ && ln -s "$(/opt/flash-attn/dev/bin/python -c "import sys; sys.path.insert(0, '/opt/flash-attn/factory'); \
+from scripts.factory.provision import find_pip_cuda_home; print(find_pip_cuda_home(sys.executable))")" \
+      /opt/flash-attn/cuda \
+ && test -x /opt/flash-attn/cuda/bin/nvcc
 
-ENV PATH=/opt/flash-attn/dev/bin:${PATH} \
+# CUDA_HOME: the toolchain's CUDA compiler from pip, found by the factory's own code
+ENV PATH=/opt/flash-attn/dev/bin:/opt/flash-attn/cuda/bin:${PATH} \
+    CUDA_HOME=/opt/flash-attn/cuda \
     PYTHON=/opt/flash-attn/dev/bin/python
 WORKDIR /src
 CMD ["bash"]

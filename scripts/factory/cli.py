@@ -37,7 +37,7 @@ from .devshell import build_dev_image, dev_shell_argv
 from .doctor import diagnose
 from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
-from .images import ImageOptions
+from .images import DEV_REQUIREMENTS, ImageOptions
 from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
 from .paths import FactoryPaths
 from .pipeline import CellRunner, RunOptions, run_cells, smoke_cell_wheel
@@ -208,6 +208,8 @@ def cmd_wheelhouse(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPat
     for cell in _cells(args, spec):
         python = find_interpreter(cell.python)
         wanted = toolchain_requirements(cell, spec)
+        if args.dev:
+            wanted = [*wanted, *DEV_REQUIREMENTS]
         log = paths.work / "wheelhouse.log"
         fill_wheelhouse(python, wanted, dest, log)
         print(f"{cell.id}: {' '.join(wanted)} -> {dest} (log {log})")
@@ -303,6 +305,9 @@ def parser() -> argparse.ArgumentParser:
     with_engine(w)
     wh = with_matrix("wheelhouse", "download the wheels the cells' toolchains need")
     wh.add_argument("--dest", required=True, help="the wheelhouse directory")
+    wh.add_argument(
+        "--dev", action="store_true", help="also the dev image's test and lint tools"
+    )
     for name, help_ in (("dev-image", "build the dev image"), ("dev", "a shell in it")):
         dv = with_matrix(name, help_)
         with_engine(dv)

@@ -32,7 +32,7 @@ def build_dev_image(
     context = stage_context(paths.repo, root / "context", options.wheelhouse)
     for build in (
         builder_build(cell, paths.repo, context, options),
-        dev_build(cell, paths.repo, context),
+        dev_build(cell, paths.repo, context, options.offline),
     ):
         image_log = root / f"image-{build.tag.replace(':', '-')}.log"
         log(f"image: building {build.tag} (log {image_log})")

@@ -84,13 +84,31 @@ def builder_build(cell: Cell, repo: Path, context: Path, options: ImageOptions) 
     )
 
 
-def dev_build(cell: Cell, repo: Path, context: Path) -> ImageBuild:
+# What the dev image adds to a builder image (docker/dev.Dockerfile installs these; the
+# `wheelhouse --dev` stage downloads them too, for an offline dev image).
+DEV_REQUIREMENTS: tuple[str, ...] = (
+    "pytest",
+    "ruff==0.17.6",
+    "numpy",
+    "psutil",
+    "packaging",
+    "rich",
+)
+
+
+def dev_build(cell: Cell, repo: Path, context: Path, offline: bool = False) -> ImageBuild:
+    """Offline: no network, the test and lint tools from the builder's wheelhouse alone."""
     return ImageBuild(
         tag=dev_tag(cell),
         dockerfile=repo / DOCKER_DIR / DEV_DOCKERFILE,
         context=context,
-        build_args={"BUILDER": builder_tag(cell), "TOOLCHAIN_VENV": hermetic_venv_name(cell)},
-        network="host",
+        build_args={
+            "BUILDER": builder_tag(cell),
+            "TOOLCHAIN_VENV": hermetic_venv_name(cell),
+            "DEV_REQUIREMENTS": " ".join(DEV_REQUIREMENTS),
+            "DEV_PIP_NO_INDEX": "1" if offline else "0",
+        },
+        network="none" if offline else "host",
     )
 
 

@@ -14,7 +14,13 @@ from build_tools import knobs
 from build_tools.resources import read_cgroup_usage
 from scripts.factory import cli
 from scripts.factory.errors import MatrixError
-from scripts.factory.images import ImageOptions, builder_build, stage_context
+from scripts.factory.images import (
+    DEV_REQUIREMENTS,
+    ImageOptions,
+    builder_build,
+    dev_build,
+    stage_context,
+)
 from scripts.factory.matrix import CellLimits, LocalFacts, github_matrix, load_spec, select_cells
 
 SPEC = load_spec()
@@ -186,3 +192,18 @@ def test_admission_control_switch() -> None:
     assert not knobs.knobs_from_env({"FLASH_ATTN_ADMISSION": "0"}, catalog).admission
     with pytest.raises(knobs.BuildConfigError, match="FLASH_ATTN_ADMISSION='maybe'"):
         knobs.knobs_from_env({"FLASH_ATTN_ADMISSION": "maybe"}, catalog)
+
+
+def test_offline_dev_image_installs_its_tools_from_the_wheelhouse_alone() -> None:
+    cell = select_cells("torch=2.13 python=3.11 cuda=13.0", SPEC, HERE)[0]
+    online = dev_build(cell, REPO, REPO / "build")
+    offline = dev_build(cell, REPO, REPO / "build", offline=True)
+    assert (online.network, online.build_args["DEV_PIP_NO_INDEX"]) == ("host", "0")
+    assert (offline.network, offline.build_args["DEV_PIP_NO_INDEX"]) == ("none", "1")
+    # the Dockerfile's default list is the one the factory passes (and downloads with --dev)
+    steps = _instructions(REPO / "docker" / "dev.Dockerfile")
+    default = [a for k, a in steps if k == "ARG" and a.startswith("DEV_REQUIREMENTS=")][0]
+    assert shlex.split(shlex.split(default.split("=", 1)[1])[0]) == list(DEV_REQUIREMENTS)
+    assert offline.build_args["DEV_REQUIREMENTS"] == " ".join(DEV_REQUIREMENTS)
+    args = cli.parser().parse_args(["wheelhouse", "--matrix", "ci", "--dest", "w", "--dev"])
+    assert args.dev is True
