@@ -16,17 +16,19 @@ struct FwdSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, BN = BN_, kWG = WG_, kThreads = 128 * kWG, BM = 64 * kWG;
   static constexpr int kMinBlocks = MINB_;  // CTAs per SM the registers are capped for
-  static constexpr bool kOpaque = kMinBlocks > 1;
+  // registers per thread the cap leaves; below ~160 the hoisted offsets would spill
+  static constexpr bool kOpaque = 65536 / (kThreads * kMinBlocks) < 160;
   static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
   static constexpr size_t kSmem = kTileQ + 4 * kTileKV + 1024;  // + alignment slack
 };
 
-// Measured on H100 (bf16, 16k tokens): head dim 64 runs best as two CTAs per SM
-// with 64-key blocks (more warps to hide the softmax); at 128 one CTA with
-// 128-key blocks; above 128 the O accumulators leave room for 64-key blocks.
+// Measured on H100 (bf16, 16k tokens; benchmarks/RESULTS.md): head dim 64 runs best
+// as two independent one-warpgroup CTAs per SM (one's softmax overlaps the other's
+// MMAs); at 128 one CTA of two warpgroups with 128-key blocks; above 128 the O
+// accumulators leave room for 64-key blocks.
 template <int D>
 using FwdSm90ConfigFor = std::conditional_t<
-    (D <= 64), FwdSm90Config<D, 64, 2, 2>,
+    (D <= 64), FwdSm90Config<D, 128, 1, 2>,
     std::conditional_t<(D <= 128), FwdSm90Config<D, 128, 2, 1>, FwdSm90Config<D, 64, 2, 1>>>;
 
 template <typename C, typename T>
