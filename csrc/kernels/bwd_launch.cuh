@@ -23,12 +23,8 @@ __global__ void __launch_bounds__(128) bwd_dot_do_o_kernel(const FlashAttnParams
   const int row = blockIdx.x * kRowsPerCta + threadIdx.x / 32;
   const SeqInfo seq(p, b);
   if (row >= seq.sq) return;
-  const T *dout = static_cast<const T *>(p.dout) +
-                  seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h) +
-                  int64_t(row) * p.do_row_stride;
-  const T *o = static_cast<const T *>(p.o) +
-               seq.q_off(b, p.o_batch_stride, p.o_row_stride, p.o_head_stride, h) +
-               int64_t(row) * p.o_row_stride;
+  const T *dout = seq.do_ptr<T>(p, b, h) + int64_t(row) * p.do_row_stride;
+  const T *o = seq.o_ptr<T>(p, b, h) + int64_t(row) * p.o_row_stride;
   float acc = 0.f;
   for (int c = lane * 8; c < p.head_dim; c += 32 * 8) {
     const uint4 a = *reinterpret_cast<const uint4 *>(dout + c);
@@ -79,8 +75,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
   const int group = p.nheads / p.nheads_k;
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
 
-  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
-  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
   load_tile<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride, seq.sk - n0, p.head_dim, k, tid);
   load_tile<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0, p.head_dim, v, tid);
 
@@ -93,8 +89,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
   // Loads the query-side tiles of iteration `it` into stage it % 2.
   auto load_q_side = [&](int it) {
     const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
-    const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
-    const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
+    const T *q = seq.q_ptr<T>(p, b, h);
+    const T *dout = seq.do_ptr<T>(p, b, h);
     load_tile<BM, D, C::kThreads>(sQ + st * BM * LD, q + int64_t(m0) * p.q_row_stride, p.q_row_stride,
                                   seq.sq - m0, p.head_dim, q, tid);
     load_tile<BM, D, C::kThreads>(sdO + st * BM * LD, dout + int64_t(m0) * p.do_row_stride,
@@ -191,11 +187,11 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
   if constexpr (kDV) acc_to_smem<DT, LD, T>(sV + warp * 16 * LD, acc_dv, 1.f, lane);
   __syncthreads();
   if constexpr (kDK) {
-    T *dk = static_cast<T *>(p.dk) + seq.k_off(b, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, hk);
+    T *dk = seq.dk_ptr<T>(p, b, hk);
     store_tile<BN, D, C::kThreads>(dk + int64_t(n0) * p.dk_row_stride, sK, p.dk_row_stride, seq.sk - n0, p.head_dim, tid);
   }
   if constexpr (kDV) {
-    T *dv = static_cast<T *>(p.dv) + seq.k_off(b, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, hk);
+    T *dv = seq.dv_ptr<T>(p, b, hk);
     store_tile<BN, D, C::kThreads>(dv + int64_t(n0) * p.dv_row_stride, sV, p.dv_row_stride, seq.sk - n0, p.head_dim, tid);
   }
 }
@@ -228,10 +224,10 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
 
-  const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
-  const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
-  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
-  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  const T *q = seq.q_ptr<T>(p, b, h);
+  const T *dout = seq.do_ptr<T>(p, b, h);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
 
   int n_lo, n_hi;
   vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
@@ -318,7 +314,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
   __syncthreads();
   acc_to_smem<DT, LD, T>(sQ + warp * 16 * LD, acc_dq, p.scale, lane);
   __syncthreads();
-  T *dq = static_cast<T *>(p.dq) + seq.q_off(b, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, h);
+  T *dq = seq.dq_ptr<T>(p, b, h);
   store_tile<BM, D, C::kThreads>(dq + int64_t(m0) * p.dq_row_stride, sQ, p.dq_row_stride, seq.sq - m0, p.head_dim, tid);
 }
 

@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   const int group = p.nheads / p.nheads_k;
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
 
-  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
-  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
   sm90::load_tile_sw<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
                                          seq.sk - n0, p.head_dim, k, tid);
   if constexpr (kDK)
@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
 
   auto load_q_side = [&](int it) {
     const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
-    const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
-    const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
+    const T *q = seq.q_ptr<T>(p, b, h);
+    const T *dout = seq.do_ptr<T>(p, b, h);
     sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
                                            p.q_row_stride, seq.sq - m0, p.head_dim, q, tid);
     sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sdO(st)),
@@ -222,12 +222,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   }
   __syncthreads();
   if constexpr (kDK) {
-    T *dk = static_cast<T *>(p.dk) + seq.k_off(b, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, hk);
+    T *dk = seq.dk_ptr<T>(p, b, hk);
     sm90::store_tile_sw<BN, D, C::kThreads>(dk + int64_t(n0) * p.dk_row_stride, sK, p.dk_row_stride,
                                             seq.sk - n0, p.head_dim, tid);
   }
   if constexpr (kDV) {
-    T *dv = static_cast<T *>(p.dv) + seq.k_off(b, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, hk);
+    T *dv = seq.dv_ptr<T>(p, b, hk);
     sm90::store_tile_sw<BN, D, C::kThreads>(dv + int64_t(n0) * p.dv_row_stride, kDK ? sV : sK,
                                             p.dv_row_stride, seq.sk - n0, p.head_dim, tid);
   }
@@ -266,10 +266,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const Flash
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
 
-  const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
-  const T *dout = static_cast<const T *>(p.dout) + seq.q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
-  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
-  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
+  const T *q = seq.q_ptr<T>(p, b, h);
+  const T *dout = seq.do_ptr<T>(p, b, h);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
 
   int n_lo, n_hi;
   vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const Flash
   for (int a = 0; a < DA; ++a)
     sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_dq[a], w0, a * 64, p.scale, p.scale, lane);
   __syncthreads();
-  T *dq = static_cast<T *>(p.dq) + seq.q_off(b, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, h);
+  T *dq = seq.dq_ptr<T>(p, b, h);
   sm90::store_tile_sw<BM, D, C::kThreads>(dq + int64_t(m0) * p.dq_row_stride, sQ, p.dq_row_stride,
                                           seq.sq - m0, p.head_dim, tid);
 #else

@@ -48,10 +48,10 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
 
-  const T *q = static_cast<const T *>(p.q) + seq.q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
-  const T *k = static_cast<const T *>(p.k) + seq.k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, hk);
-  const T *v = static_cast<const T *>(p.v) + seq.k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, hk);
-  T *o = static_cast<T *>(p.o) + seq.q_off(b, p.o_batch_stride, p.o_row_stride, p.o_head_stride, h);
+  const T *q = seq.q_ptr<T>(p, b, h);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
+  T *o = seq.o_ptr<T>(p, b, h);
 
   int n_lo, n_hi;
   vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);

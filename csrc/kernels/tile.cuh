@@ -51,6 +51,40 @@ struct SeqInfo {
   __device__ __forceinline__ int64_t k_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
     return (varlen ? k_start * rs : b * bs) + h * hs;
   }
+  // Token 0 of query head h (q, o, dout, dq) or kv head h (k, v, dk, dv) of entry b.
+  template <typename T>
+  __device__ __forceinline__ const T *q_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<const T *>(p.q) + q_off(b, p.q_batch_stride, p.q_row_stride, p.q_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ const T *k_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<const T *>(p.k) + k_off(b, p.k_batch_stride, p.k_row_stride, p.k_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ const T *v_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<const T *>(p.v) + k_off(b, p.v_batch_stride, p.v_row_stride, p.v_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ T *o_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<T *>(p.o) + q_off(b, p.o_batch_stride, p.o_row_stride, p.o_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ const T *do_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<const T *>(p.dout) +
+           q_off(b, p.do_batch_stride, p.do_row_stride, p.do_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ T *dq_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<T *>(p.dq) + q_off(b, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ T *dk_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<T *>(p.dk) + k_off(b, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, h);
+  }
+  template <typename T>
+  __device__ __forceinline__ T *dv_ptr(const FlashAttnParams &p, int b, int h) const {
+    return static_cast<T *>(p.dv) + k_off(b, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, h);
+  }
   // Offset of the lse / softmax_d entry of query 0 of head h.
   __device__ __forceinline__ int64_t lse_off(const FlashAttnParams &p, int b, int h) const {
     return (varlen ? q_start : b * p.lse_batch_stride) + h * p.lse_head_stride;

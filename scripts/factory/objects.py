@@ -21,17 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from build_tools.kernels import (
-    KernelBuilder,
     KernelBuildError,
-    KernelLayout,
     generate_sources,
     kernel_sources,
 )
-from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog
-from build_tools.toolchain import probe_toolchain
 
 from .errors import FactoryError
 from .matrix import Cell
+from .plan import kernel_builder
 
 KEY_SCHEMA = "flash-attn-objects-v1"
 PARTIAL = "-partial-"
@@ -106,16 +103,6 @@ class ObjectCacheKey:
         )
 
 
-def _builder(cell: Cell, src: Path, object_cache: Path, env: dict[str, str]) -> KernelBuilder:
-    try:
-        knobs = knobs_from_env(env, load_catalog(src / "csrc" / "kernels" / "generate.py"))
-        toolchain = probe_toolchain(env)
-    except BuildConfigError as e:
-        raise FactoryError(f"cell {cell.id}: {e}") from e
-    layout = KernelLayout.standard(src, object_cache)
-    return KernelBuilder(layout, knobs, toolchain, log=lambda _: None)
-
-
 def _cell_env(cell: Cell, toolchain_env: dict[str, str] | None) -> dict[str, str]:
     """The environment the cell's build sees (build.build_env), as far as kernels care."""
     return {**os.environ, **(toolchain_env or {}), **cell.kernels.env()}
@@ -125,7 +112,7 @@ def object_cache_key(
     cell: Cell, src: Path, object_cache: Path, toolchain_env: dict[str, str] | None = None
 ) -> ObjectCacheKey:
     """The CI cache key of the kernel objects `cell` needs (sources staged at src)."""
-    builder = _builder(cell, src, object_cache, _cell_env(cell, toolchain_env))
+    builder = kernel_builder(cell, src, object_cache, _cell_env(cell, toolchain_env))
     layout = builder.layout
     try:
         jobs = builder.jobs_for(kernel_sources(layout, generate_sources(layout, builder.knobs)))
@@ -155,7 +142,7 @@ def compile_objects(
 ) -> list[Path]:
     """Compile the kernel objects `cell` needs into the object cache (no torch needed).
     An interrupted run keeps every object it finished; the next run compiles the rest."""
-    builder = _builder(cell, src, object_cache, _cell_env(cell, toolchain_env))
+    builder = kernel_builder(cell, src, object_cache, _cell_env(cell, toolchain_env))
     if log is not None:
         builder.log = log
     try:

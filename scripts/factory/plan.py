@@ -53,18 +53,25 @@ class CellPlan:
         return asdict(self)
 
 
-def plan_cell(
-    cell: Cell, src: Path, object_cache: Path, toolchain_env: dict[str, str] | None = None
-) -> CellPlan:
-    """Plan the build of a cell whose sources are staged at src."""
-    env = {**os.environ, **(toolchain_env or {}), **cell.kernels.env()}
+def kernel_builder(cell: Cell, src: Path, object_cache: Path, env: dict[str, str]) -> KernelBuilder:
+    """The cell's kernel builder (knobs and nvcc from env, sources staged at src), as the
+    build stage makes it; a bad knob or toolchain is the cell's FactoryError."""
     try:
         knobs = knobs_from_env(env, load_catalog(src / "csrc" / "kernels" / "generate.py"))
         toolchain = probe_toolchain(env)
     except BuildConfigError as e:
         raise FactoryError(f"cell {cell.id}: {e}") from e
     layout = KernelLayout.standard(src, object_cache)
-    builder = KernelBuilder(layout, knobs, toolchain, log=lambda _: None)
+    return KernelBuilder(layout, knobs, toolchain, log=lambda _: None)
+
+
+def plan_cell(
+    cell: Cell, src: Path, object_cache: Path, toolchain_env: dict[str, str] | None = None
+) -> CellPlan:
+    """Plan the build of a cell whose sources are staged at src."""
+    env = {**os.environ, **(toolchain_env or {}), **cell.kernels.env()}
+    builder = kernel_builder(cell, src, object_cache, env)
+    layout, knobs = builder.layout, builder.knobs
     jobs = builder.jobs_for(kernel_sources(layout, generate_sources(layout, knobs)))
     cached = sum(1 for j in jobs if cached_state(j.obj) == "ok")  # as the build will judge
     missing = len(jobs) - cached
