@@ -80,10 +80,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
   load_tile<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride, seq.sk - n0, p.head_dim, k, tid);
   load_tile<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride, seq.sk - n0, p.head_dim, v, tid);
 
-  int i_lo, i_hi;
-  vis.query_range(n0, min(n0 + BN, seq.sk), i_lo, i_hi);
-  const int mb_lo = i_lo / BM;
-  const int n_mb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_lo : 0;
+  int mb_lo, n_mb;
+  vis.query_blocks(n0, min(n0 + BN, seq.sk), BM, mb_lo, n_mb);
   const int n_iters = group * n_mb;
 
   // Loads the query-side tiles of iteration `it` into stage it % 2.
@@ -229,10 +227,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
   const T *k = seq.k_ptr<T>(p, b, hk);
   const T *v = seq.v_ptr<T>(p, b, hk);
 
-  int n_lo, n_hi;
-  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
-  const int nb_lo = n_lo / BN;
-  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+  int nb_lo, nb_hi;
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
   const int n_iters = nb_hi - nb_lo;
   auto load_kv = [&](int it) {
     const int n0 = (nb_hi - 1 - it) * BN, st = it % 2;

@@ -29,11 +29,6 @@ struct BwdKVSm90Config {
   static constexpr size_t kSmem = 2 * kTileKV + 4 * kTileQ + 4 * BM * sizeof(float) + 1024;
 };
 
-__device__ __forceinline__ unsigned char *align_1024(unsigned char *p) {
-  return reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(p) + 1023) &
-                                           ~uintptr_t(1023));
-}
-
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
 // path keeps no d(score) registers).
 template <typename C, typename T, bool kMod>
@@ -42,7 +37,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, MT = BM / 8, PS = BM / 16, DA = D / 64;
   constexpr bool kDV = C::kMode != kSm90DKOnly, kDK = C::kMode != kSm90DVOnly;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char *smem = align_1024(smem_raw);
+  unsigned char *smem = sm90::align_1024(smem_raw);
   T *sK = reinterpret_cast<T *>(smem);
   T *sV = reinterpret_cast<T *>(smem + C::kTileKV);
   auto sQ = [&](int st) { return smem + 2 * C::kTileKV + st * C::kTileQ; };
@@ -67,10 +62,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
     sm90::load_tile_sw<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
                                            seq.sk - n0, p.head_dim, v, tid);
 
-  int i_lo, i_hi;
-  vis.query_range(n0, min(n0 + BN, seq.sk), i_lo, i_hi);
-  const int mb_lo = i_lo / BM;
-  const int n_mb = i_hi > i_lo ? (i_hi + BM - 1) / BM - mb_lo : 0;
+  int mb_lo, n_mb;
+  vis.query_blocks(n0, min(n0 + BN, seq.sk), BM, mb_lo, n_mb);
   const int n_iters = group * n_mb;
 
   auto load_q_side = [&](int it) {
@@ -137,7 +130,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
     // P^T = exp2(score - lse), masked entries 0; s becomes P * d(score)/d(scale*s).
     const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
     float pr[MT][4];                   // P^T
-    float deriv[kMod ? MT : 1][4];     // d(score)/d(scale*s), softcap only
+    float deriv[MT][4];                // d(score)/d(scale*s), set (and read) with kMod only
     if constexpr (kMod) {
 #pragma unroll
       for (int c = 0; c < MT; ++c)
@@ -182,7 +175,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
       for (int c = 0; c < MT; ++c)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          dp[c][e] = (kMod ? deriv[c % (kMod ? MT : 1)][e] * pr[c][e] : pr[c][e]) *
+          dp[c][e] = (kMod ? deriv[c][e] * pr[c][e] : pr[c][e]) *
                      (dp[c][e] - dot[c * 8 + 2 * t + (e % 2)]);
       uint32_t ds_frag[PS][4];
       pack_a<PS, T>(ds_frag, dp);
@@ -250,7 +243,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const Flash
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, NT = BN / 8, PS = BN / 16, DA = D / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char *smem = align_1024(smem_raw);
+  unsigned char *smem = sm90::align_1024(smem_raw);
   T *sQ = reinterpret_cast<T *>(smem);
   T *sdO = reinterpret_cast<T *>(smem + C::kTileQ);
   auto sK = [&](int st) { return smem + 2 * C::kTileQ + st * C::kTileKV; };
@@ -271,10 +264,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const Flash
   const T *k = seq.k_ptr<T>(p, b, hk);
   const T *v = seq.v_ptr<T>(p, b, hk);
 
-  int n_lo, n_hi;
-  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
-  const int nb_lo = n_lo / BN;
-  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+  int nb_lo, nb_hi;
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
   const int n_iters = nb_hi - nb_lo;
   auto load_kv = [&](int it) {
     const int n0 = (nb_hi - 1 - it) * BN, st = it % 2;

@@ -53,10 +53,8 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
   const T *v = seq.v_ptr<T>(p, b, hk);
   T *o = seq.o_ptr<T>(p, b, h);
 
-  int n_lo, n_hi;
-  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
-  const int nb_lo = n_lo / BN;
-  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+  int nb_lo, nb_hi;
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
 
   load_tile<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
                                 p.head_dim, q, tid);

@@ -37,8 +37,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
   constexpr int NT = BN / 8, KS = D / 16, PS = BN / 16, DA = D / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char *smem = reinterpret_cast<unsigned char *>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char *smem = sm90::align_1024(smem_raw);
   T *sQ = reinterpret_cast<T *>(smem);
   // K and V buffers of stage s: K at kTileQ + s * kTileKV, V two tiles further.
   auto sK = [&](int stage) { return reinterpret_cast<T *>(smem + C::kTileQ + stage * C::kTileKV); };
@@ -62,10 +61,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   const T *v = seq.v_ptr<T>(p, b, hk);
   T *o = seq.o_ptr<T>(p, b, h);
 
-  int n_lo, n_hi;
-  vis.key_range(m0, min(m0 + BM, seq.sq), n_lo, n_hi);
-  const int nb_lo = n_lo / BN;
-  const int nb_hi = n_hi > n_lo ? (n_hi + BN - 1) / BN : nb_lo;
+  int nb_lo, nb_hi;
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
 
   auto load_k = [&](int nb, int stage) {
     const int n0 = nb * BN;

@@ -50,21 +50,21 @@ __device__ __forceinline__ void reg_fence(uint32_t (&a)[R][4]) {
 // bytes apart (1024 for a packed block). N-major: 8-row (K) groups are 1024 apart;
 // we give it through both offset fields and issue N = 64 per instruction, so the
 // distance between 64-wide N blocks is never needed.
-__device__ __forceinline__ uint64_t make_desc(const void *p, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = (smem_addr(p) & 0x3FFFFu) >> 4;
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = (addr & 0x3FFFFu) >> 4;
   d |= uint64_t((lbo >> 4) & 0x3FFFu) << 16;
   d |= uint64_t((sbo >> 4) & 0x3FFFu) << 32;
   d |= uint64_t(1) << 62;  // 128-byte swizzle
   return d;
 }
+__device__ __forceinline__ uint64_t make_desc(const void *p, uint32_t lbo, uint32_t sbo) {
+  return make_desc(smem_addr(p), lbo, sbo);
+}
 
-// The same from a shared-memory address.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = (addr & 0x3FFFFu) >> 4;
-  d |= uint64_t((lbo >> 4) & 0x3FFFu) << 16;
-  d |= uint64_t((sbo >> 4) & 0x3FFFu) << 32;
-  d |= uint64_t(1) << 62;
-  return d;
+// Dynamic shared memory rounded up to the 1024-byte alignment swizzled tiles need.
+__device__ __forceinline__ unsigned char *align_1024(unsigned char *p) {
+  return reinterpret_cast<unsigned char *>((reinterpret_cast<uintptr_t>(p) + 1023) &
+                                           ~uintptr_t(1023));
 }
 
 // A value the compiler cannot see through: what is computed from it is made

@@ -108,6 +108,20 @@ struct Visibility {
     lo = right < 0 ? 0 : max(0, n0 - off() - right);
     hi = left < 0 ? sq : min(sq, n1 - 1 - off() + left + 1);
   }
+  // The key blocks of BN [nb_lo, nb_hi) that queries [m0, m1) see (empty: nb_hi == nb_lo).
+  __device__ __forceinline__ void key_blocks(int m0, int m1, int BN, int &nb_lo, int &nb_hi) const {
+    int lo, hi;
+    key_range(m0, m1, lo, hi);
+    nb_lo = lo / BN;
+    nb_hi = hi > lo ? (hi + BN - 1) / BN : nb_lo;
+  }
+  // The query blocks of BM, mb_lo and n_mb of them, that see a key of [n0, n1).
+  __device__ __forceinline__ void query_blocks(int n0, int n1, int BM, int &mb_lo, int &n_mb) const {
+    int lo, hi;
+    query_range(n0, n1, lo, hi);
+    mb_lo = lo / BM;
+    n_mb = hi > lo ? (hi + BM - 1) / BM - mb_lo : 0;
+  }
   // Whether any pair (i in [m0,m1), j in [n0,n1)) may be invisible.
   __device__ __forceinline__ bool needs_mask(int m0, int m1, int n0, int n1) const {
     return n1 > sk || (right >= 0 && n1 - 1 > m0 + off() + right) ||
