@@ -2,6 +2,11 @@
 
     python tools/kernel_times.py --hdim 128 --seqlen 16384 [--causal]
 
+With --once, a single forward+backward and nothing else, for ncu:
+
+    ncu --clock-control none --section WarpStateStats --section ComputeWorkloadAnalysis \
+        -k regex:fwd -c 1 python tools/kernel_times.py --once --hdim 128 --seqlen 4096
+
 The shape is the benchmark's: 16k tokens per batch, hidden 2048, bf16.
 """
 
@@ -22,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--once", action="store_true", help="one step, no profiler (for ncu)")
     args = ap.parse_args()
     batch, nheads = 16384 // args.seqlen, 2048 // args.hdim
     q, k, v = (
@@ -42,6 +48,10 @@ def main() -> None:
         out = flash_attn_func(q, k, v, causal=args.causal)
         out.backward(dout)
 
+    if args.once:
+        step()
+        torch.cuda.synchronize()
+        return
     for _ in range(3):
         step()
     torch.cuda.synchronize()
