@@ -64,13 +64,17 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _stat_value(path: Path, key: str) -> int:
-    text = _read(path) or ""
+def _stat_in(text: str, key: str) -> int:
+    """The value of `key N` lines (memory.stat, memory.events); 0 when absent."""
     for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
             return int(parts[1])
     return 0
+
+
+def _stat_value(path: Path, key: str) -> int:
+    return _stat_in(_read(path) or "", key)
 
 
 @dataclass(frozen=True)
@@ -291,10 +295,9 @@ class CgroupUsage:
 
 
 def _keyed(path: Path, key: str) -> int | None:
+    """Like _stat_value, but None when the file is missing."""
     text = _read(path)
-    if text is None:
-        return None
-    return _stat_value(path, key)
+    return None if text is None else _stat_in(text, key)
 
 
 def read_cgroup_usage(root: Path = Path("/")) -> CgroupUsage:
