@@ -16,17 +16,28 @@
 namespace flash {
 
 // ---------------------------------------------------------------- softmax_d
+// Lanes per row: 8 elements each, enough for D (a row of a narrow head shares
+// its warp with others rather than leaving lanes idle).
+template <int D>
+__host__ __device__ constexpr int dot_lanes() {
+  return D <= 32 ? 4 : D <= 64 ? 8 : D <= 128 ? 16 : 32;
+}
+template <int D>
+__host__ __device__ constexpr int dot_rows_per_cta() {
+  return 128 / dot_lanes<D>();
+}
+
 template <int D, typename T>
 __global__ void __launch_bounds__(128) bwd_dot_do_o_kernel(const FlashAttnParams p) {
-  constexpr int kRowsPerCta = 4;  // one warp per row
-  const int lane = threadIdx.x % 32, h = blockIdx.y, b = blockIdx.z;
-  const int row = blockIdx.x * kRowsPerCta + threadIdx.x / 32;
+  constexpr int kLanes = dot_lanes<D>();
+  const int lane = threadIdx.x % kLanes, h = blockIdx.y, b = blockIdx.z;
+  const int row = blockIdx.x * dot_rows_per_cta<D>() + threadIdx.x / kLanes;
   const SeqInfo seq(p, b);
-  if (row >= seq.sq) return;
+  const bool ok = row < seq.sq;  // no early return: the row's lanes shuffle together
   const T *dout = seq.do_ptr<T>(p, b, h) + int64_t(row) * p.do_row_stride;
   const T *o = seq.o_ptr<T>(p, b, h) + int64_t(row) * p.o_row_stride;
   float acc = 0.f;
-  for (int c = lane * 8; c < p.head_dim; c += 32 * 8) {
+  for (int c = lane * 8; ok && c < p.head_dim; c += kLanes * 8) {
     const uint4 a = *reinterpret_cast<const uint4 *>(dout + c);
     const uint4 bb = *reinterpret_cast<const uint4 *>(o + c);
     const uint32_t *pa = reinterpret_cast<const uint32_t *>(&a);
@@ -38,8 +49,8 @@ __global__ void __launch_bounds__(128) bwd_dot_do_o_kernel(const FlashAttnParams
     }
   }
 #pragma unroll
-  for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) p.softmax_d[seq.lse_off(p, b, h) + row] = acc;
+  for (int s = kLanes / 2; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (ok && lane == 0) p.softmax_d[seq.lse_off(p, b, h) + row] = acc;
 }
 
 // ---------------------------------------------------------------- dK, dV
@@ -317,7 +328,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 // ---------------------------------------------------------------- launch
 template <int D, typename T>
 int run_bwd(const FlashAttnParams &p, cudaStream_t stream) {
-  int status = launch(bwd_dot_do_o_kernel<D, T>, dim3((p.seqlen_q + 3) / 4, p.nheads, p.batch), 128,
+  int status = launch(bwd_dot_do_o_kernel<D, T>,
+                      dim3((p.seqlen_q + dot_rows_per_cta<D>() - 1) / dot_rows_per_cta<D>(), p.nheads, p.batch), 128,
                       0, stream, p);
   if (status != FLASH_OK) return status;
 #if defined(FLASH_HAS_SM90A)

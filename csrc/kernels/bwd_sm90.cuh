@@ -25,8 +25,9 @@ struct BwdKVSm90Config {
   static constexpr bool kOpaque = kMinBlocks > 1;
   static constexpr int BN = 64 * kWG, kThreads = 128 * kWG;
   static constexpr size_t kTileKV = size_t(BN) * D * 2, kTileQ = size_t(BM) * D * 2;
-  // K, V, two stages of (Q, dO), two stages of (lse, softmax_d)
-  static constexpr size_t kSmem = 2 * kTileKV + 4 * kTileQ + 4 * BM * sizeof(float) + 1024;
+  // K, V (not in a dV-only pass), two stages of (Q, dO), two stages of (lse, softmax_d)
+  static constexpr size_t kKVBytes = (kMode == kSm90DVOnly ? 1 : 2) * kTileKV;
+  static constexpr size_t kSmem = kKVBytes + 4 * kTileQ + 4 * BM * sizeof(float) + 1024;
 };
 
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
@@ -39,10 +40,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char *smem = sm90::align_1024(smem_raw);
   T *sK = reinterpret_cast<T *>(smem);
-  T *sV = reinterpret_cast<T *>(smem + C::kTileKV);
-  auto sQ = [&](int st) { return smem + 2 * C::kTileKV + st * C::kTileQ; };
-  auto sdO = [&](int st) { return smem + 2 * C::kTileKV + (2 + st) * C::kTileQ; };
-  float *sLse = reinterpret_cast<float *>(smem + 2 * C::kTileKV + 4 * C::kTileQ);  // [2][BM], log2
+  T *sV = reinterpret_cast<T *>(smem + C::kTileKV);  // kDK only
+  auto sQ = [&](int st) { return smem + C::kKVBytes + st * C::kTileQ; };
+  auto sdO = [&](int st) { return smem + C::kKVBytes + (2 + st) * C::kTileQ; };
+  float *sLse = reinterpret_cast<float *>(smem + C::kKVBytes + 4 * C::kTileQ);  // [2][BM], log2
   float *sDot = sLse + 2 * BM;                                                      // [2][BM]
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
@@ -229,17 +230,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
 #endif
 }
 
-template <int D_, int WG_, int BN_>
+template <int D_, int WG_, int BN_, int MINB_ = 1>
 struct BwdQSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, kWG = WG_, BN = BN_, BM = 64 * kWG, kThreads = 128 * kWG;
+  static constexpr int kMinBlocks = MINB_;
   static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
   // Q, dO, two stages of (K, V)
   static constexpr size_t kSmem = 2 * kTileQ + 4 * kTileKV + 1024;
 };
 
 template <typename C, typename T, bool kMod>
-__global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, NT = BN / 8, PS = BN / 16, DA = D / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -386,18 +388,20 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dq_sm90_kernel(const Flash
 #endif
 }
 
+// Configs measured on H100/H200 (benchmarks/RESULTS.md).
 template <int D, typename T, bool kMod>
 int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
   int status;
   if constexpr (D <= 128) {
-    // Head dim 64: 32-query blocks, two CTAs per SM (measured faster on H100).
+    // Head dim 64: 32-query blocks, two CTAs per SM.
     using KV = std::conditional_t<(D <= 64), BwdKVSm90Config<D, 2, kSm90DKDV, 32, 2>,
                                   BwdKVSm90Config<D, 2, kSm90DKDV, 64>>;
     const dim3 grid((p.seqlen_k + KV::BN - 1) / KV::BN, p.nheads_k, p.batch);
     status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod>, grid, KV::kThreads, KV::kSmem, stream, p);
   } else {
-    // 64 x D accumulators leave room for 32-query blocks only
-    using DV = BwdKVSm90Config<D, 2, kSm90DVOnly, 32>;
+    // The 64 x D accumulators of one of dK, dV leave room for 32-query blocks when
+    // dS is made too (dK), 64-query ones when not (dV, whose pass also skips V).
+    using DV = BwdKVSm90Config<D, 2, kSm90DVOnly, 64>;
     using DK = BwdKVSm90Config<D, 2, kSm90DKOnly, 32>;
     const dim3 grid((p.seqlen_k + DV::BN - 1) / DV::BN, p.nheads_k, p.batch);
     status = launch(bwd_dkdv_sm90_kernel<DV, T, kMod>, grid, DV::kThreads, DV::kSmem, stream, p);
@@ -405,7 +409,8 @@ int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
       status = launch(bwd_dkdv_sm90_kernel<DK, T, kMod>, grid, DK::kThreads, DK::kSmem, stream, p);
   }
   if (status != FLASH_OK) return status;
-  using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 2, 128>,
+  // dQ: head dim 64 as two independent one-warpgroup CTAs per SM.
+  using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 1, 64, 2>,
                                std::conditional_t<(D <= 128), BwdQSm90Config<D, 2, 64>,
                                                   BwdQSm90Config<D, 2, 32>>>;
   return launch(bwd_dq_sm90_kernel<Q, T, kMod>,
