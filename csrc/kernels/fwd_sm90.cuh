@@ -1,8 +1,12 @@
 // Forward on Hopper: the algorithm of fwd_launch.cuh with warpgroup MMAs.
 // Each warpgroup (4 warps) owns 64 query rows; S = Q K^T reads Q and K from
 // swizzled shared memory, O += P V takes P from registers. K and V are double
-// buffered: the next block's K loads during this block's softmax, its V during
-// this block's P V.
+// buffered. Two kernels (measured on H100, benchmarks/RESULTS.md):
+//  - head dim 64: one-warpgroup CTAs, two per SM, handing the buffers over at
+//    __syncthreads (the next block's K loads during this block's softmax, its V
+//    during this block's P V); one CTA's softmax runs under the other's MMAs;
+//  - above: CTAs of two warpgroups that hand the buffers over through mbarriers,
+//    so that neither warpgroup waits for the other.
 #pragma once
 
 #include <type_traits>
@@ -22,14 +26,75 @@ struct FwdSm90Config {
   static constexpr size_t kSmem = kTileQ + 4 * kTileKV + 1024;  // + alignment slack
 };
 
-// Measured on H100 (bf16, 16k tokens; benchmarks/RESULTS.md): head dim 64 runs best
-// as two independent one-warpgroup CTAs per SM (one's softmax overlaps the other's
-// MMAs); at 128 one CTA of two warpgroups with 128-key blocks; above 128 the O
-// accumulators leave room for 64-key blocks.
-template <int D>
-using FwdSm90ConfigFor = std::conditional_t<
-    (D <= 64), FwdSm90Config<D, 128, 1, 2>,
-    std::conditional_t<(D <= 128), FwdSm90Config<D, 128, 2, 1>, FwdSm90Config<D, 64, 2, 1>>>;
+// One key block of the online softmax, in place: the scores s (rows i0 and
+// i0 + 8 of this thread, keys from n0) get the score mod and the mask, become
+// P = exp2(score - running max) in log2 units, the row statistics move on, and
+// the output accumulated so far is rescaled to the new maximum.
+template <int NT, int DA>
+__device__ __forceinline__ void softmax_block(float (&s)[NT][4], float (&acc_o)[DA][8][4], float (&row_max)[2],
+                                              float (&row_sum)[2], const ScoreMod &mod, const Visibility &vis,
+                                              bool masked, int i0, int n0, int t) {
+  float scale = 1.f;  // folded into the exponent when no score mod
+  if (mod.active) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float unused;
+        s[j][e] = mod.log2_score(s[j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2), vis.off(), unused);
+      }
+  } else {
+    scale = mod.scale_log2;
+  }
+  if (masked) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!vis.visible(i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = -INFINITY;
+  }
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    mx = fmaxf(row_max[r], quad_max(mx) * scale);  // row_max is in log2 units
+    const float base = mx == -INFINITY ? 0.f : mx;
+    alpha[r] = exp2_approx(row_max[r] - base);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][2 * r] = exp2_approx(fmaf(s[j][2 * r], scale, -base));
+      s[j][2 * r + 1] = exp2_approx(fmaf(s[j][2 * r + 1], scale, -base));
+      sum += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * alpha[r] + sum;
+  }
+#pragma unroll
+  for (int a = 0; a < DA; ++a)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      acc_o[a][j][0] *= alpha[0];
+      acc_o[a][j][1] *= alpha[0];
+      acc_o[a][j][2] *= alpha[1];
+      acc_o[a][j][3] *= alpha[1];
+    }
+}
+
+// The end of a row block: the log-sum-exp of rows r0 and r0 + 8 (those below
+// sq) and the factors 1 / rowsum that normalise O.
+__device__ __forceinline__ void finish_rows(const float (&row_max)[2], const float (&row_sum)[2], float *lse,
+                                            int r0, int sq, int t, float (&inv)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int i = r0 + 8 * r;
+    if (t == 0 && i < sq) lse[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : INFINITY;
+  }
+}
 
 template <typename C, typename T>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
@@ -115,55 +180,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
 
     // Scores in log2 units (masked entries -inf), then the online softmax.
     const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
-    const int i0 = m0 + w0 + g;  // rows i0 (e < 2) and i0 + 8
-    float scale = 1.f;            // folded into the exponent when no score mod
-    if (mod.active) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float unused;
-          s[j][e] = mod.log2_score(s[j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2),
-                                   vis.off(), unused);
-        }
-    } else {
-      scale = mod.scale_log2;
-    }
-    if (masked) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!vis.visible(i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = -INFINITY;
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = fmaxf(row_max[r], quad_max(mx) * scale);  // row_max is in log2 units
-      const float base = mx == -INFINITY ? 0.f : mx;
-      alpha[r] = exp2_approx(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        s[j][2 * r] = exp2_approx(fmaf(s[j][2 * r], scale, -base));
-        s[j][2 * r + 1] = exp2_approx(fmaf(s[j][2 * r + 1], scale, -base));
-        sum += s[j][2 * r] + s[j][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha[r] + sum;
-    }
-#pragma unroll
-    for (int a = 0; a < DA; ++a)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        acc_o[a][j][0] *= alpha[0];
-        acc_o[a][j][1] *= alpha[0];
-        acc_o[a][j][2] *= alpha[1];
-        acc_o[a][j][3] *= alpha[1];
-      }
+    softmax_block<NT, DA>(s, acc_o, row_max, row_sum, mod, vis, masked, m0 + w0 + g, n0, t);
     uint32_t p_frag[PS][4];
     pack_a<PS, T>(p_frag, s);
 
@@ -192,15 +209,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   // Normalise, write O through shared memory and the log-sum-exp.
   cp_async_wait<0>();
   __syncthreads();
-  float *lse_ptr = p.lse + seq.lse_off(p, b, h);
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int i = m0 + w0 + g + 8 * r;
-    if (t == 0 && i < seq.sq) lse_ptr[i] = l > 0.f ? row_max[r] * kLn2 + logf(l) : INFINITY;
-  }
+  finish_rows(row_max, row_sum, p.lse + seq.lse_off(p, b, h), m0 + w0 + g, seq.sq, t, inv);
 #pragma unroll
   for (int a = 0; a < DA; ++a)
     sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_o[a], w0, a * 64, inv[0], inv[1], lane);
@@ -212,11 +222,182 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
 #endif
 }
 
+// The kernel below: every consumer warpgroup loads its share of Q, K and V
+// (cp.async) and arrives on an mbarrier once its copies landed; a block's stage
+// is refilled once both warpgroups have arrived on its "read" mbarrier.
+template <int D_, int BN_, int WG_, int STAGES_ = 2>
+struct FwdSm90MbarConfig {
+  static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
+  static constexpr int D = D_, BN = BN_, kWG = WG_, BM = 64 * kWG, kStages = STAGES_;
+  static constexpr int kConsumers = 128 * kWG;
+  static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
+  // Q, the stages of K and V, the mbarriers, alignment slack
+  static constexpr size_t kBarriers = kTileQ + 2 * kStages * kTileKV;
+  static constexpr size_t kSmem = kBarriers + 8 * (1 + 4 * kStages) + 1024;
+};
+
+// Forward without CTA-wide barriers in the loop: the warpgroups of a CTA share
+// the K and V stages through mbarriers (full: every thread's copies landed;
+// read: every thread's MMAs are done with it), so neither waits for the other
+// at a __syncthreads and one's softmax runs under the other's MMAs. The loads
+// stay with all 256 threads: a dedicated producer warpgroup issuing cp.async
+// (tried) could not keep the MMAs fed on H100.
+template <typename C, typename T>
+__global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const FlashAttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int D = C::D, BM = C::BM, BN = C::BN;
+  constexpr int NT = BN / 8, KS = D / 16, PS = BN / 16, DA = D / 64;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  unsigned char *smem = sm90::align_1024(smem_raw);
+  T *sQ = reinterpret_cast<T *>(smem);
+  constexpr int S = C::kStages;
+  auto sK = [&](int stage) { return reinterpret_cast<T *>(smem + C::kTileQ + stage * C::kTileKV); };
+  auto sV = [&](int stage) {
+    return reinterpret_cast<T *>(smem + C::kTileQ + (S + stage) * C::kTileKV);
+  };
+  // mbarriers: Q landed; K / V of stage s landed (full) or read by every consumer (empty)
+  uint64_t *bars = reinterpret_cast<uint64_t *>(smem + C::kBarriers);
+  uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
+           *v_empty = bars + 1 + 3 * S;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+  const int wg = warp / 4;
+  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(p, b);
+  const int m0 = m_block * BM;
+  if (m0 >= seq.sq) return;
+  const int hk = h / (p.nheads / p.nheads_k);
+  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+  int nb_lo, nb_hi;
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
+  const int n = nb_hi - nb_lo;  // block it is nb_hi - 1 - it
+
+  if (tid == 0) {
+    sm90::mbar_init(q_full, C::kConsumers);
+    for (int s = 0; s < S; ++s) {
+      sm90::mbar_init(k_full + s, C::kConsumers);
+      sm90::mbar_init(v_full + s, C::kConsumers);
+      sm90::mbar_init(k_empty + s, C::kConsumers);
+      sm90::mbar_init(v_empty + s, C::kConsumers);
+    }
+  }
+  __syncthreads();
+  const T *q = seq.q_ptr<T>(p, b, h);
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
+  // Every thread loads its share of a block and arrives once its copies landed.
+  auto load_k = [&](int it) {
+    const int n0 = (nb_hi - 1 - it) * BN;
+    sm90::load_tile_sw<BN, D, C::kConsumers>(sK(it % S), k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
+                                             seq.sk - n0, p.head_dim, k, tid);
+    sm90::cp_async_mbar_arrive(k_full + it % S);
+  };
+  auto load_v = [&](int it) {
+    const int n0 = (nb_hi - 1 - it) * BN;
+    sm90::load_tile_sw<BN, D, C::kConsumers>(sV(it % S), v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
+                                             seq.sk - n0, p.head_dim, v, tid);
+    sm90::cp_async_mbar_arrive(v_full + it % S);
+  };
+  sm90::load_tile_sw<BM, D, C::kConsumers>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
+                                           p.head_dim, q, tid);
+  sm90::cp_async_mbar_arrive(q_full);
+  for (int i = 0; i < S && i < n; ++i) {
+    load_k(i);
+    load_v(i);
+  }
+
+  const int w0 = wg * 64 + (warp % 4) * 16;
+  const ScoreMod mod(p, b, h);
+  float acc_o[DA][8][4];
+#pragma unroll
+  for (int a = 0; a < DA; ++a) zero(acc_o[a]);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const uint32_t qaddr = smem_addr(sQ) + wg * 64 * 128;
+  const int i0 = m0 + w0 + g;
+  sm90::mbar_wait(q_full, 0);
+  for (int it = 0; it < n; ++it) {
+    const int s = it % S, ph = (it / S) & 1, n0 = (nb_hi - 1 - it) * BN;
+    if (it >= 1 && it - 1 + S < n) {  // both warpgroups have read K of block it - 1
+      sm90::mbar_wait(k_empty + (it - 1) % S, ((it - 1) / S) & 1);
+      load_k(it - 1 + S);
+    }
+    sm90::mbar_wait(k_full + s, ph);
+    sm90::fence_async_smem();
+    float sc[NT][4];
+    const uint32_t ka = smem_addr(sK(s));
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const uint64_t da = sm90::make_desc(qaddr + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t db = sm90::make_desc(ka + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+      sm90::Wgmma<BN, T>::template ss<0>(sc, da, db, kk > 0);
+    }
+    sm90::commit_group();
+    sm90::wait_group<0>();
+    sm90::reg_fence(sc);
+    sm90::mbar_arrive(k_empty + s);
+
+    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    softmax_block<NT, DA>(sc, acc_o, row_max, row_sum, mod, vis, masked, i0, n0, t);
+    uint32_t p_frag[PS][4];
+    pack_a<PS, T>(p_frag, sc);
+
+    if (it >= 1 && it - 1 + S < n) {  // ... and V of block it - 1
+      sm90::mbar_wait(v_empty + (it - 1) % S, ((it - 1) / S) & 1);
+      load_v(it - 1 + S);
+    }
+    sm90::mbar_wait(v_full + s, ph);
+    sm90::fence_async_smem();
+    const uint32_t va = smem_addr(sV(s));
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < PS; ++kk)
+#pragma unroll
+      for (int a = 0; a < DA; ++a) {
+        const uint64_t db = sm90::make_desc(va + a * BN * 128 + kk * 16 * 128, 1024, 1024);
+        sm90::Wgmma<64, T>::template rs<1>(acc_o[a], p_frag[kk], db, 1);
+      }
+    sm90::commit_group();
+    sm90::wait_group<0>();
+    sm90::reg_fence(p_frag);
+#pragma unroll
+    for (int a = 0; a < DA; ++a) sm90::reg_fence(acc_o[a]);
+    sm90::mbar_arrive(v_empty + s);
+  }
+
+  // Normalise; O goes through this warpgroup's own rows of the Q tile.
+  float inv[2];
+  finish_rows(row_max, row_sum, p.lse + seq.lse_off(p, b, h), m0 + w0 + g, seq.sq, t, inv);
+#pragma unroll
+  for (int a = 0; a < DA; ++a) sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_o[a], w0, a * 64, inv[0], inv[1], lane);
+  sm90::named_barrier(1 + wg, 128);
+  T *o = seq.o_ptr<T>(p, b, h);
+  constexpr int kCh = D / 8;
+  const unsigned char *base = reinterpret_cast<const unsigned char *>(sQ);
+#pragma unroll
+  for (int i = 0; i < 64 * kCh / 128; ++i) {
+    const int idx = tid % 128 + i * 128, r = wg * 64 + idx / kCh, c = (idx % kCh) * 8;
+    if (m0 + r < seq.sq && c < p.head_dim)
+      *reinterpret_cast<uint4 *>(o + int64_t(m0 + r) * p.o_row_stride + c) =
+          *reinterpret_cast<const uint4 *>(base + sm90::sw_offset<BM>(r, c));
+  }
+#else
+  __trap();  // launched only where sm_90a code exists (use_sm90_kernels)
+#endif
+}
+
 template <int D, typename T>
 int run_fwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
-  using C = FwdSm90ConfigFor<D>;
-  const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-  return launch(fwd_sm90_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
+  if constexpr (D <= 64) {
+    using C = FwdSm90Config<D, 128, 1, 2>;
+    const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
+    return launch(fwd_sm90_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
+  } else {
+    // above head dim 128 the O accumulators leave room for 64-key blocks
+    using C = FwdSm90MbarConfig<D, (D <= 128 ? 128 : 64), 2>;
+    const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
+    return launch(fwd_sm90_mbar_kernel<C, T>, grid, C::kConsumers, C::kSmem, stream, p);
+  }
 }
 
 }  // namespace flash
