@@ -102,23 +102,47 @@ def main() -> None:
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--backends", default="ours,sdpa-flash,sdpa-cudnn")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every cell this many times (all backends interleaved) and keep the "
+        "best of each: the lent GPUs have slow spells that a single round records",
+    )
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be at least 1")
     hdims = [int(x) for x in args.hdims.split(",")]
     seqlens = [int(x) for x in args.seqlens.split(",")]
     backends = args.backends.split(",")
 
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, bf16, {TOKENS} tokens, hidden {HIDDEN}")
-    rows: list[Row] = []
-    for hdim in hdims:
-        for causal in (False, True):
-            for seqlen in seqlens:
-                for backend in backends:
-                    try:
-                        rows.append(measure(backend, hdim, seqlen, causal))
-                    except RuntimeError as e:  # a backend that rejects the shape
-                        print(f"  {backend} hdim{hdim} s{seqlen} causal={causal}: {str(e)[:80]}")
-                    torch.cuda.empty_cache()
+    best: dict[tuple[int, int, bool, str], Row] = {}
+    for _ in range(args.rounds):
+        for hdim in hdims:
+            for causal in (False, True):
+                for seqlen in seqlens:
+                    for backend in backends:
+                        try:
+                            r = measure(backend, hdim, seqlen, causal)
+                        except RuntimeError as e:  # a backend that rejects the shape
+                            where = f"{backend} hdim{hdim} s{seqlen} causal={causal}"
+                            print(f"  {where}: {str(e)[:80]}")
+                            continue
+                        finally:
+                            torch.cuda.empty_cache()
+                        key = (hdim, seqlen, causal, backend)
+                        old = best.get(key)
+                        best[key] = Row(
+                            hdim,
+                            seqlen,
+                            causal,
+                            backend,
+                            max(r.fwd_tflops, old.fwd_tflops) if old else r.fwd_tflops,
+                            max(r.bwd_tflops, old.bwd_tflops) if old else r.bwd_tflops,
+                        )
+    rows = list(best.values())
 
     def get(hdim: int, seqlen: int, causal: bool, backend: str) -> Row | None:
         for r in rows:
@@ -164,6 +188,7 @@ def main() -> None:
                     "memory": mem,
                     "gpu": torch.cuda.get_device_name(),
                     "torch": torch.__version__,
+                    "rounds": args.rounds,
                 },
                 f,
                 indent=1,
