@@ -96,11 +96,38 @@ __device__ __forceinline__ void finish_rows(const float (&row_max)[2], const flo
   }
 }
 
+// S (this warpgroup's 64 rows x BN keys) = Q K^T from the swizzled tiles at
+// qa (BM rows) and ka (BN rows); the caller commits and waits.
+template <int BM, int BN, int D, typename T>
+__device__ __forceinline__ void issue_qk(float (&s)[BN / 8][4], uint32_t qa, uint32_t ka) {
+  sm90::warpgroup_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint64_t da = sm90::make_desc(qa + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
+    const uint64_t db = sm90::make_desc(ka + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
+    sm90::Wgmma<BN, T>::template ss<0>(s, da, db, kk > 0);
+  }
+}
+
+// O += P V with P in registers and V the swizzled tile at va (BN rows, read N-major).
+template <int BN, int D, typename T>
+__device__ __forceinline__ void issue_pv(float (&acc_o)[D / 64][8][4], const uint32_t (&p_frag)[BN / 16][4],
+                                         uint32_t va) {
+  sm90::warpgroup_fence();
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+    for (int a = 0; a < D / 64; ++a) {
+      const uint64_t db = sm90::make_desc(va + a * BN * 128 + kk * 16 * 128, 1024, 1024);
+      sm90::Wgmma<64, T>::template rs<1>(acc_o[a], p_frag[kk], db, 1);
+    }
+}
+
 template <typename C, typename T>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
-  constexpr int NT = BN / 8, KS = D / 16, PS = BN / 16, DA = D / 64;
+  constexpr int NT = BN / 8, PS = BN / 16, DA = D / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char *smem = sm90::align_1024(smem_raw);
   T *sQ = reinterpret_cast<T *>(smem);
@@ -166,14 +193,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
     cp_async_commit();
 
     float s[NT][4];
-    const uint32_t qa = addr(qaddr), ka = addr(smem_addr(sK(stage)));
-    sm90::warpgroup_fence();
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const uint64_t da = sm90::make_desc(qa + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = sm90::make_desc(ka + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
-      sm90::Wgmma<BN, T>::template ss<0>(s, da, db, kk > 0);
-    }
+    issue_qk<BM, BN, D, T>(s, addr(qaddr), addr(smem_addr(sK(stage))));
     sm90::commit_group();
     sm90::wait_group<0>();
     sm90::reg_fence(s);
@@ -190,15 +210,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
     if (nb > nb_lo) load_v(nb - 1, stage ^ 1);
     cp_async_commit();
 
-    const uint32_t va = addr(smem_addr(sV(stage)));
-    sm90::warpgroup_fence();
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk)
-#pragma unroll
-      for (int a = 0; a < DA; ++a) {
-        const uint64_t db = sm90::make_desc(va + a * BN * 128 + kk * 16 * 128, 1024, 1024);
-        sm90::Wgmma<64, T>::template rs<1>(acc_o[a], p_frag[kk], db, 1);
-      }
+    issue_pv<BN, D, T>(acc_o, p_frag, addr(smem_addr(sV(stage))));
     sm90::commit_group();
     sm90::wait_group<0>();
     sm90::reg_fence(p_frag);  // P stays in its registers until the MMAs read it
@@ -246,7 +258,7 @@ template <typename C, typename T>
 __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
-  constexpr int NT = BN / 8, KS = D / 16, PS = BN / 16, DA = D / 64;
+  constexpr int NT = BN / 8, PS = BN / 16, DA = D / 64;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char *smem = sm90::align_1024(smem_raw);
   T *sQ = reinterpret_cast<T *>(smem);
@@ -324,14 +336,7 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
     sm90::mbar_wait(k_full + s, ph);
     sm90::fence_async_smem();
     float sc[NT][4];
-    const uint32_t ka = smem_addr(sK(s));
-    sm90::warpgroup_fence();
-#pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-      const uint64_t da = sm90::make_desc(qaddr + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t db = sm90::make_desc(ka + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024);
-      sm90::Wgmma<BN, T>::template ss<0>(sc, da, db, kk > 0);
-    }
+    issue_qk<BM, BN, D, T>(sc, qaddr, smem_addr(sK(s)));
     sm90::commit_group();
     sm90::wait_group<0>();
     sm90::reg_fence(sc);
@@ -348,15 +353,7 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
     }
     sm90::mbar_wait(v_full + s, ph);
     sm90::fence_async_smem();
-    const uint32_t va = smem_addr(sV(s));
-    sm90::warpgroup_fence();
-#pragma unroll
-    for (int kk = 0; kk < PS; ++kk)
-#pragma unroll
-      for (int a = 0; a < DA; ++a) {
-        const uint64_t db = sm90::make_desc(va + a * BN * 128 + kk * 16 * 128, 1024, 1024);
-        sm90::Wgmma<64, T>::template rs<1>(acc_o[a], p_frag[kk], db, 1);
-      }
+    issue_pv<BN, D, T>(acc_o, p_frag, smem_addr(sV(s)));
     sm90::commit_group();
     sm90::wait_group<0>();
     sm90::reg_fence(p_frag);
