@@ -25,9 +25,10 @@ struct BwdKVSm90Config {
   static constexpr bool kOpaque = kMinBlocks > 1;
   static constexpr int BN = 64 * kWG, kThreads = 128 * kWG;
   static constexpr size_t kTileKV = size_t(BN) * D * 2, kTileQ = size_t(BM) * D * 2;
-  // K, V (not in a dV-only pass), two stages of (Q, dO), two stages of (lse, softmax_d)
+  // K, V (not in a dV-only pass), two stages of (Q, dO), two stages of (lse, softmax_d),
+  // the stages' mbarriers
   static constexpr size_t kKVBytes = (kMode == kSm90DVOnly ? 1 : 2) * kTileKV;
-  static constexpr size_t kSmem = kKVBytes + 4 * kTileQ + 4 * BM * sizeof(float) + 1024;
+  static constexpr size_t kSmem = kKVBytes + 4 * kTileQ + 4 * BM * sizeof(float) + 32 + 1024;
 };
 
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
@@ -43,8 +44,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   T *sV = reinterpret_cast<T *>(smem + C::kTileKV);  // kDK only
   auto sQ = [&](int st) { return smem + C::kKVBytes + st * C::kTileQ; };
   auto sdO = [&](int st) { return smem + C::kKVBytes + (2 + st) * C::kTileQ; };
-  float *sLse = reinterpret_cast<float *>(smem + C::kKVBytes + 4 * C::kTileQ);  // [2][BM], log2
+  float *sLse = reinterpret_cast<float *>(smem + C::kKVBytes + 4 * C::kTileQ);  // [2][BM]
   float *sDot = sLse + 2 * BM;                                                      // [2][BM]
+  // mbarriers of the query-side stages: landed (every thread's copies) / read (by every thread)
+  uint64_t *full = reinterpret_cast<uint64_t *>(sDot + 2 * BM), *empty = full + 2;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;
@@ -76,12 +79,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
     sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sdO(st)),
                                            dout + int64_t(m0) * p.do_row_stride, p.do_row_stride,
                                            seq.sq - m0, p.head_dim, dout, tid);
+    // lse and softmax_d; 0 past the sequence, where Q and dO rows are 0 and so is dS
     const int64_t off = seq.lse_off(p, b, h);
     for (int r = tid; r < BM; r += C::kThreads) {
       const bool ok = m0 + r < seq.sq;
-      sLse[st * BM + r] = ok ? p.lse[off + m0 + r] * kLog2e : INFINITY;
-      sDot[st * BM + r] = ok ? p.softmax_d[off + m0 + r] : 0.f;
+      cp_async_4(sLse + st * BM + r, ok ? p.lse + off + m0 + r : p.lse, ok);
+      cp_async_4(sDot + st * BM + r, ok ? p.softmax_d + off + m0 + r : p.softmax_d, ok);
     }
+    sm90::cp_async_mbar_arrive(full + st);  // K and V too, with stage 0
   };
 
   float acc_dk[kDK ? DA : 1][8][4], acc_dv[kDV ? DA : 1][8][4];
@@ -89,21 +94,28 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
   for (int a = 0; a < (kDK ? DA : 1); ++a) zero(acc_dk[a]);
 #pragma unroll
   for (int a = 0; a < (kDV ? DA : 1); ++a) zero(acc_dv[a]);
-  if (n_iters > 0) load_q_side(0);
-  cp_async_commit();
+  if (tid == 0) {
+    for (int st = 0; st < 2; ++st) {
+      sm90::mbar_init(full + st, C::kThreads);
+      sm90::mbar_init(empty + st, C::kThreads);
+    }
+  }
+  __syncthreads();
+  for (int i = 0; i < 2 && i < n_iters; ++i) load_q_side(i);
 
   const int j0 = n0 + wg * 64 + (warp % 4) * 16 + g;  // this thread's keys: j0 and j0 + 8
   const unsigned char *kbase = reinterpret_cast<const unsigned char *>(sK) + wg * 64 * 128;
   const unsigned char *vbase = reinterpret_cast<const unsigned char *>(sV) + wg * 64 * 128;
   for (int it = 0; it < n_iters; ++it) {
     const int st = it % 2, h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM;
-    cp_async_wait<0>();
+    if (it >= 1 && it + 1 < n_iters) {  // every thread is done with the stage of it - 1
+      sm90::mbar_wait(empty + (it - 1) % 2, ((it - 1) / 2) & 1);
+      load_q_side(it + 1);
+    }
+    sm90::mbar_wait(full + st, (it / 2) & 1);
     sm90::fence_async_smem();
-    __syncthreads();  // stage st landed; every warpgroup is done with stage st ^ 1
-    if (it + 1 < n_iters) load_q_side(it + 1);
-    cp_async_commit();
     const unsigned char *qs = sQ(st), *dos = sdO(st);
-    const float *lse2 = sLse + st * BM, *dot = sDot + st * BM;
+    const float *lse = sLse + st * BM, *dot = sDot + st * BM;
     const ScoreMod mod(p, b, h);
 
     // S^T (64 keys x BM queries) = K Q^T and dP^T = V dO^T, both in flight.
@@ -139,14 +151,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
         for (int e = 0; e < 4; ++e) {
           const int il = c * 8 + 2 * t + (e % 2);
           const float x = mod.log2_score(s[c][e], m0 + il, j0 + (e / 2) * 8, vis.off(), deriv[c][e]);
-          pr[c][e] = exp2_approx(x - lse2[il]);
+          pr[c][e] = exp2_approx(fmaf(-lse[il], kLog2e, x));
         }
     } else {
 #pragma unroll
       for (int c = 0; c < MT; ++c)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse2[c * 8 + 2 * t + (e % 2)]));
+          pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse[c * 8 + 2 * t + (e % 2)] * kLog2e));
     }
     if (masked) {
 #pragma unroll
@@ -198,6 +210,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
     for (int a = 0; a < (kDK ? DA : 1); ++a) sm90::reg_fence(acc_dk[a]);
 #pragma unroll
     for (int a = 0; a < (kDV ? DA : 1); ++a) sm90::reg_fence(acc_dv[a]);
+    sm90::mbar_arrive(empty + st);
   }
 
   // Write dK (scaled) and dV through shared memory (the K and V tiles).

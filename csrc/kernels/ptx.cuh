@@ -20,6 +20,12 @@ __device__ __forceinline__ void cp_async_16(void *dst, const void *src, bool pre
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
                "l"(src), "r"(bytes));
 }
+// 4-byte global -> shared copy, zero-filled when !pred.
+__device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool pred) {
+  const int bytes = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
