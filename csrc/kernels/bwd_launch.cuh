@@ -328,9 +328,9 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 // ---------------------------------------------------------------- launch
 template <int D, typename T>
 int run_bwd(const FlashAttnParams &p, cudaStream_t stream) {
+  constexpr int kDotRows = dot_rows_per_cta<D>();
   int status = launch(bwd_dot_do_o_kernel<D, T>,
-                      dim3((p.seqlen_q + dot_rows_per_cta<D>() - 1) / dot_rows_per_cta<D>(), p.nheads, p.batch), 128,
-                      0, stream, p);
+                      dim3((p.seqlen_q + kDotRows - 1) / kDotRows, p.nheads, p.batch), 128, 0, stream, p);
   if (status != FLASH_OK) return status;
 #if defined(FLASH_HAS_SM90A)
   if constexpr (D % 64 == 0) {

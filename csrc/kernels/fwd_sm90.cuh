@@ -234,14 +234,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
 #endif
 }
 
-// The kernel below: every consumer warpgroup loads its share of Q, K and V
-// (cp.async) and arrives on an mbarrier once its copies landed; a block's stage
-// is refilled once both warpgroups have arrived on its "read" mbarrier.
+// The kernel below: every thread loads its share of Q, K and V (cp.async) and
+// arrives on an mbarrier once its copies landed; a block's stage is refilled
+// once every thread has arrived on its "read" mbarrier.
 template <int D_, int BN_, int WG_, int STAGES_ = 2>
 struct FwdSm90MbarConfig {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, BN = BN_, kWG = WG_, BM = 64 * kWG, kStages = STAGES_;
-  static constexpr int kConsumers = 128 * kWG;
+  static constexpr int kThreads = 128 * kWG;
   static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
   // Q, the stages of K and V, the mbarriers, alignment slack
   static constexpr size_t kBarriers = kTileQ + 2 * kStages * kTileKV;
@@ -255,7 +255,7 @@ struct FwdSm90MbarConfig {
 // stay with all 256 threads: a dedicated producer warpgroup issuing cp.async
 // (tried) could not keep the MMAs fed on H100.
 template <typename C, typename T>
-__global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_mbar_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
   constexpr int NT = BN / 8, PS = BN / 16, DA = D / 64;
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
   auto sV = [&](int stage) {
     return reinterpret_cast<T *>(smem + C::kTileQ + (S + stage) * C::kTileKV);
   };
-  // mbarriers: Q landed; K / V of stage s landed (full) or read by every consumer (empty)
+  // mbarriers: Q landed; K / V of stage s landed (full) or read by every thread (empty)
   uint64_t *bars = reinterpret_cast<uint64_t *>(smem + C::kBarriers);
   uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
            *v_empty = bars + 1 + 3 * S;
@@ -285,12 +285,12 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
   const int n = nb_hi - nb_lo;  // block it is nb_hi - 1 - it
 
   if (tid == 0) {
-    sm90::mbar_init(q_full, C::kConsumers);
+    sm90::mbar_init(q_full, C::kThreads);
     for (int s = 0; s < S; ++s) {
-      sm90::mbar_init(k_full + s, C::kConsumers);
-      sm90::mbar_init(v_full + s, C::kConsumers);
-      sm90::mbar_init(k_empty + s, C::kConsumers);
-      sm90::mbar_init(v_empty + s, C::kConsumers);
+      sm90::mbar_init(k_full + s, C::kThreads);
+      sm90::mbar_init(v_full + s, C::kThreads);
+      sm90::mbar_init(k_empty + s, C::kThreads);
+      sm90::mbar_init(v_empty + s, C::kThreads);
     }
   }
   __syncthreads();
@@ -300,17 +300,17 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
   // Every thread loads its share of a block and arrives once its copies landed.
   auto load_k = [&](int it) {
     const int n0 = (nb_hi - 1 - it) * BN;
-    sm90::load_tile_sw<BN, D, C::kConsumers>(sK(it % S), k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
+    sm90::load_tile_sw<BN, D, C::kThreads>(sK(it % S), k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
                                              seq.sk - n0, p.head_dim, k, tid);
     sm90::cp_async_mbar_arrive(k_full + it % S);
   };
   auto load_v = [&](int it) {
     const int n0 = (nb_hi - 1 - it) * BN;
-    sm90::load_tile_sw<BN, D, C::kConsumers>(sV(it % S), v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
+    sm90::load_tile_sw<BN, D, C::kThreads>(sV(it % S), v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
                                              seq.sk - n0, p.head_dim, v, tid);
     sm90::cp_async_mbar_arrive(v_full + it % S);
   };
-  sm90::load_tile_sw<BM, D, C::kConsumers>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
+  sm90::load_tile_sw<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
                                            p.head_dim, q, tid);
   sm90::cp_async_mbar_arrive(q_full);
   for (int i = 0; i < S && i < n; ++i) {
@@ -368,16 +368,9 @@ __global__ void __launch_bounds__(C::kConsumers, 1) fwd_sm90_mbar_kernel(const F
 #pragma unroll
   for (int a = 0; a < DA; ++a) sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_o[a], w0, a * 64, inv[0], inv[1], lane);
   sm90::named_barrier(1 + wg, 128);
-  T *o = seq.o_ptr<T>(p, b, h);
-  constexpr int kCh = D / 8;
-  const unsigned char *base = reinterpret_cast<const unsigned char *>(sQ);
-#pragma unroll
-  for (int i = 0; i < 64 * kCh / 128; ++i) {
-    const int idx = tid % 128 + i * 128, r = wg * 64 + idx / kCh, c = (idx % kCh) * 8;
-    if (m0 + r < seq.sq && c < p.head_dim)
-      *reinterpret_cast<uint4 *>(o + int64_t(m0 + r) * p.o_row_stride + c) =
-          *reinterpret_cast<const uint4 *>(base + sm90::sw_offset<BM>(r, c));
-  }
+  const int r0 = m0 + wg * 64;
+  sm90::store_tile_sw<64, D, 128, T, BM>(seq.o_ptr<T>(p, b, h) + int64_t(r0) * p.o_row_stride, sQ + wg * 64 * 64,
+                                         p.o_row_stride, seq.sq - r0, p.head_dim, tid % 128);
 #else
   __trap();  // launched only where sm_90a code exists (use_sm90_kernels)
 #endif
@@ -393,7 +386,7 @@ int run_fwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
     // above head dim 128 the O accumulators leave room for 64-key blocks
     using C = FwdSm90MbarConfig<D, (D <= 128 ? 128 : 64), 2>;
     const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-    return launch(fwd_sm90_mbar_kernel<C, T>, grid, C::kConsumers, C::kSmem, stream, p);
+    return launch(fwd_sm90_mbar_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
   }
 }
 

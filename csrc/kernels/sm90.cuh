@@ -103,8 +103,10 @@ __device__ __forceinline__ void load_tile_sw(T *s, const T *g, int64_t ld, int r
   }
 }
 
-// Store the valid part of a swizzled ROWS x D tile to global memory.
-template <int ROWS, int D, int NTHREADS, typename T>
+// Store the valid part of a swizzled ROWS x D tile to global memory; or, with
+// TILE_ROWS, ROWS rows of a TILE_ROWS-row tile, s pointing at the first (a
+// multiple of 8).
+template <int ROWS, int D, int NTHREADS, typename T, int TILE_ROWS = ROWS>
 __device__ __forceinline__ void store_tile_sw(T *g, const T *s, int64_t ld, int rows_valid,
                                               int cols_valid, int tid) {
   constexpr int kCh = D / 8, kTotal = ROWS * kCh;
@@ -116,7 +118,7 @@ __device__ __forceinline__ void store_tile_sw(T *g, const T *s, int64_t ld, int 
     const int r = idx / kCh, c = (idx % kCh) * 8;
     if (r < rows_valid && c < cols_valid)
       *reinterpret_cast<uint4 *>(g + r * ld + c) =
-          *reinterpret_cast<const uint4 *>(base + sw_offset<ROWS>(r, c));
+          *reinterpret_cast<const uint4 *>(base + sw_offset<TILE_ROWS>(r, c));
   }
 }
 
