@@ -51,7 +51,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const TileCoords tc = tile_coords(false);
+  const int n_block = tc.tile, hk = tc.h, b = tc.b;
   const SeqInfo seq(p, b);
   const int n0 = n_block * BN;
   if (n0 >= seq.sk) return;
@@ -266,7 +267,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const TileCoords tc = tile_coords(true);
+  const int m_block = tc.tile, h = tc.h, b = tc.b;
   const SeqInfo seq(p, b);
   const int m0 = m_block * BM;
   if (m0 >= seq.sq) return;
@@ -406,9 +408,9 @@ template <int D, typename T, bool kMod>
 int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
   int status;
   if constexpr (D <= 128) {
-    // Head dim 64: 32-query blocks, two CTAs per SM.
-    using KV = std::conditional_t<(D <= 64), BwdKVSm90Config<D, 2, kSm90DKDV, 32, 2>,
-                                  BwdKVSm90Config<D, 2, kSm90DKDV, 64>>;
+    // 128 keys (two warpgroups) x 64-query blocks, one CTA per SM; at head dim 64
+    // this beat 32-query blocks at two CTAs per SM on H100 (benchmarks/RESULTS.md).
+    using KV = BwdKVSm90Config<D, 2, kSm90DKDV, 64>;
     const dim3 grid((p.seqlen_k + KV::BN - 1) / KV::BN, p.nheads_k, p.batch);
     status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod>, grid, KV::kThreads, KV::kSmem, stream, p);
   } else {

@@ -1,12 +1,10 @@
 // Forward on Hopper: the algorithm of fwd_launch.cuh with warpgroup MMAs.
-// Each warpgroup (4 warps) owns 64 query rows; S = Q K^T reads Q and K from
-// swizzled shared memory, O += P V takes P from registers. K and V are double
-// buffered. Two kernels (measured on H100, benchmarks/RESULTS.md):
-//  - head dim 64: one-warpgroup CTAs, two per SM, handing the buffers over at
-//    __syncthreads (the next block's K loads during this block's softmax, its V
-//    during this block's P V); one CTA's softmax runs under the other's MMAs;
-//  - above: CTAs of two warpgroups that hand the buffers over through mbarriers,
-//    so that neither warpgroup waits for the other.
+// Each warpgroup (4 warps) owns 64 query rows of a CTA's two; S = Q K^T reads Q
+// and K from swizzled shared memory, O += P V takes P from registers. K and V
+// stream through two stages that the warpgroups hand over through mbarriers, so
+// neither waits for the other and one's softmax runs under the other's MMAs.
+// Head dim 64 runs two such CTAs per SM (96-key blocks), above one (measured on
+// H100, benchmarks/RESULTS.md).
 #pragma once
 
 #include <type_traits>
@@ -14,17 +12,6 @@
 #include "sm90.cuh"
 
 namespace flash {
-
-template <int D_, int BN_, int WG_, int MINB_>
-struct FwdSm90Config {
-  static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
-  static constexpr int D = D_, BN = BN_, kWG = WG_, kThreads = 128 * kWG, BM = 64 * kWG;
-  static constexpr int kMinBlocks = MINB_;  // CTAs per SM the registers are capped for
-  // registers per thread the cap leaves; below ~160 the hoisted offsets would spill
-  static constexpr bool kOpaque = 65536 / (kThreads * kMinBlocks) < 160;
-  static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
-  static constexpr size_t kSmem = kTileQ + 4 * kTileKV + 1024;  // + alignment slack
-};
 
 // One key block of the online softmax, in place: the scores s (rows i0 and
 // i0 + 8 of this thread, keys from n0) get the score mod and the mask, become
@@ -123,124 +110,13 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[D / 64][8][4], const uin
     }
 }
 
-template <typename C, typename T>
-__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int D = C::D, BM = C::BM, BN = C::BN;
-  constexpr int NT = BN / 8, PS = BN / 16, DA = D / 64;
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char *smem = sm90::align_1024(smem_raw);
-  T *sQ = reinterpret_cast<T *>(smem);
-  // K and V buffers of stage s: K at kTileQ + s * kTileKV, V two tiles further.
-  auto sK = [&](int stage) { return reinterpret_cast<T *>(smem + C::kTileQ + stage * C::kTileKV); };
-  auto sV = [&](int stage) {
-    return reinterpret_cast<T *>(smem + C::kTileQ + (2 + stage) * C::kTileKV);
-  };
-
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-  const int wg = warp / 4;
-  const int w0 = wg * 64 + (warp % 4) * 16;  // this warp's first row in the tile
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(p, b);
-  const int m0 = m_block * BM;
-  if (m0 >= seq.sq) return;
-  const int hk = h / (p.nheads / p.nheads_k);
-  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
-  const ScoreMod mod(p, b, h);
-
-  const T *q = seq.q_ptr<T>(p, b, h);
-  const T *k = seq.k_ptr<T>(p, b, hk);
-  const T *v = seq.v_ptr<T>(p, b, hk);
-  T *o = seq.o_ptr<T>(p, b, h);
-
-  int nb_lo, nb_hi;
-  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
-
-  auto load_k = [&](int nb, int stage) {
-    const int n0 = nb * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads, T, C::kOpaque>(sK(stage), k + int64_t(n0) * p.k_row_stride,
-                                           p.k_row_stride, seq.sk - n0, p.head_dim, k, tid);
-  };
-  auto load_v = [&](int nb, int stage) {
-    const int n0 = nb * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads, T, C::kOpaque>(sV(stage), v + int64_t(n0) * p.v_row_stride,
-                                           p.v_row_stride, seq.sk - n0, p.head_dim, v, tid);
-  };
-
-  // Groups in flight are always (K of this block, V of this block) at the top
-  // of an iteration; every step commits one group, empty or not.
-  sm90::load_tile_sw<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride,
-                                         seq.sq - m0, p.head_dim, q, tid);
-  if (nb_hi > nb_lo) load_k(nb_hi - 1, 0);
-  cp_async_commit();
-  if (nb_hi > nb_lo) load_v(nb_hi - 1, 0);
-  cp_async_commit();
-
-  float acc_o[DA][8][4];
-#pragma unroll
-  for (int a = 0; a < DA; ++a) zero(acc_o[a]);
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const uint32_t qaddr = smem_addr(sQ) + wg * 64 * 128;
-  auto addr = [](uint32_t a) { return C::kOpaque ? sm90::opaque(a) : a; };
-
-  int stage = 0;
-  for (int nb = nb_hi - 1; nb >= nb_lo; --nb, stage ^= 1) {
-    const int n0 = nb * BN;
-    cp_async_wait<1>();
-    sm90::fence_async_smem();
-    __syncthreads();  // K[nb] landed; every warpgroup is done with the other K buffer
-    if (nb > nb_lo) load_k(nb - 1, stage ^ 1);
-    cp_async_commit();
-
-    float s[NT][4];
-    issue_qk<BM, BN, D, T>(s, addr(qaddr), addr(smem_addr(sK(stage))));
-    sm90::commit_group();
-    sm90::wait_group<0>();
-    sm90::reg_fence(s);
-
-    // Scores in log2 units (masked entries -inf), then the online softmax.
-    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
-    softmax_block<NT, DA>(s, acc_o, row_max, row_sum, mod, vis, masked, m0 + w0 + g, n0, t);
-    uint32_t p_frag[PS][4];
-    pack_a<PS, T>(p_frag, s);
-
-    cp_async_wait<1>();
-    sm90::fence_async_smem();
-    __syncthreads();  // V[nb] landed; every warpgroup is done with the other V buffer
-    if (nb > nb_lo) load_v(nb - 1, stage ^ 1);
-    cp_async_commit();
-
-    issue_pv<BN, D, T>(acc_o, p_frag, addr(smem_addr(sV(stage))));
-    sm90::commit_group();
-    sm90::wait_group<0>();
-    sm90::reg_fence(p_frag);  // P stays in its registers until the MMAs read it
-#pragma unroll
-    for (int a = 0; a < DA; ++a) sm90::reg_fence(acc_o[a]);
-  }
-
-  // Normalise, write O through shared memory and the log-sum-exp.
-  cp_async_wait<0>();
-  __syncthreads();
-  float inv[2];
-  finish_rows(row_max, row_sum, p.lse + seq.lse_off(p, b, h), m0 + w0 + g, seq.sq, t, inv);
-#pragma unroll
-  for (int a = 0; a < DA; ++a)
-    sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_o[a], w0, a * 64, inv[0], inv[1], lane);
-  __syncthreads();
-  sm90::store_tile_sw<BM, D, C::kThreads>(o + int64_t(m0) * p.o_row_stride, sQ, p.o_row_stride,
-                                          seq.sq - m0, p.head_dim, tid);
-#else
-  __trap();  // launched only where sm_90a code exists (use_sm90_kernels)
-#endif
-}
-
-// The kernel below: every thread loads its share of Q, K and V (cp.async) and
-// arrives on an mbarrier once its copies landed; a block's stage is refilled
-// once every thread has arrived on its "read" mbarrier.
-template <int D_, int BN_, int WG_, int STAGES_ = 2>
-struct FwdSm90MbarConfig {
+// BN keys a block, WG warpgroups of 64 query rows, STAGES stages of K and V,
+// registers capped for MINB CTAs per SM.
+template <int D_, int BN_, int WG_, int STAGES_ = 2, int MINB_ = 1>
+struct FwdSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, BN = BN_, kWG = WG_, BM = 64 * kWG, kStages = STAGES_;
+  static constexpr int kMinBlocks = MINB_;
   static constexpr int kThreads = 128 * kWG;
   static constexpr size_t kTileQ = size_t(BM) * D * 2, kTileKV = size_t(BN) * D * 2;
   // Q, the stages of K and V, the mbarriers, alignment slack
@@ -248,14 +124,14 @@ struct FwdSm90MbarConfig {
   static constexpr size_t kSmem = kBarriers + 8 * (1 + 4 * kStages) + 1024;
 };
 
-// Forward without CTA-wide barriers in the loop: the warpgroups of a CTA share
-// the K and V stages through mbarriers (full: every thread's copies landed;
-// read: every thread's MMAs are done with it), so neither waits for the other
-// at a __syncthreads and one's softmax runs under the other's MMAs. The loads
-// stay with all 256 threads: a dedicated producer warpgroup issuing cp.async
+// Forward without CTA-wide barriers in the loop: every thread loads its share
+// of Q, K and V (cp.async) and arrives on the stage's "full" mbarrier once its
+// copies landed; it arrives on the stage's "read" mbarrier once its MMAs are
+// done with it, and the stage is refilled when every thread has. The loads
+// stay with all threads: a dedicated producer warpgroup issuing cp.async
 // (tried) could not keep the MMAs fed on H100.
 template <typename C, typename T>
-__global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_mbar_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
   constexpr int NT = BN / 8, PS = BN / 16, DA = D / 64;
@@ -274,7 +150,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_mbar_kernel(const Fla
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;
-  const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const TileCoords tc = tile_coords(true);
+  const int m_block = tc.tile, h = tc.h, b = tc.b;
   const SeqInfo seq(p, b);
   const int m0 = m_block * BM;
   if (m0 >= seq.sq) return;
@@ -378,16 +255,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_sm90_mbar_kernel(const Fla
 
 template <int D, typename T>
 int run_fwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
-  if constexpr (D <= 64) {
-    using C = FwdSm90Config<D, 128, 1, 2>;
-    const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-    return launch(fwd_sm90_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
-  } else {
-    // above head dim 128 the O accumulators leave room for 64-key blocks
-    using C = FwdSm90MbarConfig<D, (D <= 128 ? 128 : 64), 2>;
-    const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-    return launch(fwd_sm90_mbar_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
-  }
+  // Head dim 64: 96-key blocks, whose registers (128 a thread) let two CTAs share
+  // an SM; above 128 the O accumulators leave room for 64-key blocks.
+  using C = std::conditional_t<(D <= 64), FwdSm90Config<D, 96, 2, 2, 2>,
+                               FwdSm90Config<D, (D <= 128 ? 128 : 64), 2>>;
+  const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
+  return launch(fwd_sm90_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
 }
 
 }  // namespace flash

@@ -129,6 +129,30 @@ struct Visibility {
   }
 };
 
+// Which tile, head and batch entry a CTA of a (tiles, heads, batch) grid takes.
+// Up to 64 tiles (sequences up to 4k-8k), the grid is walked in groups of 16
+// (batch, head) pairs: inside a group each tile index goes across the group's
+// heads before the next, last tile first or first tile first. Under a causal
+// mask the first tiles given out are then the ones with the most blocks (query
+// tiles: the last; key tiles: the first), so a group's long CTAs start first and
+// its short ones fill the end of the grid, and the tensors a group's CTAs all
+// read stay within L2. With more tiles the imbalance is small against the work
+// and the grid goes head by head (measured on H100: benchmarks/RESULTS.md).
+struct TileCoords {
+  int tile, h, b;
+};
+__device__ __forceinline__ TileCoords tile_coords(bool last_first) {
+  const int tiles = gridDim.x, pairs = gridDim.y * gridDim.z;
+  const int group = tiles <= 64 ? 16 : 1;
+  const int lin = blockIdx.x + tiles * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int g0 = lin / (group * tiles) * group;  // first pair of this CTA's group
+  const int size = min(group, pairs - g0);
+  const int in = lin - g0 * tiles;
+  const int pair = g0 + in % size;
+  const int k = in / size;
+  return {last_first ? tiles - 1 - k : k, pair % int(gridDim.y), pair / int(gridDim.y)};
+}
+
 // The score function in log2 units: x = scale*s; x = softcap*tanh(x/softcap);
 // x -= slope*|i + off - j|. `deriv` receives d(score)/d(scale*s) (softcap).
 struct ScoreMod {
