@@ -158,13 +158,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
           s[c][e] = 1.f;
         }
     }
-    if (masked) {
-#pragma unroll
-      for (int c = 0; c < MT; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!vis.visible(m0 + c * 8 + 2 * t + (e % 2), j0 + (e / 2) * 8)) pr[c][e] = 0.f;
-    }
+    if (masked) mask_cols<MT>(pr, vis, m0, j0, t, 0.f);
 #pragma unroll
     for (int c = 0; c < MT; ++c)
 #pragma unroll
@@ -297,13 +291,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(s[j][e] * mod.scale_log2 - lse2[e / 2]);
     }
-    if (masked) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!vis.visible(r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = 0.f;
-    }
+    if (masked) mask_rows<NT>(s, vis, r0, n0, t, 0.f);
     float dp[NT][4];
     zero(dp);
     gemm_ss_nt<NT, KS, LD, T>(dp, sdOw, sVs, lane);

@@ -161,13 +161,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
         for (int e = 0; e < 4; ++e)
           pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse[c * 8 + 2 * t + (e % 2)] * kLog2e));
     }
-    if (masked) {
-#pragma unroll
-      for (int c = 0; c < MT; ++c)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!vis.visible(m0 + c * 8 + 2 * t + (e % 2), j0 + (e / 2) * 8)) pr[c][e] = 0.f;
-    }
+    if (masked) mask_cols<MT>(pr, vis, m0, j0, t, 0.f);
     uint32_t p_frag[PS][4];
     if constexpr (kDV) {
       pack_a<PS, T>(p_frag, pr);
@@ -360,13 +354,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(fmaf(s[j][e], mod.scale_log2, -lse2[e / 2]));
     }
-    if (masked) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!vis.visible(r0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = 0.f;
-    }
+    if (masked) mask_rows<NT>(s, vis, r0, n0, t, 0.f);
     sm90::wait_group<0>();
     sm90::reg_fence(dp);
 #pragma unroll
@@ -424,8 +412,8 @@ int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
       status = launch(bwd_dkdv_sm90_kernel<DK, T, kMod>, grid, DK::kThreads, DK::kSmem, stream, p);
   }
   if (status != FLASH_OK) return status;
-  // dQ: head dim 64 as two independent one-warpgroup CTAs per SM.
-  using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 1, 64, 2>,
+  // dQ: at head dim 64 two CTAs (of two warpgroups) share an SM.
+  using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 2, 64, 2>,
                                std::conditional_t<(D <= 128), BwdQSm90Config<D, 2, 64>,
                                                   BwdQSm90Config<D, 2, 32>>>;
   return launch(bwd_dq_sm90_kernel<Q, T, kMod>,

@@ -118,13 +118,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[m][j][e] *= mod.scale_log2;
       }
-      if (masked) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (!vis.visible(i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[m][j][e] = -INFINITY;
-      }
+      if (masked) mask_rows<NT>(s[m], vis, i0, n0, t, -INFINITY);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = row_max[m][r];

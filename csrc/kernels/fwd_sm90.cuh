@@ -33,13 +33,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[NT][4], float (&acc_o)[
   } else {
     scale = mod.scale_log2;
   }
-  if (masked) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (!vis.visible(i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2))) s[j][e] = -INFINITY;
-  }
+  if (masked) mask_rows<NT>(s, vis, i0, n0, t, -INFINITY);
   float alpha[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -98,6 +98,17 @@ struct Visibility {
   __device__ __forceinline__ bool visible(int i, int j) const {
     return j < sk && (right < 0 || j <= i + off() + right) && (left < 0 || j >= i + off() - left);
   }
+  // Keys [lo, hi) that query i can see (lo 0 without a left window).
+  __device__ __forceinline__ void row_keys(int i, int &lo, int &hi) const {
+    hi = right < 0 ? sk : min(sk, i + off() + right + 1);
+    lo = left < 0 ? 0 : i + off() - left;
+  }
+  // Queries [lo, hi) that see key j (empty past sk).
+  __device__ __forceinline__ void col_queries(int j, int &lo, int &hi) const {
+    constexpr int kFar = 1 << 30;
+    lo = j >= sk ? kFar : right < 0 ? -kFar : j - off() - right;
+    hi = left < 0 ? kFar : j - off() + left + 1;
+  }
   // Keys [lo, hi) that queries [m0, m1) can see.
   __device__ __forceinline__ void key_range(int m0, int m1, int &lo, int &hi) const {
     hi = right < 0 ? sk : min(sk, m1 - 1 + off() + right + 1);
@@ -128,6 +139,46 @@ struct Visibility {
            (left >= 0 && n0 < m1 - 1 + off() - left);
   }
 };
+
+// Sets to `fill` the scores of a fragment row tile that their query cannot see:
+// s[j][e] is query i0 + (e / 2) * 8 against key n0 + j * 8 + 2 * t + (e % 2).
+// Each row's visible keys become column bounds relative to this thread's first
+// column, so every entry costs two compares against constants.
+template <int NT>
+__device__ __forceinline__ void mask_rows(float (&s)[NT][4], const Visibility &vis, int i0, int n0, int t,
+                                          float fill) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int lo, hi;
+    vis.row_keys(i0 + 8 * r, lo, hi);
+    lo -= n0 + 2 * t;
+    hi -= n0 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (j * 8 + c < lo || j * 8 + c >= hi) s[j][2 * r + c] = fill;
+  }
+}
+
+// The same for a transposed tile (dK/dV): pr[c][e] is key j0 + (e / 2) * 8
+// against query m0 + c * 8 + 2 * t + (e % 2).
+template <int MT>
+__device__ __forceinline__ void mask_cols(float (&pr)[MT][4], const Visibility &vis, int m0, int j0, int t,
+                                          float fill) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int lo, hi;
+    vis.col_queries(j0 + 8 * r, lo, hi);
+    lo -= m0 + 2 * t;
+    hi -= m0 + 2 * t;
+#pragma unroll
+    for (int c = 0; c < MT; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (c * 8 + e < lo || c * 8 + e >= hi) pr[c][2 * r + e] = fill;
+  }
+}
 
 // Which tile, head and batch entry a CTA of a (tiles, heads, batch) grid takes.
 // Up to 64 tiles (sequences up to 4k-8k), the grid is walked in groups of 16
