@@ -118,6 +118,25 @@ def test_gqa(dtype, hdim, heads, causal):
     run_and_compare(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 300, 6, 2),  # 18 (batch, head) pairs: a group of 16 and one of 2
+        (1, 8320, 2, 1),  # 65 tiles of 128 queries / keys: the grids go head by head
+    ],
+    ids=["grouped-remainder", "over-64-tiles"],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_order(hdim, shape, causal):
+    """Every (tile, head, batch) is computed once whichever order the grid takes."""
+    torch.manual_seed(4)
+    b, s, h, hk = shape
+    q = rand(b, s, h, hdim, dtype=torch.bfloat16)
+    k, v = rand(b, s, hk, hdim, dtype=torch.bfloat16), rand(b, s, hk, hdim, dtype=torch.bfloat16)
+    run_and_compare(q, k, v, causal=causal)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
