@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
           s[c][e] = 1.f;
         }
     }
-    if (masked) mask_cols<MT>(pr, vis, m0, j0, t, 0.f);
+    if (masked) mask_fragment<true>(pr, vis, j0, m0, t, 0.f);
 #pragma unroll
     for (int c = 0; c < MT; ++c)
 #pragma unroll
@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(s[j][e] * mod.scale_log2 - lse2[e / 2]);
     }
-    if (masked) mask_rows<NT>(s, vis, r0, n0, t, 0.f);
+    if (masked) mask_fragment<false>(s, vis, r0, n0, t, 0.f);
     float dp[NT][4];
     zero(dp);
     gemm_ss_nt<NT, KS, LD, T>(dp, sdOw, sVs, lane);

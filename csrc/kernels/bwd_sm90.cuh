@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
         for (int e = 0; e < 4; ++e)
           pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse[c * 8 + 2 * t + (e % 2)] * kLog2e));
     }
-    if (masked) mask_cols<MT>(pr, vis, m0, j0, t, 0.f);
+    if (masked) mask_fragment<true>(pr, vis, j0, m0, t, 0.f);
     uint32_t p_frag[PS][4];
     if constexpr (kDV) {
       pack_a<PS, T>(p_frag, pr);
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[j][e] = exp2_approx(fmaf(s[j][e], mod.scale_log2, -lse2[e / 2]));
     }
-    if (masked) mask_rows<NT>(s, vis, r0, n0, t, 0.f);
+    if (masked) mask_fragment<false>(s, vis, r0, n0, t, 0.f);
     sm90::wait_group<0>();
     sm90::reg_fence(dp);
 #pragma unroll

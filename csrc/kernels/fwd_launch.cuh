@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[m][j][e] *= mod.scale_log2;
       }
-      if (masked) mask_rows<NT>(s[m], vis, i0, n0, t, -INFINITY);
+      if (masked) mask_fragment<false>(s[m], vis, i0, n0, t, -INFINITY);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = row_max[m][r];

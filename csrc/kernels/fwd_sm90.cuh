@@ -33,7 +33,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[NT][4], float (&acc_o)[
   } else {
     scale = mod.scale_log2;
   }
-  if (masked) mask_rows<NT>(s, vis, i0, n0, t, -INFINITY);
+  if (masked) mask_fragment<false>(s, vis, i0, n0, t, -INFINITY);
   float alpha[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

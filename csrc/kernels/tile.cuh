@@ -140,43 +140,27 @@ struct Visibility {
   }
 };
 
-// Sets to `fill` the scores of a fragment row tile that their query cannot see:
-// s[j][e] is query i0 + (e / 2) * 8 against key n0 + j * 8 + 2 * t + (e % 2).
-// Each row's visible keys become column bounds relative to this thread's first
-// column, so every entry costs two compares against constants.
-template <int NT>
-__device__ __forceinline__ void mask_rows(float (&s)[NT][4], const Visibility &vis, int i0, int n0, int t,
-                                          float fill) {
+// Sets to `fill` the entries of a fragment tile that are not visible: x[c][e]
+// is line row0 + (e / 2) * 8 against column col0 + c * 8 + 2 * t + (e % 2),
+// lines being queries and columns keys, or (kKeyRows, the transposed tiles of
+// dK/dV) lines keys and columns queries. Each line's visible range becomes
+// bounds relative to this thread's first column, so every entry costs two
+// compares against constants.
+template <bool kKeyRows, int N>
+__device__ __forceinline__ void mask_fragment(float (&x)[N][4], const Visibility &vis, int row0, int col0, int t,
+                                              float fill) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     int lo, hi;
-    vis.row_keys(i0 + 8 * r, lo, hi);
-    lo -= n0 + 2 * t;
-    hi -= n0 + 2 * t;
+    if constexpr (kKeyRows) vis.col_queries(row0 + 8 * r, lo, hi);
+    else vis.row_keys(row0 + 8 * r, lo, hi);
+    lo -= col0 + 2 * t;
+    hi -= col0 + 2 * t;
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        if (j * 8 + c < lo || j * 8 + c >= hi) s[j][2 * r + c] = fill;
-  }
-}
-
-// The same for a transposed tile (dK/dV): pr[c][e] is key j0 + (e / 2) * 8
-// against query m0 + c * 8 + 2 * t + (e % 2).
-template <int MT>
-__device__ __forceinline__ void mask_cols(float (&pr)[MT][4], const Visibility &vis, int m0, int j0, int t,
-                                          float fill) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    int lo, hi;
-    vis.col_queries(j0 + 8 * r, lo, hi);
-    lo -= m0 + 2 * t;
-    hi -= m0 + 2 * t;
-#pragma unroll
-    for (int c = 0; c < MT; ++c)
+    for (int c = 0; c < N; ++c)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
-        if (c * 8 + e < lo || c * 8 + e >= hi) pr[c][2 * r + e] = fill;
+        if (c * 8 + e < lo || c * 8 + e >= hi) x[c][2 * r + e] = fill;
   }
 }
 
