@@ -17,12 +17,10 @@ namespace flash {
 
 enum BwdSm90Mode { kSm90DKDV = 0, kSm90DVOnly = 1, kSm90DKOnly = 2 };
 
-template <int D_, int WG_, int MODE_, int BM_, int MINB_ = 1>
+template <int D_, int WG_, int MODE_, int BM_>
 struct BwdKVSm90Config {
   static_assert(D_ % 64 == 0, "the swizzled tiles are 64 columns wide");
   static constexpr int D = D_, kWG = WG_, kMode = MODE_, BM = BM_;
-  static constexpr int kMinBlocks = MINB_;  // CTAs per SM the registers are capped for
-  static constexpr bool kOpaque = kMinBlocks > 1;
   static constexpr int BN = 64 * kWG, kThreads = 128 * kWG;
   static constexpr size_t kTileKV = size_t(BN) * D * 2, kTileQ = size_t(BM) * D * 2;
   // K, V (not in a dV-only pass), two stages of (Q, dO), two stages of (lse, softmax_d),
@@ -34,7 +32,7 @@ struct BwdKVSm90Config {
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
 // path keeps no d(score) registers).
 template <typename C, typename T, bool kMod>
-__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, MT = BM / 8, PS = BM / 16, DA = D / 64;
   constexpr bool kDV = C::kMode != kSm90DKOnly, kDK = C::kMode != kSm90DVOnly;
@@ -75,9 +73,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dkdv_sm90_kern
     const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
     const T *q = seq.q_ptr<T>(p, b, h);
     const T *dout = seq.do_ptr<T>(p, b, h);
-    sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
+    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sQ(st)), q + int64_t(m0) * p.q_row_stride,
                                            p.q_row_stride, seq.sq - m0, p.head_dim, q, tid);
-    sm90::load_tile_sw<BM, D, C::kThreads, T, C::kOpaque>(reinterpret_cast<T *>(sdO(st)),
+    sm90::load_tile_sw<BM, D, C::kThreads>(reinterpret_cast<T *>(sdO(st)),
                                            dout + int64_t(m0) * p.do_row_stride, p.do_row_stride,
                                            seq.sq - m0, p.head_dim, dout, tid);
     // lse and softmax_d; 0 past the sequence, where Q and dO rows are 0 and so is dS

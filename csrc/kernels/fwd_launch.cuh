@@ -104,14 +104,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
     for (int m = 0; m < MT; ++m) {
       const int i0 = m0 + w0 + m * 16 + g;  // rows i0 (e < 2) and i0 + 8
       if (mod.active) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float unused;
-            s[m][j][e] = mod.log2_score(s[m][j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2),
-                                        vis.off(), unused);
-          }
+        mod_fragment<NT>(s[m], mod, i0, n0, t, vis.off());
       } else {
 #pragma unroll
         for (int j = 0; j < NT; ++j)

@@ -23,13 +23,7 @@ __device__ __forceinline__ void softmax_block(float (&s)[NT][4], float (&acc_o)[
                                               bool masked, int i0, int n0, int t) {
   float scale = 1.f;  // folded into the exponent when no score mod
   if (mod.active) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float unused;
-        s[j][e] = mod.log2_score(s[j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2), vis.off(), unused);
-      }
+    mod_fragment<NT>(s, mod, i0, n0, t, vis.off());
   } else {
     scale = mod.scale_log2;
   }

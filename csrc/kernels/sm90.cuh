@@ -67,16 +67,6 @@ __device__ __forceinline__ unsigned char *align_1024(unsigned char *p) {
                                            ~uintptr_t(1023));
 }
 
-// A value the compiler cannot see through: what is computed from it is made
-// where it is used instead of being hoisted out of the loop into live registers.
-// Measured on H100: it costs speed where registers are plentiful (the hoisted
-// descriptors let the MMAs issue back to back) and pays where a kernel is capped
-// to fit two CTAs per SM.
-__device__ __forceinline__ uint32_t opaque(uint32_t x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
-
 // Byte offset of the 16-byte chunk holding (r, c) (c a multiple of 8).
 template <int ROWS>
 __device__ __forceinline__ int sw_offset(int r, int c) {
@@ -85,15 +75,12 @@ __device__ __forceinline__ int sw_offset(int r, int c) {
 
 // cp.async a ROWS x D tile into the swizzled layout (rows >= rows_valid or cols
 // >= cols_valid read as 0).
-// OPAQUE: recompute the per-thread offsets at every call instead of keeping
-// them live across the loop (fewer registers, a little more arithmetic).
-template <int ROWS, int D, int NTHREADS, typename T, bool OPAQUE = false>
+template <int ROWS, int D, int NTHREADS, typename T>
 __device__ __forceinline__ void load_tile_sw(T *s, const T *g, int64_t ld, int rows_valid,
                                              int cols_valid, const T *fallback, int tid) {
   constexpr int kCh = D / 8, kTotal = ROWS * kCh;
   static_assert(kTotal % NTHREADS == 0, "tile chunks divide among the threads");
   unsigned char *base = reinterpret_cast<unsigned char *>(s);
-  if constexpr (OPAQUE) tid = static_cast<int>(opaque(static_cast<uint32_t>(tid)));
 #pragma unroll
   for (int it = 0; it < kTotal / NTHREADS; ++it) {
     const int idx = tid + it * NTHREADS;

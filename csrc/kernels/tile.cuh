@@ -95,14 +95,6 @@ struct SeqInfo {
 struct Visibility {
   int sq, sk, left, right;
   __device__ __forceinline__ int off() const { return sk - sq; }
-  __device__ __forceinline__ bool visible(int i, int j) const {
-    return j < sk && (right < 0 || j <= i + off() + right) && (left < 0 || j >= i + off() - left);
-  }
-  // Keys [lo, hi) that query i can see (lo 0 without a left window).
-  __device__ __forceinline__ void row_keys(int i, int &lo, int &hi) const {
-    hi = right < 0 ? sk : min(sk, i + off() + right + 1);
-    lo = left < 0 ? 0 : i + off() - left;
-  }
   // Queries [lo, hi) that see key j (empty past sk).
   __device__ __forceinline__ void col_queries(int j, int &lo, int &hi) const {
     constexpr int kFar = 1 << 30;
@@ -153,7 +145,7 @@ __device__ __forceinline__ void mask_fragment(float (&x)[N][4], const Visibility
   for (int r = 0; r < 2; ++r) {
     int lo, hi;
     if constexpr (kKeyRows) vis.col_queries(row0 + 8 * r, lo, hi);
-    else vis.row_keys(row0 + 8 * r, lo, hi);
+    else vis.key_range(row0 + 8 * r, row0 + 8 * r + 1, lo, hi);
     lo -= col0 + 2 * t;
     hi -= col0 + 2 * t;
 #pragma unroll
@@ -213,6 +205,20 @@ struct ScoreMod {
     return x * kLog2e;
   }
 };
+
+// The score mod of a fragment row tile, in place (s[j][e]: query i0 + (e / 2) * 8,
+// key n0 + j * 8 + 2 * t + (e % 2)); the forward needs no d(score).
+template <int N>
+__device__ __forceinline__ void mod_fragment(float (&s)[N][4], const ScoreMod &mod, int i0, int n0, int t,
+                                             int off) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float unused;
+      s[j][e] = mod.log2_score(s[j][e], i0 + (e / 2) * 8, n0 + j * 8 + 2 * t + (e % 2), off, unused);
+    }
+}
 
 // Copy a ROWS x D tile (rows >= rows_valid or cols >= cols_valid read as 0).
 template <int ROWS, int D, int NTHREADS, typename T>
