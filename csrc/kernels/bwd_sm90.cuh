@@ -57,17 +57,22 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
   const int group = p.nheads / p.nheads_k;
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
 
-  const T *k = seq.k_ptr<T>(p, b, hk);
-  const T *v = seq.v_ptr<T>(p, b, hk);
-  sm90::load_tile_sw<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
-                                         seq.sk - n0, p.head_dim, k, tid);
-  if constexpr (kDK)
-    sm90::load_tile_sw<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
-                                           seq.sk - n0, p.head_dim, v, tid);
-
   int mb_lo, n_mb;
   vis.query_blocks(n0, min(n0 + BN, seq.sk), BM, mb_lo, n_mb);
   const int n_iters = group * n_mb;
+
+  // K and V are read only when some query sees these keys; otherwise dK and dV
+  // are 0 (the zero accumulators below), written through the tiles they would
+  // have filled. Their copies are tracked by stage 0's mbarrier (load_q_side(0)).
+  const T *k = seq.k_ptr<T>(p, b, hk);
+  const T *v = seq.v_ptr<T>(p, b, hk);
+  if (n_iters > 0) {
+    sm90::load_tile_sw<BN, D, C::kThreads>(sK, k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
+                                           seq.sk - n0, p.head_dim, k, tid);
+    if constexpr (kDK)
+      sm90::load_tile_sw<BN, D, C::kThreads>(sV, v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
+                                             seq.sk - n0, p.head_dim, v, tid);
+  }
 
   auto load_q_side = [&](int it) {
     const int h = hk * group + it / n_mb, m0 = (mb_lo + it % n_mb) * BM, st = it % 2;
@@ -206,8 +211,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
     sm90::mbar_arrive(empty + st);
   }
 
-  // Write dK (scaled) and dV through shared memory (the K and V tiles).
-  cp_async_wait<0>();
+  // Write dK (scaled) and dV through shared memory (the K and V tiles). The
+  // copies here were never committed as groups (mbarriers track them), so only
+  // wait_all, not wait_group, guarantees none still lands in sK/sV after this.
+  cp_async_wait_all();
   __syncthreads();
   const int r0 = wg * 64 + (warp % 4) * 16;
   if constexpr (kDK) {

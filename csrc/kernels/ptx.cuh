@@ -27,10 +27,16 @@ __device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool pred
                "r"(bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits for the cp.async groups this thread committed, all but the newest N.
+// Copies issued after the last commit belong to no group and are NOT waited for.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// Waits for every cp.async this thread issued, committed or not (those tracked
+// by an mbarrier instead of a group too): before shared memory they wrote to is
+// reused.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
