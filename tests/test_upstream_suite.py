@@ -493,6 +493,46 @@ def test_outcomes_follow_pytests_counting(tmp_path: Path) -> None:
     assert outcomes.not_run == []
 
 
+def test_only_the_first_failures_keep_their_details(tmp_path: Path) -> None:
+    (tmp_path / "test_synth.py").write_text(
+        textwrap.dedent(
+            """\
+            import pytest
+
+            @pytest.mark.parametrize("i", range(5))
+            def test_always(i):
+                print("Output max diff:", i)
+                assert i < 0, f"case {i}"
+            """
+        ),
+        encoding="utf-8",
+    )
+    config = write_config(tmp_path / "suite.toml", "")
+    _, _, results = run_plugin(tmp_path, "--upstream-detailed-failures", "2", config=config)
+    assert [r["outcome"] for r in results] == ["failed"] * 5
+    detailed = [r for r in results if "stdout" in r]
+    assert [r["stdout"] for r in detailed] == ["Output max diff: 0\n", "Output max diff: 1\n"]
+    assert all("test_synth.py" in r["longrepr"] for r in detailed)  # the traceback
+    brief = [r["longrepr"] for r in results if "stdout" not in r]
+    assert [b.splitlines()[0] for b in brief] == [f"AssertionError: case {i}" for i in (2, 3, 4)]
+
+
+def test_a_long_log_is_cut_in_the_middle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_suite, "LOG_LIMIT", 100)
+    monkeypatch.setattr(upstream_suite, "LOG_HEAD", 10)
+    monkeypatch.setattr(upstream_suite, "LOG_TAIL", 20)
+    log = tmp_path / "log"
+    text = "".join(f"{i:04d}\n" for i in range(40))  # 200 bytes
+    log.write_text(text)
+    upstream_suite._shorten_log(log)
+    cut = log.read_text()
+    assert cut.startswith(text[:10]) and cut.endswith(text[-20:])
+    assert "[... 170 bytes cut by upstream_suite.py ...]" in cut
+    log.write_text(text[:100])
+    upstream_suite._shorten_log(log)
+    assert log.read_text() == text[:100]
+
+
 def test_outcomes_of_teardown_errors_crashes_and_missing_cases(tmp_path: Path) -> None:
     lines = [
         {"nodeid": "f::a", "when": "call", "outcome": "passed"},

@@ -52,12 +52,22 @@ from upstream_rules import (  # noqa: E402
 
 CONFIG_KEY = pytest.StashKey[SuiteConfig]()
 STATE_KEY = pytest.StashKey[dict[str, Any]]()
-LONGREPR_LIMIT = 4000  # characters of a failure's report kept in the results file
+# What the results file keeps of a failure: the report's tail (pytest's --tb style) and
+# of its captured stdout (upstream's tests print their max differences there), for the
+# first DETAILED_FAILURES; after those only the one-line crash message, so that a run
+# where thousands of cases fail still leaves a file of a few MB.
+LONGREPR_LIMIT = 1500
+STDOUT_LIMIT = 600
+DETAILED_FAILURES = 300  # --upstream-detailed-failures
+CRASH_LIMIT = 300
 
 # the results file; set in the controller (or the only process) at session start
 _results_path: Path | None = None
 # this process's selection state (collection errors are reported without a config)
 _active_state: dict[str, Any] | None = None
+# failures recorded with their details so far, and how many may be
+_detailed = 0
+_detail_limit = DETAILED_FAILURES
 
 
 class StandInCalled(RuntimeError):
@@ -74,6 +84,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--upstream-selection", help="write the selection as JSON to this file")
     group.addoption("--upstream-results", help="append each case's outcome (JSON lines) here")
+    group.addoption(
+        "--upstream-detailed-failures",
+        type=int,
+        default=DETAILED_FAILURES,
+        help="failures whose report and stdout the results keep (then the crash line only)",
+    )
     group.addoption(
         "--upstream-assume-capability",
         help="MAJOR.MINOR that torch.cuda.get_device_capability answers where no GPU is seen",
@@ -178,8 +194,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     }
     if hasattr(report, "wasxfail"):
         record["xfail"] = True
-    if report.outcome != "passed":
-        record["longrepr"] = str(report.longrepr)[-LONGREPR_LIMIT:]
+    if report.outcome == "failed":
+        global _detailed
+        if _detailed < _detail_limit:
+            _detailed += 1
+            record["longrepr"] = str(report.longrepr)[-LONGREPR_LIMIT:]
+            record["stdout"] = report.capstdout[-STDOUT_LIMIT:]
+        else:
+            crash = getattr(report.longrepr, "reprcrash", None)
+            record["longrepr"] = str(crash.message if crash else report.longrepr)[:CRASH_LIMIT]
+    elif report.outcome == "skipped":
+        record["longrepr"] = str(report.longrepr)[-CRASH_LIMIT:]
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -187,18 +212,20 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     """The controller (or the only process) owns the results file."""
-    global _results_path
+    global _results_path, _detail_limit
     config = session.config
     target = config.getoption("upstream_results")
     if CONFIG_KEY in config.stash and target and not hasattr(config, "workerinput"):
+        _detail_limit = config.getoption("upstream_detailed_failures")
         _results_path = Path(target)
         _results_path.write_text("", encoding="utf-8")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    global _results_path, _active_state
+    global _results_path, _active_state, _detailed
     _results_path = None
     _active_state = None
+    _detailed = 0
 
 
 # ------------------------------------------------------------------ selection report

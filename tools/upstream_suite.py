@@ -50,6 +50,11 @@ DEFAULT_UPSTREAM = ROOT / ".upstream"
 SOURCE_RECORD = "source.json"
 UPSTREAM_REPOSITORY = "Dao-AILab/flash-attention"
 INTERRUPT_GRACE_S = 30
+# a log larger than this is cut in the middle after the run (the device tool brings
+# back files of at most 16 MiB): its first LOG_HEAD and last LOG_TAIL bytes are kept
+LOG_LIMIT = 12 << 20
+LOG_HEAD = 2 << 20
+LOG_TAIL = 8 << 20
 
 
 class SuiteError(RuntimeError):
@@ -223,6 +228,7 @@ def run_path(
         except KeyboardInterrupt:
             _stop(proc)
             raise
+    _shorten_log(files["log"])
     return summarize(
         kpath.name,
         dict(kpath.env),
@@ -232,6 +238,18 @@ def run_path(
         time.monotonic() - start,
         cut_short,
     )
+
+
+def _shorten_log(log: Path) -> None:
+    size = log.stat().st_size
+    if size <= LOG_LIMIT:
+        return
+    with open(log, "rb") as f:
+        head = f.read(LOG_HEAD)
+        f.seek(size - LOG_TAIL)
+        tail = f.read()
+    note = f"\n[... {size - LOG_HEAD - LOG_TAIL} bytes cut by upstream_suite.py ...]\n"
+    log.write_bytes(head + note.encode() + tail)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
