@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION = ROOT / "tools" / "gpu_session.sh"
@@ -54,9 +55,7 @@ def test_gpu_load_summary_line():
     )
 
 
-@pytest.mark.skipif(
-    __import__("torch").cuda.is_available(), reason="checks the refusal without a GPU"
-)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_gpu_load_refuses_without_a_gpu():
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "gpu_load.py"), "--seconds", "1"],
