@@ -3,10 +3,10 @@
 `make refresh-matrix` (python3 -m scripts.factory refresh-matrix) lists torch's files on
 the index ([torch_index] in recipes/matrix.toml; the PEP 691 JSON page, else the PEP 503
 HTML page), takes the newest release of every minor since [torch_index].since, reads
-that release's own Linux x86_64 wheel (its METADATA from the PEP 658 `.metadata` file
-where the index offers one; METADATA, torch/version.py, TorchConfig.cmake and
-torch/__init__.py as byte ranges of the wheel otherwise, about 3 MiB of a 500 MiB wheel)
-and rewrites the generated block of the matrix file. torch_metadata.py holds the rules.
+that release's own Linux x86_64 wheel (METADATA from the PEP 658 `.metadata` file where
+the index offers one, else from the wheel; torch/version.py, TorchConfig.cmake and
+torch/__init__.py as byte ranges of the wheel: about 1.5 MiB of a 500 MiB wheel) and
+rewrites the generated block of the matrix file. torch_metadata.py holds the rules.
 `refresh-matrix --check` (and tests/factory/test_torch_releases.py, in CI) compares the
 committed block with the index and names every missing or different release.
 
