@@ -11,9 +11,15 @@ from urllib.parse import unquote
 import pytest
 from factory_wheels import make_wheel
 
+from scripts.factory.matrix import Cell, LocalFacts, load_spec, select_cells
+from scripts.factory.paths import FactoryPaths
+from scripts.factory.pipeline import CellOutcome, RunOptions, run_cells
 from scripts.factory.publish import Candidate, PublishConflict, label_variant, publish
+from scripts.factory.report import CellReport
+from scripts.factory.status import CellStatus
 from scripts.factory.wheelfile import normalize_wheel
 
+REPO = Path(__file__).resolve().parents[2]
 V1 = "cu130-torch2.13-cxx11abiTRUE"
 V2 = "cu130-torch2.14-cxx11abiTRUE"
 
@@ -161,3 +167,24 @@ def test_failed_publish_leaves_the_old_tree_whole(tmp_path: Path, error: BaseExc
     assert (out / "whl").resolve() == target
     assert [p.name for p in (out / ".whl-trees").iterdir()] == [target.name]
     assert not list(out.glob(".whl-link-*"))
+
+
+def test_a_refused_publish_fails_the_cells_rows_not_the_run(tmp_path: Path) -> None:
+    """`make wheels` over a tree that holds other bytes under a wheel's name: the rows
+    say failed (publish) with the reason, the report is still written, nothing lands."""
+    spec = load_spec()
+    cell = select_cells("torch=2.13 python=3.11 cuda=13.0", spec, LocalFacts("3.11"))[0]
+    assert cell.variant == V1
+    paths = FactoryPaths(REPO, tmp_path / "work", tmp_path / "dist", tmp_path / "cache")
+    publish(paths.out, [candidate(wheel(tmp_path / "first", V1), V1)])
+    before = tree_files(paths.out)
+    changed = wheel(tmp_path / "changed", V1, payload=b"x = 3\n")
+
+    def runner(c: Cell) -> CellOutcome:
+        report = CellReport(cell=c.id, status=CellStatus.BUILT)
+        return CellOutcome(report, Candidate(c.id, c.variant, changed, "test", "passed"))
+
+    rows = run_cells([cell], spec, paths, RunOptions(), lambda _: None, runner)
+    assert rows[0].status_text == "failed (publish)"
+    assert "publish refused, nothing was published" in rows[0].note
+    assert tree_files(paths.out) == before
