@@ -34,7 +34,7 @@ from . import ci_cli
 from .build import source_date_epoch
 from .containers import ContainerCells
 from .devshell import build_dev_image, dev_shell_argv
-from .doctor import diagnose
+from .doctor import doctor
 from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
 from .images import DEV_REQUIREMENTS, ImageOptions
@@ -48,6 +48,7 @@ from .publish import Candidate, publish
 from .report import CellReport, load, print_report, save
 from .smoke import quarantine
 from .stage import stage_sources
+from .variant import index_base
 
 
 def _log(message: str) -> None:
@@ -232,9 +233,7 @@ def cmd_dev(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> 
 
 
 def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    for line in diagnose(probe_python(args.python or sys.executable), spec, args.base_url):
-        print(line)
-    return 0
+    return doctor(probe_python(args.python or sys.executable), spec, args.base_url)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -323,7 +322,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="print the last run's report")
     d = sub.add_parser("doctor", help="which variant an environment needs")
     d.add_argument("--python", help="the interpreter to inspect (default: this one)")
-    d.add_argument("--base-url", default="<index>")
+    d.add_argument(
+        "--base-url",
+        default=index_base(),
+        help="where the variant indexes are published (default: $FLASH_ATTN_INDEX_URL "
+        "or a placeholder)",
+    )
     COMMANDS.update(ci_cli.add_parsers(sub, with_matrix))
     return p
 
