@@ -188,11 +188,19 @@ def mismatch_message(
     found: Sequence[Mismatch],
     base_url: str,
 ) -> str:
+    if any(m.what != "CUDA" for m in found):
+        why = (
+            "its compiled extension (flash_attn._C) links against another torch's C++ "
+            "library and would fail with an undefined symbol or, worse, load and misbehave"
+        )
+    else:
+        why = (
+            f"its kernels are CUDA {built.cuda} code, and a CUDA {running.cuda} torch does "
+            "not say that the driver runs them"
+        )
     lines = [
         f"flash_attn {installed.version} ({installed.package_dir}) was "
-        f"{'; '.join(m.describe() for m in found)}. It is not imported: its compiled "
-        "extension (flash_attn._C) would fail with an undefined symbol or, worse, load "
-        "and misbehave.",
+        f"{'; '.join(m.describe() for m in found)}. It is not imported: {why}.",
         f"  built against: {describe_build(built)}",
         f"  running:       {running.describe()}",
         "",

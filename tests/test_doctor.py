@@ -155,6 +155,14 @@ def test_mismatch_message_names_versions_variant_and_command(tmp_path: Path) -> 
     assert SKIP_CHECK_ENV in message and "python -m flash_attn" in message
 
 
+def test_a_cuda_mismatch_says_the_kernels_cuda(tmp_path: Path) -> None:
+    pkg = fake_install(tmp_path, built("2.13.0+cu128", cuda="12.8", nvcc="12.8"))
+    message = import_error(locate(pkg), TORCH_213, BASE)
+    assert "built for CUDA 12.8, running CUDA 13.0" in message
+    assert "kernels are CUDA 12.8 code" in message and "undefined symbol" not in message
+    assert Variant("13.0", "2.13", True).index_url(BASE) in message
+
+
 def test_a_source_checkout_is_told_to_rebuild(tmp_path: Path) -> None:
     pkg = fake_install(tmp_path, built("2.14.0+cu130"))
     (tmp_path / "setup.py").write_text("")
