@@ -38,7 +38,7 @@ from . import ci_cli
 from .build import source_date_epoch
 from .containers import ContainerCells
 from .devshell import build_dev_image, dev_shell_argv
-from .doctor import diagnose
+from .doctor import doctor
 from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
 from .images import DEV_REQUIREMENTS, ImageOptions
@@ -65,6 +65,7 @@ from .smoke import quarantine
 from .stage import stage_sources
 from .status import goal
 from .torch_releases import index_source, refresh
+from .variant import index_base
 
 
 def _log(message: str) -> None:
@@ -261,9 +262,7 @@ def cmd_dev(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> 
 
 
 def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    for line in diagnose(probe_python(args.python or sys.executable), spec, args.base_url):
-        print(line)
-    return 0
+    return doctor(probe_python(args.python or sys.executable), spec, args.base_url)
 
 
 def cmd_kernel_env(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
@@ -393,7 +392,12 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="print the last run's report")
     d = sub.add_parser("doctor", help="which variant an environment needs")
     d.add_argument("--python", help="the interpreter to inspect (default: this one)")
-    d.add_argument("--base-url", default="<index>")
+    d.add_argument(
+        "--base-url",
+        default=index_base(),
+        help="where the variant indexes are published (default: $FLASH_ATTN_INDEX_URL "
+        "or a placeholder)",
+    )
     ke = sub.add_parser("kernel-env", help="a kernel set's setup.py knobs, NAME=value a line")
     ke.add_argument("--kernels", required=True, help="a kernel set of recipes/matrix.toml")
     r = sub.add_parser("refresh-matrix", help="the torch table from the package index")
