@@ -36,7 +36,11 @@ INDEX_URL_ENV = "FLASH_ATTN_INDEX_URL"
 TORCH_INDEX = "https://download.pytorch.org/whl"
 
 _MINOR_RE = re.compile(r"^\s*(\d+)\.(\d+)")
-_LABEL_RE = re.compile(r"^cu(\d+)(\d)torch(\d+\.\d+)cxx11abi(true|false)$", re.IGNORECASE)
+# cu<CUDA>torch<minor>cxx11abi<TRUE|FALSE>, then the kernel-content segments of a wheel
+# built with a reduced kernel set (".ci", ".sm80sm90"; README.md, "Wheels").
+_LABEL_RE = re.compile(
+    r"^cu(\d+)(\d)torch(\d+\.\d+)cxx11abi(true|false)((?:\.[a-z0-9]+)*)$", re.IGNORECASE
+)
 
 
 class VariantError(ValueError):
@@ -102,11 +106,17 @@ class TorchFacts:
 
 @dataclass(frozen=True)
 class Variant:
-    """The (CUDA, torch minor, C++ ABI) a wheel is built for; one package index each."""
+    """The (CUDA, torch minor, C++ ABI) a wheel is built for; one package index each.
+
+    ``content`` is the kernel-content label of a wheel built with anything but the
+    release kernel set ("ci", "ci.sm80sm90"): it keeps such wheels out of the release
+    index and apart in their version label. Empty for release wheels.
+    """
 
     cuda: str  # "13.0"
     torch: str  # "2.13"
     cxx11abi: bool
+    content: str = ""
 
     @property
     def cuda_tag(self) -> str:
@@ -114,13 +124,16 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """'cu130-torch2.13-cxx11abiTRUE': the index a wheel is published in."""
-        return f"{self.cuda_tag}-torch{self.torch}-cxx11abi{abi_text(self.cxx11abi)}"
+        """'cu130-torch2.13-cxx11abiTRUE' (or '...-ci'): the index a wheel is published in."""
+        base = f"{self.cuda_tag}-torch{self.torch}-cxx11abi{abi_text(self.cxx11abi)}"
+        return "-".join([base, *self.content.split(".")]) if self.content else base
 
     @property
     def local_label(self) -> str:
-        """'cu130torch2.13cxx11abiTRUE': the PEP 440 local label of its wheels."""
-        return f"{self.cuda_tag}torch{self.torch}cxx11abi{abi_text(self.cxx11abi)}"
+        """'cu130torch2.13cxx11abiTRUE' (or '...TRUE.ci'): the PEP 440 local label of its
+        wheels."""
+        base = f"{self.cuda_tag}torch{self.torch}cxx11abi{abi_text(self.cxx11abi)}"
+        return f"{base}.{self.content}" if self.content else base
 
     def index_url(self, base: str = INDEX_PLACEHOLDER) -> str:
         return f"{base.rstrip('/')}/whl/{self.name}/simple"
@@ -150,7 +163,8 @@ class Variant:
         if m is None:
             return None
         cuda = f"{int(m.group(1))}.{m.group(2)}"
-        return cls(cuda, m.group(3), m.group(4).upper() == "TRUE")
+        content = m.group(5).lower().lstrip(".")
+        return cls(cuda, m.group(3), m.group(4).upper() == "TRUE", content)
 
     @classmethod
     def for_torch(cls, torch: TorchFacts, cuda: str | None = None) -> Variant:

@@ -339,7 +339,9 @@ def environment() -> dict[str, Any]:
     except Exception as e:  # the summary is still written without it
         info["torch"] = f"not importable: {e}"
     proc = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=40"],
+        capture_output=True,
+        text=True,
     )
     info["our_commit"] = proc.stdout.strip() if proc.returncode == 0 else None
     return info

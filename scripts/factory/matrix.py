@@ -32,6 +32,7 @@ from .torch_metadata import (
     public_version,
     python_lower_bound,
 )
+from .variant import Variant
 
 REPO = Path(__file__).resolve().parents[2]
 MATRIX_TOML = REPO / "recipes" / "matrix.toml"
@@ -198,12 +199,15 @@ class Cell:
         return "cp" + self.python.replace(".", "")
 
     @property
+    def variant_key(self) -> Variant:
+        """cuda + torch + ABI, plus the kernel contents of any set but the release set
+        (README, "Wheels"): the package's Variant, the one home of the names below."""
+        return Variant(self.cuda, self.torch, self.cxx11abi, self.kernels.content_label)
+
+    @property
     def variant(self) -> str:
-        """The index a wheel goes to: cuda + torch + ABI (one pip index each), plus the
-        kernel contents' segment for any set but the release set (README, "Wheels")."""
-        base = f"{self.cuda_tag}-torch{self.torch}-cxx11abi{self.abi_text}"
-        content = self.kernels.content_label
-        return f"{base}-{content.replace('.', '-')}" if content else base
+        """The index a wheel goes to: cu130-torch2.13-cxx11abiTRUE(-ci)."""
+        return self.variant_key.name
 
     @property
     def id(self) -> str:
@@ -213,9 +217,7 @@ class Cell:
     def local_label(self) -> str:
         """The PEP 440 local version label: 2.9.0+cu130torch2.13cxx11abiTRUE (release
         kernels), 2.9.0+cu130torch2.13cxx11abiTRUE.ci (the ci set)."""
-        base = f"{self.cuda_tag}torch{self.torch}cxx11abi{self.abi_text}"
-        content = self.kernels.content_label
-        return f"{base}.{content}" if content else base
+        return self.variant_key.local_label
 
     @property
     def requires_torch(self) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from build_tools.cache import atomic_write_bytes, atomic_write_text
 
 from .errors import FactoryError
 from .index import PROJECT, Entry, find_links_page, project_page, simple_root, table_page
+from .variant import Variant
 from .wheelfile import read_wheel_info
 
 MANIFEST = "manifest.json"
@@ -52,19 +52,12 @@ class PublishConflict(FactoryError):
     """A wheel name already published with other bytes."""
 
 
-_LABEL_RE = re.compile(r"^cu(\d+)torch(\d+\.\d+)cxx11abi(true|false)((?:\.[a-z0-9]+)*)$", re.I)
-
-
 def label_variant(version: str) -> str | None:
     """The variant a version's local label names: 2.9.0+cu130torch2.14cxx11abiTRUE.ci ->
-    cu130-torch2.14-cxx11abiTRUE-ci (matrix.Cell.variant and .local_label, read back);
-    None for a version without such a label."""
-    m = _LABEL_RE.match(version.partition("+")[2])
-    if m is None:
-        return None
-    segments = [s for s in m.group(4).lower().split(".") if s]
-    base = f"cu{m.group(1)}-torch{m.group(2)}-cxx11abi{m.group(3).upper()}"
-    return "-".join([base, *segments])
+    cu130-torch2.14-cxx11abiTRUE-ci (the package's Variant, read back); None for a
+    version without such a label."""
+    variant = Variant.from_label(version.partition("+")[2])
+    return None if variant is None else variant.name
 
 
 def sha256_file(path: Path) -> str:
