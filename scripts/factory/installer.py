@@ -27,6 +27,7 @@ from pathlib import Path
 from .errors import FactoryError
 
 INSTALLERS = ("uv", "pip")
+TOOL_TIMEOUT_S = 20
 INSTALLER_VARIABLE = "FLASH_ATTN_INSTALLER"
 
 # transport and cache settings: kept, as they cannot change what gets installed
@@ -118,14 +119,15 @@ class Installer:
     uv: str = ""  # uv's path, for kind "uv"
     reason: str = ""  # why this installer
 
-    def _run(self, cmd: list[str], log: Path, what: str) -> None:
+    def _run(
+        self, cmd: list[str], log: Path, what: str, extra_env: Mapping[str, str] | None = None
+    ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             f.flush()
-            done = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=hermetic_env(), check=False
-            )
+            env = {**hermetic_env(), **(extra_env or {})}
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
         if done.returncode != 0:
             raise FactoryError(f"{what} failed ({self.kind}, exit {done.returncode}); see {log}")
 
@@ -152,14 +154,16 @@ class Installer:
         self, python: str, requirements: Sequence[str], target: Path, index: PackageIndex,
         log: Path,
     ) -> None:
-        """Install requirements into a plain directory (a tool, not an environment)."""
+        """Install requirements into a plain directory: an optional tool, so a machine
+        without network gives up after TOOL_TIMEOUT_S (and one retry), not minutes."""
         if self.kind == "uv":
             cmd = [self.uv, "pip", "install", "--no-config", "--python", python]
-            cmd += ["--target", str(target)]
         else:
             cmd = [python, "-m", "pip", "install", "--disable-pip-version-check"]
-            cmd += ["--target", str(target)]
-        self._run([*cmd, *index.args(), *requirements], log, f"installing {' '.join(requirements)}")
+            cmd += ["--timeout", str(TOOL_TIMEOUT_S), "--retries", "1"]
+        cmd += ["--target", str(target), *index.args(), *requirements]
+        quick = {"UV_HTTP_TIMEOUT": str(TOOL_TIMEOUT_S), "UV_HTTP_RETRIES": "1"}
+        self._run(cmd, log, f"installing {' '.join(requirements)}", quick)
 
 
 def pip_download(

@@ -2,6 +2,12 @@
 
 `system` uses what is installed (the interpreter of the cell's python, the torch in
 it, the nvcc on this machine): how the factory runs on a GPU box without network.
+
+`hermetic` makes a venv per (python, torch, CUDA) from the index recipes/toolchain.toml
+names, with nothing of the machine's pip or uv configuration (installer.py), and stops
+a cell whose torch there is not the cell's CUDA build. With uv the venvs are hard links
+into uv's cache: a torch shared by several toolchains, or a toolchain made again, costs
+its disk once and seconds to install.
 """
 
 from __future__ import annotations
@@ -299,8 +305,7 @@ def provision_hermetic(
     root/<python>-torch<minor>-cu<cuda> and reused.
 
     With a wheelhouse, everything is first downloaded into it (reusing what it holds)
-    and installed from it alone: a builder image keeps it, so its smoke venvs install
-    the cell's torch without a network."""
+    and installed from it alone: a builder image keeps it, and builds offline."""
     base = find_interpreter(cell.python)
     venv = root / hermetic_venv_name(cell)
     marker = venv / "factory-toolchain.json"
