@@ -14,10 +14,15 @@ Knobs (environment variables; README.md, "Build knobs"):
 FLASH_ATTN_CUDA_ARCHS, FLASH_ATTN_HEAD_DIMS, FLASH_ATTN_DTYPES,
 FLASH_ATTN_BACKWARD, MAX_JOBS, NVCC_THREADS, FLASH_ATTN_NVCC_MEM_GB,
 FLASH_ATTN_NVCC_FLAGS, FLASH_ATTN_OBJECT_CACHE, FLASH_ATTN_LOCAL_VERSION, CUDA_HOME.
+
+Next to the extension goes flash_attn/_built_against.json: the torch (version, CUDA,
+C++ ABI) and the CUDA toolkit it was compiled with. `import flash_attn` compares it
+with the running torch and refuses a build for another one (flash_attn/_variant.py).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -70,6 +75,30 @@ def _newer(source: Path, target: Path) -> bool:
     return not target.exists() or source.stat().st_mtime > target.stat().st_mtime
 
 
+def _variant_module() -> Any:
+    """flash_attn/_variant.py (the build record's format and the variant names), loaded
+    by path: importing flash_attn here would run its torch check against the build that
+    is being replaced."""
+    spec = importlib.util.spec_from_file_location(
+        "_flash_attn_variant", ROOT / "flash_attn" / "_variant.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build_record(variant: Any, torch: Any, nvcc_version: str) -> str:
+    """The JSON of what this build compiles against (flash_attn/_variant.py, BuiltAgainst)."""
+    facts = variant.TorchFacts(
+        version=str(torch.__version__),
+        cuda=torch.version.cuda,
+        cxx11abi=bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    )
+    return str(variant.BuiltAgainst(facts, variant.minor_of(nvcc_version)).to_json())
+
+
 def _relative(paths: list[Path]) -> list[str]:
     return [p.relative_to(ROOT).as_posix() for p in paths]
 
@@ -80,9 +109,11 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as e:
         _fail(NO_TORCH.format(error=e, python=sys.executable))
+    variant = _variant_module()
 
     class BuildFlashAttn(BuildExtension):  # type: ignore[misc]
-        """Compile the kernel objects first, then the binding linked with them."""
+        """Compile the kernel objects first, then the binding linked with them; the
+        build record goes next to the extension, wherever the extension goes."""
 
         def build_extensions(self) -> None:
             env = dict(os.environ)
@@ -109,18 +140,37 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
             # in a manifest whose mtime changes exactly when they do.
             manifest = layout.link_manifest
             write_text_if_changed(manifest, "".join(f"{a}\n" for a in [*objects, *link_args]))
+            # The record is written before linking and is a dependency of the
+            # extension: another torch changes it, which relinks the extension (an
+            # up-to-date extension is never paired with a record of another torch).
+            record = self._built_record()
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_text_if_changed(record, _build_record(variant, torch, toolchain.nvcc_version))
             # torch's BuildExtension sets force (ninja then decides what to compile), and
             # distutils relinks whatever a forced build finds. Relink only when the
-            # manifest, or an object given to the linker (the binding's, which ninja
-            # rebuilt, or a kernel's), is newer than the module.
+            # manifest or the record, or an object given to the linker (the binding's,
+            # which ninja rebuilt, or a kernel's), is newer than the module.
             relink = False
             for ext in self.extensions:
                 ext.extra_objects = [str(o) for o in objects]
                 ext.extra_link_args = list(ext.extra_link_args or []) + link_args
-                ext.depends = list(ext.depends or []) + [str(manifest)]
-                relink |= _newer(manifest, Path(self.get_ext_fullpath(ext.name)))
+                ext.depends = list(ext.depends or []) + [str(manifest), str(record)]
+                module = Path(self.get_ext_fullpath(ext.name))
+                relink |= _newer(manifest, module) or _newer(record, module)
             self.compiler.force = relink
             super().build_extensions()
+
+        def _built_record(self) -> Path:
+            """The record next to the extension in the build directory (what a wheel
+            holds); in-place and editable builds copy both into the sources."""
+            extension = Path(self.build_lib) / self.get_ext_filename(EXTENSION)
+            return extension.parent / variant.RECORD_NAME
+
+        def copy_extensions_to_source(self) -> None:
+            super().copy_extensions_to_source()
+            built = self._built_record()
+            if built.is_file():
+                write_text_if_changed(ROOT / "flash_attn" / variant.RECORD_NAME, built.read_text())
 
     binding_sources = sorted(BINDING_DIR.glob("*.cpp"))
     if not binding_sources:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The plan job: the build matrix exactly as the factory emits it (`make matrix-json`),
 # and the kernel groups (one compile job per CUDA toolchain and kernel set). Appends
-# `matrix=<json>` and `kernels=<json>` to $GITHUB_OUTPUT (one line each).
+# `matrix=<json>` and `kernels=<json>` to $GITHUB_OUTPUT (one line each). MATRIX (a
+# workflow_dispatch input) is data: make and the factory read it from the environment,
+# no command line carries it, and the factory checks it before anything is echoed.
 #
 #   MATRIX=release GITHUB_OUTPUT=/tmp/out bash ci/plan.sh     # the same, by hand
 set -euo pipefail
@@ -10,8 +12,9 @@ cd "$(dirname "$0")/.."
 : "${GITHUB_OUTPUT:?set GITHUB_OUTPUT to the file the outputs are appended to}"
 PYTHON="${PYTHON:-python3}"
 
-matrix=$(make --no-print-directory -s matrix-json MATRIX="$MATRIX" PYTHON="$PYTHON")
-kernels=$("$PYTHON" -m scripts.factory kernel-groups --matrix "$MATRIX" --json)
+export MATRIX
+matrix=$(make --no-print-directory -s matrix-json PYTHON="$PYTHON")
+kernels=$("$PYTHON" -m scripts.factory kernel-groups --json)
 cells=$("$PYTHON" -c 'import json, sys; print(len(json.loads(sys.argv[1])["include"]))' "$matrix")
 groups=$("$PYTHON" -c 'import json, sys; print(len(json.loads(sys.argv[1])["include"]))' "$kernels")
 
@@ -28,6 +31,6 @@ echo "MATRIX=$MATRIX: $cells cells in $groups kernel groups"
 if [ -n "${GITHUB_STEP_SUMMARY:-}" ]; then
   {
     echo "### MATRIX=$MATRIX: $cells cells, $groups kernel groups"
-    "$PYTHON" -m scripts.factory kernel-groups --matrix "$MATRIX" | sed 's/^/- /'
+    "$PYTHON" -m scripts.factory kernel-groups | sed 's/^/- /'
   } >>"$GITHUB_STEP_SUMMARY"
 fi

@@ -13,9 +13,13 @@ this release (each raises NotImplementedError that says so): attention dropout
 ``flash_attn_with_kvcache``.
 
 Importing this package does not load the compiled extension (``flash_attn._C``);
-the first attention call does, and reports a missing or broken build then.
+the first attention call does, and reports a missing or broken build then. Importing
+it does check that the extension was built for the torch that is running, and raises
+an ImportError naming the build to install where not (``python -m flash_attn``
+diagnoses an installation).
 """
 
+from flash_attn._torch_check import check_at_import
 from flash_attn.flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -29,6 +33,10 @@ from flash_attn.flash_attn_interface import (
 # Compatible with the 2.x interface; high enough for ">= 2.6.3"-style feature gates
 # (softcap, deterministic backward) in libraries that check the version.
 __version__ = "2.9.0"
+
+# A build for another torch refuses to load here, before any caller can load flash_attn._C
+# (FLASH_ATTN_SKIP_TORCH_CHECK=1 skips this; `python -m flash_attn` runs without it)
+check_at_import(__version__)
 
 __all__ = [
     "__version__",

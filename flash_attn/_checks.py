@@ -119,19 +119,37 @@ def check_options(
 
 
 def _check_window(window_size: Sequence[int]) -> tuple[int, int]:
-    """(left, right) as ints; any negative value means unbounded (-1), as upstream."""
+    """(left, right) as ints; any negative value means unbounded (-1), as upstream.
+
+    Like upstream, any pair of int-convertible values is accepted: a tuple or list,
+    a 1-D tensor or array of two integers (upstream's tests pass
+    ``torch.randint(0, seqlen_k, (2,))``), numpy integers. Floats and bools are not.
+    """
     try:
-        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        if getattr(window_size, "ndim", 1) != 1 or isinstance(window_size, (str, bytes)):
             raise TypeError
-        if any(isinstance(w, (bool, float)) for w in window_size):
+        items = list(window_size)  # a tuple, list, 1-D tensor or array
+        if len(items) != 2 or not all(_is_integer(w) for w in items):
             raise TypeError
-        left, right = (operator.index(w) for w in window_size)
+        left, right = (operator.index(w) for w in items)
     except TypeError:
         raise InputError(
             "window_size must be a pair (left, right) of ints, -1 meaning unbounded; "
             f"got {window_size!r}"
         ) from None
     return max(left, -1), max(right, -1)
+
+
+def _is_integer(value: object) -> bool:
+    """An int, or an integer scalar of torch or numpy; not a bool or a float."""
+    if isinstance(value, (bool, float)):
+        return False
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return isinstance(value, int) or hasattr(value, "__index__")
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return getattr(dtype, "kind", "") in ("i", "u")  # numpy: signed or unsigned integer
 
 
 # --- 2. shapes, ranks, dtypes -----------------------------------------------

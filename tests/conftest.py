@@ -1,8 +1,13 @@
-"""Test setup: the ``gpu`` marker, and ``import reference`` from any test module.
+"""Test setup: the ``gpu`` marker, NaN-poisoned GPU memory, and ``import reference``
+from any test module.
 
 Tests marked ``@pytest.mark.gpu`` need a CUDA GPU and a built ``flash_attn._C``;
 they are skipped, with the reason, where either is missing. Everything else must
 run on a CPU-only machine.
+
+Before every GPU test the free memory of PyTorch's CUDA caching allocator is filled
+with NaN (gpu_poison.py), so that an output element a kernel fails to write reads as
+NaN instead of a stale value or a fresh zero. FLASH_ATTN_TEST_POISON=0 turns it off.
 """
 
 from __future__ import annotations
@@ -18,11 +23,26 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # `from reference import attention_ref`
     sys.path.insert(0, str(TESTS_DIR))
 
+import gpu_poison  # noqa: E402  (from TESTS_DIR)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA GPU and the compiled extension flash_attn._C"
     )
+    try:
+        gpu_poison.poison_enabled()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_cuda_cache(request: pytest.FixtureRequest) -> None:
+    """GPU tests start with every free block of the CUDA cache holding NaN."""
+    if request.node.get_closest_marker("gpu") is None or not torch.cuda.is_available():
+        return
+    if gpu_poison.poison_enabled():
+        gpu_poison.poison_cuda_cache()
 
 
 @cache

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -310,7 +311,45 @@ def test_nonpositive_softcap_turns_it_off() -> None:
     assert options(softcap=30.0).softcap == 30.0
 
 
-@pytest.mark.parametrize("window", [(0,), (1, 2, 3), "ab", (1.5, 2), (True, 1), None, 5])
+@pytest.mark.parametrize(
+    "window",
+    [
+        (3, 4),
+        [3, 4],
+        torch.tensor([3, 4]),
+        torch.tensor([3, 4], dtype=torch.int32),
+        (torch.tensor(3), torch.tensor(4)),
+        (np.int64(3), np.int64(4)),
+        np.array([3, 4], dtype=np.uint16),
+    ],
+    ids=["tuple", "list", "tensor", "tensor-int32", "0d-tensors", "np-int64", "np-array"],
+)
+def test_window_size_accepts_int_convertible_pairs(window: object) -> None:
+    """Upstream accepts any pair of int-convertible values; its tests pass a tensor."""
+    opts = options(window_size=window)
+    assert (opts.window_left, opts.window_right) == (3, 4)
+    assert type(opts.window_left) is int and type(opts.window_right) is int
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        (0,),
+        (1, 2, 3),
+        "ab",
+        (1.5, 2),
+        (True, 1),
+        None,
+        5,
+        torch.tensor([1.5, 2.0]),
+        torch.tensor([True, False]),
+        torch.tensor([[1, 2]]),
+        torch.tensor([1, 2, 3]),
+        (np.float64(1.0), 2),
+        (np.bool_(True), 1),
+        np.array([1.0, 2.0]),
+    ],
+)
 def test_bad_window_size(window: object) -> None:
     with pytest.raises(InputError, match=r"window_size must be a pair.*got"):
         options(window_size=window)

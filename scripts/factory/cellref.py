@@ -10,11 +10,8 @@ from pathlib import Path
 
 from .errors import FactoryError
 from .matrix import Cell, LocalFacts, MatrixSpec, expand, parse_selection
+from .variant import TORCH_INDEX, Variant
 from .wheelfile import read_wheel_info
-
-# PyTorch's own per-CUDA indexes (".../whl/cu126"); the package index carries only the
-# default CUDA build of each release (FACTS.md section 1)
-TORCH_INDEX = "https://download.pytorch.org/whl"
 
 # a selection names every axis it needs; these facts only fill what it leaves out
 _NEUTRAL = LocalFacts(python="3.12")
@@ -55,8 +52,10 @@ def cell_for_wheel(selection: str, wheel: Path, spec: MatrixSpec) -> Cell:
     version = read_wheel_info(wheel).version
     label = version.partition("+")[2]
     if label and label.lower() != cell.local_label.lower():
+        of = Variant.from_label(label)
+        which = f" (variant {of.name})" if of is not None else ""
         raise FactoryError(
-            f"{wheel.name} carries the label +{label}; MATRIX={selection!r} is variant "
+            f"{wheel.name} carries the label +{label}{which}; MATRIX={selection!r} is variant "
             f"{cell.variant} (+{cell.local_label}): build with FLASH_ATTN_LOCAL_VERSION="
             f"{cell.local_label}, or name the wheel's own variant"
         )

@@ -24,6 +24,7 @@ from .cellref import cell_for_wheel, torch_install_args
 from .cibw import planned_env, provision_pip_cuda, repair_wheel
 from .conda import VARIANTS_YAML, conda_variants, render_variants
 from .errors import FactoryError
+from .limits import check_limits
 from .matrix import Cell, MatrixSpec, select_cells
 from .objects import compile_objects, github_kernel_matrix, kernel_groups, object_cache_key
 from .paths import FactoryPaths
@@ -38,7 +39,12 @@ WithMatrix = Callable[[str, str], argparse.ArgumentParser]
 
 
 def _cells(args: argparse.Namespace, spec: MatrixSpec) -> list[Cell]:
-    return select_cells(args.matrix, spec, local_facts())
+    """The matrix stage (cli.checked_cells): the selection's cells, every setting checked."""
+    local = getattr(args, "local", None) or local_facts()
+    cells = select_cells(args.matrix, spec, local)
+    paths = FactoryPaths.default(out=args.out, work=args.work)
+    check_limits(cells, paths.repo, paths.object_cache)
+    return cells
 
 
 def _one_group_cell(args: argparse.Namespace, spec: MatrixSpec) -> Cell:

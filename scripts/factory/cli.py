@@ -11,6 +11,8 @@ smoke    --cell ID WHEEL           the smoke gate alone on one wheel
 publish  --cell ID WHEEL...        add wheels (smoke-tested first) to the tree
 report                             the last run's table
 doctor   [--python EXE]            which variant an environment needs
+kernel-env --kernels NAME          a kernel set's setup.py knobs (make ci-build)
+refresh-matrix [--check]           the torch table of recipes/matrix.toml from the index
 wheelhouse --matrix SEL --dest DIR the wheels the cells' toolchains need, for offline images
 dev-image --engine E               the dev image (builder image + test and lint tools)
 dev      --engine E                a shell in the dev image, the checkout mounted
@@ -26,6 +28,8 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from build_tools.resources import read_cgroup_usage
@@ -34,11 +38,22 @@ from . import ci_cli
 from .build import source_date_epoch
 from .containers import ContainerCells
 from .devshell import build_dev_image, dev_shell_argv
-from .doctor import diagnose
+from .doctor import doctor
 from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
 from .images import DEV_REQUIREMENTS, ImageOptions
-from .matrix import Cell, MatrixSpec, github_matrix, load_spec, select_cells
+from .limits import check_limits
+from .matrix import (
+    MATRIX_TOML,
+    Cell,
+    MatrixSpec,
+    github_matrix,
+    load_spec,
+    parse_selection,
+    select_cells,
+    selection_of_id,
+    with_installed_torch,
+)
 from .paths import FactoryPaths
 from .pipeline import CellRunner, RunOptions, run_cells, smoke_cell_wheel
 from .plan import plan_cell
@@ -48,6 +63,9 @@ from .publish import Candidate, publish
 from .report import CellReport, load, print_report, save
 from .smoke import quarantine
 from .stage import stage_sources
+from .status import goal
+from .torch_releases import index_source, refresh
+from .variant import index_base
 
 
 def _log(message: str) -> None:
@@ -55,7 +73,28 @@ def _log(message: str) -> None:
 
 
 def _cells(args: argparse.Namespace, spec: MatrixSpec) -> list[Cell]:
-    return select_cells(args.matrix, spec, local_facts())
+    """The matrix stage: the selection's cells, every setting checked (exit 2)."""
+    return checked_cells(args, spec, FactoryPaths.default(out=args.out, work=args.work))
+
+
+def checked_cells(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> list[Cell]:
+    local = getattr(args, "local", None) or local_facts()
+    cells = select_cells(args.matrix, spec, local)
+    check_limits(cells, paths.repo, paths.object_cache)
+    return cells
+
+
+def _with_local_torch(args: argparse.Namespace, spec: MatrixSpec) -> MatrixSpec:
+    """The `local` preset follows the installed torch: a torch the table does not know
+    yet gets its row from its own metadata, with a note saying so."""
+    selection = parse_selection(args.matrix, spec)  # a bad MATRIX stops before any probe
+    args.local = local_facts()
+    if selection.preset != "local":
+        return spec
+    spec, note = with_installed_torch(spec, args.local)
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    return spec
 
 
 def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
@@ -132,7 +171,7 @@ def cmd_build(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -
     rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
-    return 0 if all(r.status == "tagged" for r in rows) else 1
+    return 0 if all(r.status == goal(smoke=False, publish=False) for r in rows) else 1
 
 
 def cmd_plan(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
@@ -155,21 +194,12 @@ def cmd_wheels(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
     rows = _run_cells(cells, spec, paths, options, _runner(args, paths, options))
     save(rows, paths.report_json)
     print_report(rows)
-    done = "published" if options.publish else "built"
+    done = goal(smoke=True, publish=options.publish)
     return 0 if all(r.status == done for r in rows) else 1
 
 
 def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
-    import re
-
-    m = re.fullmatch(r"cu(\d+)(\d)-torch([\d.]+)-cxx11abi(TRUE|FALSE)-cp(\d)(\d+)", cell_id)
-    if m is None:
-        raise FactoryError(f"cell id {cell_id!r} is not like cu130-torch2.13-cxx11abiTRUE-cp311")
-    text = (
-        f"cuda={m.group(1)}.{m.group(2)} torch={m.group(3)} cxx11abi={m.group(4)} "
-        f"python={m.group(5)}.{m.group(6)}"
-    )
-    return select_cells(text, spec, local_facts())[0]
+    return select_cells(selection_of_id(cell_id, spec), spec, local_facts())[0]
 
 
 def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
@@ -234,8 +264,47 @@ def cmd_dev(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> 
 
 
 def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    for line in diagnose(probe_python(args.python or sys.executable), spec, args.base_url):
-        print(line)
+    return doctor(probe_python(args.python or sys.executable), spec, args.base_url)
+
+
+def cmd_kernel_env(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    """A kernel set's setup.py knobs, NAME=value a line (`make ci-build` builds with them)."""
+    if args.kernels not in spec.kernels:
+        raise FactoryError(
+            f"unknown kernel set {args.kernels!r}; valid: {', '.join(spec.kernels)}"
+        )
+    for name, value in spec.kernels[args.kernels].env().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def cmd_refresh_matrix(args: argparse.Namespace) -> int:
+    """Rewrite (or --check) the generated torch table from the package index."""
+    path = Path(args.file)
+    source, since = index_source(path, args.index_url)
+    start = time.perf_counter()
+    result = refresh(path, source, since, args.check)
+    first, last = result.releases[0].minor, result.releases[-1].minor
+    print(
+        f"{source.page}: torch {first} to {last} ({len(result.releases)} minors), read in "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    for difference in result.comparison.differences:
+        print(f"  {difference}")
+    if args.check:
+        if result.comparison.same:
+            print(f"{path}: the torch table matches the index")
+            return 0
+        print(f"{path}: the torch table differs from the index; run `make refresh-matrix`")
+        return 1
+    if not result.written:
+        print(f"{path}: already up to date")
+        return 0
+    load_spec(path)  # the rewritten file must load, [torch_builds] included
+    print(
+        f"wrote {path}; what derives from it: `python3 -m scripts.factory conda-variants` "
+        "(make refresh-matrix runs both)"
+    )
     return 0
 
 
@@ -325,7 +394,18 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="print the last run's report")
     d = sub.add_parser("doctor", help="which variant an environment needs")
     d.add_argument("--python", help="the interpreter to inspect (default: this one)")
-    d.add_argument("--base-url", default="<index>")
+    d.add_argument(
+        "--base-url",
+        default=index_base(),
+        help="where the variant indexes are published (default: $FLASH_ATTN_INDEX_URL "
+        "or a placeholder)",
+    )
+    ke = sub.add_parser("kernel-env", help="a kernel set's setup.py knobs, NAME=value a line")
+    ke.add_argument("--kernels", required=True, help="a kernel set of recipes/matrix.toml")
+    r = sub.add_parser("refresh-matrix", help="the torch table from the package index")
+    r.add_argument("--check", action="store_true", help="compare only; exit 1 if it differs")
+    r.add_argument("--index-url", help="the simple index (default: [torch_index].url)")
+    r.add_argument("--file", default=str(MATRIX_TOML), help="the matrix file")
     COMMANDS.update(ci_cli.add_parsers(sub, with_matrix))
     return p
 
@@ -340,9 +420,16 @@ COMMANDS = {
     "publish": cmd_publish,
     "report": cmd_report,
     "doctor": cmd_doctor,
+    "kernel-env": cmd_kernel_env,
     "wheelhouse": cmd_wheelhouse,
     "dev-image": cmd_dev_image,
     "dev": cmd_dev,
+}
+
+
+# commands that need no (valid) matrix: they make it
+STANDALONE: dict[str, Callable[[argparse.Namespace], int]] = {
+    "refresh-matrix": cmd_refresh_matrix,
 }
 
 
@@ -350,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     paths = FactoryPaths.default(out=args.out, work=args.work)
     try:
+        if args.command in STANDALONE:
+            return STANDALONE[args.command](args)
         spec = load_spec()
+        if hasattr(args, "matrix"):
+            spec = _with_local_torch(args, spec)
         return COMMANDS[args.command](args, spec, paths)
     except FactoryError as e:
         print(f"error: {e}", file=sys.stderr)

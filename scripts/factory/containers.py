@@ -31,6 +31,7 @@ from .paths import FactoryPaths
 from .pipeline import CellOutcome, RunOptions
 from .publish import Candidate
 from .report import CellReport
+from .status import CellStatus
 
 Log = Callable[[str], None]
 # the build knobs that reach the container from this environment
@@ -190,8 +191,7 @@ class ContainerCells:
             outcome.report.wall_s = time.perf_counter() - start
             return outcome
         except FactoryError as e:
-            report.status = f"failed ({stage})"
-            report.note = str(e).splitlines()[0]
+            report.fail(stage, str(e).splitlines()[0])
             self.log(f"  {stage} failed: {e}")
             return CellOutcome(report)
         finally:
@@ -230,7 +230,7 @@ class ContainerCells:
         extra = stats.describe() if stats else "no cgroup figures from the container"
         inner.note = "; ".join(n for n in (inner.note, extra) if n)
         self.log(f"  container: exit {done.returncode} after {seconds:.1f} s; {extra}")
-        if inner.status != "built":
+        if inner.status != CellStatus.BUILT:
             return CellOutcome(inner)
         tag = json.loads((work / "cells" / cell.id / "cell.json").read_text())["tag"]
         return CellOutcome(
@@ -243,7 +243,7 @@ class ContainerCells:
 
 def _load_report(path: Path, cell_id: str) -> CellReport | None:
     try:
-        rows = [CellReport(**d) for d in json.loads(path.read_text())]
+        rows = [CellReport.from_dict(d) for d in json.loads(path.read_text())]
     except (OSError, ValueError, TypeError):
         return None
     return next((r for r in rows if r.cell == cell_id), None)

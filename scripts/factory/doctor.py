@@ -1,37 +1,106 @@
-"""Doctor: which variant an environment needs, whether its flash_attn matches, the pip command."""
+"""Doctor (`make doctor`): which variant an environment needs, whether its flash-attn
+matches, the pip command; then, where flash-attn is installed there, its own doctor.
+
+The variant logic is the package's (flash_attn/_variant.py, through .variant); what
+this adds is the matrix table (is there a wheel for this torch at all, and which CUDA
+a CPU build of torch would take). The installed package's doctor (`python -m
+flash_attn`, flash_attn/_doctor.py) judges the build itself: its record, whether
+flash_attn._C loads, whether its kernels cover the GPUs.
+"""
 
 from __future__ import annotations
 
+import subprocess
+
 from .matrix import MatrixSpec
 from .probe import PythonFacts
+from .variant import INDEX_PLACEHOLDER, TorchFacts, Variant
 
 
-def diagnose(facts: PythonFacts, spec: MatrixSpec, base_url: str = "<index>") -> list[str]:
+def _torch(facts: PythonFacts) -> TorchFacts:
+    assert facts.torch is not None
+    return TorchFacts(
+        version=facts.torch,
+        cuda=facts.torch_cuda,
+        cxx11abi=bool(facts.cxx11abi),
+        dist_version=facts.torch_dist,
+    )
+
+
+def needed_variant(facts: PythonFacts, spec: MatrixSpec) -> Variant | None:
+    """The variant of the torch in `facts`; None when the table has no wheels for it."""
+    if facts.torch is None or facts.torch_minor not in spec.torch:
+        return None
+    release = spec.torch[facts.torch_minor]
+    return Variant.for_torch(_torch(facts), release.index_cuda)
+
+
+def diagnose(
+    facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLDER
+) -> list[str]:
     lines = [f"python {facts.python} ({facts.executable})"]
     if facts.torch is None:
         lines.append("torch: not importable" + (f" ({facts.error})" if facts.error else ""))
         lines.append("install torch first; flash-attn wheels are built per torch minor")
         return lines
-    abi = "TRUE" if facts.cxx11abi else "FALSE"
-    lines.append(
-        f"torch {facts.torch}: CUDA {facts.torch_cuda or 'none (CPU build)'}, cxx11abi {abi}"
-    )
+    torch = _torch(facts)
+    lines.append(torch.describe())
     if facts.gpu_arch:
         lines.append(f"GPU: sm_{facts.gpu_arch}")
-    minor = facts.torch_minor or ""
-    release = spec.torch.get(minor)
-    if release is None:
-        lines.append(f"no wheels for torch {minor}: the table knows {', '.join(spec.torch)}")
+    variant = needed_variant(facts, spec)
+    if variant is None:
+        lines.append(
+            f"no wheels for torch {facts.torch_minor}: the table knows {', '.join(spec.torch)}"
+        )
         return lines
-    cuda = facts.torch_cuda or release.index_cuda
-    variant = f"cu{cuda.replace('.', '')}-torch{minor}-cxx11abi{abi}"
-    label = f"cu{cuda.replace('.', '')}torch{minor}cxx11abi{abi}"
-    lines.append(f"needs variant {variant} (cp{facts.python.replace('.', '')})")
+    lines.append(f"needs variant {variant.name} (cp{facts.python.replace('.', '')})")
+    installed = Variant.from_label(facts.flash_attn.partition("+")[2]) if facts.flash_attn else None
     if facts.flash_attn is None:
         lines.append("flash-attn: not installed")
-    elif facts.flash_attn.lower().endswith(label.lower()):
+    elif installed == variant:
         lines.append(f"flash-attn {facts.flash_attn}: matches")
+        lines.append(variant.pip_install(base_url))
+        return lines
+    elif installed is None:
+        lines.append(f"flash-attn {facts.flash_attn}: no variant label (a source build)")
     else:
-        lines.append(f"flash-attn {facts.flash_attn}: does NOT match (wants +{label})")
-    lines.append(f"pip install flash-attn --index-url {base_url}/whl/{variant}/simple")
+        lines.append(
+            f"flash-attn {facts.flash_attn}: does NOT match (it is variant {installed.name}; "
+            f"this torch wants +{variant.local_label})"
+        )
+    lines.append(variant.pip_install(base_url, keep=torch, replace=facts.flash_attn is not None))
     return lines
+
+
+def run_installed_doctor(executable: str, base_url: str) -> tuple[int, str]:
+    """`python -m flash_attn` in that interpreter (its installed flash-attn, not this
+    checkout's): exit status and output."""
+    cmd = [executable, "-I", "-m", "flash_attn", "--base-url", base_url]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, timeout=300, cwd="/"
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 1, f"{' '.join(cmd)} could not run: {e}"
+    if "No module named flash_attn.__main__" in done.stderr:
+        return 1, (
+            "the installed flash-attn has no doctor (`python -m flash_attn`): it was built "
+            "before the doctor existed; reinstall it with the command above"
+        )
+    return done.returncode, (done.stdout + done.stderr).rstrip()
+
+
+def doctor(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLDER) -> int:
+    """Print the diagnosis, then the installed flash-attn's own; the exit status: 0 when
+    there is a variant for this torch and the flash-attn installed (if any) fits it."""
+    print("\n".join(diagnose(facts, spec, base_url)))
+    variant = needed_variant(facts, spec)
+    if variant is None:
+        return 1
+    if facts.flash_attn is None:
+        return 0
+    label = Variant.from_label(facts.flash_attn.partition("+")[2])
+    status = 1 if label is not None and label != variant else 0
+    code, output = run_installed_doctor(facts.executable, base_url)
+    print(f"\n{output}")
+    return max(status, code)

@@ -17,7 +17,7 @@ from build_tools.memory import LEDGER_NAME, MemoryModel
 from build_tools.planner import gib_to_bytes
 from build_tools.resources import GIB, size
 
-from .errors import FactoryError
+from .errors import FactoryError, MatrixError
 from .matrix import Cell
 
 
@@ -73,3 +73,22 @@ def limit_problem(cell: Cell, need: CompileNeed) -> str:
         f'memory={at_least}g"); or, if compiles need less on this machine, lower '
         "FLASH_ATTN_NVCC_MEM_GB (a build outside a container records the real peaks)"
     )
+
+
+def check_limits(cells: list[Cell], repo: Path, object_cache: Path) -> None:
+    """The matrix stage's check of every cell's memory limit against one compile (a
+    MatrixError, exit 2, before anything runs); one estimate per kernel set."""
+    needs: dict[tuple[str, tuple[str, ...]], CompileNeed] = {}
+    problems: list[str] = []
+    for cell in cells:
+        if cell.limits.memory_bytes is None:
+            continue
+        key = (cell.kernels.name, cell.kernels.archs)
+        if key not in needs:
+            needs[key] = compile_need(cell, repo, object_cache)
+        problem = limit_problem(cell, needs[key])
+        if problem:
+            problems.append(problem)
+    if problems:
+        more = f" (and {len(problems) - 1} more cells)" if len(problems) > 1 else ""
+        raise MatrixError(problems[0] + more)

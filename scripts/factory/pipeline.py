@@ -27,6 +27,7 @@ from .publish import Candidate, publish
 from .report import CellReport
 from .smoke import SmokeResult, quarantine, smoke_wheel
 from .stage import stage_sources
+from .status import CellStatus
 from .tag import tag_wheel
 
 Log = Callable[[str], None]
@@ -48,7 +49,7 @@ class CellOutcome:
 
     @property
     def failed(self) -> bool:
-        return self.report.status not in ("built", "tagged", "published")
+        return not self.report.status.ok
 
 
 CellRunner = Callable[[Cell], CellOutcome]
@@ -130,7 +131,7 @@ def run_cell(
             + "\n"
         )
         if not options.smoke:
-            report.status = "tagged"
+            report.status = CellStatus.TAGGED
             report.note = f"not smoke-tested; wheel: {tagged.path}"
             return CellOutcome(report)
         stage = "smoke"
@@ -140,10 +141,10 @@ def run_cell(
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:
             where = quarantine(smoke, paths.quarantine)
-            report.status = "quarantined"
+            report.status = CellStatus.QUARANTINED
             report.note = f"smoke failed; wheel and log in {where}"
             return CellOutcome(report)
-        report.status = "built"
+        report.status = CellStatus.BUILT
         notes = [tagged.platform_reason] if not tagged.platform.startswith("manylinux") else []
         report.note = "; ".join(notes + list(toolchain.notes))
         return CellOutcome(
@@ -153,8 +154,7 @@ def run_cell(
             ),
         )
     except FactoryError as e:
-        report.status = f"failed ({stage})"
-        report.note = str(e).splitlines()[0]
+        report.fail(stage, str(e).splitlines()[0])
         log(f"  {stage} failed: {e}")
         return CellOutcome(report)
     finally:
@@ -177,7 +177,8 @@ def run_cells(
     for i, cell in enumerate(cells, 1):
         if stopped_by:
             note = f"not run: {stopped_by} failed and --fail-fast stops at the first failure"
-            outcomes.append(CellOutcome(CellReport(cell=cell.id, status="skipped", note=note)))
+            skipped = CellReport(cell=cell.id, status=CellStatus.SKIPPED, note=note)
+            outcomes.append(CellOutcome(skipped))
             continue
         log(
             f"[{i}/{len(cells)}] {cell.id} (kernels {cell.kernels.name}: "
@@ -192,12 +193,19 @@ def run_cells(
                 log(f"fail-fast: {cell.id} failed; skipping the {rest} cell(s) after it")
     candidates = [o.candidate for o in outcomes if o.candidate is not None]
     if candidates and options.publish:
-        entries = publish(paths.out, candidates)
+        try:
+            entries = publish(paths.out, candidates)
+        except FactoryError as e:  # nothing was published (publish is all or nothing)
+            log(f"publish failed: {e}")
+            for o in outcomes:
+                if o.candidate is not None:
+                    o.report.fail("publish", str(e).splitlines()[0])
+            return [o.report for o in outcomes]
         log(
             f"publish: {len(candidates)} wheel(s) into {paths.tree} "
             f"({len(entries)} in the tree); pages: {paths.tree / 'index.html'}"
         )
         for o in outcomes:
             if o.candidate is not None:
-                o.report.status = "published"
+                o.report.status = CellStatus.PUBLISHED
     return [o.report for o in outcomes]

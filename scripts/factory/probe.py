@@ -26,12 +26,14 @@ _PROBE = r"""
 import json, sys
 out = {"python": "%d.%d" % sys.version_info[:2], "executable": sys.executable,
        "torch": None, "torch_dist": None, "torch_cuda": None, "cxx11abi": None,
-       "torch_requires": [], "flash_attn": None, "gpu_arch": None}
+       "torch_requires": [], "flash_attn": None, "gpu_arch": None,
+       "torch_requires_python": "", "torch_dir": None}
 try:
     import importlib.metadata as md
     try:
         out["torch_requires"] = list(md.requires("torch") or [])
         out["torch_dist"] = md.version("torch")
+        out["torch_requires_python"] = md.metadata("torch").get("Requires-Python") or ""
     except md.PackageNotFoundError:
         pass
     try:
@@ -40,6 +42,7 @@ try:
         pass
     import torch
     out["torch"] = torch.__version__
+    out["torch_dir"] = torch.__path__[0]
     out["torch_cuda"] = torch.version.cuda
     out["cxx11abi"] = bool(torch._C._GLIBCXX_USE_CXX11_ABI)
     if torch.cuda.is_available():
@@ -66,6 +69,8 @@ class PythonFacts:
     error: str = ""
     # the distribution's version (what pip installs): 2.13.0 where torch says 2.13.0+cu130
     torch_dist: str | None = None
+    torch_requires_python: str = ""  # the torch distribution's Requires-Python
+    torch_dir: str | None = None  # the torch package's directory
 
     @property
     def torch_minor(self) -> str | None:
@@ -104,6 +109,8 @@ def probe_python(executable: str, env: dict[str, str] | None = None) -> PythonFa
         gpu_arch=data["gpu_arch"],
         error=data.get("error", ""),
         torch_dist=data.get("torch_dist"),
+        torch_requires_python=data.get("torch_requires_python", ""),
+        torch_dir=data.get("torch_dir"),
     )
 
 
@@ -159,4 +166,8 @@ def local_facts(python_exe: str | None = None) -> LocalFacts:
         torch_cuda=facts.torch_cuda,
         torch_cxx11abi=facts.cxx11abi,
         nvcc=nvcc_version(),
+        torch_version=facts.torch_dist or facts.torch,
+        torch_requires=facts.torch_requires,
+        torch_requires_python=facts.torch_requires_python,
+        torch_dir=facts.torch_dir,
     )

@@ -6,6 +6,12 @@ one's files hard-linked, the new wheels and their `.metadata` added, every page
 and manifest.json rewritten, every hash verified) and then swaps the symlink
 with one rename. A reader sees the old tree or the new one, never half of one;
 a failure leaves the old tree as it was and removes what it wrote.
+
+A published file never changes, as on a real package index: a wheel whose name is
+already published with other bytes is refused (both sha256 named), and then nothing of
+that publish is published; the same bytes again are a no-op. Older wheels stay. A wheel
+goes only into the variant its version label names (the release kernel set's plain
+label into the plain variant; any other kernel contents carry their own segment).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +46,25 @@ class Candidate:
     wheel: Path
     platform_reason: str
     smoke: str
+
+
+class PublishConflict(FactoryError):
+    """A wheel name already published with other bytes."""
+
+
+_LABEL_RE = re.compile(r"^cu(\d+)torch(\d+\.\d+)cxx11abi(true|false)((?:\.[a-z0-9]+)*)$", re.I)
+
+
+def label_variant(version: str) -> str | None:
+    """The variant a version's local label names: 2.9.0+cu130torch2.14cxx11abiTRUE.ci ->
+    cu130-torch2.14-cxx11abiTRUE-ci (matrix.Cell.variant and .local_label, read back);
+    None for a version without such a label."""
+    m = _LABEL_RE.match(version.partition("+")[2])
+    if m is None:
+        return None
+    segments = [s for s in m.group(4).lower().split(".") if s]
+    base = f"cu{m.group(1)}-torch{m.group(2)}-cxx11abi{m.group(3).upper()}"
+    return "-".join([base, *segments])
 
 
 def sha256_file(path: Path) -> str:
@@ -139,16 +165,57 @@ def _prune(out: Path, keep: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_candidates(out: Path, published: list[Entry], new: list[Entry]) -> list[Entry]:
+    """The entries to add: refuses a wheel outside the variant its label names and a
+    published name with other bytes; drops what is published already, byte for byte."""
+    problems: list[str] = []
+    by_path = {e.path: e for e in published}
+    seen: dict[str, Entry] = {}
+    adding: list[Entry] = []
+    for e in new:
+        named = label_variant(e.version)
+        if named is not None and named != e.variant:
+            problems.append(
+                f"{e.file}: its version label names variant {named}, not {e.variant}; a "
+                "wheel goes only into the index of its own label"
+            )
+            continue
+        old = by_path.get(e.path) or seen.get(e.path)
+        if old is None:
+            seen[e.path] = e
+            adding.append(e)
+        elif old.sha256 != e.sha256:
+            problems.append(
+                f"{e.variant}/{e.file} is published with other bytes: published sha256 "
+                f"{old.sha256}, this wheel's sha256 {e.sha256}"
+            )
+    if problems:
+        raise PublishConflict(
+            "publish refused, nothing was published:\n  "
+            + "\n  ".join(problems)
+            + f"\na published file never changes (as on a package index): bump the version "
+            f"(flash_attn/__init__.py), or publish into another tree (--out DIR), or, for a "
+            f"tree only you use, remove it first (rm -r {out / 'whl'} {out / TREES})"
+        )
+    return adding
+
+
 def publish(
     out: Path, candidates: list[Candidate], hook: Callable[[Path], None] | None = None
 ) -> list[Entry]:
-    """Add candidates (replacing earlier wheels of the same cell); returns the tree's entries.
+    """Add candidates (a name already published with the same bytes is left as it is;
+    with other bytes, PublishConflict and nothing changes); returns the tree's entries.
 
     hook(generation) runs after the generation is written and before the swap (tests
     use it to plant a failure)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / TREES).mkdir(exist_ok=True)
     current = out / "whl"
+    new = [(c, *_entry(c)) for c in candidates]
+    published = load_manifest(current) if current.is_dir() else []
+    adding = {id(e) for e in _check_candidates(out, published, [e for _, e, _ in new])}
+    if not adding and current.is_dir():
+        return published  # every wheel is published already, byte for byte
     generation = out / TREES / f"gen-{time.time_ns()}-{os.getpid()}"
     try:
         if current.is_dir():
@@ -156,12 +223,9 @@ def publish(
         else:
             generation.mkdir()
         entries = load_manifest(generation)
-        for c in candidates:
-            entry, metadata = _entry(c)
-            for old in [e for e in entries if e.cell == c.cell or e.file == entry.file]:
-                entries.remove(old)
-                for stale in (generation / old.path, generation / (old.path + ".metadata")):
-                    stale.unlink(missing_ok=True)
+        for c, entry, metadata in new:
+            if id(entry) not in adding:
+                continue
             dest = generation / entry.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.unlink(missing_ok=True)  # never write through a hard link

@@ -9,11 +9,13 @@ from typing import Any
 
 from build_tools.cache import atomic_write_text
 
+from .status import CellStatus
+
 
 @dataclass
 class CellReport:
     cell: str
-    status: str = "pending"  # published, quarantined, failed (stage), skipped
+    status: CellStatus = CellStatus.PENDING
     wall_s: float = 0.0
     cpu_s: float = 0.0
     peak_rss_bytes: int = 0
@@ -24,9 +26,32 @@ class CellReport:
     platform: str = ""
     smoke: str = ""
     note: str = ""
+    failed_stage: str = ""  # the stage a FAILED cell failed in
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, CellStatus):  # 'tagged', 'failed (build)'
+            self.status, stage = CellStatus.parse(str(self.status))
+            self.failed_stage = self.failed_stage or stage
+
+    def fail(self, stage: str, note: str) -> None:
+        self.status, self.failed_stage, self.note = CellStatus.FAILED, stage, note
+
+    @property
+    def status_text(self) -> str:
+        """'published', or 'failed (build)' for a failed cell."""
+        if self.status is CellStatus.FAILED and self.failed_stage:
+            return f"{self.status.value} ({self.failed_stage})"
+        return self.status.value
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["status"] = self.status_text
+        del data["failed_stage"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CellReport:
+        return cls(**data)  # __post_init__ reads 'failed (build)' back
 
 
 COLUMNS = ("cell", "status", "wall", "CPU", "peak mem", "cache hits", "wheel size", "smoke")
@@ -36,7 +61,7 @@ def _row(r: CellReport) -> tuple[str, ...]:
     mib = r.peak_rss_bytes / 2**20
     return (
         r.cell,
-        r.status,
+        r.status_text,
         f"{r.wall_s:.1f} s",
         f"{r.cpu_s:.1f} s",
         f"{mib:.0f} MiB" if mib < 1024 else f"{mib / 1024:.2f} GiB",
@@ -66,7 +91,7 @@ def print_report(rows: list[CellReport]) -> None:
     for name in COLUMNS:
         table.add_column(name, no_wrap=name != "smoke")
     for r in rows:
-        style = "green" if r.status == "published" else "red"
+        style = "green" if r.status == CellStatus.PUBLISHED else "red"
         values = _row(r)
         table.add_row(values[0], f"[{style}]{values[1]}[/{style}]", *values[2:])
     console = Console(width=160)
@@ -82,4 +107,4 @@ def save(rows: list[CellReport], path: Path) -> None:
 
 
 def load(path: Path) -> list[CellReport]:
-    return [CellReport(**d) for d in json.loads(path.read_text())]
+    return [CellReport.from_dict(d) for d in json.loads(path.read_text())]

@@ -79,16 +79,18 @@ def _calls(log: Path, verb: str) -> list[str]:
     return [line for line in lines if f" {verb} " in f" {line} "]
 
 
-def test_limit_below_one_compile_fails_that_cell_before_any_container(
-    tmp_path: Path, fake_podman: Path
+def test_limit_below_one_compile_stops_at_the_matrix_stage(
+    tmp_path: Path, fake_podman: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, rows = _wheels(tmp_path, "torch=2.13 python=3.11 kernels=tiny memory=1g")
-    assert code == 1
-    assert rows[0]["status"] == "failed (limits)"
-    note = rows[0]["note"]
+    work = tmp_path / "work"
+    argv = ["--work", str(work), "--out", str(tmp_path / "out"), "wheels", "--engine"]
+    code = cli.main([*argv, "podman", "--matrix", "torch=2.13 python=3.11 kernels=tiny memory=1g"])
+    assert code == 2  # a setting that cannot work: before any cell, like a bad value
+    note = capsys.readouterr().err
     assert "container memory limit 1g is below what one compile needs: 2.50 GiB" in note
     assert "memory=3g" in note and "FLASH_ATTN_NVCC_MEM_GB" in note
     assert not _calls(fake_podman, "build") and not _calls(fake_podman, "run")
+    assert not (work / "report.json").exists()
 
 
 def test_compile_need_follows_the_memory_ledger(tmp_path: Path) -> None:
@@ -114,12 +116,12 @@ def test_failed_image_fails_its_cells_and_the_matrix_goes_on(
     code, rows = _wheels(tmp_path, "torch=2.13,2.14 python=3.11 kernels=tiny")
     assert code == 1
     by_cell = {r["cell"]: r for r in rows}
-    first = by_cell["cu130-torch2.13-cxx11abiTRUE-cp311"]
+    first = by_cell["cu130-torch2.13-cxx11abiTRUE-tiny-cp311"]
     assert first["status"] == "failed (image)"
     assert "flash-attn-builder:cp311-torch2.13-cu130" in first["note"]
     log = tmp_path / "work" / "engine" / "image-cp311-torch2.13-cu130.log"
     assert "pinging container registry" in log.read_text()
-    second = by_cell["cu130-torch2.14-cxx11abiTRUE-cp311"]
+    second = by_cell["cu130-torch2.14-cxx11abiTRUE-tiny-cp311"]
     assert second["status"] == "failed (container)"  # it was tried: its image built
     assert len(_calls(fake_podman, "build")) == 2 and len(_calls(fake_podman, "run")) == 1
 
@@ -161,7 +163,7 @@ def test_what_the_container_reports_becomes_the_cells_row(
     tmp_path: Path, fake_podman: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_RUN", "report")
-    monkeypatch.setenv("FAKE_CELL", "cu130-torch2.14-cxx11abiTRUE-cp311")
+    monkeypatch.setenv("FAKE_CELL", "cu130-torch2.14-cxx11abiTRUE-tiny-cp311")
     code, rows = _wheels(tmp_path, "torch=2.14 python=3.11 kernels=tiny memory=6g cpus=2")
     assert code == 1
     assert rows[0]["status"] == "quarantined"
@@ -193,7 +195,7 @@ def test_run_cells_continues_after_a_failure_unless_fail_fast(tmp_path: Path) ->
     options = RunOptions(smoke=False, publish=False, fail_fast=True)
     rows = run_cells(cells, SPEC, _paths(tmp_path), options, lambda _: None, runner)
     assert seen == [cells[0].id]
-    assert [r.status for r in rows] == ["failed (build)", "skipped", "skipped", "skipped"]
+    assert [r.status_text for r in rows] == ["failed (build)", "skipped", "skipped", "skipped"]
 
 
 def test_engine_none_runs_cells_here_as_before(

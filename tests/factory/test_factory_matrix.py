@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -15,6 +18,8 @@ from scripts.factory.matrix import (
     github_matrix,
     load_spec,
     select_cells,
+    selection_of_id,
+    with_installed_torch,
 )
 
 SPEC = load_spec()
@@ -74,8 +79,8 @@ def test_inline_selection_and_spellings() -> None:
     ]
     # left-out cuda/abi: the torch's index CUDA and pip ABI
     assert ids("torch=2.5 python=3.10") == ["cu124-torch2.5-cxx11abiFALSE-cp310"]
-    # a preset with one axis replaced
-    assert ids("ci torch=2.13 python=3.12") == ["cu130-torch2.13-cxx11abiTRUE-cp312"]
+    # a preset with one axis replaced (the ci kernel set: its own label segment)
+    assert ids("ci torch=2.13 python=3.12") == ["cu130-torch2.13-cxx11abiTRUE-ci-cp312"]
 
 
 def test_cell_selection_round_trips_and_github_matrix() -> None:
@@ -96,6 +101,12 @@ def test_cell_selection_round_trips_and_github_matrix() -> None:
         ("cuda=14.1", ["cuda '14.1' does not exist", "13.0"]),
         ("cxx11abi=maybe", ["'maybe'", "TRUE, FALSE"]),
         ("kernels=huge", ["unknown kernels 'huge'", "full, ci, tiny"]),
+        ("archs=75", ["archs '75'", "'75' is not a supported CUDA architecture", "80, 86"]),
+        ("archs=80+75", ["'75' is not a supported", "joined with '+'"]),
+        ("memory=0", ["memory '0' is not a size", "6g"]),
+        ("cpus=0", ["cpus '0' is not a positive number"]),
+        ("memory=lots", ["memory 'lots' is not a size"]),
+        ("torch=2.99+", ["torch '2.99+' does not exist", "X.Y+"]),
         ("torch==2.13", ["malformed token 'torch==2.13'"]),
         ("torch=2.13 python", ["'python' is not axis=value"]),
         ("torch=2.13,", ["empty value"]),
@@ -125,10 +136,123 @@ def test_cli_json_is_the_github_matrix(capsys: pytest.CaptureFixture[str]) -> No
     assert {e["id"] for e in data["include"]} == {c.id for c in select_cells("ci", SPEC, HERE)}
 
 
-def test_table_typos_are_caught(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    text = MATRIX_TOML.read_text().replace('index_cuda = "13.0"', 'index_cuda = "13.7"', 1)
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (('[torch_builds."2.13"]', '[torch_builds."2.99"]'), "names torch 2.99"),
+        (('archs = "90"', 'archs = "75"'), "'75' is not a supported CUDA architecture"),
+        (('head_dims = "64,128"', 'head_dims = "64,100"'), "'100' is not a head-dim bucket"),
+        (('label = "ci"', 'label = ""'), "exactly one kernel set must have an empty label"),
+        (('label = "ci"', 'label = "tiny"'), "two kernel sets share a label"),
+        (('torch = ["2.13", "2.14"]', 'torch = ["2.13", "2.41"]'), "torch '2.41' does not exist"),
+        (('[axes]', '[axes]\ntorch = ["2.13"]'), "come from the torch table"),
+    ],
+)
+def test_table_typos_are_caught(tmp_path: Path, edit: tuple[str, str], needle: str) -> None:
+    text = MATRIX_TOML.read_text()
+    assert edit[0] in text
     bad = tmp_path / "matrix.toml"
-    bad.write_text(text)
-    with pytest.raises(MatrixError, match="13.7"):
+    bad.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(MatrixError, match=re.escape(needle)):
         load_spec(bad)
     tomllib.loads(MATRIX_TOML.read_text())  # the real one parses
+
+
+def test_axes_torch_cuda_and_python_come_from_the_torch_table() -> None:
+    assert SPEC.axes["torch"] == tuple(sorted(SPEC.torch, key=lambda m: int(m.split(".")[1])))
+    assert set(SPEC.axes["cuda"]) == {c for r in SPEC.torch.values() for c in r.cuda}
+    lows = {r.python_min for r in SPEC.torch.values()}
+    highs = {r.python_max for r in SPEC.torch.values()}
+    assert min(lows, key=_minor) == SPEC.axes["python"][0]
+    assert max(highs, key=_minor) == SPEC.axes["python"][-1]
+    for release in SPEC.torch.values():  # the hand-kept builds always include the index's
+        assert release.index_cuda in release.cuda
+        assert release.requirement == f"torch=={release.minor}.*"
+
+
+def _minor(version: str) -> int:
+    return int(version.split(".")[1])
+
+
+def test_release_preset_takes_every_table_torch_from_its_floor() -> None:
+    cells = select_cells("release", SPEC, HERE)
+    floor = SPEC.presets["release"].axes["torch"][0].rstrip("+")
+    wanted = {m for m in SPEC.torch if _minor(m) >= _minor(floor)}
+    assert {c.torch for c in cells} == wanted and SPEC.newest_torch in wanted
+
+
+def test_only_the_release_kernel_set_carries_the_plain_label() -> None:
+    """A wheel's contents are in its name: another kernel set or other archs never share
+    a file name or an index with the release wheels (issue 11, item 4)."""
+    full = select_cells("torch=2.14 python=3.11 cuda=13.0", SPEC, HERE)[0]
+    assert full.kernels.name == SPEC.release_kernels == "full"
+    assert full.local_label == "cu130torch2.14cxx11abiTRUE"
+    assert full.variant == "cu130-torch2.14-cxx11abiTRUE"
+    ci = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci", SPEC, HERE)[0]
+    assert ci.local_label == "cu130torch2.14cxx11abiTRUE.ci"
+    assert ci.variant == "cu130-torch2.14-cxx11abiTRUE-ci"
+    narrow = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=90", SPEC, HERE)[0]
+    assert narrow.local_label == "cu130torch2.14cxx11abiTRUE.sm90"
+    same = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=9.0+80", SPEC, HERE)[0]
+    assert same == full  # the set's own archs, however spelled: the plain label
+    wide = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci archs=80+90", SPEC, HERE)
+    assert wide[0].variant == "cu130-torch2.14-cxx11abiTRUE-ci-sm80sm90"
+    labels = {c.local_label for c in (full, ci, narrow, wide[0])}
+    assert len(labels) == 4 and len({c.id for c in (full, ci, narrow, wide[0])}) == 4
+
+
+def test_cell_ids_name_their_cell_back() -> None:
+    for text in ("ci", "release", "kernels=tiny archs=80+90a", "torch=2.6 cxx11abi=TRUE cuda=12.6"):
+        for cell in select_cells(text, SPEC, HERE):
+            again = select_cells(selection_of_id(cell.id, SPEC), SPEC, HERE)[0]
+            assert replace(again, limits=cell.limits) == cell  # an id carries no limits
+    with pytest.raises(MatrixError, match="'huge' names no kernel set"):
+        selection_of_id("cu130-torch2.14-cxx11abiTRUE-huge-cp311", SPEC)
+
+
+def installed(tmp_path: Path, **kw: object) -> LocalFacts:
+    """The facts of an installed torch 2.99 that the table does not know."""
+    cmake = tmp_path / "torch" / "share" / "cmake" / "Torch" / "TorchConfig.cmake"
+    cmake.parent.mkdir(parents=True)
+    cmake.write_text("target_compile_features(torch INTERFACE cxx_std_23)\n")
+    facts: dict[str, object] = dict(
+        python="3.12",
+        torch="2.99",
+        torch_cuda="13.5",
+        torch_cxx11abi=True,
+        nvcc="13.0",
+        torch_version="2.99.0+cu135",
+        torch_requires=("filelock", 'cuda-toolkit[cudart]==13.5.1; platform_system == "Linux"'),
+        torch_requires_python=">=3.12",
+        torch_dir=str(tmp_path / "torch"),
+    )
+    facts.update(kw)
+    return LocalFacts(**facts)  # type: ignore[arg-type]
+
+
+def test_local_preset_follows_a_torch_the_table_does_not_know(tmp_path: Path) -> None:
+    local = installed(tmp_path)
+    assert select_cells("local", SPEC, local)[0].torch == SPEC.newest_torch  # without it
+    spec, note = with_installed_torch(SPEC, local)
+    cell = select_cells("local", spec, local)[0]
+    assert cell.id == "cu135-torch2.99-cxx11abiTRUE-cp312"
+    assert (cell.cxx_std, cell.torch_requirement) == ("c++23", "torch==2.99.*")
+    for fact in ("torch 2.99.0+cu135 is installed", "torch.version.cuda", "==13.5.1",
+                 "Requires-Python >=3.12", "_GLIBCXX_USE_CXX11_ABI", "cxx_std_23",
+                 "make refresh-matrix"):
+        assert fact in note, fact
+    # it is the installed torch's row only: presets and `all` still mean the table
+    assert {c.torch for c in select_cells("release", spec, local)} == {
+        c.torch for c in select_cells("release", SPEC, local)
+    }
+    assert "2.99" not in select_cells("torch=all python=3.12 kernels=ci", spec, local)[0].torch
+    known = replace(local, torch="2.13", torch_version="2.13.0")
+    assert with_installed_torch(SPEC, known) == (SPEC, "")
+
+
+def test_a_cpu_torch_the_table_does_not_know_builds_for_this_nvcc(tmp_path: Path) -> None:
+    local = installed(tmp_path, torch_cuda=None, torch_requires=(), torch_dir=None,
+                      torch_version="2.99.0+cpu")
+    spec, note = with_installed_torch(SPEC, local)
+    assert select_cells("local", spec, local)[0].cuda == "13.0"
+    assert "this machine's nvcc" in note and f"torch {SPEC.newest_torch}'s" in note
