@@ -263,11 +263,17 @@ def hermetic_venv_name(cell: Cell) -> str:
     return f"{cell.python_tag}-torch{cell.torch}-{cell.cuda_tag}"
 
 
-def fill_wheelhouse(python: str, requirements: list[str], wheelhouse: Path, log: Path) -> None:
-    """Download requirements (and what they need) from the recipe's index into wheelhouse,
-    for python's platform; files already there are reused."""
+def fill_wheelhouse(
+    python: str,
+    requirements: list[str],
+    wheelhouse: Path,
+    log: Path,
+    index: PackageIndex | None = None,
+) -> None:
+    """Download requirements (and what they need) from index (default: the recipe's) into
+    wheelhouse, for python's platform; files already there are reused."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    index = PackageIndex(load_toolchain_spec().index_url)
+    index = index or PackageIndex(load_toolchain_spec().index_url)
     pip_download(python, requirements, wheelhouse, index, log)
 
 
@@ -323,7 +329,7 @@ def provision_hermetic(
         log = venv.parent / f"{venv.name}.provision.log"
         log.write_text(f"{venv.name}: {installer.kind} ({installer.reason}), {index.describe()}\n")
         if wheelhouse is not None:
-            fill_wheelhouse(base, wanted, wheelhouse, log)
+            fill_wheelhouse(base, wanted, wheelhouse, log, toolchain_index(cell, spec))
         installer.make_venv(base, venv, log)
         installer.install(python, wanted, index, log)
         marker.write_text(json.dumps(recipe, indent=2) + "\n")
