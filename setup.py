@@ -70,6 +70,11 @@ def _torch_cxx_std(torch_version: str) -> str:
     return "-std=c++20" if major_minor >= (2, 13) else "-std=c++17"
 
 
+def _newer(source: Path, target: Path) -> bool:
+    """True when target is missing or older than source."""
+    return not target.exists() or source.stat().st_mtime > target.stat().st_mtime
+
+
 def _variant_module() -> Any:
     """flash_attn/_variant.py (the build record's format and the variant names), loaded
     by path: importing flash_attn here would run its torch check against the build that
@@ -120,17 +125,6 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
                 objects = build_kernel_objects(layout, knobs, toolchain)
             except (BuildConfigError, KernelBuildError) as e:
                 _fail(str(e))
-            # setuptools relinks only when a dependency is newer than the
-            # extension; the object list is content-addressed, so name it in a
-            # manifest whose mtime changes exactly when the list does.
-            manifest = layout.cache_dir.parent / "kernel_objects.txt"
-            write_text_if_changed(manifest, "".join(f"{o}\n" for o in objects))
-            # The record is written before linking and is a dependency of the
-            # extension: another torch changes it, which relinks the extension (an
-            # up-to-date extension is never paired with a record of another torch).
-            record = self._built_record()
-            record.parent.mkdir(parents=True, exist_ok=True)
-            write_text_if_changed(record, _build_record(variant, torch, toolchain.nvcc_version))
             link_args = [
                 f"-L{toolchain.cudart_static_dir}",
                 "-lcudart_static",
@@ -141,10 +135,29 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
                 # that torch's shared libcudart cannot interpose on them
                 "-Wl,--exclude-libs,libcudart_static.a",
             ]
+            # The object list is content-addressed (a changed kernel is a new file, whose
+            # mtime may be old: another checkout compiled it), so the link inputs are named
+            # in a manifest whose mtime changes exactly when they do.
+            manifest = layout.link_manifest
+            write_text_if_changed(manifest, "".join(f"{a}\n" for a in [*objects, *link_args]))
+            # The record is written before linking and is a dependency of the
+            # extension: another torch changes it, which relinks the extension (an
+            # up-to-date extension is never paired with a record of another torch).
+            record = self._built_record()
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_text_if_changed(record, _build_record(variant, torch, toolchain.nvcc_version))
+            # torch's BuildExtension sets force (ninja then decides what to compile), and
+            # distutils relinks whatever a forced build finds. Relink only when the
+            # manifest or the record, or an object given to the linker (the binding's,
+            # which ninja rebuilt, or a kernel's), is newer than the module.
+            relink = False
             for ext in self.extensions:
                 ext.extra_objects = [str(o) for o in objects]
                 ext.extra_link_args = list(ext.extra_link_args or []) + link_args
                 ext.depends = list(ext.depends or []) + [str(manifest), str(record)]
+                module = Path(self.get_ext_fullpath(ext.name))
+                relink |= _newer(manifest, module) or _newer(record, module)
+            self.compiler.force = relink
             super().build_extensions()
 
         def _built_record(self) -> Path:

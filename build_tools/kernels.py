@@ -60,6 +60,13 @@ class KernelLayout:
             report_path=build / "kernel_build_times.json",
         )
 
+    @property
+    def link_manifest(self) -> Path:
+        """The object list the extension is linked from (setup.py), in this checkout's
+        build directory next to the report, wherever the object cache is: a shared cache
+        (FLASH_ATTN_OBJECT_CACHE) holds objects, never one checkout's files."""
+        return self.report_path.parent / "kernel_objects.txt"
+
     def display(self, path: Path) -> str:
         try:
             return path.resolve().relative_to(self.repo_root.resolve()).as_posix()

@@ -1,7 +1,9 @@
-"""The CUDA toolchain: where it is, who it is, and one measured compile."""
+"""The CUDA toolchain: where it is (the one place that finds it), who it is, and the
+measured run every compile and every factory build goes through."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,6 +31,7 @@ class RunResult:
     wall_s: float
     peak_rss_bytes: int
     output: str
+    cpu_s: float = 0.0  # user + system time of the whole process tree
 
 
 def _looks_like_cuda_home(path: Path) -> bool:
@@ -36,8 +39,9 @@ def _looks_like_cuda_home(path: Path) -> bool:
 
 
 def find_cuda_home(env: Mapping[str, str]) -> Path:
-    """CUDA_HOME or CUDA_PATH, else the toolkit around the `nvcc` on PATH (through
-    wrapper scripts and symlinks), else /usr/local/cuda."""
+    """The one place a CUDA toolkit is found (setup.py, the factory's probe, provision
+    and smoke stages all ask here): CUDA_HOME or CUDA_PATH, else the toolkit around the
+    `nvcc` on PATH (through wrapper scripts and symlinks), else /usr/local/cuda."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
         value = env.get(var, "").strip()
         if value:
@@ -60,6 +64,45 @@ def find_cuda_home(env: Mapping[str, str]) -> Path:
         "no CUDA toolkit found: set CUDA_HOME to the toolkit's directory "
         "(the one with bin/nvcc), e.g. CUDA_HOME=/usr/local/cuda-13.0"
     )
+
+
+def pip_cuda_home(site_packages: Path) -> Path | None:
+    """The CUDA toolkit that pip packages assemble in a site-packages directory:
+    nvidia/<name>/ holding bin/nvcc (cuda-toolkit 13: nvidia/cu13; 12: nvidia/cuda_nvcc)."""
+    for nvcc in sorted(site_packages.glob("nvidia/*/bin/nvcc")):
+        return nvcc.parent.parent
+    return None
+
+
+def cuda_tool(name: str, env: Mapping[str, str], search: Sequence[Path] = ()) -> Path | None:
+    """A CUDA binary utility (cuobjdump, nvdisasm): in the toolkit find_cuda_home gives,
+    else on PATH, else in the pip packages under the site-packages directories `search`
+    (nvidia-cuda-cuobjdump puts it in nvidia/cu13/bin)."""
+    try:
+        exe = find_cuda_home(env) / "bin" / name
+        if exe.is_file():
+            return exe
+    except BuildConfigError:
+        pass
+    found = shutil.which(name, path=env.get("PATH"))
+    if found:
+        return Path(found)
+    for site in search:
+        hits = sorted(site.glob(f"nvidia/*/bin/{name}"))
+        if hits:
+            return hits[-1]
+    return None
+
+
+_RELEASE_RE = re.compile(r"release (\d+\.\d+)")
+
+
+def nvcc_release(nvcc: Path) -> str | None:
+    """'13.0' for an nvcc, from `nvcc --version`; None where it does not run or say."""
+    if not nvcc.is_file():
+        return None
+    m = _RELEASE_RE.search(_version_text([str(nvcc), "--version"]))
+    return m.group(1) if m else None
 
 
 def _version_text(cmd: Sequence[str]) -> str:
@@ -140,58 +183,89 @@ def nvcc_flags(
     return flags + gencode_flags(archs) + list(extra)
 
 
-# Runs the command as its child and reports RUSAGE_CHILDREN's maxrss: the peak
-# RSS of the largest process among all its waited-for descendants. The wrapper
-# exists because a process forked from this (large, torch-importing) Python
-# starts with our RSS as its high-water mark, which wait4() would then report.
-_MARKER = "__flash_attn_peak_rss_kib"
+# Runs argv[3:] as its child and writes "returncode cpu_seconds peak_kib" to the file
+# descriptor argv[1]: RUSAGE_CHILDREN's CPU time (user + system of every waited-for
+# descendant) and maxrss, the peak RSS of the largest process among them. The wrapper
+# exists because a process forked from this (large, torch-importing) Python starts with
+# our RSS as its high-water mark, which wait4() would then report. argv[2] is the
+# oom_score_adj to take first ("" for none).
 # compiles (and their children) are the OOM killer's first choice, not the python process
 # driving the build (it holds torch, so it is larger, and its death fails the whole build)
 COMPILE_OOM_SCORE_ADJ = 500
-_MARKER_RE = re.compile(r"\n?" + _MARKER + r"=(\d+)\n?$")
 _MEASURE = (
     "import os, resource, subprocess, sys\n"
-    "try:\n"  # under a memory limit, the kernel kills a compile (retried) before the build
-    "    open('/proc/self/oom_score_adj', 'w').write('" + str(COMPILE_OOM_SCORE_ADJ) + "')\n"
-    "except OSError:\n"
-    "    pass\n"
-    "rc = subprocess.call(sys.argv[1:])\n"
-    "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-    "sys.stdout.flush()\n"
-    "sys.stderr.write('\\n" + _MARKER + "=%d\\n' % peak)\n"
-    "sys.stderr.flush()\n"
+    "if sys.argv[2]:\n"
+    "    try:\n"
+    "        open('/proc/self/oom_score_adj', 'w').write(sys.argv[2])\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "rc = subprocess.call(sys.argv[3:])\n"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "os.write(int(sys.argv[1]), b'%d %.3f %d' % (rc, r.ru_utime + r.ru_stime, r.ru_maxrss))\n"
     "if rc < 0:\n"
     "    os.kill(os.getpid(), -rc)\n"
     "sys.exit(rc)\n"
 )
 
 
-def run_measured(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> RunResult:
-    """Run a command to the end; its wall time and the peak RSS of its process tree.
+def run_measured(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    oom_score_adj: int | None = COMPILE_OOM_SCORE_ADJ,
+) -> RunResult:
+    """Run a command to the end; its wall time, CPU time and the peak RSS of its tree.
 
-    The figure is the largest peak of any single process in the tree (nvcc,
-    cicc, ptxas, the host compiler). With NVCC_THREADS > 1 nvcc runs several
-    such children at once, so the momentary total can reach about threads x it.
+    The one measured run of the project: each kernel compile (setup.py) and each cell's
+    whole build (the wheel factory). The peak is the largest peak of any single process
+    in the tree (nvcc, cicc, ptxas, the host compiler); with NVCC_THREADS > 1 nvcc runs
+    several such children at once, so the momentary total can reach about threads x it.
+    Output is captured into RunResult.output, or with `log` appended to that file (after
+    the command line) and output is "". Ctrl-C stops the command, then re-raises.
     """
     start = time.perf_counter()
-    wrapper = [sys.executable, "-S", "-E", "-c", _MEASURE, *cmd]
-    proc = subprocess.Popen(
-        wrapper,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env=dict(env) if env is not None else None,
-    )
+    read_end, write_end = os.pipe()
+    adj = "" if oom_score_adj is None else str(oom_score_adj)
+    wrapper = [sys.executable, "-S", "-E", "-c", _MEASURE, str(write_end), adj, *cmd]
+    sink = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        sink = log.open("ab")
+        sink.write(("$ " + " ".join(cmd) + "\n").encode())
+        sink.flush()
     try:
-        out, _ = proc.communicate()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    output = out.decode(errors="replace")
-    peak = 0
-    m = _MARKER_RE.search(output)
-    if m is not None:
-        peak = int(m.group(1)) * 1024  # kibibytes on Linux
-        output = output[: m.start()]
-    return RunResult(proc.returncode, time.perf_counter() - start, peak, output)
+        proc = subprocess.Popen(
+            wrapper,
+            stdout=sink if sink is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        write_end = -1
+        try:
+            out, _ = proc.communicate()
+        except BaseException:  # Ctrl-C: stop the command, leave nothing running
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        with os.fdopen(read_end, "rb") as f:
+            read_end = -1
+            stats = f.read().split()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        if sink is not None:
+            sink.close()
+    cpu_s, peak = (float(stats[1]), int(stats[2]) * 1024) if len(stats) == 3 else (0.0, 0)
+    output = out.decode(errors="replace") if out is not None else ""
+    return RunResult(proc.returncode, time.perf_counter() - start, peak, output, cpu_s)

@@ -441,6 +441,64 @@ def test_cuda_home_must_hold_a_toolkit(tmp_path: Path) -> None:
     assert toolchain.find_cuda_home({"CUDA_HOME": str(tmp_path)}) == tmp_path
 
 
+def _fake_toolkit(root: Path, release: str = "13.0", tools: tuple[str, ...] = ()) -> Path:
+    say = f"Cuda compilation tools, release {release}, V{release}.88"
+    _write(root / "bin/nvcc", f"#!/bin/sh\necho '{say}'\n")
+    (root / "bin/nvcc").chmod(0o755)
+    _write(root / "include/cuda_runtime.h", "")
+    for tool in tools:
+        _write(root / "bin" / tool, "")
+    return root
+
+
+def test_cuda_is_found_in_one_place_in_its_order(tmp_path: Path) -> None:
+    home = _fake_toolkit(tmp_path / "cuda", "12.8")
+    on_path = _fake_toolkit(tmp_path / "other", "13.0")
+    env = {"CUDA_PATH": str(home), "PATH": str(on_path / "bin")}
+    assert toolchain.find_cuda_home(env) == home  # CUDA_PATH before PATH
+    assert toolchain.find_cuda_home({"PATH": str(on_path / "bin")}) == on_path.resolve()
+    assert toolchain.nvcc_release(home / "bin" / "nvcc") == "12.8"
+    assert toolchain.nvcc_release(tmp_path / "none" / "nvcc") is None
+
+
+def test_cuda_tools_come_from_the_toolkit_then_path_then_pip(tmp_path: Path) -> None:
+    home = _fake_toolkit(tmp_path / "cuda", tools=("cuobjdump",))
+    bare = _fake_toolkit(tmp_path / "bare")
+    site = tmp_path / "site-packages"
+    _write(site / "nvidia/cu13/bin/cuobjdump", "")
+    _write(site / "nvidia/cu13/bin/nvcc", "")
+    empty = str(tmp_path / "empty")
+    assert toolchain.cuda_tool("cuobjdump", {"CUDA_HOME": str(home), "PATH": empty}, [site]) == (
+        home / "bin" / "cuobjdump"
+    )
+    found = toolchain.cuda_tool("cuobjdump", {"CUDA_HOME": str(bare), "PATH": empty}, [site])
+    assert found == site / "nvidia/cu13/bin/cuobjdump"
+    assert toolchain.cuda_tool("cuobjdump", {"CUDA_HOME": str(bare), "PATH": empty}) is None
+    assert toolchain.pip_cuda_home(site) == site / "nvidia/cu13"
+    assert toolchain.pip_cuda_home(tmp_path) is None
+
+
+def test_link_manifest_stays_in_the_checkout_with_a_shared_cache(tmp_path: Path) -> None:
+    layout = KernelLayout.standard(tmp_path / "checkout", tmp_path / "shared" / "objects")
+    assert layout.link_manifest == tmp_path / "checkout" / "build" / "kernel_objects.txt"
+
+
+def test_run_measured_appends_to_a_log_with_cpu_time(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "build.log"
+    log.parent.mkdir()
+    log.write_text("earlier\n")
+    burn = f"{sys.executable} -c 'sum(range(3 * 10 ** 7))'"
+    result = toolchain.run_measured(
+        ["sh", "-c", f"echo out; echo err >&2; {burn}"], log=log, cwd=tmp_path,
+        oom_score_adj=None,
+    )
+    assert result.returncode == 0 and result.output == ""
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier" and lines[1].startswith("$ sh -c echo out")
+    assert set(lines[2:]) == {"out", "err"}
+    assert 0.1 < result.cpu_s <= result.wall_s * 2 + 0.5
+
+
 def test_run_measured_reports_the_peak_of_a_grandchild() -> None:
     # The shell is the child; the 200 MiB allocation happens in its own child.
     script = f"{sys.executable} -c 'b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096])'"

@@ -7,37 +7,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from build_tools.toolchain import run_measured
 from build_tools.version import read_version
 
 from .errors import FactoryError
+from .installer import hermetic_env
 from .matrix import Cell
 from .plan import CellPlan
 from .provision import Toolchain
-
-# Runs argv[2:] and writes the rusage of its process tree to argv[1]: CPU seconds
-# (user + system, all waited-for descendants) and the largest single-process peak RSS.
-_MEASURE = (
-    "import json, resource, subprocess, sys\n"
-    "rc = subprocess.call(sys.argv[2:])\n"
-    "r = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "json.dump({'rc': rc, 'cpu_s': r.ru_utime + r.ru_stime, 'peak_kib': r.ru_maxrss},"
-    " open(sys.argv[1], 'w'))\n"
-    "sys.exit(rc if rc >= 0 else 128 - rc)\n"
-)
-
-
-@dataclass(frozen=True)
-class Measured:
-    returncode: int
-    wall_s: float
-    cpu_s: float
-    peak_rss_bytes: int
 
 
 @dataclass(frozen=True)
@@ -55,39 +36,6 @@ class RawWheel:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def run_measured(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> Measured:
-    """Run cmd to the end with its output in log; wall, CPU and peak RSS of its tree."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    stats = log.with_suffix(".rusage.json")
-    start = time.perf_counter()
-    with log.open("ab") as out:
-        out.write(("$ " + " ".join(cmd) + "\n").encode())
-        out.flush()
-        proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _MEASURE, str(stats), *cmd],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=cwd,
-        )
-        try:
-            rc = proc.wait()
-        except BaseException:  # Ctrl-C: stop the build, leave nothing running
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-    wall = time.perf_counter() - start
-    try:
-        data = json.loads(stats.read_text())
-    except (OSError, ValueError):
-        data = {"cpu_s": 0.0, "peak_kib": 0}
-    return Measured(rc, wall, float(data["cpu_s"]), int(data["peak_kib"]) * 1024)
 
 
 def source_date_epoch(repo: Path) -> int:
@@ -117,7 +65,9 @@ def build_env(
     extra: dict[str, str] | None = None,
     toolchain: Toolchain | None = None,
 ) -> dict[str, str]:
-    env = dict(os.environ)
+    # `pip wheel --no-deps --no-build-isolation` installs nothing, but the machine's pip
+    # configuration and PYTHONPATH stay out of the build all the same
+    env = hermetic_env()
     if toolchain is not None:
         env.update(toolchain.env())
     env.update(cell.kernels.env())
@@ -126,7 +76,6 @@ def build_env(
     env["FLASH_ATTN_OBJECT_CACHE"] = str(object_cache.resolve())
     env["FLASH_ATTN_LOCAL_VERSION"] = cell.local_label
     env["SOURCE_DATE_EPOCH"] = str(epoch)
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PYTHONHASHSEED"] = "0"
     env.update(extra or {})
     return env
@@ -160,7 +109,8 @@ def build_wheel(
         str(out_dir),
         str(src),
     ]
-    m = run_measured(cmd, env, log, cwd=src)
+    # the whole build measured as one tree; its compiles keep their own, higher OOM score
+    m = run_measured(cmd, env, log=log, cwd=src, oom_score_adj=None)
     wheels = sorted(out_dir.glob("*.whl"))
     if m.returncode != 0 or len(wheels) != 1:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])

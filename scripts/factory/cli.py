@@ -156,6 +156,8 @@ def cmd_provision(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPath
         tc = provision(cell, spec, args.toolchain, paths.toolchains, wheelhouse)
         where = f" ({tc.cuda_home})" if tc.cuda_home else ""
         print(f"{cell.id}: {tc.kind}: python {tc.python}, torch {tc.torch}, nvcc {tc.nvcc}{where}")
+        if tc.origin:
+            print(f"  {tc.origin}")
         for note in tc.notes:
             print(f"  note: {note}")
     return 0

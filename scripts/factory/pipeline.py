@@ -67,7 +67,7 @@ def smoke_cell_wheel(
         paths.venvs / f"smoke-{cell.id}",
         paths.log(cell.id, "smoke"),
         isolated=toolchain.isolated,
-        torch_dist=toolchain.torch_dist,
+        cuobjdump=toolchain.cuobjdump,
     )
 
 
@@ -85,6 +85,8 @@ def run_cell(
             f"  toolchain: {toolchain.kind}: python {toolchain.python}, torch {toolchain.torch}, "
             f"nvcc {toolchain.nvcc}{where}"
         )
+        if toolchain.origin:
+            log(f"  toolchain: {toolchain.origin}")
         for note in toolchain.notes:
             log(f"  note: {note}")
         stage = "plan"

@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from build_tools.knobs import BuildConfigError
+from build_tools.toolchain import find_cuda_home, nvcc_release
+
 from .errors import FactoryError
 from .matrix import LocalFacts
 
@@ -144,30 +147,15 @@ def find_interpreter(python: str) -> str:
 
 
 def nvcc_version(cuda_home: Path | None = None) -> str | None:
-    """'13.0' for the nvcc of CUDA_HOME, PATH or /usr/local/cuda; None without one."""
-    candidates = []
-    if cuda_home is not None:
-        candidates.append(cuda_home / "bin" / "nvcc")
-    for var in ("CUDA_HOME", "CUDA_PATH") if cuda_home is None else ():
-        if os.environ.get(var):
-            candidates.append(Path(os.environ[var]) / "bin" / "nvcc")
-    which = shutil.which("nvcc") if cuda_home is None else None
-    if which:
-        candidates.append(Path(which))
+    """'13.0' for the nvcc of cuda_home, or of the toolkit build_tools finds (CUDA_HOME,
+    CUDA_PATH, PATH, /usr/local/cuda: find_cuda_home, the one place that looks); None
+    without one."""
     if cuda_home is None:
-        candidates.append(Path("/usr/local/cuda/bin/nvcc"))
-    for nvcc in candidates:
-        if nvcc.is_file():
-            try:
-                text = subprocess.run(
-                    [str(nvcc), "--version"], capture_output=True, text=True, check=False
-                ).stdout
-            except OSError:
-                continue
-            m = re.search(r"release (\d+\.\d+)", text)
-            if m:
-                return m.group(1)
-    return None
+        try:
+            cuda_home = find_cuda_home(os.environ)
+        except BuildConfigError:
+            return None
+    return nvcc_release(cuda_home / "bin" / "nvcc")
 
 
 def local_facts(python_exe: str | None = None) -> LocalFacts:

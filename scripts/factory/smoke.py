@@ -1,5 +1,9 @@
 """Smoke gate: a wheel is published only after it works in a fresh venv with exactly its torch.
 
+The smoke venv holds the wheel and nothing else; it sees the toolchain's environment (the
+cell's torch, where the toolchain installed it) through a .pth file, so each cell's smoke
+costs no torch download and no second copy of torch on disk.
+
 Checks: the venv's torch is the cell's; `import flash_attn` and `flash_attn._C`
 (a wrong torch or C++ ABI shows up here as `undefined symbol`); the extension's
 C++ ABI (from its dynamic symbols) equals torch._C._GLIBCXX_USE_CXX11_ABI and the
@@ -10,7 +14,6 @@ quarantine with its log.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -18,12 +21,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from build_tools.toolchain import sass_arch
+from build_tools.toolchain import cuda_tool, sass_arch
 
+from .installer import hermetic_env
 from .matrix import Cell
 
 _CHECK = r"""
@@ -117,20 +122,12 @@ def read_symbols(so: Path) -> str:
     return done.stdout
 
 
-def find_cuobjdump() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            exe = Path(os.environ[var]) / "bin" / "cuobjdump"
-            if exe.is_file():
-                return str(exe)
-    exe = shutil.which("cuobjdump")
-    if exe:
-        return exe
-    for base in sys.path:  # the pip package nvidia-cuda-cuobjdump
-        hits = sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "bin", "cuobjdump")))
-        if hits:
-            return hits[-1]
-    return None
+def find_cuobjdump(env: Mapping[str, str] | None = None) -> str | None:
+    """cuobjdump in the CUDA toolkit (build_tools.toolchain.find_cuda_home), on PATH, or
+    from the pip package nvidia-cuda-cuobjdump in this interpreter's sys.path."""
+    search = [Path(p) for p in sys.path if p]
+    found = cuda_tool("cuobjdump", os.environ if env is None else env, search)
+    return str(found) if found is not None else None
 
 
 def parse_elf_archs(listing: str) -> set[str]:
@@ -138,8 +135,8 @@ def parse_elf_archs(listing: str) -> set[str]:
     return set(re.findall(r"\bsm_(\d+a?)\b", listing))
 
 
-def embedded_archs(so: Path) -> tuple[set[str] | None, str]:
-    exe = find_cuobjdump()
+def embedded_archs(so: Path, cuobjdump: str | None = None) -> tuple[set[str] | None, str]:
+    exe = cuobjdump or find_cuobjdump()
     if exe is None:
         return None, "no cuobjdump (CUDA_HOME/bin, PATH, or pip install nvidia-cuda-cuobjdump)"
     done = subprocess.run([exe, "--list-elf", str(so)], capture_output=True, text=True, check=False)
@@ -149,7 +146,11 @@ def embedded_archs(so: Path) -> tuple[set[str] | None, str]:
 
 
 def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    """cmd with the machine's pip configuration dropped (a constraint or find-links there
+    must not change what the smoke venv installs), its output in log."""
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, cwd=cwd, env=hermetic_env()
+    )
     with log.open("a") as f:
         f.write(f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}(exit {done.returncode})\n")
     return done
@@ -223,32 +224,25 @@ def smoke_wheel(
     venv: Path,
     log: Path,
     isolated: bool = False,
-    torch_dist: str = "",
+    cuobjdump: str = "",
 ) -> SmokeResult:
-    """Install the wheel into a fresh venv and check it. The venv sees the interpreter's
-    torch (system toolchain) or, isolated, installs exactly expected_torch itself."""
+    """Install the wheel into a fresh venv and check it. The venv sees the environment of
+    `python` (the toolchain's: its torch, not a second copy of it) through a .pth file, and
+    the base interpreter's site-packages too unless isolated (hermetic toolchains)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"smoke {cell.id}: {wheel.name}\n")
     result = SmokeResult(cell.id, str(wheel), log=str(log))
     if venv.exists():
         shutil.rmtree(venv)
-    site = [] if isolated else ["--system-site-packages"]
+    # isolated: no pip of its own either; the toolchain's (seen through the .pth) installs
+    site = ["--without-pip"] if isolated else ["--system-site-packages"]
     done = _run([python, "-m", "venv", *site, str(venv)], log)
     vpy = str(venv / "bin" / "python")
-    if done.returncode == 0 and not isolated:
-        inherit_parent_env(python, vpy, log)
-    if done.returncode == 0 and isolated:
-        done = _run(
-            [
-                vpy,
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                f"torch=={torch_dist or expected_torch}",
-            ],
-            log,
+    if done.returncode == 0 and not inherit_parent_env(python, vpy, log) and isolated:
+        result.checks.append(
+            Check("install", False, f"{python} is not in a venv: nothing for the smoke venv to see")
         )
+        return result
     if done.returncode == 0:
         done = _run(
             [
@@ -267,7 +261,9 @@ def smoke_wheel(
     if done.returncode != 0:
         result.checks.append(Check("install", False, f"venv or pip install failed; see {log}"))
         return result
-    result.checks.extend(check_environment(cell, vpy, expected_torch, log, venv))
+    result.checks.extend(
+        check_environment(cell, vpy, expected_torch, log, venv, cuobjdump=cuobjdump or None)
+    )
     return result
 
 
@@ -279,11 +275,12 @@ _SITE_DIRS = (
 
 
 def inherit_parent_env(python: str, vpy: str, log: Path) -> list[str]:
-    """`python -m venv --system-site-packages` run by a venv's interpreter sees the base
-    installation, not that venv, where the toolchain's torch lives (a GPU box with torch
-    in /opt/<x>/.venv). Then a .pth file in the smoke venv adds the parent venv's
-    site-packages after its own, so the wheel installed in the smoke venv still wins.
-    Returns the directories added."""
+    """A venv made by a venv's interpreter is a venv of the base installation, which does
+    not see that venv, where the toolchain's torch lives (a hermetic toolchain; a GPU box
+    with torch in /opt/<x>/.venv; pytest run from a venv). Then a .pth file in the new venv
+    adds the parent venv's site-packages after its own, so the wheel installed in the new
+    venv still wins, and the parent's torch is used where it lies (no second copy: no
+    download, no disk). Returns the directories added ([] for a base interpreter)."""
     parent = _run([python, "-c", _SITE_DIRS], log)
     child = _run([vpy, "-c", _SITE_DIRS], log)
     if parent.returncode != 0 or child.returncode != 0:
@@ -300,11 +297,17 @@ def inherit_parent_env(python: str, vpy: str, log: Path) -> list[str]:
 
 
 def check_environment(
-    cell: Cell, python: str, expected_torch: str, log: Path, venv: Path | None = None
+    cell: Cell,
+    python: str,
+    expected_torch: str,
+    log: Path,
+    venv: Path | None = None,
+    cuobjdump: str | None = None,
 ) -> list[Check]:
     """The checks, run with `python`, in whose environment the wheel is installed: a fresh
     smoke venv (venv given), or one that another front-end made (cibuildwheel's test venv;
-    then the extension must come from that interpreter's own prefix)."""
+    then the extension must come from that interpreter's own prefix). cuobjdump: the
+    toolchain's (provision found or installed it); None: find_cuobjdump()."""
     with tempfile.TemporaryDirectory(prefix="factory-smoke-") as cwd:
         done = _run([python, "-I", "-c", _CHECK], log, cwd=Path(cwd))
     m = re.search(r"^SMOKE_JSON=(.*)$", done.stdout, re.MULTILINE)
@@ -317,7 +320,7 @@ def check_environment(
         if not str(Path(ext).resolve()).startswith(str(root.resolve())):
             data["import_error"] = f"imported {ext}, not the wheel installed in {root}"
         data["ext_cxx11abi"] = extension_abi(read_symbols(Path(ext)))
-        archs, note = embedded_archs(Path(ext))
+        archs, note = embedded_archs(Path(ext), cuobjdump)
         data["elf_archs"] = sorted(archs) if archs is not None else None
         data["elf_note"] = note
     checks = evaluate(cell, expected_torch, data)

@@ -16,17 +16,21 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from scripts.factory.build import build_env, source_date_epoch
+from scripts.factory.installer import hermetic_env
 from scripts.factory.matrix import Cell, MatrixSpec, load_spec, select_cells, with_installed_torch
-from scripts.factory.paths import FactoryPaths
+from scripts.factory.paths import REPO, FactoryPaths
 from scripts.factory.pipeline import RunOptions, run_cell, run_cells
 from scripts.factory.probe import local_facts, nvcc_version
 from scripts.factory.report import CellReport
+from scripts.factory.smoke import inherit_parent_env
 from scripts.factory.wheelfile import read_wheel_info
 
 
@@ -36,6 +40,7 @@ class Built:
     cell: Cell
     paths: FactoryPaths
     report: CellReport
+    started: float  # time.time() before the build
 
 
 def _quiet(_: str) -> None:
@@ -53,8 +58,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     cell = select_cells("local kernels=tiny", spec, local)[0]
     tmp = tmp_path_factory.mktemp("factory")
     paths = replace(FactoryPaths.default(), work=tmp / "work", out=tmp / "dist")
+    started = time.time()
     rows = run_cells([cell], spec, paths, RunOptions(), print)
-    return Built(spec, cell, paths, rows[0])
+    return Built(spec, cell, paths, rows[0], started)
 
 
 def _published_wheel(b: Built) -> Path:
@@ -76,6 +82,33 @@ def test_one_cell_end_to_end(built: Built) -> None:
     assert r.objects > 0 and r.smoke.startswith("passed")
     manifest = json.loads((built.paths.tree / "manifest.json").read_text())
     assert [w["file"] for w in manifest["wheels"]] == [wheel.name]
+
+
+def test_a_noop_build_does_not_relink(built: Built) -> None:
+    """setup.py build_ext again in the cell's staged sources: nothing compiles and _C.so is
+    not linked again; the link manifest is in the checkout, not next to the object cache."""
+    src = built.paths.src(built.cell.id)
+    env = build_env(built.cell, None, built.paths.object_cache, source_date_epoch(REPO))
+    cmd = [sys.executable, "setup.py", "build_ext"]
+    subprocess.run(cmd, cwd=src, env=env, capture_output=True, check=True)  # settle
+    modules = sorted(src.glob("build/lib*/flash_attn/_C*.so"))
+    assert len(modules) == 1
+    before = modules[0].stat().st_mtime_ns
+    done = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, check=True)
+    assert "ninja: no work to do" in done.stdout
+    assert " -shared " not in done.stdout, done.stdout
+    assert modules[0].stat().st_mtime_ns == before
+    assert (src / "build" / "kernel_objects.txt").is_file()
+    beside_cache = built.paths.object_cache.parent / "kernel_objects.txt"
+    if beside_cache.parent != src / "build" and beside_cache.exists():  # an old build's
+        assert beside_cache.stat().st_mtime < built.started
+
+
+def test_smoke_checks_archs_with_cuobjdump_where_one_was_found(built: Built) -> None:
+    record = json.loads((built.paths.cell_dir(built.cell.id) / "cell.json").read_text())
+    if not record["toolchain"]["cuobjdump"]:
+        pytest.skip(f"no cuobjdump here: {record['toolchain']['notes']}")
+    assert "archs" not in built.report.smoke, built.report.smoke  # checked, not skipped
 
 
 def test_rebuild_is_bit_identical(built: Built, tmp_path: Path) -> None:
@@ -109,15 +142,20 @@ def server(built: Built) -> Iterator[str]:
 
 def test_pip_installs_from_the_served_index(built: Built, server: str, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
-    # --system-site-packages: the interpreter's torch (the cell's) without a download
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True)
+    # the interpreter's torch (the cell's) without a download: --system-site-packages,
+    # and where pytest runs in a venv, that venv's site-packages (as the smoke stage does).
+    # No pip of its own: ensurepip's setuptools would shadow the newer one torch requires.
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
     py = str(venv / "bin" / "python")
+    inherit_parent_env(sys.executable, py, tmp_path / "venv.log")
     url = f"{server}/whl/{built.cell.variant}/simple"
-    done = subprocess.run(
+    done = subprocess.run(  # the served index alone: no find-links or constraint of the machine
         [py, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
          "flash-attn", "--index-url", url],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env=hermetic_env(),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     check = (

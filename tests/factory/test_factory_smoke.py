@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+from factory_wheels import make_wheel
+
 from scripts.factory.matrix import LocalFacts, load_spec, select_cells
 from scripts.factory.plan import CellPlan
 from scripts.factory.smoke import (
@@ -15,6 +18,7 @@ from scripts.factory.smoke import (
     extension_abi,
     inherit_parent_env,
     parse_elf_archs,
+    smoke_wheel,
 )
 
 CELL = select_cells("local", load_spec(), LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
@@ -101,3 +105,36 @@ def test_smoke_venv_made_from_a_venv_sees_that_venvs_packages(tmp_path: Path) ->
     base_py = str(Path(base) / "bin" / Path(sys.executable).name)
     subprocess.run([base_py, "-m", "venv", "--without-pip", str(other)], check=True)
     assert inherit_parent_env(base_py, str(other / "bin" / "python"), tmp_path / "l2") == []
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs pytest to run in a venv")
+def test_isolated_smoke_venv_reuses_the_toolchains_torch(tmp_path: Path) -> None:
+    """The hermetic toolchain's case, with this venv as the toolchain: the smoke venv
+    installs the wheel alone, imports the toolchain's torch where it lies, and sees
+    nothing of the base interpreter's site-packages."""
+    import torch
+
+    wheel = make_wheel(tmp_path / "dist")
+    venv = tmp_path / "smoke"
+    result = smoke_wheel(
+        CELL, wheel, sys.executable, torch.__version__, venv, tmp_path / "smoke.log",
+        isolated=True,
+    )
+    checks = {c.name: c for c in result.checks}
+    assert "install" not in checks, (tmp_path / "smoke.log").read_text()
+    assert checks["torch"].ok is True  # this venv's torch, seen, not installed again
+    assert not checks["import"].ok  # the synthetic wheel has no real extension
+    site = sorted(venv.glob("lib/python3*/site-packages"))[0]
+    assert (site / "flash_attn" / "__init__.py").is_file() and not (site / "torch").exists()
+    base_site = subprocess.run(
+        [sys.executable, "-c", "import sys, sysconfig; print(sysconfig.get_paths("
+         "vars={'base': sys.base_prefix, 'platbase': sys.base_prefix})['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    seen = subprocess.run(
+        [str(venv / "bin" / "python"), "-I", "-c", "import sys, torch; print(torch.__file__);"
+         "print(sys.path)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    assert seen[0].startswith(sys.prefix)
+    assert base_site not in seen[1]
