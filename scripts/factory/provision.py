@@ -101,6 +101,17 @@ def table_disagreements(cell: Cell, spec: MatrixSpec, facts: PythonFacts) -> lis
     return notes
 
 
+def nvcc_serves_older(nvcc: str, cuda: str) -> bool:
+    """Whether nvcc (13.0) may build a cell of a newer CUDA minor of its major (13.2):
+    code built by an older toolkit runs under a newer runtime of the same major."""
+    try:
+        have = tuple(int(x) for x in nvcc.split(".")[:2])
+        want = tuple(int(x) for x in cuda.split(".")[:2])
+    except ValueError:
+        return False
+    return have[0] == want[0] and have[1] < want[1]
+
+
 def provision_system(cell: Cell, spec: MatrixSpec, tools: Path | None = None) -> Toolchain:
     """The installed toolchain for a cell, or a FactoryError saying what does not match.
     tools: where a missing cuobjdump may be installed (else the arch check goes without)."""
@@ -130,12 +141,21 @@ def provision_system(cell: Cell, spec: MatrixSpec, tools: Path | None = None) ->
             "no CUDA compiler: nvcc is not in CUDA_HOME, on PATH or in /usr/local/cuda; "
             "install a CUDA toolkit and set CUDA_HOME, e.g. CUDA_HOME=/usr/local/cuda-13.0"
         )
-    if nvcc != cell.cuda:
+    older_minor = nvcc_serves_older(nvcc, cell.cuda)
+    if nvcc != cell.cuda and not older_minor:
         raise FactoryError(
-            f"cell {cell.id} needs CUDA {cell.cuda}; this machine's nvcc is {nvcc}. Select "
-            f"cuda={nvcc} or point CUDA_HOME at a CUDA {cell.cuda} toolkit"
+            f"cell {cell.id} needs CUDA {cell.cuda}; this machine's nvcc is {nvcc} (an older "
+            f"nvcc of the same CUDA major builds for a newer minor, never the other way). "
+            f"Select cuda={nvcc} or point CUDA_HOME at a CUDA {cell.cuda} toolkit"
         )
     notes = table_disagreements(cell, spec, facts)
+    if older_minor:
+        notes.append(
+            f"nvcc {nvcc} builds the kernels of this CUDA {cell.cuda} cell: CUDA's minor-version "
+            f"compatibility runs them under any {cell.cuda.split('.')[0]}.x runtime at or above "
+            f"{nvcc}; the wheel is labelled for torch's CUDA {cell.cuda} and its build record "
+            f"says kernels CUDA {nvcc}"
+        )
     if facts.torch_cuda and facts.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]:
         raise FactoryError(
             f"cell {cell.id}: torch {facts.torch} is built with CUDA {facts.torch_cuda}, "

@@ -11,7 +11,12 @@ from scripts.factory.errors import FactoryError
 from scripts.factory.matrix import LocalFacts, load_spec, select_cells
 from scripts.factory.preflight import check_disk
 from scripts.factory.probe import PythonFacts
-from scripts.factory.provision import cuda_requirements, provision, table_disagreements
+from scripts.factory.provision import (
+    cuda_requirements,
+    nvcc_serves_older,
+    provision,
+    table_disagreements,
+)
 
 SPEC = load_spec()
 CELL = select_cells("local", SPEC, LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
@@ -65,3 +70,21 @@ def test_no_disk_space_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FactoryError, match="no disk space"):
         check_disk([tmp_path / "not" / "yet"], need=1 << 60)
     check_disk([tmp_path], need=1)
+
+
+@pytest.mark.parametrize(
+    ("nvcc", "cuda", "serves"),
+    [
+        ("13.0", "13.2", True),  # torch 2.15 (cu132) on a machine with nvcc 13.0
+        ("12.4", "12.8", True),
+        ("13.0", "13.0", False),  # equal: no exception needed
+        ("13.2", "13.0", False),  # newer nvcc: its runtime needs a newer driver
+        ("12.8", "13.0", False),  # another major
+        ("13.0", "12.9", False),
+        ("13.x", "13.2", False),
+    ],
+)
+def test_an_older_nvcc_of_the_same_major_serves_a_newer_minor(
+    nvcc: str, cuda: str, serves: bool
+) -> None:
+    assert nvcc_serves_older(nvcc, cuda) is serves
