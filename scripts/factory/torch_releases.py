@@ -98,7 +98,9 @@ class IndexSource:
         return f"{self.url.rstrip('/')}/{self.project}/"
 
 
-class _Anchors(HTMLParser):
+class Anchors(HTMLParser):
+    """The attributes of every <a> of an HTML page (a simple index page)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.links: list[dict[str, str]] = []
@@ -126,7 +128,7 @@ def _files_from_json(data: dict[str, Any], page: str) -> list[IndexFile]:
 
 
 def _files_from_html(text: str, page: str) -> list[IndexFile]:
-    parser = _Anchors()
+    parser = Anchors()
     parser.feed(text)
     files = []
     for a in parser.links:

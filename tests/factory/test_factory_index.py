@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -17,21 +16,12 @@ from scripts.factory.pipeline import CellOutcome, RunOptions, run_cells
 from scripts.factory.publish import Candidate, PublishConflict, label_variant, publish
 from scripts.factory.report import CellReport
 from scripts.factory.status import CellStatus
+from scripts.factory.torch_releases import Anchors
 from scripts.factory.wheelfile import normalize_wheel
 
 REPO = Path(__file__).resolve().parents[2]
 V1 = "cu130-torch2.13-cxx11abiTRUE"
 V2 = "cu130-torch2.14-cxx11abiTRUE"
-
-
-class Anchors(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.links: list[dict[str, str]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "a":
-            self.links.append({k: v or "" for k, v in attrs})
 
 
 def anchors(page: Path) -> list[dict[str, str]]:
