@@ -1,0 +1,1 @@
+"""Fused operations beside attention (the names flash_attn 2.x code imports)."""

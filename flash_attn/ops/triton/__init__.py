@@ -1,0 +1,1 @@
+"""Triton kernels of the fused operations (our own; Triton compiles them at first use)."""
