@@ -10,10 +10,20 @@ flags, nvcc and archs. Then the binding flash_attn._C (csrc/binding/*.cpp, the
 only C++ that includes torch) is compiled as a host-only torch extension and
 linked with those objects and the static CUDA runtime.
 
-Knobs (environment variables; README.md, "Build knobs"):
-FLASH_ATTN_CUDA_ARCHS, FLASH_ATTN_HEAD_DIMS, FLASH_ATTN_DTYPES,
-FLASH_ATTN_BACKWARD, MAX_JOBS, NVCC_THREADS, FLASH_ATTN_NVCC_MEM_GB,
-FLASH_ATTN_NVCC_FLAGS, FLASH_ATTN_OBJECT_CACHE, FLASH_ATTN_LOCAL_VERSION, CUDA_HOME.
+What is built is one BuildRequest (build_tools/request.py): the binding, the kernel
+set, the version label, the torch requirement and the C++ standard. The wheel factory
+writes it and names it in FLASH_ATTN_BUILD_REQUEST; without that, it comes from the
+environment (README.md, "Build knobs"): FLASH_ATTN_BINDING (auto, stable, classic),
+FLASH_ATTN_CUDA_ARCHS, FLASH_ATTN_HEAD_DIMS, FLASH_ATTN_DTYPES, FLASH_ATTN_BACKWARD,
+FLASH_ATTN_LOCAL_VERSION. How it is built stays in the environment: MAX_JOBS,
+NVCC_THREADS, FLASH_ATTN_NVCC_MEM_GB, FLASH_ATTN_NVCC_FLAGS, FLASH_ATTN_OBJECT_CACHE,
+CUDA_HOME.
+
+Two bindings from one source (csrc/binding/torch_api.h). "stable": the LibTorch stable
+ABI and the limited Python API, TORCH_TARGET_VERSION at the floor of
+recipes/stable_abi.json: one _C.abi3.so (a cp310-abi3 wheel) for every torch from the
+floor on. "classic": the C++ API of the torch it compiles against, for that torch minor
+alone (torch below the floor). `auto` (the default) picks stable where torch allows.
 
 Next to the extension goes flash_attn/_built_against.json: the torch (version, CUDA,
 C++ ABI) and the CUDA toolkit it was compiled with. `import flash_attn` compares it
@@ -24,10 +34,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -37,8 +46,17 @@ from setuptools import find_packages, setup  # noqa: E402
 from build_tools.cache import write_text_if_changed  # noqa: E402
 from build_tools.kernels import KernelBuildError, KernelLayout, build_kernel_objects  # noqa: E402
 from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog  # noqa: E402
+from build_tools.request import (  # noqa: E402
+    REQUEST_ENV,
+    BuildRequest,
+    StableAbi,
+    developer_request,
+)
 from build_tools.toolchain import probe_toolchain  # noqa: E402
 from build_tools.version import read_version, with_local_label  # noqa: E402
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 EXTENSION = "flash_attn._C"
 KERNELS_DIR = ROOT / "csrc" / "kernels"
@@ -63,13 +81,6 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(1)
 
 
-def _torch_cxx_std(torch_version: str) -> str:
-    """torch >= 2.13 headers need C++20; older ones build with C++17."""
-    m = re.match(r"(\d+)\.(\d+)", torch_version)
-    major_minor = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-    return "-std=c++20" if major_minor >= (2, 13) else "-std=c++17"
-
-
 def _newer(source: Path, target: Path) -> bool:
     """True when target is missing or older than source."""
     return not target.exists() or source.stat().st_mtime > target.stat().st_mtime
@@ -89,26 +100,98 @@ def _variant_module() -> Any:
     return module
 
 
-def _build_record(variant: Any, torch: Any, nvcc_version: str) -> str:
+def _build_record(
+    variant: Any, torch: Any, nvcc_version: str, request: BuildRequest, abi: StableAbi
+) -> str:
     """The JSON of what this build compiles against (flash_attn/_variant.py, BuiltAgainst)."""
     facts = variant.TorchFacts(
         version=str(torch.__version__),
         cuda=torch.version.cuda,
         cxx11abi=bool(torch._C._GLIBCXX_USE_CXX11_ABI),
     )
-    return str(variant.BuiltAgainst(facts, variant.minor_of(nvcc_version)).to_json())
+    record = variant.BuiltAgainst(
+        facts, variant.minor_of(nvcc_version), request.binding, abi.torch_floor
+    )
+    return str(record.to_json())
+
+
+def load_request(torch_version: str, abi: StableAbi) -> BuildRequest:
+    """The factory's request (FLASH_ATTN_BUILD_REQUEST), else the developer's."""
+    path = os.environ.get(REQUEST_ENV, "").strip()
+    request = (
+        BuildRequest.read(Path(path)) if path else developer_request(os.environ, torch_version, abi)
+    )
+    if request.stable and not abi.serves(torch_version):
+        raise BuildConfigError(
+            f"{REQUEST_ENV}={path}: a stable build needs torch >= {abi.torch_floor}, "
+            f"and this build's torch is {torch_version}"
+        )
+    return request
+
+
+def _remove_other_modules(module: Path) -> None:
+    """Delete flash_attn/_C.* modules next to `module` other than itself (a classic
+    _C.cpython-311-x86_64-linux-gnu.so beside a stable _C.abi3.so, or the reverse)."""
+    for other in module.parent.glob("_C.*.so"):
+        if other.name != module.name:
+            other.unlink()
 
 
 def _relative(paths: list[Path]) -> list[str]:
     return [p.relative_to(ROOT).as_posix() for p in paths]
 
 
-def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
+def _import_torch() -> tuple[ModuleType, ModuleType]:
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch.utils.cpp_extension as cpp_extension
     except ImportError as e:
         _fail(NO_TORCH.format(error=e, python=sys.executable))
+    return torch, cpp_extension
+
+
+def _stable_extension(
+    cpp_extension: ModuleType,
+    sources: list[str],
+    depends: list[str],
+    cxx: list[str],
+    abi: StableAbi,
+) -> Any:
+    """The binding on the stable ABI: torch's headers at TORCH_TARGET_VERSION, no
+    pybind11, no torch/csrc/api, linked with libtorch_cpu alone (the C shims)."""
+    from setuptools import Extension
+
+    # BuildExtension defines Py_LIMITED_API as torch's own floor; the wheel's abi3 tag
+    # comes from recipes/stable_abi.json: they must agree
+    torch_floor = str(getattr(cpp_extension, "min_supported_cpython", "")).lower()
+    if torch_floor and torch_floor != abi.limited_api:
+        _fail(
+            f"this torch builds limited-API extensions for Py_LIMITED_API={torch_floor}, "
+            f"recipes/stable_abi.json says python_floor {abi.python_floor} ({abi.limited_api})"
+        )
+    torch_include = cpp_extension.include_paths()[0]  # <torch>/include (no csrc/api)
+    return Extension(
+        name=EXTENSION,
+        sources=sources,
+        include_dirs=[str(KERNELS_DIR), torch_include],
+        library_dirs=cpp_extension.library_paths(),
+        libraries=["torch_cpu"],
+        depends=depends,
+        language="c++",
+        py_limited_api=True,
+        define_macros=[
+            ("FLASH_ATTN_STABLE_ABI", "1"),
+            ("TORCH_TARGET_VERSION", abi.target_version),
+        ],
+        extra_compile_args={"cxx": cxx},
+    )
+
+
+def extension_and_cmdclass(
+    request: BuildRequest, abi: StableAbi
+) -> tuple[list[Any], dict[str, Any]]:
+    torch, cpp_extension = _import_torch()
+    BuildExtension = cpp_extension.BuildExtension  # noqa: N806
     variant = _variant_module()
 
     class BuildFlashAttn(BuildExtension):  # type: ignore[misc]
@@ -116,7 +199,7 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
         build record goes next to the extension, wherever the extension goes."""
 
         def build_extensions(self) -> None:
-            env = dict(os.environ)
+            env = {**os.environ, **request.kernel_env()}
             try:
                 knobs = knobs_from_env(env, load_catalog(KERNELS_DIR / "generate.py"))
                 toolchain = probe_toolchain(env)
@@ -145,7 +228,9 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
             # up-to-date extension is never paired with a record of another torch).
             record = self._built_record()
             record.parent.mkdir(parents=True, exist_ok=True)
-            write_text_if_changed(record, _build_record(variant, torch, toolchain.nvcc_version))
+            write_text_if_changed(
+                record, _build_record(variant, torch, toolchain.nvcc_version, request, abi)
+            )
             # torch's BuildExtension sets force (ninja then decides what to compile), and
             # distutils relinks whatever a forced build finds. Relink only when the
             # manifest or the record, or an object given to the linker (the binding's,
@@ -158,6 +243,9 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
                 module = Path(self.get_ext_fullpath(ext.name))
                 relink |= _newer(manifest, module) or _newer(record, module)
             self.compiler.force = relink
+            # the other binding's module would shadow this one (import tries
+            # .cpython-3XY-... before .abi3.so) or ship beside it in the wheel
+            _remove_other_modules(Path(self.get_ext_fullpath(EXTENSION)))
             super().build_extensions()
 
         def _built_record(self) -> Path:
@@ -168,6 +256,7 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
 
         def copy_extensions_to_source(self) -> None:
             super().copy_extensions_to_source()
+            _remove_other_modules(ROOT / "flash_attn" / Path(self.get_ext_filename(EXTENSION)).name)
             built = self._built_record()
             if built.is_file():
                 write_text_if_changed(ROOT / "flash_attn" / variant.RECORD_NAME, built.read_text())
@@ -176,30 +265,42 @@ def extension_and_cmdclass() -> tuple[list[Any], dict[str, Any]]:
     if not binding_sources:
         _fail(f"no binding sources: {BINDING_DIR.relative_to(ROOT)}/*.cpp is empty")
     headers = sorted(KERNELS_DIR.glob("*.h")) + sorted(BINDING_DIR.glob("*.h"))
-    extension = CppExtension(
-        name=EXTENSION,
-        sources=_relative(binding_sources),
-        include_dirs=[str(KERNELS_DIR)],
-        depends=_relative(headers),
-        # -g0: Python's CFLAGS ask for debug info, which costs a third of the
-        # binding's compile time and most of its size
-        extra_compile_args={"cxx": ["-O2", "-g0", _torch_cxx_std(torch.__version__)]},
-    )
+    # -g0: Python's CFLAGS ask for debug info, which costs a third of the binding's
+    # compile time and most of its size
+    cxx = ["-O2", "-g0", "-fvisibility=hidden", f"-std={request.cxx_std}"]
+    if request.stable:
+        extension = _stable_extension(
+            cpp_extension, _relative(binding_sources), _relative(headers), cxx, abi
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            name=EXTENSION,
+            sources=_relative(binding_sources),
+            include_dirs=[str(KERNELS_DIR)],
+            depends=_relative(headers),
+            extra_compile_args={"cxx": cxx},
+        )
     return [extension], {"build_ext": BuildFlashAttn.with_options(use_ninja=True)}
 
 
 def main() -> None:
     os.chdir(ROOT)  # setuptools wants source paths relative to the project
+    torch, _ = _import_torch()
     try:
+        abi = StableAbi.load()
+        request = load_request(str(torch.__version__), abi)
         version = with_local_label(
-            read_version(ROOT / "flash_attn" / "__init__.py"),
-            os.environ.get("FLASH_ATTN_LOCAL_VERSION"),
+            read_version(ROOT / "flash_attn" / "__init__.py"), request.local_label
         )
     except BuildConfigError as e:
         _fail(str(e))
-    ext_modules, cmdclass = extension_and_cmdclass()
+    ext_modules, cmdclass = extension_and_cmdclass(request, abi)
+    # an abi3 wheel (cp310-abi3) for the stable binding, whatever CPython builds it
+    options = {"bdist_wheel": {"py_limited_api": abi.abi3_tag}} if request.stable else {}
     setup(
         version=version,
+        install_requires=[request.torch_requirement],
+        options=options,
         packages=find_packages(include=["flash_attn", "flash_attn.*"]),
         py_modules=["flash_attn_interface"],
         package_data={"flash_attn": ["py.typed"]},

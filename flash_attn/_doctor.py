@@ -224,8 +224,10 @@ def _cuda_torch_fix(installed: Installed, running: TorchFacts) -> list[str]:
     label = Variant.from_label(installed.version.partition("+")[2])
     cuda = record.cuda if record is not None else label.cuda if label is not None else None
     if cuda is None:
-        return ["Install a CUDA build of the same torch (https://pytorch.org), then run "
-                "`python -m flash_attn` again."]
+        return [
+            "Install a CUDA build of the same torch (https://pytorch.org), then run "
+            "`python -m flash_attn` again."
+        ]
     return [
         "Install a CUDA build of the same torch, then run `python -m flash_attn` again:",
         "",
@@ -289,8 +291,16 @@ def gather(version: str) -> Facts:
         running = running_torch()
     except Exception as exc:  # ImportError, or a torch that fails while importing
         return Facts(
-            python, sys.executable, None, f"{type(exc).__name__}: {exc}", (), "", 0,
-            installed, None, None,
+            python,
+            sys.executable,
+            None,
+            f"{type(exc).__name__}: {exc}",
+            (),
+            "",
+            0,
+            installed,
+            None,
+            None,
         )
     gpus, no_gpu = _gpus()
     error, kernels = _load_extension(installed, running)
@@ -341,4 +351,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     diagnosis = diagnose(facts, args.base_url)
     print(diagnosis.render())
     return 0 if diagnosis.ok else 1
-

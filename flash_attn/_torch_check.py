@@ -142,9 +142,11 @@ def locate(package_dir: Path = PACKAGE_DIR, version: str = "") -> Installed:
 
 
 def needed_variant(running: TorchFacts, record: BuiltAgainst | None) -> Variant | None:
-    """The variant that fits the running torch; a CPU torch takes the build's CUDA."""
+    """The variant that fits the running torch (the stable one from the floor the build
+    records on); a CPU torch takes the build's CUDA."""
     cuda = running.cuda or (record.cuda if record is not None else None)
-    return None if cuda is None else Variant.for_torch(running, cuda)
+    floor = record.stable_floor if record is not None else None
+    return None if cuda is None else Variant.for_torch(running, cuda, floor)
 
 
 def fix_lines(
@@ -177,8 +179,13 @@ def fix_lines(
 
 
 def describe_build(built: BuiltAgainst) -> str:
-    """'torch 2.14.0+cu130 (CUDA 13.0, C++11 ABI TRUE), kernels CUDA 13.0 (variant ...)'."""
-    return f"{built.torch.describe()}, kernels CUDA {built.cuda} (variant {built.variant.name})"
+    """'torch 2.14.0+cu130 (CUDA 13.0, C++11 ABI TRUE), kernels CUDA 13.0 (variant ...)';
+    a stable-ABI build says so and from which torch on it loads."""
+    kernels = f"kernels CUDA {built.cuda} (variant {built.variant.name})"
+    if built.stable:
+        floor = f"any torch >= {built.stable_floor}"
+        return f"the stable ABI, {floor} (compiled with {built.torch.describe()}), {kernels}"
+    return f"{built.torch.describe()}, {kernels}"
 
 
 def mismatch_message(
@@ -188,7 +195,12 @@ def mismatch_message(
     found: Sequence[Mismatch],
     base_url: str,
 ) -> str:
-    if any(m.what != "CUDA" for m in found):
+    if built.stable and any(m.what != "CUDA" for m in found):
+        why = (
+            f"its compiled extension (flash_attn._C) uses torch's stable ABI as of torch "
+            f"{built.stable_floor}, which an older torch does not have"
+        )
+    elif any(m.what != "CUDA" for m in found):
         why = (
             "its compiled extension (flash_attn._C) links against another torch's C++ "
             "library and would fail with an undefined symbol or, worse, load and misbehave"

@@ -1,9 +1,12 @@
 """Which build of flash_attn fits which torch.
 
-A compiled flash_attn (its extension ``flash_attn._C``) fits one torch minor release,
-one C++ ABI and one CUDA major; the wheels are published in one package index per
-such *variant* (``cu130-torch2.13-cxx11abiTRUE``), and their version carries the
-same facts as a local label (``2.9.0+cu130torch2.13cxx11abiTRUE``). This module owns
+A compiled flash_attn (its extension ``flash_attn._C``) has one of two bindings. The
+stable one (LibTorch stable ABI, limited Python API) fits every torch from a floor
+release on (recipes/stable_abi.json: 2.10) and one CUDA major: variant ``cu13-torchstable``,
+label ``2.9.0+cu13torchstable``. The classic one, for torch below the floor, fits one
+torch minor release, one C++ ABI and one CUDA major: variant
+``cu130-torch2.9-cxx11abiTRUE``, label ``2.9.0+cu130torch2.9cxx11abiTRUE``. Wheels are
+published in one package index per variant. This module owns
 those names, the record a build leaves next to the extension saying what it was
 compiled against (``_built_against.json``, written by setup.py), the comparison of
 that record with the torch that is running, and the install commands that fix a
@@ -41,6 +44,9 @@ _MINOR_RE = re.compile(r"^\s*(\d+)\.(\d+)")
 _LABEL_RE = re.compile(
     r"^cu(\d+)(\d)torch(\d+\.\d+)cxx11abi(true|false)((?:\.[a-z0-9]+)*)$", re.IGNORECASE
 )
+# cu<CUDA major>torchstable, then the same kernel-content segments
+_STABLE_LABEL_RE = re.compile(r"^cu(\d+)torchstable((?:\.[a-z0-9]+)*)$", re.IGNORECASE)
+STABLE = "stable"  # Variant.torch of a stable-ABI build
 
 
 class VariantError(ValueError):
@@ -56,8 +62,17 @@ def minor_of(version: str) -> str:
 
 
 def major_of(version: str) -> int:
-    """13 from '13.0' or '13.0.88'."""
+    """13 from '13.0' or '13.0.88' (also '13')."""
+    head = version.strip().split(".")[0]
+    if head.isdigit() and "." not in version.strip():
+        return int(head)
     return int(minor_of(version).split(".")[0])
+
+
+def minor_key(version: str) -> tuple[int, int]:
+    """(2, 13) from '2.13.0+cu130', for comparing minors."""
+    major, minor = minor_of(version).split(".")
+    return int(major), int(minor)
 
 
 def public_version(version: str) -> str:
@@ -106,33 +121,50 @@ class TorchFacts:
 
 @dataclass(frozen=True)
 class Variant:
-    """The (CUDA, torch minor, C++ ABI) a wheel is built for; one package index each.
+    """What a wheel is built for; one package index each. Classic: (CUDA, torch minor,
+    C++ ABI). Stable (``torch == "stable"``): (CUDA major), any torch from the floor on.
 
     ``content`` is the kernel-content label of a wheel built with anything but the
     release kernel set ("ci", "ci.sm80sm90"): it keeps such wheels out of the release
     index and apart in their version label. Empty for release wheels.
     """
 
-    cuda: str  # "13.0"
-    torch: str  # "2.13"
-    cxx11abi: bool
+    cuda: str  # "13.0" (classic), "13" (stable: the CUDA major)
+    torch: str  # "2.13", or "stable"
+    cxx11abi: bool  # stable: True (every torch from the floor on is a C++11-ABI build)
     content: str = ""
+
+    @classmethod
+    def stable_for(cls, cuda: str, content: str = "") -> Variant:
+        """The stable variant of a CUDA version's major ('13.0' -> cu13-torchstable)."""
+        return cls(str(major_of(cuda)), STABLE, True, content)
+
+    @property
+    def stable(self) -> bool:
+        return self.torch == STABLE
 
     @property
     def cuda_tag(self) -> str:
         return "cu" + self.cuda.replace(".", "")
 
     @property
+    def _base_name(self) -> tuple[str, ...]:
+        if self.stable:
+            return (self.cuda_tag, "torchstable")
+        return (self.cuda_tag, f"torch{self.torch}", f"cxx11abi{abi_text(self.cxx11abi)}")
+
+    @property
     def name(self) -> str:
-        """'cu130-torch2.13-cxx11abiTRUE' (or '...-ci'): the index a wheel is published in."""
-        base = f"{self.cuda_tag}-torch{self.torch}-cxx11abi{abi_text(self.cxx11abi)}"
+        """'cu130-torch2.13-cxx11abiTRUE', 'cu13-torchstable' (or '...-ci'): the index a
+        wheel is published in."""
+        base = "-".join(self._base_name)
         return "-".join([base, *self.content.split(".")]) if self.content else base
 
     @property
     def local_label(self) -> str:
-        """'cu130torch2.13cxx11abiTRUE' (or '...TRUE.ci'): the PEP 440 local label of its
-        wheels."""
-        base = f"{self.cuda_tag}torch{self.torch}cxx11abi{abi_text(self.cxx11abi)}"
+        """'cu130torch2.13cxx11abiTRUE', 'cu13torchstable' (or '...TRUE.ci'): the PEP 440
+        local label of its wheels."""
+        base = "".join(self._base_name)
         return f"{base}.{self.content}" if self.content else base
 
     def index_url(self, base: str = INDEX_PLACEHOLDER) -> str:
@@ -159,6 +191,9 @@ class Variant:
     def from_label(cls, label: str) -> Variant | None:
         """The variant of a local label ('cu130torch2.13cxx11abiTRUE'), None if it is
         not one (a build without a label, or a label of another form)."""
+        stable = _STABLE_LABEL_RE.match(label.strip())
+        if stable is not None:
+            return cls(str(int(stable.group(1))), STABLE, True, stable.group(2).lower().lstrip("."))
         m = _LABEL_RE.match(label.strip())
         if m is None:
             return None
@@ -167,15 +202,20 @@ class Variant:
         return cls(cuda, m.group(3), m.group(4).upper() == "TRUE", content)
 
     @classmethod
-    def for_torch(cls, torch: TorchFacts, cuda: str | None = None) -> Variant:
-        """The variant that fits a torch: its CUDA (or ``cuda`` for a CPU build, which
-        has none), its minor, its ABI."""
+    def for_torch(
+        cls, torch: TorchFacts, cuda: str | None = None, stable_floor: str | None = None
+    ) -> Variant:
+        """The variant that fits a torch: the stable one of its CUDA major where the
+        torch is at or past ``stable_floor``, else the classic one of its CUDA, minor and
+        ABI (``cuda`` stands in for a CPU build's, which has none)."""
         chosen = torch.cuda or cuda
         if chosen is None:
             raise VariantError(
                 f"{torch.describe()} is a CPU build and no CUDA version was given; "
                 "the variant needs one (e.g. 13.0)"
             )
+        if stable_floor is not None and minor_key(torch.version) >= minor_key(stable_floor):
+            return cls.stable_for(chosen)
         return cls(minor_of(chosen), torch.minor, torch.cxx11abi)
 
 
@@ -191,19 +231,33 @@ class BuiltAgainst:
 
     torch: TorchFacts  # the torch whose headers and libraries it was built with
     cuda: str  # the CUDA toolkit (nvcc) that compiled the kernels: "13.0"
+    # "stable" (LibTorch stable ABI: every torch from stable_floor on) or "classic"
+    binding: str = "classic"
+    # the oldest torch the stable builds of this distribution serve (recipes/stable_abi.json),
+    # in every record: a classic build under a newer torch names the stable variant
+    stable_floor: str | None = None
+
+    @property
+    def stable(self) -> bool:
+        return self.binding == "stable"
 
     @property
     def variant(self) -> Variant:
+        if self.stable:
+            return Variant.stable_for(self.cuda)
         return Variant(minor_of(self.cuda), self.torch.minor, self.torch.cxx11abi)
 
     def to_json(self) -> str:
-        data = {
+        data: dict[str, object] = {
             "format": RECORD_FORMAT,
             "torch": self.torch.version,
             "torch_cuda": self.torch.cuda,
             "cxx11abi": self.torch.cxx11abi,
             "cuda": self.cuda,
         }
+        data["binding"] = self.binding
+        if self.stable_floor is not None:
+            data["stable_floor"] = self.stable_floor
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -217,15 +271,20 @@ class BuiltAgainst:
                 cuda=None if data["torch_cuda"] is None else str(data["torch_cuda"]),
                 cxx11abi=bool(data["cxx11abi"]),
             )
-            record = cls(torch, str(data["cuda"]))
-            for version in (record.cuda, record.torch.version):
+            floor = data.get("stable_floor")
+            binding = str(data.get("binding", "classic"))
+            if binding not in ("classic", "stable") or (binding == "stable" and floor is None):
+                raise ValueError(f"binding {binding!r} (stable_floor {floor!r})")
+            record = cls(torch, str(data["cuda"]), binding, None if floor is None else str(floor))
+            for version in (record.cuda, record.torch.version, floor or "0.0"):
                 minor_of(version)  # raises on a version without major.minor
             return record
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise VariantError(
                 f"{where} is not a build record of this flash_attn ({type(exc).__name__}: "
                 f'{exc}); expected JSON {{"format": {RECORD_FORMAT}, "torch": "2.13.0", '
-                '"torch_cuda": "13.0" or null, "cxx11abi": true, "cuda": "13.0"}. '
+                '"torch_cuda": "13.0" or null, "cxx11abi": true, "cuda": "13.0", and '
+                '"binding": "stable" or "classic", "stable_floor": "2.10"}. '
                 "Rebuild or reinstall flash_attn."
             ) from exc
 
@@ -245,17 +304,22 @@ class Mismatch:
 def mismatches(built: BuiltAgainst, running: TorchFacts) -> list[Mismatch]:
     """Where the running torch differs from the one the extension was built for.
 
-    The torch minor must be equal (a build for 2.13.x runs on any 2.13.y: torch keeps
-    its C++ API within a minor); so must the C++ ABI. The CUDA major of the kernels
-    must be the running torch's (the driver that runs torch's CUDA runs ours then);
-    a CPU build of torch is no mismatch here: it imports, and no kernel can run.
+    A stable-ABI build needs a torch at or past its floor (any C++ ABI: it passes no
+    C++ type across). A classic build needs the torch minor it was built for (a build for
+    2.13.x runs on any 2.13.y: torch keeps its C++ API within a minor) and its C++ ABI.
+    Either way the CUDA major of the kernels must be the running torch's (the driver
+    that runs torch's CUDA runs ours then); a CPU build of torch is no mismatch here: it
+    imports, and no kernel can run.
     """
     found = []
-    if built.torch.minor != running.minor:
-        found.append(
-            Mismatch("torch", f"torch {built.torch.minor}", f"torch {running.version}")
-        )
-    if built.torch.cxx11abi != running.cxx11abi:
+    if built.stable and built.stable_floor is not None:
+        if minor_key(running.version) < minor_key(built.stable_floor):
+            found.append(
+                Mismatch("torch", f"torch >= {built.stable_floor}", f"torch {running.version}")
+            )
+    elif built.torch.minor != running.minor:
+        found.append(Mismatch("torch", f"torch {built.torch.minor}", f"torch {running.version}"))
+    if not built.stable and built.torch.cxx11abi != running.cxx11abi:
         found.append(
             Mismatch(
                 "C++11 ABI",

@@ -1,0 +1,157 @@
+// The few torch facilities the binding needs, behind one small interface with two
+// implementations, so that flash_ops.cpp is one source for both bindings:
+//
+//   FLASH_ATTN_STABLE_ABI=1  the LibTorch stable ABI (torch/csrc/stable and
+//                            torch/headeronly only, TORCH_TARGET_VERSION set by
+//                            setup.py): one _C.abi3.so loads under every torch from
+//                            that version on.
+//   otherwise                the classic C++ API (ATen, c10): built for one torch.
+//
+// Either way no CUDA header is included: the stream is an opaque pointer handed to
+// the kernels (csrc/kernels/flash_api.h), which carry their own CUDA runtime.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "flash_api.h"
+
+#if FLASH_ATTN_STABLE_ABI
+#include <dlfcn.h>
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#else
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+#endif
+
+namespace fa {
+
+// ---- errors: one message format for both bindings (a RuntimeError in Python) ----
+inline void append(std::ostringstream &) {}
+template <typename T, typename... Rest>
+void append(std::ostringstream &os, const T &first, const Rest &...rest) {
+  os << first;
+  append(os, rest...);
+}
+template <typename... Args>
+[[noreturn]] void fail(const Args &...args) {
+  std::ostringstream os;
+  append(os, "flash_attn: ", args...);
+  throw std::runtime_error(os.str());
+}
+#define FA_CHECK(cond, ...)             \
+  do {                                  \
+    if (!(cond)) ::fa::fail(__VA_ARGS__); \
+  } while (0)
+
+// A shape as "[2, 128, 8, 64]", for messages.
+inline std::string shape_text(const std::vector<int64_t> &shape) {
+  std::ostringstream os;
+  os << '[';
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << ']';
+  return os.str();
+}
+
+#if FLASH_ATTN_STABLE_ABI
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+inline bool is_cuda(const Tensor &t) { return t.is_cuda(); }
+inline int device_index(const Tensor &t) { return t.get_device_index(); }
+inline std::string device_text(const Tensor &t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
+  return t.is_cpu() ? "cpu" : "a non-CUDA device";
+}
+inline ScalarType dtype(const Tensor &t) { return t.scalar_type(); }
+inline std::vector<int64_t> shape(const Tensor &t) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
+  return s;
+}
+inline Tensor contiguous(const Tensor &t) { return torch::stable::contiguous(t); }
+// Uninitialised, on like's device (the shim call: no dispatcher round trip).
+inline Tensor empty_like_device(const Tensor &like, const std::vector<int64_t> &sizes,
+                                ScalarType type) {
+  return torch::stable::new_empty(like, sizes, type);
+}
+inline void fill(const Tensor &t, double value) { torch::stable::fill_(t, value); }
+inline void zero(Tensor &t) { torch::stable::zero_(t); }
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const Tensor &t) : guard_(t.get_device_index()) {}
+
+ private:
+  torch::stable::accelerator::DeviceGuard guard_;
+};
+
+// The current CUDA stream of a device, through the stable C shim
+// aoti_torch_get_current_cuda_stream. It lives in libtorch_cuda, which a CPU-only
+// torch does not have: it is looked up in the already-loaded library at first use
+// rather than linked, so the module loads under any torch build.
+inline void *current_stream(const Tensor &t) {
+  using Fn = AOTITorchError (*)(int32_t, void **);
+  static Fn fn = []() -> Fn {
+    void *lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<Fn>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+  }();
+  FA_CHECK(fn != nullptr, "this torch has no CUDA support (libtorch_cuda is not loaded)");
+  void *stream = nullptr;
+  FA_CHECK(fn(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+           "cannot get the current CUDA stream of ", device_text(t));
+  return stream;
+}
+#else
+using Tensor = at::Tensor;
+using ScalarType = at::ScalarType;
+
+inline bool is_cuda(const Tensor &t) { return t.is_cuda(); }
+inline int device_index(const Tensor &t) { return t.get_device(); }
+inline std::string device_text(const Tensor &t) { return t.device().str(); }
+inline ScalarType dtype(const Tensor &t) { return t.scalar_type(); }
+inline std::vector<int64_t> shape(const Tensor &t) { return t.sizes().vec(); }
+inline Tensor contiguous(const Tensor &t) { return t.contiguous(); }
+inline Tensor empty_like_device(const Tensor &like, const std::vector<int64_t> &sizes,
+                                ScalarType type) {
+  return at::empty(sizes, like.options().dtype(type));
+}
+inline void fill(const Tensor &t, double value) { const_cast<Tensor &>(t).fill_(value); }
+inline void zero(Tensor &t) { t.zero_(); }
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const Tensor &t) : guard_(t.device()) {}
+
+ private:
+  c10::DeviceGuard guard_;
+};
+
+inline void *current_stream(const Tensor &t) {
+  const auto *impl = c10::impl::getDeviceGuardImpl(t.device().type());
+  return impl->getStreamNativeHandle(impl->getStream(t.device()));
+}
+#endif
+
+inline const char *dtype_name(ScalarType s) {
+  switch (s) {
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Float: return "float32";
+    case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
+    default: return "another dtype";
+  }
+}
+
+}  // namespace fa
