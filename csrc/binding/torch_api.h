@@ -75,9 +75,8 @@ inline std::string device_text(const Tensor &t) {
 }
 inline ScalarType dtype(const Tensor &t) { return t.scalar_type(); }
 inline std::vector<int64_t> shape(const Tensor &t) {
-  std::vector<int64_t> s;
-  for (int64_t d = 0; d < t.dim(); ++d) s.push_back(t.size(d));
-  return s;
+  const auto sizes = t.sizes();  // one shim call for all of them
+  return std::vector<int64_t>(sizes.begin(), sizes.end());
 }
 inline Tensor contiguous(const Tensor &t) { return torch::stable::contiguous(t); }
 // Uninitialised, on like's device (the shim call: no dispatcher round trip).
@@ -88,12 +87,17 @@ inline Tensor empty_like_device(const Tensor &like, const std::vector<int64_t> &
 inline void fill(const Tensor &t, double value) { torch::stable::fill_(t, value); }
 inline void zero(Tensor &t) { torch::stable::zero_(t); }
 
+// Switches device only where the tensor is not on the current one (the common case
+// costs one shim call, not a guard object made and freed through the shim).
 class DeviceGuard {
  public:
-  explicit DeviceGuard(const Tensor &t) : guard_(t.get_device_index()) {}
+  explicit DeviceGuard(const Tensor &t) {
+    const auto index = t.get_device_index();
+    if (torch::stable::accelerator::getCurrentDeviceIndex() != index) guard_.emplace(index);
+  }
 
  private:
-  torch::stable::accelerator::DeviceGuard guard_;
+  std::optional<torch::stable::accelerator::DeviceGuard> guard_;
 };
 
 // The current CUDA stream of a device, through the stable C shim
