@@ -69,15 +69,15 @@ def rotate_ref(
     positions: torch.Tensor,
     interleaved: bool,
 ) -> torch.Tensor:
-    """x (b, s, h, d) float64; cos/sin (n, r/2); positions (b, s). Pair (a, b) of the
-    first r features is the complex number a + ib, multiplied by cos + i sin of the
-    token's table row; a position outside [0, n) is not rotated."""
+    """x (b, s, h, d) float64 on the CPU; cos/sin (n, r/2), any device; positions (b, s).
+    Pair (a, b) of the first r features is the complex number a + ib, multiplied by
+    cos + i sin of the token's table row; a position outside [0, n) is not rotated."""
     half = cos.shape[1]
     r = 2 * half
     inside = ((positions >= 0) & (positions < cos.shape[0])).unsqueeze(-1)
     rows = positions.clamp(0, cos.shape[0] - 1)
-    c = torch.where(inside, cos.double()[rows], 1.0)
-    s = torch.where(inside, sin.double()[rows], 0.0)
+    c = torch.where(inside, cos.double().cpu()[rows], 1.0)
+    s = torch.where(inside, sin.double().cpu()[rows], 0.0)
     turn = torch.complex(c, s).unsqueeze(2)  # (b, s, 1, half)
     if interleaved:
         z = torch.complex(x[..., 0:r:2], x[..., 1:r:2]) * turn

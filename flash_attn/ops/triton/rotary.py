@@ -378,7 +378,7 @@ def _launch(
     )
     if x.is_cuda:
         # Triton launches on the current device; make it x's
-        with torch.cuda.device(x.device):
+        with torch.cuda.device(x.device.index):
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
