@@ -19,6 +19,8 @@ an ImportError naming the build to install where not (``python -m flash_attn``
 diagnoses an installation).
 """
 
+from pkgutil import extend_path
+
 from flash_attn._torch_check import check_at_import
 from flash_attn.flash_attn_interface import (
     flash_attn_func,
@@ -29,6 +31,10 @@ from flash_attn.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+
+# Other distributions may install modules under flash_attn too (flash-attn-4 ships
+# flash_attn/cute/ with no flash_attn/__init__.py): add every flash_attn folder on sys.path.
+__path__ = extend_path(__path__, __name__)
 
 # Compatible with the 2.x interface; high enough for ">= 2.6.3"-style feature gates
 # (softcap, deterministic backward) in libraries that check the version.
