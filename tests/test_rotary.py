@@ -28,7 +28,9 @@ import torch
 from gpu_poison import poison_cuda_cache, poison_enabled
 
 from flash_attn.errors import DeviceError, InputError
-from flash_attn.layers.rotary import (
+
+pytest.importorskip("triton", reason="flash_attn.ops.triton needs Triton to import")
+from flash_attn.layers.rotary import (  # noqa: E402
     RotaryEmbedding,
     apply_rotary_emb,
     apply_rotary_emb_func,
@@ -37,7 +39,7 @@ from flash_attn.layers.rotary import (
     apply_rotary_emb_torch,
     rotate_half,
 )
-from flash_attn.ops.triton.rotary import apply_rotary
+from flash_attn.ops.triton.rotary import apply_rotary  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

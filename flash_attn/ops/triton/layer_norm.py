@@ -53,8 +53,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernels() -> ModuleType:
-    """The kernel module, imported at the first call (it imports Triton)."""
+def _import_kernels() -> ModuleType:
+    """The kernel module (it imports Triton). Without Triton this module's import fails,
+    as flash_attn 2.x's does: model code imports it in a try block and falls back to
+    plain PyTorch norms where it raises ImportError."""
     try:
         from flash_attn.ops.triton import _layer_norm_kernels
     except ImportError as e:
@@ -64,6 +66,13 @@ def _kernels() -> ModuleType:
             "of torch on Linux bring it), or use torch.nn.functional.layer_norm / rms_norm."
         ) from e
     return _layer_norm_kernels
+
+
+_KERNELS = _import_kernels()
+
+
+def _kernels() -> ModuleType:
+    return _KERNELS
 
 
 # ----------------------------------------------------------------------------- checks

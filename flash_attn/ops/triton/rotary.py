@@ -21,17 +21,19 @@ from typing import Optional, Union
 
 import torch
 
-from flash_attn.errors import DeviceError, FlashAttnError, InputError
+from flash_attn.errors import DeviceError, InputError
 
 try:
     import triton
     import triton.language as tl
-
-    _TRITON_IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as _error:  # a CPU-only install: the checks still work
-    triton = None
-    tl = None
-    _TRITON_IMPORT_ERROR = _error
+except ImportError as _error:
+    # flash_attn 2.x's contract: model code imports this module in a try block and
+    # falls back to plain PyTorch rotary where it raises ImportError
+    raise ImportError(
+        f"flash_attn.ops.triton.rotary needs Triton, which does not import here ({_error}). "
+        "Install the triton that matches your torch (`pip install triton`; CUDA builds of "
+        "torch on Linux bring it)."
+    ) from _error
 
 # Triton's interpreter runs kernels on CPU tensors (read once: triton.jit reads it when
 # the kernel is defined, below).
@@ -238,11 +240,6 @@ def _check_devices(x: torch.Tensor, *others: tuple[str, object]) -> None:
     for name, t in others:
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise DeviceError(f"{name} is on {t.device}; it must be on x's device {x.device}")
-    if triton is None:
-        raise FlashAttnError(
-            "apply_rotary needs Triton, which did not import"
-            f" ({_TRITON_IMPORT_ERROR}); install the triton release that matches your torch"
-        ) from _TRITON_IMPORT_ERROR
 
 
 def _block_sizes(rotary_dim: int) -> tuple[int, int]:
