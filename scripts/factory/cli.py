@@ -109,6 +109,13 @@ def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
             f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}; "
             f"container limits {c.limits.describe()}"
         )
+        if c.stable:
+            pairs = ", ".join(f"torch {s.torch}/python {s.python}" for s in spec.stable.smoke)
+            print(
+                f"  {'':40} stable ({c.abi3_tag}-abi3, every torch from {c.torch_floor} on): "
+                f"built with torch {c.torch}, python {c.python}, CUDA {c.cuda}; "
+                f"smoke-tested under {pairs or 'the build torch only'}"
+            )
     return 0
 
 
