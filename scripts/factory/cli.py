@@ -277,9 +277,7 @@ def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
 def cmd_kernel_env(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     """A kernel set's setup.py knobs, NAME=value a line (`make ci-build` builds with them)."""
     if args.kernels not in spec.kernels:
-        raise FactoryError(
-            f"unknown kernel set {args.kernels!r}; valid: {', '.join(spec.kernels)}"
-        )
+        raise FactoryError(f"unknown kernel set {args.kernels!r}; valid: {', '.join(spec.kernels)}")
     for name, value in spec.kernels[args.kernels].env().items():
         print(f"{name}={value}")
     return 0
@@ -383,9 +381,7 @@ def parser() -> argparse.ArgumentParser:
     with_engine(w)
     wh = with_matrix("wheelhouse", "download the wheels the cells' toolchains need")
     wh.add_argument("--dest", required=True, help="the wheelhouse directory")
-    wh.add_argument(
-        "--dev", action="store_true", help="also the dev image's test and lint tools"
-    )
+    wh.add_argument("--dev", action="store_true", help="also the dev image's test and lint tools")
     for name, help_ in (("dev-image", "build the dev image"), ("dev", "a shell in it")):
         dv = with_matrix(name, help_)
         with_engine(dv)
