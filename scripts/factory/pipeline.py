@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .build import build_env, build_wheel, source_date_epoch
 from .errors import FactoryError
-from .matrix import Cell, MatrixSpec
+from .matrix import Cell, MatrixSpec, SmokePair
 from .paths import FactoryPaths
 from .plan import plan_cell
 from .preflight import check_disk
@@ -26,6 +26,7 @@ from .provision import Toolchain, provision
 from .publish import Candidate, publish
 from .report import CellReport
 from .smoke import SmokeResult, quarantine, smoke_wheel
+from .smoke_stable import stable_checks
 from .stage import stage_sources
 from .status import CellStatus
 from .tag import tag_wheel
@@ -56,10 +57,15 @@ CellRunner = Callable[[Cell], CellOutcome]
 
 
 def smoke_cell_wheel(
-    cell: Cell, wheel: Path, toolchain: Toolchain, paths: FactoryPaths
+    cell: Cell,
+    wheel: Path,
+    toolchain: Toolchain,
+    paths: FactoryPaths,
+    pairs: tuple[SmokePair, ...] = (),
 ) -> SmokeResult:
-    """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell."""
-    return smoke_wheel(
+    """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell;
+    a stable wheel also under every (torch, CPython) of `pairs` (smoke_stable.py)."""
+    result = smoke_wheel(
         cell,
         wheel,
         toolchain.python,
@@ -69,6 +75,9 @@ def smoke_cell_wheel(
         isolated=toolchain.isolated,
         cuobjdump=toolchain.cuobjdump,
     )
+    if cell.stable and result.checks:
+        result.checks += stable_checks(cell, wheel, pairs, paths, Path(result.log))
+    return result
 
 
 def run_cell(
@@ -135,8 +144,8 @@ def run_cell(
             report.note = f"not smoke-tested; wheel: {tagged.path}"
             return CellOutcome(report)
         stage = "smoke"
-        with working(f"{cell.id}: smoke test in a fresh venv"):
-            smoke = smoke_cell_wheel(cell, Path(tagged.path), toolchain, paths)
+        with working(f"{cell.id}: smoke test in fresh venvs"):
+            smoke = smoke_cell_wheel(cell, Path(tagged.path), toolchain, paths, spec.stable.smoke)
         report.smoke = smoke.summary()
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:
