@@ -142,7 +142,8 @@ def smoke_env(
     venv = root / f"smoke-{pair.name}"
     python = str(venv / "bin" / "python")
     index = index or PackageIndex(load_toolchain_spec().index_url)
-    recipe = {"requirements": [f"torch=={pair.torch}.*"], "index": index.describe()}
+    # pip: the smoke venv, which sees this one through a .pth file, installs the wheel with it
+    recipe = {"requirements": ["pip", f"torch=={pair.torch}.*"], "index": index.describe()}
     marker = venv / "factory-toolchain.json"
     if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
         installer = installer or select_installer()
@@ -189,4 +190,7 @@ def stable_checks(
             isolated=True,
         )
         checks += [Check(f"{pair.name} {c.name}", c.ok, c.detail) for c in result.checks]
+    with log.open("a") as f:
+        for c in checks:
+            f.write(f"check {c.name}: {'skip' if c.ok is None else c.ok}: {c.detail}\n")
     return checks

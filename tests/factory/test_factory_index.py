@@ -34,11 +34,11 @@ def wheel(tmp: Path, variant: str, python: str = "cp311", payload: bytes = b"x =
     base, _, content = variant.partition("-torch")
     parts = ("-torch" + content).split("-")[1:]  # torch2.13, cxx11abiTRUE, then segments
     label = base + "".join(parts[:2]) + "".join(f".{s}" for s in parts[2:])
-    raw = make_wheel(tmp / "raw" / variant / python, tag=f"{python}-{python}-linux_x86_64",
-                     payload=payload)
     minor = variant.split("torch")[1].split("-")[0]
-    return normalize_wheel(raw, tmp / "final" / variant / python, f"2.9.0+{label}",
-                           f"torch=={minor}.*", 1700000000)
+    raw = make_wheel(tmp / "raw" / variant / python, version=f"2.9.0+{label}",
+                     tag=f"{python}-{python}-linux_x86_64", payload=payload,
+                     requires=f"torch=={minor}.*")
+    return normalize_wheel(raw, tmp / "final" / variant / python, 1700000000)
 
 
 def candidate(w: Path, variant: str, python: str = "cp311") -> Candidate:
@@ -114,9 +114,9 @@ def test_a_new_version_of_a_cell_joins_the_old_one(tmp_path: Path) -> None:
     out = tmp_path / "dist"
     old = wheel(tmp_path / "old", V1)
     publish(out, [candidate(old, V1)])
-    raw = make_wheel(tmp_path / "raw-new", tag="cp311-cp311-linux_x86_64")
     label = V1.replace("-", "")
-    new = normalize_wheel(raw, tmp_path / "new", f"2.9.1+{label}", "torch==2.13.*", 1700000000)
+    raw = make_wheel(tmp_path / "raw-new", version=f"2.9.1+{label}", tag="cp311-cp311-linux_x86_64")
+    new = normalize_wheel(raw, tmp_path / "new", 1700000000)
     entries = publish(out, [candidate(new, V1)])
     assert sorted(e.file for e in entries) == sorted([old.name, new.name])
     page = (out / "whl" / V1 / "simple" / "flash-attn" / "index.html").read_text()
