@@ -9,6 +9,7 @@ smoke-wheel   --matrix SEL WHEEL    the smoke gate with a given interpreter; --r
                                     writes the record the publish job reads
 publish-smoked DIR...               publish the wheels whose smoke records say passed
 cibw-cuda / cibw-plan-env / cibw-repair   cibuildwheel's hooks (scripts/factory/cibw.py)
+build-request --matrix SEL --out F  a variant's BuildRequest JSON (FLASH_ATTN_BUILD_REQUEST)
 conda-variants                      write (or --check) recipes/conda/variants.yaml
 """
 
@@ -21,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cellref import cell_for_wheel, torch_install_args
-from .cibw import planned_env, provision_pip_cuda, repair_wheel
+from .cibw import build_request, planned_env, provision_pip_cuda, repair_wheel
 from .conda import VARIANTS_YAML, conda_variants, render_variants
 from .errors import FactoryError
 from .limits import check_limits
-from .matrix import Cell, MatrixSpec, select_cells
+from .matrix import Cell, MatrixSpec, select_cells, stable_pythons
 from .objects import compile_objects, github_kernel_matrix, kernel_groups, object_cache_key
 from .paths import FactoryPaths
 from .probe import find_interpreter, local_facts, probe_python
@@ -158,6 +159,13 @@ def cmd_cibw_plan_env(args: argparse.Namespace, spec: MatrixSpec, paths: Factory
     return 0
 
 
+def cmd_build_request(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    request = build_request(args.matrix, spec)
+    request.write(Path(args.out))
+    print(f"{args.out}: {request.binding}, +{request.local_label}, {request.torch_requirement}")
+    return 0
+
+
 def cmd_cibw_repair(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     tagged = repair_wheel(args.matrix, Path(args.wheel), Path(args.dest), spec, paths.repo)
     print(f"{Path(tagged.path).name} ({tagged.platform_reason})")
@@ -165,7 +173,7 @@ def cmd_cibw_repair(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPa
 
 
 def cmd_conda_variants(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    text = render_variants(conda_variants(_cells(args, spec)), args.matrix)
+    text = render_variants(conda_variants(_cells(args, spec), stable_pythons(spec)), args.matrix)
     target = Path(args.output)
     if args.check:
         if not target.is_file() or target.read_text() != text:
@@ -200,6 +208,8 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
     c.add_argument("--python", help="the interpreter for the venv (default: this one)")
     e = with_matrix("cibw-plan-env", "cibuildwheel environment: one planned knob")
     e.add_argument("--var", choices=("MAX_JOBS", "NVCC_THREADS"), required=True)
+    b = with_matrix("build-request", "write a variant's BuildRequest (FLASH_ATTN_BUILD_REQUEST)")
+    b.add_argument("--out", required=True)
     r = with_matrix("cibw-repair", "cibuildwheel repair: the factory's tag stage")
     r.add_argument("wheel")
     r.add_argument("dest")
@@ -217,5 +227,6 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
         "cibw-cuda": cmd_cibw_cuda,
         "cibw-plan-env": cmd_cibw_plan_env,
         "cibw-repair": cmd_cibw_repair,
+        "build-request": cmd_build_request,
         "conda-variants": cmd_conda_variants,
     }

@@ -907,6 +907,11 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
                                 limits,
                             )
                         )
+    if stable_minors and "FALSE" in (axes.get("cxx11abi") or ()):
+        ruled_out.append(
+            f"torch {', '.join(stable_minors)}: stable cells are C++11-ABI builds (every torch "
+            "from the stable floor on is one); cxx11abi=FALSE needs binding=classic"
+        )
     if stable_minors:
         python_axis = selection.axes.get("python")
         python_given = python_axis and ALL not in python_axis
@@ -933,6 +938,19 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
     if not cells:
         raise MatrixError(f"MATRIX={selection.text!r} selects no cell")
     return cells
+
+
+def stable_pythons(spec: MatrixSpec) -> tuple[str, ...]:
+    """The CPythons front-ends that build and test with one interpreter and the floor
+    torch at a time (cibuildwheel, conda) cover for a stable cell: from python_floor to
+    the newest CPython the floor torch has wheels for."""
+    st = spec.stable
+    floor = spec.torch[st.abi.torch_floor]
+    return tuple(
+        p
+        for p in spec.axes["python"]
+        if _key(p) >= _key(st.abi.python_floor) and floor.supports_python(p)
+    )
 
 
 def _stable_python(values: tuple[str, ...] | None, spec: MatrixSpec, text: str) -> str:
