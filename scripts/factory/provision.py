@@ -384,7 +384,7 @@ def provision_hermetic(
         raise FactoryError(f"hermetic toolchain {venv}: torch {facts.torch} is not {cell.torch}")
     wrong_build = cuda_build_mismatch(cell, facts)
     stable_notes: list[str] = []
-    if cell.stable and wrong_build:
+    if cell.stable and wrong_build and facts.torch_cuda:
         stable_notes.append(
             f"stable cell: torch {facts.torch} ({'; '.join(wrong_build)}) builds it: the module "
             f"calls torch's C shims only; its kernels are CUDA {cell.cuda} (nvcc below)"

@@ -18,8 +18,8 @@ from factory_wheels import make_wheel
 
 from build_tools.request import BuildRequest
 from scripts.factory import cibw, cli
-from scripts.factory.errors import FactoryError
 from scripts.factory.cellref import variant_cells
+from scripts.factory.errors import FactoryError
 from scripts.factory.matrix import load_spec
 from scripts.factory.probe import nvcc_version
 from scripts.factory.provision import cuda_requirements

@@ -163,7 +163,8 @@ def test_a_refused_publish_fails_the_cells_rows_not_the_run(tmp_path: Path) -> N
     """`make wheels` over a tree that holds other bytes under a wheel's name: the rows
     say failed (publish) with the reason, the report is still written, nothing lands."""
     spec = load_spec()
-    cell = select_cells("torch=2.13 python=3.11 cuda=13.0", spec, LocalFacts("3.11"))[0]
+    text = "torch=2.13 python=3.11 cuda=13.0 binding=classic"
+    cell = select_cells(text, spec, LocalFacts("3.11"))[0]
     assert cell.variant == V1
     paths = FactoryPaths(REPO, tmp_path / "work", tmp_path / "dist", tmp_path / "cache")
     publish(paths.out, [candidate(wheel(tmp_path / "first", V1), V1)])

@@ -24,6 +24,7 @@ from scripts.factory.matrix import (
 
 SPEC = load_spec()
 HERE = LocalFacts(python="3.11", torch="2.13", torch_cuda=None, torch_cxx11abi=True, nvcc="13.0")
+T214 = "torch=2.14 python=3.11 cuda=13.0 binding=classic"  # a classic cell past the floor
 
 
 def ids(text: str, local: LocalFacts = HERE) -> list[str]:
@@ -209,18 +210,18 @@ def test_release_preset_takes_every_table_torch_from_its_floor() -> None:
 def test_only_the_release_kernel_set_carries_the_plain_label() -> None:
     """A wheel's contents are in its name: another kernel set or other archs never share
     a file name or an index with the release wheels (issue 11, item 4)."""
-    full = select_cells("torch=2.14 python=3.11 cuda=13.0 binding=classic", SPEC, HERE)[0]
+    full = select_cells(T214, SPEC, HERE)[0]
     assert full.kernels.name == SPEC.release_kernels == "full"
     assert full.local_label == "cu130torch2.14cxx11abiTRUE"
     assert full.variant == "cu130-torch2.14-cxx11abiTRUE"
-    ci = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci binding=classic", SPEC, HERE)[0]
+    ci = select_cells(f"{T214} kernels=ci", SPEC, HERE)[0]
     assert ci.local_label == "cu130torch2.14cxx11abiTRUE.ci"
     assert ci.variant == "cu130-torch2.14-cxx11abiTRUE-ci"
-    narrow = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=90 binding=classic", SPEC, HERE)[0]
+    narrow = select_cells(f"{T214} archs=90", SPEC, HERE)[0]
     assert narrow.local_label == "cu130torch2.14cxx11abiTRUE.sm90"
-    same = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=9.0+80 binding=classic", SPEC, HERE)[0]
+    same = select_cells(f"{T214} archs=9.0+80", SPEC, HERE)[0]
     assert same == full  # the set's own archs, however spelled: the plain label
-    wide = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci archs=80+90 binding=classic", SPEC, HERE)
+    wide = select_cells(f"{T214} kernels=ci archs=80+90", SPEC, HERE)
     assert wide[0].variant == "cu130-torch2.14-cxx11abiTRUE-ci-sm80sm90"
     labels = {c.local_label for c in (full, ci, narrow, wide[0])}
     assert len(labels) == 4 and len({c.id for c in (full, ci, narrow, wide[0])}) == 4
