@@ -33,6 +33,7 @@ from .probe import find_interpreter, local_facts, probe_python
 from .publish import publish
 from .smoke import Check, SmokeResult, check_environment, smoke_wheel
 from .smoke_record import assemble, gpu_verdict, make_record, write_record
+from .smoke_stable import stable_checks
 from .stage import stage_sources
 
 Command = Callable[[argparse.Namespace, MatrixSpec, FactoryPaths], int]
@@ -119,6 +120,9 @@ def cmd_smoke_wheel(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPa
     else:
         venv = paths.venvs / f"smoke-{cell.id}"
         result = smoke_wheel(cell, wheel, python, str(expected), venv, log)
+    if cell.stable and result.checks:
+        # the one module's own proofs (the [stable] smoke pairs run in `make wheels`)
+        result.checks += stable_checks(cell, wheel, (), paths, log)
     if args.require_gpu and gpu_verdict(result) == "skipped":
         result.checks.append(
             Check("gpu-required", False, f"no GPU visible to {python}: the GPU gate did not run")
