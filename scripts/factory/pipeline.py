@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import build_env, build_wheel, source_date_epoch
+from .build import build_env, build_wheel, source_date_epoch, write_request
 from .errors import FactoryError
 from .matrix import Cell, MatrixSpec, SmokePair
 from .paths import FactoryPaths
@@ -106,8 +106,10 @@ def run_cell(
             log(f"  plan: warning: {plan.warning}")
         stage = "build"
         epoch = source_date_epoch(paths.repo)
-        env = build_env(cell, plan, paths.object_cache, epoch, options.extra_env, toolchain)
         cell_dir = paths.cell_dir(cell.id)
+        request = write_request(cell, cell_dir)
+        log(f"  request: {request} ({cell.binding}, +{cell.local_label}, {cell.requires_torch})")
+        env = build_env(request, plan, paths.object_cache, epoch, options.extra_env, toolchain)
         with working(f"{cell.id}: building (log {paths.log(cell.id, 'build')})"):
             raw = build_wheel(
                 cell, toolchain, src, cell_dir / "raw", paths.log(cell.id, "build"), env
