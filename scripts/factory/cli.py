@@ -212,7 +212,7 @@ def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
 def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cell = _cell_by_id(args.cell, spec)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
-    result = smoke_cell_wheel(cell, Path(args.wheel), toolchain, paths, spec.stable.smoke)
+    result = smoke_cell_wheel(cell, Path(args.wheel), toolchain, paths, spec.stable.smoke, spec)
     print(f"{cell.id}: {result.summary()} (log {result.log})")
     if not result.passed and args.quarantine:
         print(f"quarantined in {quarantine(result, paths.quarantine)}")
@@ -224,7 +224,7 @@ def cmd_publish(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
     candidates = []
     for wheel in args.wheels:
-        result = smoke_cell_wheel(cell, Path(wheel), toolchain, paths, spec.stable.smoke)
+        result = smoke_cell_wheel(cell, Path(wheel), toolchain, paths, spec.stable.smoke, spec)
         if not result.passed:
             raise FactoryError(f"{wheel} did not pass the smoke gate: {result.summary()}")
         candidates.append(Candidate(cell.id, cell.variant, Path(wheel), "", result.summary()))

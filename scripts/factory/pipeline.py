@@ -25,7 +25,7 @@ from .progress import working
 from .provision import Toolchain, provision
 from .publish import Candidate, publish
 from .report import CellReport
-from .smoke import SmokeResult, quarantine, smoke_wheel
+from .smoke import Check, SmokeResult, quarantine, smoke_wheel
 from .smoke_stable import stable_checks
 from .stage import stage_sources
 from .status import CellStatus
@@ -62,21 +62,41 @@ def smoke_cell_wheel(
     toolchain: Toolchain,
     paths: FactoryPaths,
     pairs: tuple[SmokePair, ...] = (),
+    spec: MatrixSpec | None = None,
 ) -> SmokeResult:
     """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell;
     a stable wheel also under every (torch, CPython) of `pairs` (smoke_stable.py)."""
-    result = smoke_wheel(
-        cell,
-        wheel,
-        toolchain.python,
-        toolchain.torch,
-        paths.venvs / f"smoke-{cell.id}",
-        paths.log(cell.id, "smoke"),
-        isolated=toolchain.isolated,
-        cuobjdump=toolchain.cuobjdump,
+    log = paths.log(cell.id, "smoke")
+    other_major = (
+        toolchain.torch_cuda and toolchain.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]
     )
+    if cell.stable and other_major and pairs:
+        # the build torch (the floor's package-index build) is of another CUDA major: the
+        # wheel refuses it by design (flash_attn/_variant.py); the pairs' torches test it
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"smoke {cell.id}: {wheel.name}\n")
+        result = SmokeResult(cell.id, str(wheel), log=str(log))
+        result.checks.append(
+            Check(
+                "build-env",
+                None,
+                f"build torch {toolchain.torch} is CUDA {toolchain.torch_cuda}, not "
+                f"{cell.cuda.split('.')[0]}.x: tested under the [stable] smoke pairs",
+            )
+        )
+    else:
+        result = smoke_wheel(
+            cell,
+            wheel,
+            toolchain.python,
+            toolchain.torch,
+            paths.venvs / f"smoke-{cell.id}",
+            log,
+            isolated=toolchain.isolated,
+            cuobjdump=toolchain.cuobjdump,
+        )
     if cell.stable and result.checks:
-        result.checks += stable_checks(cell, wheel, pairs, paths, Path(result.log))
+        result.checks += stable_checks(cell, wheel, pairs, paths, Path(result.log), spec)
     return result
 
 
@@ -147,7 +167,9 @@ def run_cell(
             return CellOutcome(report)
         stage = "smoke"
         with working(f"{cell.id}: smoke test in fresh venvs"):
-            smoke = smoke_cell_wheel(cell, Path(tagged.path), toolchain, paths, spec.stable.smoke)
+            smoke = smoke_cell_wheel(
+                cell, Path(tagged.path), toolchain, paths, spec.stable.smoke, spec
+            )
         report.smoke = smoke.summary()
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:

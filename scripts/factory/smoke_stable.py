@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import FactoryError
 from .installer import Installer, PackageIndex, select_installer
-from .matrix import Cell, SmokePair
+from .matrix import Cell, MatrixSpec, SmokePair
 from .paths import FactoryPaths
 from .probe import find_interpreter, probe_python
 from .smoke import Check, smoke_wheel
@@ -131,15 +131,38 @@ class SmokeEnv:
     torch: str  # torch.__version__ there
 
 
+def pair_index(pair: SmokePair, cell: Cell, spec: MatrixSpec) -> tuple[str, PackageIndex]:
+    """(the CUDA build, the index) of the pair's torch that fits the cell's CUDA major: the
+    package index's own build where it is of that major, else PyTorch's index of the
+    newest build of that major (flash_attn refuses a torch of another CUDA major)."""
+    tspec = load_toolchain_spec()
+    release = spec.torch[pair.torch]
+    major = cell.cuda.split(".")[0]
+    if release.index_cuda.split(".")[0] == major:
+        return release.index_cuda, PackageIndex(tspec.index_url)
+    builds = [c for c in release.cuda if c.split(".")[0] == major]
+    if not builds:
+        raise FactoryError(
+            f"torch {pair.torch} has no CUDA {major} build (table: {', '.join(release.cuda)}): "
+            f"it cannot smoke-test {cell.id}; change [stable] smoke in recipes/matrix.toml"
+        )
+    cuda = builds[-1]
+    tag = "cu" + cuda.replace(".", "")
+    return cuda, PackageIndex(tspec.index_url, (tspec.torch_index(tag),))
+
+
 def smoke_env(
     pair: SmokePair,
     root: Path,
     index: PackageIndex | None = None,
     installer: Installer | None = None,
+    cuda: str = "",
 ) -> SmokeEnv:
-    """root/smoke-torch2.11-cp310: a venv of the pair's CPython with torch==2.11.* from the
-    package index, made once and reused (its recipe in factory-toolchain.json)."""
-    venv = root / f"smoke-{pair.name}"
+    """root/smoke-torch2.11-cp310-cu130: a venv of the pair's CPython with torch==2.11.*
+    from `index` (default: the package index), made once and reused (its recipe in
+    factory-toolchain.json)."""
+    suffix = f"-cu{cuda.replace('.', '')}" if cuda else ""
+    venv = root / f"smoke-{pair.name}{suffix}"
     python = str(venv / "bin" / "python")
     index = index or PackageIndex(load_toolchain_spec().index_url)
     # pip: the smoke venv, which sees this one through a .pth file, installs the wheel with it
@@ -162,7 +185,12 @@ def smoke_env(
 
 
 def stable_checks(
-    cell: Cell, wheel: Path, pairs: tuple[SmokePair, ...], paths: FactoryPaths, log: Path
+    cell: Cell,
+    wheel: Path,
+    pairs: tuple[SmokePair, ...],
+    paths: FactoryPaths,
+    log: Path,
+    spec: MatrixSpec | None = None,
 ) -> list[Check]:
     """The stable wheel's own checks, then the smoke checks under every pair (each check
     named after its pair: 'torch2.11-cp310 import')."""
@@ -176,7 +204,8 @@ def stable_checks(
         checks.append(Check("symbols", False, str(e)))
     for pair in pairs:
         try:
-            env = smoke_env(pair, paths.toolchains)
+            cuda, index = pair_index(pair, cell, spec) if spec is not None else ("", None)
+            env = smoke_env(pair, paths.toolchains, index, cuda=cuda)
         except FactoryError as e:
             checks.append(Check(f"{pair.name} env", False, str(e).splitlines()[0]))
             continue
