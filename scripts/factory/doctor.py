@@ -43,6 +43,17 @@ def needed_variant(facts: PythonFacts, spec: MatrixSpec) -> Variant | None:
     return Variant.for_torch(_torch(facts), release.index_cuda, stable_floor=floor)
 
 
+def fits(installed: Variant | None, variant: Variant, facts: PythonFacts) -> bool:
+    """Whether an installed build's variant serves this torch: the variant it needs, or,
+    past the stable floor, a classic build of exactly this torch (it still loads)."""
+    if installed is None or installed == variant:
+        return installed is not None
+    if not variant.stable or installed.stable:
+        return False
+    torch = _torch(facts)
+    return installed == Variant.for_torch(torch, installed.cuda)
+
+
 def diagnose(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLDER) -> list[str]:
     lines = [f"python {facts.python} ({facts.executable})"]
     if facts.torch is None:
@@ -72,8 +83,13 @@ def diagnose(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHO
     installed = Variant.from_label(facts.flash_attn.partition("+")[2]) if facts.flash_attn else None
     if facts.flash_attn is None:
         lines.append("flash-attn: not installed")
-    elif installed == variant:
-        lines.append(f"flash-attn {facts.flash_attn}: matches")
+    elif fits(installed, variant, facts):
+        lines.append(
+            f"flash-attn {facts.flash_attn}: matches"
+            if installed == variant
+            else f"flash-attn {facts.flash_attn}: matches (a classic build of this torch; "
+            f"the one wheel for every torch >= {spec.stable.abi.torch_floor} is {variant.name})"
+        )
         lines.append(variant.pip_install(base_url))
         return lines
     elif installed is None:
@@ -115,7 +131,7 @@ def doctor(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLD
     if facts.flash_attn is None:
         return 0
     label = Variant.from_label(facts.flash_attn.partition("+")[2])
-    status = 1 if label is not None and label != variant else 0
+    status = 1 if label is not None and not fits(label, variant, facts) else 0
     code, output = run_installed_doctor(facts.executable, base_url)
     print(f"\n{output}")
     return max(status, code)

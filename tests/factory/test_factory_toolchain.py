@@ -62,9 +62,11 @@ def test_doctor_names_the_variant_and_the_pip_command() -> None:
     assert any(line.startswith(stable) for line in lines), lines
     assert any(line.endswith(": matches") for line in lines)
     assert lines[-1] == "pip install flash-attn --index-url https://x/whl/cu13-torchstable/simple"
-    # a classic wheel of the right torch is not the variant this torch wants any more
+    # a classic wheel of exactly this torch still fits; one of another torch does not
     old = diagnose(facts(flash_attn="2.9.0+cu130torch2.13cxx11abiTRUE"), SPEC)
-    assert any("does NOT match" in line and "+cu13torchstable" in line for line in old)
+    assert any("matches (a classic build of this torch" in line for line in old)
+    other = diagnose(facts(flash_attn="2.9.0+cu130torch2.11cxx11abiTRUE"), SPEC)
+    assert any("does NOT match" in line and "+cu13torchstable" in line for line in other)
     cpu = diagnose(facts(torch="2.13.0+cpu", torch_cuda=None), SPEC)
     assert any(line.startswith(stable) for line in cpu)
     # a torch newer than the table: still the stable wheel

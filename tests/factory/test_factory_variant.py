@@ -59,7 +59,10 @@ def test_the_factory_loads_the_package_module_without_importing_torch() -> None:
 
 def test_the_pip_command_pins_the_installed_torch_or_replaces_a_wrong_build() -> None:
     fresh = factory_doctor.diagnose(facts(), SPEC, "https://x")
-    variant = Variant.for_torch(TorchFacts("2.13.0+cu130", "13.0", True))
+    variant = Variant.for_torch(
+        TorchFacts("2.13.0+cu130", "13.0", True), stable_floor=SPEC.stable.abi.torch_floor
+    )
+    assert variant.name == "cu13-torchstable"  # torch 2.13 is past the stable floor
     assert (
         fresh[-1]
         == f'pip install flash-attn "torch==2.13.0" --index-url {variant.index_url("https://x")}'
@@ -77,9 +80,11 @@ def test_the_pip_command_pins_the_installed_torch_or_replaces_a_wrong_build() ->
         ({}, None, 0),  # nothing installed: the variant is named, nothing is wrong
         ({"torch": "2.2.0"}, None, 1),  # no wheels for this torch
         ({"torch": None}, None, 1),
-        ({"flash_attn": "2.9.0+cu130torch2.13cxx11abiTRUE"}, 0, 0),
-        ({"flash_attn": "2.9.0+cu130torch2.13cxx11abiTRUE"}, 1, 1),  # its doctor fails
+        ({"flash_attn": "2.9.0+cu13torchstable"}, 0, 0),
+        ({"flash_attn": "2.9.0+cu13torchstable"}, 1, 1),  # its doctor fails
         ({"flash_attn": "2.9.0+cu130torch2.14cxx11abiTRUE"}, 0, 1),  # the wrong variant
+        # torch 2.13's classic build still fits (it loads), though the index is the stable one
+        ({"flash_attn": "2.9.0+cu130torch2.13cxx11abiTRUE"}, 0, 0),
         ({"flash_attn": "2.9.0"}, 0, 0),  # a source build: its doctor decides
     ],
 )
