@@ -175,7 +175,10 @@ def _stable_extension(
         sources=sources,
         include_dirs=[str(KERNELS_DIR), torch_include],
         library_dirs=cpp_extension.library_paths(),
-        libraries=["torch_cpu"],
+        # libstdc++ first: torch's libtorch_cpu.so exports std::string instantiations
+        # without a symbol version, and a C++17 build (torch < 2.13 headers) would bind
+        # its references to them there (the smoke gate's nm check names them)
+        libraries=["stdc++", "torch_cpu"],
         depends=depends,
         language="c++",
         py_limited_api=True,

@@ -1,6 +1,11 @@
-"""Build: one cell's wheel with `pip wheel --no-build-isolation` in its staged sources,
-with the cell's kernel knobs, the shared object cache and the planned parallelism;
-wall time, CPU time and peak RSS of the whole build measured, the log kept."""
+"""Build: one cell's wheel with `pip wheel --no-build-isolation` in its staged sources.
+
+What is built is the cell's BuildRequest (build_tools/request.py: binding, kernel set,
+version label, torch requirement, C++ standard), written as JSON into the cell's build
+directory and named by FLASH_ATTN_BUILD_REQUEST, the one variable of the contract:
+setup.py alone turns it into a wheel. How fast it is built stays in the environment (the
+planned MAX_JOBS/NVCC_THREADS, the shared object cache). Wall time, CPU time and peak
+RSS of the whole build measured, the log kept."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from build_tools.request import BINDING_ENV, KERNEL_KNOBS, LABEL_ENV, REQUEST_ENV
 from build_tools.toolchain import run_measured
 from build_tools.version import read_version
 
@@ -57,24 +63,40 @@ def source_date_epoch(repo: Path) -> int:
     return 315532800
 
 
+REQUEST_FILE = "build_request.json"
+# what a developer's build reads from the environment and a factory build must not: the
+# request file alone says what is built (an exported FLASH_ATTN_HEAD_DIMS stays out)
+REQUEST_OWNED = (*KERNEL_KNOBS.values(), LABEL_ENV, BINDING_ENV, REQUEST_ENV)
+
+
+def write_request(cell: Cell, cell_dir: Path) -> Path:
+    """The cell's BuildRequest as JSON in its build directory; its path."""
+    path = cell_dir / REQUEST_FILE
+    cell.request().write(path)
+    return path
+
+
 def build_env(
-    cell: Cell,
+    request: Path,
     plan: CellPlan | None,
     object_cache: Path,
     epoch: int,
     extra: dict[str, str] | None = None,
     toolchain: Toolchain | None = None,
 ) -> dict[str, str]:
+    """The build's environment: FLASH_ATTN_BUILD_REQUEST plus how to build (toolchain,
+    parallelism, object cache, reproducibility stamps); nothing else says what."""
     # `pip wheel --no-deps --no-build-isolation` installs nothing, but the machine's pip
     # configuration and PYTHONPATH stay out of the build all the same
     env = hermetic_env()
+    for owned in REQUEST_OWNED:
+        env.pop(owned, None)
     if toolchain is not None:
         env.update(toolchain.env())
-    env.update(cell.kernels.env())
     if plan is not None:
         env.update(plan.env())
     env["FLASH_ATTN_OBJECT_CACHE"] = str(object_cache.resolve())
-    env["FLASH_ATTN_LOCAL_VERSION"] = cell.local_label
+    env[REQUEST_ENV] = str(request.resolve())
     env["SOURCE_DATE_EPOCH"] = str(epoch)
     env["PYTHONHASHSEED"] = "0"
     env.update(extra or {})

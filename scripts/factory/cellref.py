@@ -5,8 +5,10 @@ the CPython of the wheel at hand; and the pip arguments that install that cell's
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.version import InvalidVersion
 
 from .errors import FactoryError
 from .matrix import Cell, LocalFacts, MatrixSpec, expand, parse_selection
@@ -37,17 +39,23 @@ def one_cell(selection: str, spec: MatrixSpec, python: str | None = None) -> Cel
 
 
 def wheel_python(wheel: Path) -> str:
-    """'3.12' from flash_attn-...-cp312-cp312-<platform>.whl."""
-    m = re.search(r"-cp(\d)(\d+)-", wheel.name)
-    if m is None:
-        raise FactoryError(f"{wheel.name} is not a CPython wheel (no -cpXY- tag in its name)")
-    return f"{m.group(1)}.{m.group(2)}"
+    """'3.12' from flash_attn-...-cp312-cp312-<platform>.whl ('3.10' from an abi3 wheel
+    tagged cp310-abi3: its floor)."""
+    try:
+        tags = parse_wheel_filename(wheel.name)[3]
+    except (InvalidWheelFilename, InvalidVersion) as e:
+        raise FactoryError(f"{wheel.name} is not a wheel file name ({e})") from e
+    pythons = {t.interpreter for t in tags if t.interpreter.startswith("cp")}
+    if len(pythons) != 1:
+        raise FactoryError(f"{wheel.name} is not a wheel of one CPython (tags: {sorted(pythons)})")
+    digits = pythons.pop()[2:]
+    return f"{digits[0]}.{digits[1:]}"
 
 
 def cell_for_wheel(selection: str, wheel: Path, spec: MatrixSpec) -> Cell:
     """The cell a built wheel belongs to: the variant of `selection`, the wheel's CPython.
     A wheel whose version label is of another variant is an error (its label is set at
-    build time from FLASH_ATTN_LOCAL_VERSION; an unlabelled raw wheel is accepted)."""
+    build time from the build request; an unlabelled raw wheel is accepted)."""
     cell = one_cell(selection, spec, wheel_python(wheel))
     version = read_wheel_info(wheel).version
     label = version.partition("+")[2]
@@ -56,8 +64,8 @@ def cell_for_wheel(selection: str, wheel: Path, spec: MatrixSpec) -> Cell:
         which = f" (variant {of.name})" if of is not None else ""
         raise FactoryError(
             f"{wheel.name} carries the label +{label}{which}; MATRIX={selection!r} is variant "
-            f"{cell.variant} (+{cell.local_label}): build with FLASH_ATTN_LOCAL_VERSION="
-            f"{cell.local_label}, or name the wheel's own variant"
+            f"{cell.variant} (+{cell.local_label}): build with that variant's build request "
+            "(scripts.factory build-request), or name the wheel's own variant"
         )
     return cell
 
@@ -67,7 +75,8 @@ def torch_install_args(cell: Cell, spec: MatrixSpec) -> list[str]:
     package index for the release's default CUDA, PyTorch's per-CUDA index otherwise."""
     release = spec.torch[cell.torch]
     args = [release.requirement]
-    if cell.cuda != release.index_cuda:
+    # a stable cell builds against any CUDA build of its torch: the index's own serves
+    if not cell.stable and cell.cuda != release.index_cuda:
         base = os.environ.get("FLASH_ATTN_TORCH_INDEX", TORCH_INDEX).rstrip("/")
         args += ["--index-url", f"{base}/{cell.cuda_tag}"]
     return args

@@ -9,6 +9,7 @@ smoke-wheel   --matrix SEL WHEEL    the smoke gate with a given interpreter; --r
                                     writes the record the publish job reads
 publish-smoked DIR...               publish the wheels whose smoke records say passed
 cibw-cuda / cibw-plan-env / cibw-repair   cibuildwheel's hooks (scripts/factory/cibw.py)
+build-request --matrix SEL --out F  a variant's BuildRequest JSON (FLASH_ATTN_BUILD_REQUEST)
 conda-variants                      write (or --check) recipes/conda/variants.yaml
 """
 
@@ -21,17 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cellref import cell_for_wheel, torch_install_args
-from .cibw import planned_env, provision_pip_cuda, repair_wheel
+from .cibw import build_request, planned_env, provision_pip_cuda, repair_wheel
 from .conda import VARIANTS_YAML, conda_variants, render_variants
 from .errors import FactoryError
 from .limits import check_limits
-from .matrix import Cell, MatrixSpec, select_cells
+from .matrix import Cell, MatrixSpec, select_cells, stable_pythons
 from .objects import compile_objects, github_kernel_matrix, kernel_groups, object_cache_key
 from .paths import FactoryPaths
 from .probe import find_interpreter, local_facts, probe_python
 from .publish import publish
 from .smoke import Check, SmokeResult, check_environment, smoke_wheel
 from .smoke_record import assemble, gpu_verdict, make_record, write_record
+from .smoke_stable import stable_checks
 from .stage import stage_sources
 
 Command = Callable[[argparse.Namespace, MatrixSpec, FactoryPaths], int]
@@ -108,7 +110,11 @@ def cmd_smoke_wheel(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPa
     python = args.python or find_interpreter(cell.python)
     facts = probe_python(python)
     # the torch check compares exact versions; a wrong minor must fail it, and say so
-    expected = facts.torch if facts.torch_minor == cell.torch else f"{cell.torch}.* (the cell's)"
+    # (a stable wheel: any torch from the floor on is the cell's, e.g. the GPU runner's 2.11)
+    serves = facts.torch_minor == cell.torch or (
+        cell.stable and bool(facts.torch_minor) and spec.stable.serves(str(facts.torch_minor))
+    )
+    expected = facts.torch if serves else f"{cell.torch}.* (the cell's)"
     log = paths.log(cell.id, "smoke")
     if args.in_place:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,9 @@ def cmd_smoke_wheel(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPa
     else:
         venv = paths.venvs / f"smoke-{cell.id}"
         result = smoke_wheel(cell, wheel, python, str(expected), venv, log)
+    if cell.stable and result.checks:
+        # the one module's own proofs (the [stable] smoke pairs run in `make wheels`)
+        result.checks += stable_checks(cell, wheel, (), paths, log)
     if args.require_gpu and gpu_verdict(result) == "skipped":
         result.checks.append(
             Check("gpu-required", False, f"no GPU visible to {python}: the GPU gate did not run")
@@ -158,6 +167,13 @@ def cmd_cibw_plan_env(args: argparse.Namespace, spec: MatrixSpec, paths: Factory
     return 0
 
 
+def cmd_build_request(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    request = build_request(args.matrix, spec)
+    request.write(Path(args.out))
+    print(f"{args.out}: {request.binding}, +{request.local_label}, {request.torch_requirement}")
+    return 0
+
+
 def cmd_cibw_repair(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     tagged = repair_wheel(args.matrix, Path(args.wheel), Path(args.dest), spec, paths.repo)
     print(f"{Path(tagged.path).name} ({tagged.platform_reason})")
@@ -165,7 +181,7 @@ def cmd_cibw_repair(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPa
 
 
 def cmd_conda_variants(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    text = render_variants(conda_variants(_cells(args, spec)), args.matrix)
+    text = render_variants(conda_variants(_cells(args, spec), stable_pythons(spec)), args.matrix)
     target = Path(args.output)
     if args.check:
         if not target.is_file() or target.read_text() != text:
@@ -200,6 +216,8 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
     c.add_argument("--python", help="the interpreter for the venv (default: this one)")
     e = with_matrix("cibw-plan-env", "cibuildwheel environment: one planned knob")
     e.add_argument("--var", choices=("MAX_JOBS", "NVCC_THREADS"), required=True)
+    b = with_matrix("build-request", "write a variant's BuildRequest (FLASH_ATTN_BUILD_REQUEST)")
+    b.add_argument("--out", required=True)
     r = with_matrix("cibw-repair", "cibuildwheel repair: the factory's tag stage")
     r.add_argument("wheel")
     r.add_argument("dest")
@@ -217,5 +235,6 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
         "cibw-cuda": cmd_cibw_cuda,
         "cibw-plan-env": cmd_cibw_plan_env,
         "cibw-repair": cmd_cibw_repair,
+        "build-request": cmd_build_request,
         "conda-variants": cmd_conda_variants,
     }

@@ -109,6 +109,13 @@ def cmd_matrix(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
             f"{c.platform}, requires {c.requires_torch}, {c.cxx_std}; "
             f"container limits {c.limits.describe()}"
         )
+        if c.stable:
+            pairs = ", ".join(f"torch {s.torch}/python {s.python}" for s in spec.stable.smoke)
+            print(
+                f"  {'':40} stable ({c.abi3_tag}-abi3, every torch from {c.torch_floor} on): "
+                f"built with torch {c.torch}, python {c.python}, CUDA {c.cuda}; "
+                f"smoke-tested under {pairs or 'the build torch only'}"
+            )
     return 0
 
 
@@ -205,7 +212,7 @@ def _cell_by_id(cell_id: str, spec: MatrixSpec) -> Cell:
 def cmd_smoke(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cell = _cell_by_id(args.cell, spec)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
-    result = smoke_cell_wheel(cell, Path(args.wheel), toolchain, paths)
+    result = smoke_cell_wheel(cell, Path(args.wheel), toolchain, paths, spec.stable.smoke, spec)
     print(f"{cell.id}: {result.summary()} (log {result.log})")
     if not result.passed and args.quarantine:
         print(f"quarantined in {quarantine(result, paths.quarantine)}")
@@ -217,7 +224,7 @@ def cmd_publish(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths)
     toolchain = provision(cell, spec, args.toolchain, paths.toolchains)
     candidates = []
     for wheel in args.wheels:
-        result = smoke_cell_wheel(cell, Path(wheel), toolchain, paths)
+        result = smoke_cell_wheel(cell, Path(wheel), toolchain, paths, spec.stable.smoke, spec)
         if not result.passed:
             raise FactoryError(f"{wheel} did not pass the smoke gate: {result.summary()}")
         candidates.append(Candidate(cell.id, cell.variant, Path(wheel), "", result.summary()))
@@ -270,9 +277,7 @@ def cmd_doctor(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) 
 def cmd_kernel_env(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     """A kernel set's setup.py knobs, NAME=value a line (`make ci-build` builds with them)."""
     if args.kernels not in spec.kernels:
-        raise FactoryError(
-            f"unknown kernel set {args.kernels!r}; valid: {', '.join(spec.kernels)}"
-        )
+        raise FactoryError(f"unknown kernel set {args.kernels!r}; valid: {', '.join(spec.kernels)}")
     for name, value in spec.kernels[args.kernels].env().items():
         print(f"{name}={value}")
     return 0
@@ -376,9 +381,7 @@ def parser() -> argparse.ArgumentParser:
     with_engine(w)
     wh = with_matrix("wheelhouse", "download the wheels the cells' toolchains need")
     wh.add_argument("--dest", required=True, help="the wheelhouse directory")
-    wh.add_argument(
-        "--dev", action="store_true", help="also the dev image's test and lint tools"
-    )
+    wh.add_argument("--dev", action="store_true", help="also the dev image's test and lint tools")
     for name, help_ in (("dev-image", "build the dev image"), ("dev", "a shell in it")):
         dv = with_matrix(name, help_)
         with_engine(dv)

@@ -28,20 +28,40 @@ def _torch(facts: PythonFacts) -> TorchFacts:
 
 
 def needed_variant(facts: PythonFacts, spec: MatrixSpec) -> Variant | None:
-    """The variant of the torch in `facts`; None when the table has no wheels for it."""
-    if facts.torch is None or facts.torch_minor not in spec.torch:
+    """The variant of the torch in `facts`: the stable one of its CUDA major for any torch
+    from the stable floor on (one the table does not know yet too: a CPU build takes the
+    newest torch's index CUDA); the classic one below; None when there are no wheels."""
+    if facts.torch is None:
         return None
+    floor = spec.stable.abi.torch_floor
+    if facts.torch_minor not in spec.torch:
+        if not facts.torch_minor or not spec.stable.serves(facts.torch_minor):
+            return None
+        newest = spec.torch[spec.newest_torch]
+        return Variant.for_torch(_torch(facts), newest.index_cuda, stable_floor=floor)
     release = spec.torch[facts.torch_minor]
-    return Variant.for_torch(_torch(facts), release.index_cuda)
+    return Variant.for_torch(_torch(facts), release.index_cuda, stable_floor=floor)
 
 
-def diagnose(
-    facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLDER
-) -> list[str]:
+def fits(installed: Variant | None, variant: Variant, facts: PythonFacts) -> bool:
+    """Whether an installed build's variant serves this torch: the variant it needs, or,
+    past the stable floor, a classic build of exactly this torch (it still loads)."""
+    if installed is None or installed == variant:
+        return installed is not None
+    if not variant.stable or installed.stable:
+        return False
+    torch = _torch(facts)
+    return installed == Variant.for_torch(torch, installed.cuda)
+
+
+def diagnose(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLDER) -> list[str]:
     lines = [f"python {facts.python} ({facts.executable})"]
     if facts.torch is None:
         lines.append("torch: not importable" + (f" ({facts.error})" if facts.error else ""))
-        lines.append("install torch first; flash-attn wheels are built per torch minor")
+        lines.append(
+            "install torch first; flash-attn has one wheel per CUDA major for torch "
+            f">= {spec.stable.abi.torch_floor}, one per torch minor below"
+        )
         return lines
     torch = _torch(facts)
     lines.append(torch.describe())
@@ -53,12 +73,23 @@ def diagnose(
             f"no wheels for torch {facts.torch_minor}: the table knows {', '.join(spec.torch)}"
         )
         return lines
-    lines.append(f"needs variant {variant.name} (cp{facts.python.replace('.', '')})")
+    if variant.stable:
+        lines.append(
+            f"needs variant {variant.name} (one {spec.stable.abi.abi3_tag}-abi3 wheel for every "
+            f"torch >= {spec.stable.abi.torch_floor} and CPython >= {spec.stable.abi.python_floor})"
+        )
+    else:
+        lines.append(f"needs variant {variant.name} (cp{facts.python.replace('.', '')})")
     installed = Variant.from_label(facts.flash_attn.partition("+")[2]) if facts.flash_attn else None
     if facts.flash_attn is None:
         lines.append("flash-attn: not installed")
-    elif installed == variant:
-        lines.append(f"flash-attn {facts.flash_attn}: matches")
+    elif fits(installed, variant, facts):
+        lines.append(
+            f"flash-attn {facts.flash_attn}: matches"
+            if installed == variant
+            else f"flash-attn {facts.flash_attn}: matches (a classic build of this torch; "
+            f"the one wheel for every torch >= {spec.stable.abi.torch_floor} is {variant.name})"
+        )
         lines.append(variant.pip_install(base_url))
         return lines
     elif installed is None:
@@ -100,7 +131,7 @@ def doctor(facts: PythonFacts, spec: MatrixSpec, base_url: str = INDEX_PLACEHOLD
     if facts.flash_attn is None:
         return 0
     label = Variant.from_label(facts.flash_attn.partition("+")[2])
-    status = 1 if label is not None and label != variant else 0
+    status = 1 if label is not None and not fits(label, variant, facts) else 0
     code, output = run_installed_doctor(facts.executable, base_url)
     print(f"\n{output}")
     return max(status, code)

@@ -22,6 +22,7 @@ from build_tools.knobs import (
     load_catalog,
     parse_archs,
 )
+from build_tools.request import BuildRequest, StableAbi
 
 from .errors import FactoryError, MatrixError
 from .torch_metadata import (
@@ -40,7 +41,9 @@ KERNEL_CATALOG = REPO / "csrc" / "kernels" / "generate.py"
 
 # axes that fan out into cells, and the settings that apply to every cell
 FAN_OUT_AXES = ("cuda", "rocm", "torch", "python", "cxx11abi", "platform")
-SETTINGS = ("kernels", "archs", "memory", "cpus")
+SETTINGS = ("kernels", "archs", "memory", "cpus", "binding")
+# binding= of a selection: auto (stable cells from the floor on), or one for every torch
+BINDING_CHOICES = ("auto", "stable", "classic")
 ALL = "all"
 LIMIT_KEYS = ("memory", "cpus")
 _MEMORY_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?$", re.IGNORECASE)
@@ -185,6 +188,16 @@ class Cell:
     torch_requirement: str = ""
     cxx_std: str = ""
     limits: CellLimits = CellLimits()
+    # "classic": one torch minor, ABI and CPython. "stable": the LibTorch stable ABI, one
+    # abi3 wheel for every torch from torch_floor on; `torch` and `python` are then only
+    # the toolchain it is built with, not what it serves.
+    binding: str = "classic"
+    torch_floor: str = ""  # stable: recipes/stable_abi.json's torch_floor
+    abi3_tag: str = ""  # stable: the wheel's python tag (cp310), python_floor's
+
+    @property
+    def stable(self) -> bool:
+        return self.binding == "stable"
 
     @property
     def cuda_tag(self) -> str:
@@ -202,6 +215,8 @@ class Cell:
     def variant_key(self) -> Variant:
         """cuda + torch + ABI, plus the kernel contents of any set but the release set
         (README, "Wheels"): the package's Variant, the one home of the names below."""
+        if self.stable:
+            return Variant.stable_for(self.cuda, self.kernels.content_label)
         return Variant(self.cuda, self.torch, self.cxx11abi, self.kernels.content_label)
 
     @property
@@ -211,7 +226,16 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"{self.variant}-{self.python_tag}"
+        """cu130-torch2.13-cxx11abiTRUE-cp311 (classic), cu13-torchstable-abi3 (stable:
+        keyed by the CUDA major and platform alone)."""
+        return f"{self.variant}-abi3" if self.stable else f"{self.variant}-{self.python_tag}"
+
+    @property
+    def wheel_tags(self) -> tuple[str, str]:
+        """The (python, abi) tags its wheel must carry: (cp310, abi3), (cp311, cp311)."""
+        if self.stable:
+            return self.abi3_tag, "abi3"
+        return self.python_tag, self.python_tag
 
     @property
     def local_label(self) -> str:
@@ -221,15 +245,32 @@ class Cell:
 
     @property
     def requires_torch(self) -> str:
-        """The Requires-Dist line: the torch minor the wheel was built against."""
+        """The Requires-Dist line: the torch minor the wheel was built against (classic),
+        every torch from the floor on (stable)."""
+        if self.stable:
+            return f"torch>={self.torch_floor}"
         return f"torch=={self.torch}.*"
+
+    def request(self) -> BuildRequest:
+        """What setup.py builds for this cell (the file FLASH_ATTN_BUILD_REQUEST names)."""
+        k = self.kernels
+        return BuildRequest(
+            binding=self.binding,
+            local_label=self.local_label,
+            torch_requirement=self.requires_torch,
+            cxx_std=self.cxx_std or "c++17",
+            archs=";".join(k.archs),
+            head_dims=k.head_dims,
+            dtypes=k.dtypes,
+            backward="1" if k.backward else "0",
+        )
 
     def selection(self) -> str:
         """An inline MATRIX string that selects exactly this cell (its limits too)."""
         text = (
             f"cuda={self.cuda} torch={self.torch} python={self.python} "
             f"cxx11abi={self.abi_text} platform={self.platform} kernels={self.kernels.name} "
-            f"archs={'+'.join(self.kernels.archs)}"
+            f"archs={'+'.join(self.kernels.archs)} binding={self.binding}"
         )
         if self.limits.memory_bytes is not None:
             text += f" memory={self.limits.memory_text}"
@@ -267,6 +308,9 @@ class Cell:
             torch_requirement=data.get("torch_requirement", ""),
             cxx_std=data.get("cxx_std", ""),
             limits=limits,
+            binding=data.get("binding", "classic"),
+            torch_floor=data.get("torch_floor", ""),
+            abi3_tag=data.get("abi3_tag", ""),
         )
 
 
@@ -337,6 +381,52 @@ class TorchIndex:
 
 
 @dataclass(frozen=True)
+class SmokePair:
+    """A (torch minor, CPython) a stable wheel is smoke-tested under."""
+
+    torch: str
+    python: str
+
+    @property
+    def name(self) -> str:
+        return f"torch{self.torch}-cp{self.python.replace('.', '')}"
+
+
+@dataclass(frozen=True)
+class StableSpec:
+    """[stable] of matrix.toml, with recipes/stable_abi.json's floors."""
+
+    abi: StableAbi = field(default_factory=lambda: StableAbi("2.10", "3.10"))
+    build_python: str = "3.11"
+    smoke: tuple[SmokePair, ...] = ()
+
+    def serves(self, torch_minor: str) -> bool:
+        return _key(torch_minor) >= _key(self.abi.torch_floor)
+
+
+def _stable_spec(data: dict[str, Any], path: Path) -> StableSpec:
+    table = data.get("stable", {})
+    unknown = sorted(set(table) - {"build_python", "smoke"})
+    if unknown:
+        raise MatrixError(
+            f"{path} [stable]: unknown key {', '.join(unknown)}; valid: build_python, smoke"
+        )
+    try:
+        abi = StableAbi.load()
+    except BuildConfigError as e:
+        raise MatrixError(str(e)) from e
+    pairs = []
+    for i, entry in enumerate(table.get("smoke", [])):
+        if not isinstance(entry, dict) or set(entry) != {"torch", "python"}:
+            raise MatrixError(
+                f"{path} [stable].smoke[{i}] = {entry!r}: write "
+                '{ torch = "2.13", python = "3.12" }'
+            )
+        pairs.append(SmokePair(str(entry["torch"]), str(entry["python"])))
+    return StableSpec(abi, str(table.get("build_python", abi.python_floor)), tuple(pairs))
+
+
+@dataclass(frozen=True)
 class MatrixSpec:
     """recipes/matrix.toml, typed. The torch, cuda and python axes are derived from the
     torch table (every minor, every CUDA build, every CPython between the lowest and
@@ -349,6 +439,7 @@ class MatrixSpec:
     source: str = str(MATRIX_TOML)
     limits: LimitsTable = field(default_factory=lambda: LimitsTable())
     torch_index: TorchIndex = TorchIndex()
+    stable: StableSpec = StableSpec()
 
     @property
     def newest_torch(self) -> str:
@@ -507,10 +598,11 @@ def load_spec(path: Path = MATRIX_TOML) -> MatrixSpec:
                 skip_unsupported=bool(p.get("skip_unsupported", False)),
             )
         torch_index = torch_index_of(data)
+        stable = _stable_spec(data, path)
     except (KeyError, IndexError, TypeError) as e:
         raise MatrixError(f"{path} lacks or misshapes an entry: {e!r}") from e
     spec = MatrixSpec(
-        axes, kernels, torch, presets, str(path), _load_limits(data, path), torch_index
+        axes, kernels, torch, presets, str(path), _load_limits(data, path), torch_index, stable
     )
     _check_spec(spec)
     return spec
@@ -539,6 +631,40 @@ def _check_spec(spec: MatrixSpec) -> None:
     for name in spec.limits.presets:
         if name not in spec.presets:
             raise MatrixError(f"{spec.source}: [limits.presets.{name}] names no preset")
+    _check_stable(spec)
+
+
+def _check_stable(spec: MatrixSpec) -> None:
+    """[stable]: the floor torch is in the table; the build CPython and every smoke pair
+    exist, are at or past the floors, and the pair's torch has wheels for its CPython."""
+    st, where = spec.stable, f"{spec.source} [stable]"
+    floor, py_floor = st.abi.torch_floor, st.abi.python_floor
+    if floor not in spec.torch:
+        raise MatrixError(
+            f"{where}: the stable floor torch {floor} (recipes/stable_abi.json) is not in the "
+            f"torch table ({', '.join(spec.table_torch)})"
+        )
+    if _key(st.build_python) < _key(py_floor) or not spec.torch[floor].supports_python(
+        st.build_python
+    ):
+        raise MatrixError(
+            f"{where}.build_python {st.build_python!r}: torch {floor} wheels exist for python "
+            f"{spec.torch[floor].python_min} to {spec.torch[floor].python_max}, and the "
+            f"stable floor is {py_floor}"
+        )
+    for pair in st.smoke:
+        release = spec.torch.get(pair.torch)
+        if release is None or not st.serves(pair.torch):
+            served = [m for m in spec.table_torch if st.serves(m)]
+            raise MatrixError(
+                f"{where}.smoke: torch {pair.torch!r} is not a torch the stable wheel serves; "
+                f"valid: {', '.join(served)}"
+            )
+        if _key(pair.python) < _key(py_floor) or not release.supports_python(pair.python):
+            raise MatrixError(
+                f"{where}.smoke: torch {pair.torch} has no wheels for python {pair.python!r} "
+                f"(valid: {release.python_min} to {release.python_max}, at least {py_floor})"
+            )
 
 
 # --- parsing a MATRIX string -------------------------------------------------------------
@@ -636,6 +762,13 @@ def _normalize(axis: str, value: str, spec: MatrixSpec, where: str) -> str:
     if axis in LIMIT_KEYS:
         CellLimits().merged({axis: v}, where)  # raises with what is valid
         return v
+    if axis == "binding":
+        if v.lower() not in BINDING_CHOICES:
+            raise MatrixError(
+                f"{where}: binding {value!r} is not valid; valid: {', '.join(BINDING_CHOICES)} "
+                "(auto: stable cells for torch at or past the stable floor)"
+            )
+        return v.lower()
     if axis == "archs":
         items = [a for a in re.split(r"[+;]", v) if a]
         bad = []
@@ -717,15 +850,32 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
     if ALL in platforms:
         platforms = spec.axes["platform"]
 
-    cells: list[Cell] = []
-    ruled_out: list[str] = []
-    for minor in sorted(dict.fromkeys(torches), key=_key):
-        release = spec.torch[minor]
+    binding = selection.axes.get("binding", ("auto",))[0]
+    minors = sorted(dict.fromkeys(torches), key=_key)
+    stable_minors = [m for m in minors if binding != "classic" and spec.stable.serves(m)]
+    if binding == "stable" and len(stable_minors) < len(minors):
+        below = [m for m in minors if m not in stable_minors]
+        raise MatrixError(
+            f"MATRIX={selection.text!r}: binding=stable serves torch {spec.stable.abi.torch_floor} "
+            f"and newer (recipes/stable_abi.json); torch {', '.join(below)} needs "
+            "binding=classic (or auto)"
+        )
+
+    def cudas_of(release: TorchRelease) -> tuple[str, ...]:
         cudas = axes.get("cuda")
         if not cudas:
-            cudas = (_local_cuda(release, local) if is_local else release.index_cuda,)
-        elif ALL in cudas:
-            cudas = release.cuda
+            return (_local_cuda(release, local) if is_local else release.index_cuda,)
+        if ALL in cudas:
+            return release.cuda
+        return cudas
+
+    cells: list[Cell] = []
+    ruled_out: list[str] = []
+    for minor in minors:
+        if minor in stable_minors:
+            continue
+        release = spec.torch[minor]
+        cudas = cudas_of(release)
         abis_text = axes.get("cxx11abi")
         if not abis_text:
             if is_local and local.torch == minor and local.torch_cxx11abi is not None:
@@ -757,6 +907,26 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
                                 limits,
                             )
                         )
+    if stable_minors and "FALSE" in (axes.get("cxx11abi") or ()):
+        ruled_out.append(
+            f"torch {', '.join(stable_minors)}: stable cells are C++11-ABI builds (every torch "
+            "from the stable floor on is one); cxx11abi=FALSE needs binding=classic"
+        )
+    if stable_minors:
+        python_axis = selection.axes.get("python")
+        python_given = python_axis and ALL not in python_axis
+        python = (
+            local.python
+            if is_local
+            else _stable_python(python_axis, spec, selection.text)
+            if python_given
+            else spec.stable.build_python
+        )
+        stable = _stable_cells(
+            stable_minors, cudas_of, python, platforms, kernels, limits, spec, local, is_local
+        )
+        ruled_out += stable[1]
+        cells += stable[0]
     if ruled_out and not skip:
         raise MatrixError(
             f"MATRIX={selection.text!r}: the torch table ({spec.source}) rules out "
@@ -768,6 +938,88 @@ def expand(selection: Selection, spec: MatrixSpec, local: LocalFacts) -> list[Ce
     if not cells:
         raise MatrixError(f"MATRIX={selection.text!r} selects no cell")
     return cells
+
+
+def stable_pythons(spec: MatrixSpec) -> tuple[str, ...]:
+    """The CPythons front-ends that build and test with one interpreter and the floor
+    torch at a time (cibuildwheel, conda) cover for a stable cell: from python_floor to
+    the newest CPython the floor torch has wheels for."""
+    st = spec.stable
+    floor = spec.torch[st.abi.torch_floor]
+    return tuple(
+        p
+        for p in spec.axes["python"]
+        if _key(p) >= _key(st.abi.python_floor) and floor.supports_python(p)
+    )
+
+
+def _stable_python(values: tuple[str, ...] | None, spec: MatrixSpec, text: str) -> str:
+    """The lowest CPython of an inline python= at or past the stable floor."""
+    floor = spec.stable.abi.python_floor
+    fit = sorted((v for v in values or () if _key(v) >= _key(floor)), key=_key)
+    if not fit:
+        raise MatrixError(
+            f"MATRIX={text!r}: a stable cell builds with a CPython at or past {floor} "
+            f"(recipes/stable_abi.json python_floor); python={','.join(values or ())} has none"
+        )
+    return fit[0]
+
+
+def _stable_cells(
+    minors: list[str],
+    cudas_of: Any,
+    python: str,
+    platforms: tuple[str, ...],
+    kernels: KernelSet,
+    limits: CellLimits,
+    spec: MatrixSpec,
+    local: LocalFacts,
+    is_local: bool,
+) -> tuple[list[Cell], list[str]]:
+    """One cell per (CUDA major, platform) for the torch minors at or past the floor: built
+    with the oldest selected CUDA minor of that major, against the floor torch (the local
+    preset: the installed torch), with `python`."""
+    st = spec.stable
+    by_major: dict[int, str] = {}
+    ruled_out: list[str] = []
+    for minor in minors:
+        release = spec.torch[minor]
+        for cuda in cudas_of(release):
+            if cuda not in release.cuda:
+                ruled_out.append(
+                    f"torch {minor} has no CUDA {cuda} build (valid: {', '.join(release.cuda)})"
+                )
+                continue
+            major = _key(cuda)[0]
+            if major not in by_major or _key(cuda) < _key(by_major[major]):
+                by_major[major] = cuda
+    build_torch = local.torch if is_local and local.torch in minors else st.abi.torch_floor
+    release = spec.torch[build_torch]
+    if not release.supports_python(python):
+        ruled_out.append(
+            f"the stable cell builds against torch {build_torch}, which has no wheels for "
+            f"python {python} (valid: {release.python_min} to {release.python_max})"
+        )
+        return [], ruled_out
+    cells = [
+        Cell(
+            cuda,
+            build_torch,
+            python,
+            True,
+            platform,
+            kernels,
+            release.requirement,
+            release.cxx_std,
+            limits,
+            binding="stable",
+            torch_floor=st.abi.torch_floor,
+            abi3_tag=st.abi.abi3_tag,
+        )
+        for _, cuda in sorted(by_major.items())
+        for platform in platforms
+    ]
+    return cells, ruled_out
 
 
 def _ruled_out(release: TorchRelease, cuda: str, python: str, abi: bool) -> str:
@@ -871,16 +1123,26 @@ _ID_RE = re.compile(
 )
 
 
-def selection_of_id(cell_id: str, spec: MatrixSpec) -> str:
-    """The inline selection of the cell whose id (Cell.id) this is: the kernel set from
-    its label segment, archs from an sm... segment."""
-    m = _ID_RE.fullmatch(cell_id)
-    if m is None:
-        raise MatrixError(
-            f"cell id {cell_id!r} is not like cu130-torch2.13-cxx11abiTRUE-cp311 "
-            "(or with a kernel segment: cu130-torch2.13-cxx11abiTRUE-ci-cp311)"
-        )
-    segments = [s for s in m.group(5).split("-") if s]
+_STABLE_ID_RE = re.compile(r"cu(\d+)-torchstable((?:-[a-z][a-z0-9]*)*)-abi3")
+
+
+def stable_build_cuda(spec: MatrixSpec, major: int) -> str:
+    """The CUDA a stable cell of a CUDA major builds with when every torch from the floor
+    on is selected with cuda=all: the oldest minor of that major any of them has."""
+    cudas = [
+        c
+        for m in spec.table_torch
+        if spec.stable.serves(m)
+        for c in spec.torch[m].cuda
+        if _key(c)[0] == major
+    ]
+    if not cudas:
+        raise MatrixError(f"no torch from the stable floor on has a CUDA {major} build")
+    return min(cudas, key=_key)
+
+
+def _kernel_selection(segments: list[str], cell_id: str, spec: MatrixSpec) -> str:
+    """' kernels=ci archs=80+90' from the kernel segments of an id (['ci', 'sm80sm90'])."""
     archs = ""
     if segments and re.fullmatch(r"(sm\d+a?)+", segments[-1]):
         archs = "+".join(re.findall(r"sm(\d+a?)", segments.pop()))
@@ -892,11 +1154,35 @@ def selection_of_id(cell_id: str, spec: MatrixSpec) -> str:
             f"cell id {cell_id!r}: {'-'.join([label, *segments])!r} names no kernel set; "
             f"kernel segments: {valid} (none for the release set), then sm<arch>..."
         )
-    text = (
+    return f" kernels={labels[label]}" + (f" archs={archs}" if archs else "")
+
+
+def selection_of_id(cell_id: str, spec: MatrixSpec) -> str:
+    """The inline selection of the cell whose id (Cell.id) this is: the kernel set from
+    its label segment, archs from an sm... segment. A stable id (cu13-torchstable-abi3)
+    selects the floor torch, [stable] build_python and the CUDA stable_build_cuda gives."""
+    stable = _STABLE_ID_RE.fullmatch(cell_id)
+    if stable is not None:
+        segments = [s for s in stable.group(2).split("-") if s]
+        cuda = stable_build_cuda(spec, int(stable.group(1)))
+        return (
+            f"cuda={cuda} torch={spec.stable.abi.torch_floor} "
+            f"python={spec.stable.build_python} binding=stable"
+            + _kernel_selection(segments, cell_id, spec)
+        )
+    m = _ID_RE.fullmatch(cell_id)
+    if m is None:
+        raise MatrixError(
+            f"cell id {cell_id!r} is not like cu130-torch2.13-cxx11abiTRUE-cp311 "
+            "(or with a kernel segment: cu130-torch2.13-cxx11abiTRUE-ci-cp311), nor "
+            "cu13-torchstable-abi3 (cu13-torchstable-ci-abi3)"
+        )
+    segments = [s for s in m.group(5).split("-") if s]
+    return (
         f"cuda={m.group(1)}.{m.group(2)} torch={m.group(3)} cxx11abi={m.group(4)} "
-        f"python={m.group(6)}.{m.group(7)} kernels={labels[label]}"
+        f"python={m.group(6)}.{m.group(7)} binding=classic"
+        + _kernel_selection(segments, cell_id, spec)
     )
-    return text + (f" archs={archs}" if archs else "")
 
 
 def select_cells(text: str, spec: MatrixSpec, local: LocalFacts) -> list[Cell]:
@@ -916,6 +1202,7 @@ def github_matrix(cells: list[Cell]) -> dict[str, Any]:
                 "cxx11abi": c.abi_text,
                 "platform": c.platform,
                 "kernels": c.kernels.name,
+                "binding": c.binding,
                 "matrix": c.selection(),
             }
             for c in cells

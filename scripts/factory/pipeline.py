@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import build_env, build_wheel, source_date_epoch
+from .build import build_env, build_wheel, source_date_epoch, write_request
 from .errors import FactoryError
-from .matrix import Cell, MatrixSpec
+from .matrix import Cell, MatrixSpec, SmokePair
 from .paths import FactoryPaths
 from .plan import plan_cell
 from .preflight import check_disk
@@ -25,7 +25,8 @@ from .progress import working
 from .provision import Toolchain, provision
 from .publish import Candidate, publish
 from .report import CellReport
-from .smoke import SmokeResult, quarantine, smoke_wheel
+from .smoke import Check, SmokeResult, quarantine, smoke_wheel
+from .smoke_stable import stable_checks
 from .stage import stage_sources
 from .status import CellStatus
 from .tag import tag_wheel
@@ -56,19 +57,47 @@ CellRunner = Callable[[Cell], CellOutcome]
 
 
 def smoke_cell_wheel(
-    cell: Cell, wheel: Path, toolchain: Toolchain, paths: FactoryPaths
+    cell: Cell,
+    wheel: Path,
+    toolchain: Toolchain,
+    paths: FactoryPaths,
+    pairs: tuple[SmokePair, ...] = (),
+    spec: MatrixSpec | None = None,
 ) -> SmokeResult:
-    """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell."""
-    return smoke_wheel(
-        cell,
-        wheel,
-        toolchain.python,
-        toolchain.torch,
-        paths.venvs / f"smoke-{cell.id}",
-        paths.log(cell.id, "smoke"),
-        isolated=toolchain.isolated,
-        cuobjdump=toolchain.cuobjdump,
+    """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell;
+    a stable wheel also under every (torch, CPython) of `pairs` (smoke_stable.py)."""
+    log = paths.log(cell.id, "smoke")
+    other_major = (
+        toolchain.torch_cuda and toolchain.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]
     )
+    if cell.stable and other_major and pairs:
+        # the build torch (the floor's package-index build) is of another CUDA major: the
+        # wheel refuses it by design (flash_attn/_variant.py); the pairs' torches test it
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"smoke {cell.id}: {wheel.name}\n")
+        result = SmokeResult(cell.id, str(wheel), log=str(log))
+        result.checks.append(
+            Check(
+                "build-env",
+                None,
+                f"build torch {toolchain.torch} is CUDA {toolchain.torch_cuda}, not "
+                f"{cell.cuda.split('.')[0]}.x: tested under the [stable] smoke pairs",
+            )
+        )
+    else:
+        result = smoke_wheel(
+            cell,
+            wheel,
+            toolchain.python,
+            toolchain.torch,
+            paths.venvs / f"smoke-{cell.id}",
+            log,
+            isolated=toolchain.isolated,
+            cuobjdump=toolchain.cuobjdump,
+        )
+    if cell.stable and result.checks:
+        result.checks += stable_checks(cell, wheel, pairs, paths, Path(result.log), spec)
+    return result
 
 
 def run_cell(
@@ -97,8 +126,10 @@ def run_cell(
             log(f"  plan: warning: {plan.warning}")
         stage = "build"
         epoch = source_date_epoch(paths.repo)
-        env = build_env(cell, plan, paths.object_cache, epoch, options.extra_env, toolchain)
         cell_dir = paths.cell_dir(cell.id)
+        request = write_request(cell, cell_dir)
+        log(f"  request: {request} ({cell.binding}, +{cell.local_label}, {cell.requires_torch})")
+        env = build_env(request, plan, paths.object_cache, epoch, options.extra_env, toolchain)
         with working(f"{cell.id}: building (log {paths.log(cell.id, 'build')})"):
             raw = build_wheel(
                 cell, toolchain, src, cell_dir / "raw", paths.log(cell.id, "build"), env
@@ -135,8 +166,10 @@ def run_cell(
             report.note = f"not smoke-tested; wheel: {tagged.path}"
             return CellOutcome(report)
         stage = "smoke"
-        with working(f"{cell.id}: smoke test in a fresh venv"):
-            smoke = smoke_cell_wheel(cell, Path(tagged.path), toolchain, paths)
+        with working(f"{cell.id}: smoke test in fresh venvs"):
+            smoke = smoke_cell_wheel(
+                cell, Path(tagged.path), toolchain, paths, spec.stable.smoke, spec
+            )
         report.smoke = smoke.summary()
         log(f"  smoke: {report.smoke}")
         if not smoke.passed:

@@ -101,6 +101,14 @@ def table_disagreements(cell: Cell, spec: MatrixSpec, facts: PythonFacts) -> lis
     return notes
 
 
+def _at_least(minor: str | None, floor: str) -> bool:
+    if not minor or not floor:
+        return False
+    return tuple(int(x) for x in minor.split(".")[:2]) >= tuple(
+        int(x) for x in floor.split(".")[:2]
+    )
+
+
 def nvcc_serves_older(nvcc: str, cuda: str) -> bool:
     """Whether nvcc (13.0) may build a cell of a newer CUDA minor of its major (13.2):
     code built by an older toolkit runs under a newer runtime of the same major."""
@@ -124,7 +132,19 @@ def provision_system(cell: Cell, spec: MatrixSpec, tools: Path | None = None) ->
             f"with what is installed: `{exe} -m pip install '{cell.requires_torch}'`, or select "
             "another python"
         )
-    if facts.torch_minor != cell.torch:
+    stable_note = ""
+    if (
+        cell.stable
+        and facts.torch_minor != cell.torch
+        and _at_least(facts.torch_minor, cell.torch_floor)
+    ):
+        # the stable binding compiles against any torch from the floor on: the headers are
+        # pinned to the floor (TORCH_TARGET_VERSION), so the module is the same
+        stable_note = (
+            f"stable cell built against the installed torch {facts.torch} (headers pinned to "
+            f"torch {cell.torch_floor} by TORCH_TARGET_VERSION), not the floor torch {cell.torch}"
+        )
+    elif facts.torch_minor != cell.torch:
         raise FactoryError(
             f"cell {cell.id} needs torch {cell.torch}; python {cell.python} ({exe}) has torch "
             f"{facts.torch}. Select torch={facts.torch_minor}, or install "
@@ -156,7 +176,11 @@ def provision_system(cell: Cell, spec: MatrixSpec, tools: Path | None = None) ->
             f"{nvcc}; the wheel is labelled for torch's CUDA {cell.cuda} and its build record "
             f"says kernels CUDA {nvcc}"
         )
-    if facts.torch_cuda and facts.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]:
+    if stable_note:
+        notes.append(stable_note)
+    if cell.stable:
+        pass  # the stable module calls torch's C shims only: any CUDA build of torch serves
+    elif facts.torch_cuda and facts.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]:
         raise FactoryError(
             f"cell {cell.id}: torch {facts.torch} is built with CUDA {facts.torch_cuda}, "
             f"another major than the cell's CUDA {cell.cuda}"
@@ -273,9 +297,10 @@ def toolchain_index(cell: Cell, spec: MatrixSpec, wheelhouse: Path | None = None
         return PackageIndex(wheelhouse=wheelhouse)
     tspec = load_toolchain_spec()
     release = spec.torch.get(cell.torch)
-    extra = () if release is None or cell.cuda == release.index_cuda else (
-        tspec.torch_index(cell.cuda_tag),
-    )
+    # a stable cell builds against the index's own build of the floor torch: the module
+    # calls torch's C shims only, so torch's CUDA build does not matter to it
+    same = release is None or cell.stable or cell.cuda == release.index_cuda
+    extra = () if same else (tspec.torch_index(cell.cuda_tag),)
     return PackageIndex(tspec.index_url, extra)
 
 
@@ -358,6 +383,13 @@ def provision_hermetic(
     if facts.torch is None or facts.torch_minor != cell.torch:
         raise FactoryError(f"hermetic toolchain {venv}: torch {facts.torch} is not {cell.torch}")
     wrong_build = cuda_build_mismatch(cell, facts)
+    stable_notes: list[str] = []
+    if cell.stable and wrong_build and facts.torch_cuda:
+        stable_notes.append(
+            f"stable cell: torch {facts.torch} ({'; '.join(wrong_build)}) builds it: the module "
+            f"calls torch's C shims only; its kernels are CUDA {cell.cuda} (nvcc below)"
+        )
+        wrong_build = []
     if wrong_build:
         raise FactoryError(
             f"cell {cell.id}: torch {facts.torch} from {index.describe()} is not a CUDA "
@@ -378,7 +410,7 @@ def provision_hermetic(
             f"hermetic toolchain {venv}: no nvcc {cell.cuda} from {cuda_requirements(cell.cuda)} "
             f"(found {nvcc or 'none'})"
         )
-    notes = table_disagreements(cell, spec, facts)
+    notes = stable_notes + table_disagreements(cell, spec, facts)
     cuobjdump = cuda_home / "bin" / "cuobjdump"
     return Toolchain(
         kind="hermetic",

@@ -47,6 +47,31 @@ try:
     out["build_info"] = json.loads(torch.ops.flash_attn.build_info())
 except Exception as e:
     out["import_error"] = "%s: %s" % (type(e).__name__, e)
+if "import_error" not in out:
+    from flash_attn import _ops
+    ops = torch.ops.flash_attn
+    out["schemas"] = {
+        "fwd": [str(ops.fwd.default._schema), "flash_attn::" + _ops.FWD_SCHEMA],
+        "bwd": [str(ops.bwd.default._schema), "flash_attn::" + _ops.BWD_SCHEMA],
+    }
+    from flash_attn import flash_attn_func
+    dev = "cuda" if out["gpu"] else "cpu"
+    def attempt(call):
+        try:
+            call()
+            return None
+        except Exception as e:
+            return "%s: %s" % (type(e).__name__, e)
+    # the input checks: q of rank 3 is refused before anything runs
+    bad = torch.zeros(2, 8, 64, dtype=torch.bfloat16, device=dev)
+    out["input_check"] = attempt(lambda: flash_attn_func(bad, bad, bad))
+    if not out["gpu"]:
+        # a valid call goes as far as it can without a GPU: the Python front end stops at
+        # the device check; the op itself through torch's dispatcher (CPU: no kernel)
+        q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+        out["launch_api"] = attempt(lambda: flash_attn_func(q, q, q))
+        out["launch_op"] = attempt(lambda: ops.fwd(
+            q, q, q, None, None, 8, 8, 0.125, -1, -1, 0.0, None))
 if out["gpu"] and "import_error" not in out:
     try:
         from flash_attn import flash_attn_func
@@ -204,11 +229,42 @@ def evaluate(cell: Cell, expected_torch: str, data: dict[str, Any]) -> list[Chec
                 f"cell {','.join(sorted(want))} (arch 90 is built as sm_90a)",
             )
         )
+    checks += api_checks(data)
     numeric = data.get("numeric")
     if numeric is None:
         checks.append(Check("gpu", None, "no GPU: numeric check skipped"))
     else:
         checks.append(Check("gpu", bool(numeric.get("ok")), json.dumps(numeric)))
+    return checks
+
+
+def api_checks(data: dict[str, Any]) -> list[Check]:
+    """Op registration and schemas, the input checks, and (without a GPU) a valid call
+    taken as far as it goes: the clear 'CUDA GPUs only' error, and the op through the
+    dispatcher refusing CPU tensors (it has a CUDA kernel only)."""
+    schemas = data.get("schemas") or {}
+    wrong = [f"{op}: {got!r} != {want!r}" for op, (got, want) in schemas.items() if got != want]
+    checks = [
+        Check(
+            "ops",
+            bool(schemas) and not wrong,
+            "; ".join(wrong) or f"flash_attn::{', '.join(schemas)} registered, schemas as _ops",
+        )
+    ]
+    refused = str(data.get("input_check") or "")
+    checks.append(
+        Check(
+            "input_check",
+            refused.startswith("InputError") and "shape" in refused,
+            refused or "flash_attn_func took q of rank 3",
+        )
+    )
+    if "launch_api" in data:
+        api, op = str(data.get("launch_api") or ""), str(data.get("launch_op") or "")
+        ok = "CUDA GPU" in api and "CPU" in op and "flash_attn::fwd" in op
+        checks.append(
+            Check("launch", ok, f"flash_attn_func: {api or 'ran'}; op: {op or 'ran'}"[:400])
+        )
     return checks
 
 

@@ -19,7 +19,13 @@ import shutil
 from pathlib import Path
 
 # what a wheel is built from (setup.py's inputs); anything else stays out
-SOURCE_FILES = ("setup.py", "pyproject.toml", "README.md", "flash_attn_interface.py")
+SOURCE_FILES = (
+    "setup.py",
+    "pyproject.toml",
+    "README.md",
+    "flash_attn_interface.py",
+    "recipes/stable_abi.json",  # build_tools/request.py: the stable binding's floors
+)
 SOURCE_DIRS = ("flash_attn", "build_tools")
 LINKED_DIRS = ("csrc",)
 _IGNORE = shutil.ignore_patterns("*.so", "*.o", "__pycache__", "*.pyc", "*.egg-info")
@@ -31,6 +37,7 @@ def stage_sources(repo: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for name in SOURCE_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo / name, dest / name)
     for name in SOURCE_DIRS:
         shutil.copytree(repo / name, dest / name, ignore=_IGNORE)

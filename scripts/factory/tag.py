@@ -1,6 +1,12 @@
-"""Tag: the platform tag from `auditwheel repair` (torch's and CUDA's libraries left out:
-they come with torch), else linux_x86_64 with the reason; then the final, reproducible
-wheel (wheelfile.normalize_wheel) with the cell's version label and torch pin."""
+"""Tag: check the built wheel against its cell, then give it its platform tag and its
+final, reproducible bytes. It never rewrites what setup.py made.
+
+Checks (check_wheel, before and after auditwheel): the version is the sources' version
+with the cell's label, Requires-Dist on torch is the cell's (torch==2.13.* classic,
+torch>=2.10 stable), the python and ABI tags are the cell's (cp311-cp311 classic,
+cp310-abi3 stable). Then the platform tag from `auditwheel repair` (torch's and CUDA's
+libraries left out: they come with torch; auditwheel keeps the abi3 tag), else
+linux_x86_64 with the reason; then wheelfile.normalize_wheel."""
 
 from __future__ import annotations
 
@@ -13,8 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
+
+from .errors import FactoryError
 from .matrix import Cell
-from .wheelfile import normalize_wheel, read_wheel_info
+from .wheelfile import WheelInfo, normalize_wheel, read_wheel_info
 
 # libraries a wheel must not carry: torch brings them (auditwheel --exclude globs)
 EXCLUDES = (
@@ -101,14 +112,63 @@ def strip_shared_objects(path: str, data: bytes) -> bytes:
         return so.read_bytes() if done.returncode == 0 else data
 
 
+def wheel_problems(cell: Cell, wheel: Path, info: WheelInfo, base_version: str) -> list[str]:
+    """What in a built wheel does not match its cell (empty: it matches)."""
+    problems: list[str] = []
+    try:
+        _, file_version, _, tags = parse_wheel_filename(wheel.name)
+    except (InvalidWheelFilename, InvalidVersion) as e:
+        return [f"{wheel.name} is not a valid wheel file name ({e})"]
+    want_version = Version(f"{base_version}+{cell.local_label}")
+    try:
+        version = Version(info.version)
+    except InvalidVersion:
+        return [f"its METADATA version {info.version!r} is not a PEP 440 version"]
+    if version != want_version or file_version != version:
+        problems.append(
+            f"version {info.version} (file name: {file_version}); the cell's is {want_version} "
+            f"(label +{cell.local_label})"
+        )
+    torch_reqs = []
+    for line in info.requires_dist:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            problems.append(f"Requires-Dist {line!r} is not a requirement")
+            continue
+        if canonicalize_name(req.name) == "torch":
+            torch_reqs.append(req)
+    want_req = Requirement(cell.requires_torch)
+    if len(torch_reqs) != 1 or torch_reqs[0].specifier != want_req.specifier:
+        got = ", ".join(str(r) for r in torch_reqs) or "none"
+        problems.append(f"Requires-Dist on torch: {got}; the cell's is {want_req}")
+    want_python, want_abi = cell.wheel_tags
+    wrong = sorted(str(t) for t in tags if (t.interpreter, t.abi) != (want_python, want_abi))
+    if wrong:
+        problems.append(
+            f"tags {', '.join(wrong)}; a {cell.binding} cell's wheel is {want_python}-{want_abi}"
+        )
+    return problems
+
+
+def check_wheel(cell: Cell, wheel: Path, base_version: str, stage: str) -> WheelInfo:
+    """The wheel's info; FactoryError listing every mismatch with the cell."""
+    info = read_wheel_info(wheel)
+    problems = wheel_problems(cell, wheel, info, base_version)
+    if problems:
+        raise FactoryError(
+            f"cell {cell.id}: {stage} wheel {wheel.name} does not match the cell "
+            f"(setup.py builds what {cell.id}'s build request says): " + "; ".join(problems)
+        )
+    return info
+
+
 def tag_wheel(cell: Cell, raw: Path, base_version: str, out_dir: Path, epoch: int) -> TaggedWheel:
+    check_wheel(cell, raw, base_version, "the built")
     with tempfile.TemporaryDirectory(prefix="factory-tag-") as tmp:
         repaired, reason = repair(raw, Path(tmp))
-        version = f"{base_version}+{cell.local_label}"
-        final = normalize_wheel(
-            repaired, out_dir, version, cell.requires_torch, epoch, transform=strip_shared_objects
-        )
-    info = read_wheel_info(final)
+        final = normalize_wheel(repaired, out_dir, epoch, transform=strip_shared_objects)
+    info = check_wheel(cell, final, base_version, "the tagged")
     return TaggedWheel(
         cell_id=cell.id,
         path=str(final),

@@ -1,21 +1,22 @@
-"""Rewrite a wheel into its final, reproducible form.
+"""Read a wheel, and rewrite it into its final, reproducible form.
 
-The version (with the cell's local label, spelled as the cell spells it) goes into
-the file name, the .dist-info directory and METADATA alike; Requires-Dist pins the
-torch minor; entries are sorted, stamped with SOURCE_DATE_EPOCH and given fixed
-permissions, and RECORD is recomputed. The same input gives the same bytes.
+The rewrite keeps what the build made (name, version, METADATA: setup.py alone sets the
+version label and Requires-Dist from the cell's BuildRequest); entries are sorted,
+stamped with SOURCE_DATE_EPOCH and given fixed permissions, and RECORD is recomputed.
+The same input gives the same bytes. File names and versions are read with `packaging`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path
+
+from packaging.utils import parse_wheel_filename
 
 from .errors import FactoryError
 
@@ -68,80 +69,36 @@ def _tags_from_wheel_file(text: str) -> WheelTags:
     return WheelTags(".".join(pythons), ".".join(abis), ".".join(platforms))
 
 
-def _rewrite_metadata(text: str, version: str, requires_torch: str | None) -> str:
-    lines = text.split("\n")
-    out: list[str] = []
-    in_headers = True
-    torch_done = False
-    for line in lines:
-        if in_headers and line == "":
-            if requires_torch and not torch_done:
-                out.append(f"Requires-Dist: {requires_torch}")
-                torch_done = True
-            in_headers = False
-        if in_headers and line.startswith("Version:"):
-            line = f"Version: {version}"
-        elif in_headers and requires_torch and re.match(r"Requires-Dist:\s*torch\b", line):
-            if torch_done:
-                continue
-            marker = line.split(";", 1)[1].strip() if ";" in line else ""
-            line = f"Requires-Dist: {requires_torch}" + (f"; {marker}" if marker else "")
-            torch_done = True
-        out.append(line)
-    return "\n".join(out)
-
-
-def wheel_name(name: str, version: str, tags: WheelTags) -> str:
-    return f"{re.sub(r'[-_.]+', '_', name)}-{version}-{tags}.whl"
-
-
 def normalize_wheel(
     src: Path,
     out_dir: Path,
-    version: str,
-    requires_torch: str | None,
     epoch: int,
     transform: Callable[[str, bytes], bytes] | None = None,
 ) -> Path:
-    """Write the final wheel into out_dir and return its path. transform(path, data), if
-    given, rewrites each file's content first (tag.py strips shared objects with it)."""
+    """Write the final wheel, of the same name, into out_dir and return its path.
+    transform(path, data), if given, rewrites each file's content first (tag.py strips
+    shared objects with it); METADATA and the version are kept as they are."""
+    parse_wheel_filename(src.name)  # a name pip would refuse stops here
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
         files = {i.filename: zf.read(i) for i in infos if not i.is_dir()}
         modes = {i.filename: (i.external_attr >> 16) & 0o777 for i in infos}
     if transform is not None:
         files = {p: transform(p, d) for p, d in files.items()}
-    old_info = _dist_info(list(files))
-    name = old_info[: -len(".dist-info")].rsplit("-", 1)[0]
-    new_info = f"{name}-{version}.dist-info"
-    metadata_text = files[f"{old_info}/METADATA"].decode()
-    tags = _tags_from_wheel_file(files[f"{old_info}/WHEEL"].decode())
-
-    renamed: dict[str, bytes] = {}
-    for path, data in files.items():
-        top, _, rest = path.partition("/")
-        if top == old_info:
-            path = f"{new_info}/{rest}"
-        elif top.endswith(".data") and top.startswith(f"{name}-"):
-            path = f"{name}-{version}.data/{rest}"
-        renamed[path] = data
-    renamed[f"{new_info}/METADATA"] = _rewrite_metadata(
-        metadata_text, version, requires_torch
-    ).encode()
-    record_path = f"{new_info}/RECORD"
-    renamed.pop(record_path, None)
-    renamed.pop(f"{old_info}/RECORD", None)
+    info_dir = _dist_info(list(files))
+    record_path = f"{info_dir}/RECORD"
+    files.pop(record_path, None)
 
     # dist-info last (RECORD at the very end), everything else sorted
-    order = sorted(p for p in renamed if not p.startswith(new_info + "/"))
-    order += sorted(p for p in renamed if p.startswith(new_info + "/"))
-    record_lines = [f"{p},{record_hash(renamed[p])},{len(renamed[p])}" for p in order]
+    order = sorted(p for p in files if not p.startswith(info_dir + "/"))
+    order += sorted(p for p in files if p.startswith(info_dir + "/"))
+    record_lines = [f"{p},{record_hash(files[p])},{len(files[p])}" for p in order]
     record_lines.append(f"{record_path},,")
-    renamed[record_path] = ("\n".join(record_lines) + "\n").encode()
+    files[record_path] = ("\n".join(record_lines) + "\n").encode()
     order.append(record_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / wheel_name(name, version, tags)
+    dest = out_dir / src.name
     tmp = dest.with_name(f".{dest.name}.tmp")
     stamp = _zip_time(epoch)
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -149,15 +106,11 @@ def normalize_wheel(
             info = zipfile.ZipInfo(path, date_time=stamp)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.create_system = 3
-            executable = bool(modes.get(_original(path, new_info, old_info), 0) & 0o111)
+            executable = bool(modes.get(path, 0) & 0o111)
             info.external_attr = ((0o755 if executable else 0o644) | 0o100000) << 16
-            zf.writestr(info, renamed[path], compresslevel=9)
+            zf.writestr(info, files[path], compresslevel=9)
     tmp.replace(dest)
     return dest
-
-
-def _original(path: str, new_info: str, old_info: str) -> str:
-    return old_info + path[len(new_info) :] if path.startswith(new_info + "/") else path
 
 
 def _zip_time(epoch: int) -> tuple[int, int, int, int, int, int]:

@@ -84,7 +84,14 @@ def test_limit_below_one_compile_stops_at_the_matrix_stage(
 ) -> None:
     work = tmp_path / "work"
     argv = ["--work", str(work), "--out", str(tmp_path / "out"), "wheels", "--engine"]
-    code = cli.main([*argv, "podman", "--matrix", "torch=2.13 python=3.11 kernels=tiny memory=1g"])
+    code = cli.main(
+        [
+            *argv,
+            "podman",
+            "--matrix",
+            "torch=2.13 python=3.11 kernels=tiny memory=1g binding=classic",
+        ]
+    )
     assert code == 2  # a setting that cannot work: before any cell, like a bad value
     note = capsys.readouterr().err
     assert "container memory limit 1g is below what one compile needs: 2.50 GiB" in note
@@ -94,7 +101,9 @@ def test_limit_below_one_compile_stops_at_the_matrix_stage(
 
 
 def test_compile_need_follows_the_memory_ledger(tmp_path: Path) -> None:
-    cell = select_cells("torch=2.13 python=3.11 kernels=tiny memory=1g", SPEC, HERE)[0]
+    cell = select_cells(
+        "torch=2.13 python=3.11 kernels=tiny memory=1g binding=classic", SPEC, HERE
+    )[0]
     cache = tmp_path / "cache"
     cache.mkdir()
     unknown = compile_need(cell, REPO, cache)
@@ -113,7 +122,7 @@ def test_failed_image_fails_its_cells_and_the_matrix_goes_on(
     tmp_path: Path, fake_podman: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_RUN", "rlimit")
-    code, rows = _wheels(tmp_path, "torch=2.13,2.14 python=3.11 kernels=tiny")
+    code, rows = _wheels(tmp_path, "torch=2.13,2.14 python=3.11 kernels=tiny binding=classic")
     assert code == 1
     by_cell = {r["cell"]: r for r in rows}
     first = by_cell["cu130-torch2.13-cxx11abiTRUE-tiny-cp311"]
@@ -129,7 +138,7 @@ def test_failed_image_fails_its_cells_and_the_matrix_goes_on(
 def test_image_failure_message_names_the_fix(
     tmp_path: Path, fake_podman: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _wheels(tmp_path, "torch=2.13 python=3.11 kernels=tiny")
+    _wheels(tmp_path, "torch=2.13 python=3.11 kernels=tiny binding=classic")
     out = capsys.readouterr().out
     assert "`podman build` failed (exit 125)" in out
     assert "tools/make_base_image.sh" in out and "BASE_IMAGE=" in out
@@ -142,7 +151,7 @@ def test_container_that_cannot_start_says_why(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("FAKE_RUN", "rlimit")
-    code, rows = _wheels(tmp_path, "torch=2.14 python=3.11 kernels=tiny")
+    code, rows = _wheels(tmp_path, "torch=2.14 python=3.11 kernels=tiny binding=classic")
     assert code == 1 and rows[0]["status"] == "failed (container)"
     out = capsys.readouterr().out
     assert "ended (exit 126) without a report" in out
@@ -152,7 +161,9 @@ def test_container_that_cannot_start_says_why(
 def test_fail_fast_skips_the_cells_after_the_first_failure(
     tmp_path: Path, fake_podman: Path
 ) -> None:
-    code, rows = _wheels(tmp_path, "torch=2.13,2.14 python=3.11 kernels=tiny", "--fail-fast")
+    code, rows = _wheels(
+        tmp_path, "torch=2.13,2.14 python=3.11 kernels=tiny binding=classic", "--fail-fast"
+    )
     assert code == 1
     assert [r["status"] for r in rows] == ["failed (image)", "skipped"]
     assert "--fail-fast" in rows[1]["note"]
@@ -164,7 +175,9 @@ def test_what_the_container_reports_becomes_the_cells_row(
 ) -> None:
     monkeypatch.setenv("FAKE_RUN", "report")
     monkeypatch.setenv("FAKE_CELL", "cu130-torch2.14-cxx11abiTRUE-tiny-cp311")
-    code, rows = _wheels(tmp_path, "torch=2.14 python=3.11 kernels=tiny memory=6g cpus=2")
+    code, rows = _wheels(
+        tmp_path, "torch=2.14 python=3.11 kernels=tiny memory=6g cpus=2 binding=classic"
+    )
     assert code == 1
     assert rows[0]["status"] == "quarantined"
     assert "smoke failed" in rows[0]["note"]
@@ -179,7 +192,9 @@ def _paths(tmp_path: Path) -> FactoryPaths:
 
 
 def test_run_cells_continues_after_a_failure_unless_fail_fast(tmp_path: Path) -> None:
-    cells = select_cells("torch=2.13,2.14 python=3.11,3.12 kernels=tiny", SPEC, HERE)
+    cells = select_cells(
+        "torch=2.13,2.14 python=3.11,3.12 kernels=tiny binding=classic", SPEC, HERE
+    )
     seen: list[str] = []
 
     def runner(cell):  # type: ignore[no-untyped-def]
@@ -208,7 +223,7 @@ def test_engine_none_runs_cells_here_as_before(
         return CellOutcome(CellReport(cell.id, status="tagged"))
 
     monkeypatch.setattr(pipeline_mod, "run_cell", fake_run_cell)
-    cells = select_cells("torch=2.13 python=3.11 kernels=tiny", SPEC, HERE)
+    cells = select_cells("torch=2.13 python=3.11 kernels=tiny binding=classic", SPEC, HERE)
     rows = run_cells(cells, SPEC, _paths(tmp_path), RunOptions(smoke=False), lambda _: None)
     assert here == [cells[0].id] and rows[0].status == "tagged"
     args = cli.parser().parse_args(["wheels"])

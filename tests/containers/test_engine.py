@@ -79,7 +79,7 @@ def test_cell_container_mounts_source_read_only_cache_and_work_read_write(
     monkeypatch.setenv("FLASH_ATTN_ADMISSION", "0")
     monkeypatch.setenv("UNRELATED", "x")
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    cell = select_cells("torch=2.13 kernels=tiny memory=4g cpus=2", SPEC, HERE)[0]
+    cell = select_cells("torch=2.13 kernels=tiny memory=4g cpus=2 binding=classic", SPEC, HERE)[0]
     paths = FactoryPaths(tmp_path / "repo", tmp_path / "work", tmp_path / "out", tmp_path / "c")
     run = container_run(cell, "img", paths, "wheels", epoch=1234)
     modes = {m.container: m.read_only for m in run.mounts}
@@ -173,7 +173,7 @@ def test_cli_stops_before_any_cell_when_the_engine_is_unusable(
             "--engine",
             "docker",
             "--matrix",
-            "torch=2.13 kernels=tiny",
+            "torch=2.13 kernels=tiny binding=classic",
         ]
     )
     assert code == 2 and not ran

@@ -128,7 +128,7 @@ def test_dev_and_rocm_dockerfiles_build_on_the_factory() -> None:
 
 
 def test_offline_image_build_has_no_network_and_no_index(tmp_path: Path) -> None:
-    cell = select_cells("torch=2.13 python=3.11", SPEC, HERE)[0]
+    cell = select_cells("torch=2.13 python=3.11 binding=classic", SPEC, HERE)[0]
     options = ImageOptions(base="flash-attn-base:bookworm", offline=True)
     build = builder_build(cell, REPO, tmp_path, options)
     assert build.tag == "flash-attn-builder:cp311-torch2.13-cu130"
@@ -195,7 +195,7 @@ def test_admission_control_switch() -> None:
 
 
 def test_offline_dev_image_installs_its_tools_from_the_wheelhouse_alone() -> None:
-    cell = select_cells("torch=2.13 python=3.11 cuda=13.0", SPEC, HERE)[0]
+    cell = select_cells("torch=2.13 python=3.11 cuda=13.0 binding=classic", SPEC, HERE)[0]
     online = dev_build(cell, REPO, REPO / "build")
     offline = dev_build(cell, REPO, REPO / "build", offline=True)
     assert (online.network, online.build_args["DEV_PIP_NO_INDEX"]) == ("host", "0")

@@ -15,17 +15,20 @@ def make_wheel(
     payload: bytes = b"print('hi')\n",
     reverse: bool = False,
     date: tuple[int, int, int, int, int, int] = (2024, 5, 6, 7, 8, 9),
+    requires: str = "torch==2.13.*",
 ) -> Path:
     """A minimal wheel as setuptools writes it (entries in the given order and time)."""
     info = f"flash_attn-{version}.dist-info"
     files = {
         "flash_attn/__init__.py": payload,
-        "flash_attn/_C.cpython-311-x86_64-linux-gnu.so": b"\x7fELF fake",
+        f"flash_attn/_C.{'abi3' if '-abi3-' in tag else 'cpython-311-x86_64-linux-gnu'}.so": (
+            b"\x7fELF fake"
+        ),
         "flash_attn_interface.py": b"from flash_attn import *\n",
         f"{info}/METADATA": (
             "Metadata-Version: 2.4\nName: flash-attn\n"
             f"Version: {version}\nRequires-Python: >=3.9\n"
-            "Requires-Dist: torch\n\n# flash-attn\n"
+            f"Requires-Dist: {requires}\n\n# flash-attn\n"
         ).encode(),
         f"{info}/WHEEL": (
             f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: {tag}\n"

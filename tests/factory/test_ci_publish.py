@@ -25,7 +25,7 @@ def smoked(root: Path, python: str, gpu: bool | None, ok: bool = True) -> Path:
     wheel = make_wheel(
         root / tag, version="2.9.0+cu130torch2.14cxx11abiTRUE", tag=f"{tag}-{tag}-linux_x86_64"
     )
-    cell = cell_for_wheel("torch=2.14 cuda=13.0", wheel, SPEC)
+    cell = cell_for_wheel("torch=2.14 cuda=13.0 binding=classic", wheel, SPEC)
     result = SmokeResult(cell.id, str(wheel))
     result.checks += [Check("import", ok, "flash_attn 2.9.0"), Check("gpu", gpu, "numerics")]
     write_record(make_record(cell, wheel, result), wheel)
@@ -78,20 +78,20 @@ def test_nothing_passed_is_an_error_not_an_empty_site(tmp_path: Path) -> None:
 def test_a_wheel_of_another_variant_is_refused(tmp_path: Path) -> None:
     wheel = make_wheel(tmp_path, version="2.9.0+cu130torch2.13cxx11abiTRUE", tag="cp312-cp312-x")
     with pytest.raises(FactoryError, match="carries the label"):
-        cell_for_wheel("torch=2.14 cuda=13.0", wheel, SPEC)
-    assert cell_for_wheel("torch=2.13 cuda=13.0", wheel, SPEC).python == "3.12"
+        cell_for_wheel("torch=2.14 cuda=13.0 binding=classic", wheel, SPEC)
+    assert cell_for_wheel("torch=2.13 cuda=13.0 binding=classic", wheel, SPEC).python == "3.12"
 
 
 def test_one_cell_takes_the_python_it_is_given_and_refuses_many() -> None:
-    assert one_cell("release torch=2.14 cuda=13.0", SPEC, "3.13").id == (
+    assert one_cell("release torch=2.14 cuda=13.0 binding=classic", SPEC, "3.13").id == (
         "cu130-torch2.14-cxx11abiTRUE-cp313"
     )
     with pytest.raises(FactoryError, match="selects 5 cells"):
-        one_cell("release torch=2.14 cuda=13.0", SPEC)
+        one_cell("release torch=2.14 cuda=13.0 binding=classic", SPEC)
 
 
 def test_torch_comes_from_the_index_that_has_its_cuda_build() -> None:
-    default = one_cell("torch=2.14 cuda=13.0 python=3.12", SPEC)
+    default = one_cell("torch=2.14 cuda=13.0 python=3.12 binding=classic", SPEC)
     assert torch_install_args(default, SPEC) == ["torch==2.14.*"]
     other = one_cell("torch=2.9 cuda=12.6 python=3.12", SPEC)
     args = torch_install_args(other, SPEC)

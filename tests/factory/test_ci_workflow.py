@@ -87,6 +87,11 @@ def test_plan_job_hands_on_exactly_the_factory_matrix(tmp_path: Path, selection:
     cells = select_cells(selection, load_spec(), LocalFacts("3.12"))
     assert emitted == github_matrix(cells)
     assert json.loads(outputs["kernels"]) == github_kernel_matrix(kernel_groups(cells))
+    # the stable cells are jobs like any other: one per CUDA major, built with its python
+    stable = [e for e in emitted["include"] if e["binding"] == "stable"]
+    assert stable and all("-torchstable" in e["id"] and e["id"].endswith("-abi3") for e in stable)
+    assert all("binding=stable" in e["matrix"] for e in stable)
+    assert all("binding=classic" in e["matrix"] for e in emitted["include"] if e not in stable)
 
 
 def test_release_matrix_fits_one_github_matrix_and_every_cell_has_its_kernel_job(

@@ -16,8 +16,10 @@ import pytest
 import tomllib
 from factory_wheels import make_wheel
 
+from build_tools.request import BuildRequest
 from scripts.factory import cibw, cli
 from scripts.factory.cellref import variant_cells
+from scripts.factory.errors import FactoryError
 from scripts.factory.matrix import load_spec
 from scripts.factory.probe import nvcc_version
 from scripts.factory.provision import cuda_requirements
@@ -50,16 +52,40 @@ def test_identifiers_are_the_factory_cells_of_the_variant() -> None:
         env={k: v for k, v in os.environ.items() if not k.startswith("CIBW_")},
     )
     identifiers = done.stdout.split()
-    assert identifiers == [f"{c.python_tag}-manylinux_x86_64" for c in cells()]
-    assert len({(c.cuda, c.torch, c.cxx11abi) for c in cells()}) == 1  # one variant a run
+    assert identifiers == CONFIG["build"] == cibw.identifiers(VARIANT, SPEC)
+    assert len({c.variant for c in cells()}) == 1  # one variant a run
 
 
-def test_static_environment_is_the_variant_as_the_factory_builds_it() -> None:
+def test_identifiers_of_a_stable_variant_are_one_abi3_build_and_its_tests() -> None:
+    """cibuildwheel builds the abi3 wheel at the first identifier and only tests it
+    under the rest; a classic variant has one identifier per cell (its CPython)."""
+    (stable,) = cells()
+    assert stable.stable and stable.wheel_tags == ("cp310", "abi3")
+    found = cibw.identifiers(VARIANT, SPEC)
+    assert found[0] == f"{stable.abi3_tag}-manylinux_x86_64"
+    floor = SPEC.torch[SPEC.stable.abi.torch_floor]
+    assert found[-1] == f"cp{floor.python_max.replace('.', '')}-manylinux_x86_64"
+    classic = "release torch=2.9 cuda=12.8"
+    assert cibw.identifiers(classic, SPEC) == [
+        f"{c.python_tag}-manylinux_x86_64" for c in variant_cells(classic, SPEC)
+    ]
+    with pytest.raises(FactoryError, match="spans variants"):
+        cibw.identifiers("release torch=2.9+ cuda=13.0", SPEC)
+
+
+def test_static_environment_is_the_variant_as_the_factory_builds_it(tmp_path: Path) -> None:
     env = CONFIG["environment"]
     first = cells()[0]
-    for knob, value in first.kernels.env().items():
-        assert env[knob] == value, knob
-    assert env["FLASH_ATTN_LOCAL_VERSION"] == first.local_label
+    # what is built comes from the build request alone, which before-all writes
+    for knob in (*first.kernels.env(), "FLASH_ATTN_LOCAL_VERSION", "FLASH_ATTN_BINDING"):
+        assert knob not in env, knob
+    before_all = (REPO / "ci" / "cibw" / "before-all.sh").read_text()
+    assert "scripts.factory build-request" in before_all
+    assert env["FLASH_ATTN_BUILD_REQUEST"] in before_all
+    out = tmp_path / "request.json"
+    assert cli.main(["build-request", "--matrix", VARIANT, "--out", str(out)]) == 0
+    assert BuildRequest.read(out) == first.request()
+    assert (first.request().binding, first.request().local_label) == ("stable", "cu13torchstable")
     assert CONFIG["build-frontend"] == {"name": "pip", "args": ["--no-build-isolation"]}
     m = re.fullmatch(r"/opt/python/cp3(\d+)-cp3\1/bin/python", FACTORY_PYTHON)
     assert m and int(m.group(1)) >= 11  # the factory reads TOML with tomllib
@@ -113,15 +139,20 @@ def test_environment_evaluates_to_the_planners_figures() -> None:
 def test_repair_hook_gives_the_factory_wheel(tmp_path: Path) -> None:
     raw = make_wheel(
         tmp_path / "raw",
-        version="2.9.0+cu130torch2.14cxx11abiTRUE",
-        tag="cp312-cp312-linux_x86_64",
+        version="2.9.0+cu13torchstable",
+        tag="cp310-abi3-linux_x86_64",
+        requires="torch>=2.10",
     )
     code = cli.main(["cibw-repair", "--matrix", VARIANT, str(raw), str(tmp_path / "out")])
     assert code == 0
     (final,) = (tmp_path / "out").glob("*.whl")
     info = read_wheel_info(final)
-    assert info.version == "2.9.0+cu130torch2.14cxx11abiTRUE"
-    assert "torch==2.14.*" in info.requires_dist
+    assert info.version == "2.9.0+cu13torchstable"
+    assert info.requires_dist == ("torch>=2.10",)
+    assert (info.tags.python, info.tags.abi) == ("cp310", "abi3")
+    # a wheel of another variant (a classic label) is refused, nothing written
+    other = make_wheel(tmp_path / "other", tag="cp312-cp312-linux_x86_64")
+    assert cli.main(["cibw-repair", "--matrix", VARIANT, str(other), str(tmp_path / "no")]) == 2
     # the same bytes as a second repair: the factory's reproducible rewrite
     code = cli.main(["cibw-repair", "--matrix", VARIANT, str(raw), str(tmp_path / "again")])
     (again,) = (tmp_path / "again").glob("*.whl")

@@ -12,12 +12,18 @@ import yaml
 from build_tools.version import read_version
 from scripts.factory import cli
 from scripts.factory.conda import RECIPE_YAML, VARIANTS_YAML, conda_variants, render_variants
-from scripts.factory.matrix import LocalFacts, load_spec, select_cells
+from scripts.factory.matrix import LocalFacts, load_spec, select_cells, stable_pythons
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = load_spec()
 CELLS = select_cells("release", SPEC, LocalFacts("3.12"))
-EXPECTED = {(c.cuda, c.torch, c.python) for c in CELLS if c.cxx11abi}
+CLASSIC = {(c.cuda, c.torch, c.python, "classic") for c in CELLS if c.cxx11abi and not c.stable}
+# a stable cell: one package per CPython it serves (conda pins a package to its CPython),
+# each requiring pytorch >= the floor at run time
+STABLE = {
+    (c.cuda, c.torch_floor, p, "stable") for c in CELLS if c.stable for p in stable_pythons(SPEC)
+}
+EXPECTED = CLASSIC | STABLE
 
 
 def variants() -> dict[str, Any]:
@@ -25,10 +31,12 @@ def variants() -> dict[str, Any]:
 
 
 def test_committed_variant_file_is_the_generators_output(tmp_path: Path) -> None:
-    assert VARIANTS_YAML.read_text() == render_variants(conda_variants(CELLS), "release")
+    text = render_variants(conda_variants(CELLS, stable_pythons(SPEC)), "release")
+    assert VARIANTS_YAML.read_text() == text
     assert cli.main(["conda-variants", "--check"]) == 0
     stale = tmp_path / "variants.yaml"
-    stale.write_text(VARIANTS_YAML.read_text().replace('"2.14"', '"2.13"'))
+    stale.write_text(VARIANTS_YAML.read_text().replace('"2.9"', '"2.8"'))
+    assert stale.read_text() != VARIANTS_YAML.read_text()
     assert cli.main(["conda-variants", "--check", "--output", str(stale)]) == 1
     assert cli.main(["conda-variants", "--output", str(stale)]) == 0
     assert stale.read_text() == VARIANTS_YAML.read_text()
@@ -37,10 +45,20 @@ def test_committed_variant_file_is_the_generators_output(tmp_path: Path) -> None
 def test_variants_are_zipped_into_exactly_the_release_cells() -> None:
     data = variants()
     zipped = data["zip_keys"][0]
-    assert zipped == ["cuda_compiler", "cuda_compiler_version", "pytorch", "python"]
+    assert zipped == [
+        "cuda_compiler", "cuda_compiler_version", "pytorch", "python", "flash_attn_binding"
+    ]
     lengths = {len(data[key]) for key in zipped}
-    assert lengths == {len(EXPECTED)} and len(EXPECTED) == len(CELLS)
-    rows = set(zip(data["cuda_compiler_version"], data["pytorch"], data["python"]))
+    assert lengths == {len(EXPECTED)} and len(CLASSIC) == len([c for c in CELLS if not c.stable])
+    assert STABLE and all(SPEC.stable.serves(torch) for _, torch, _, _ in STABLE)
+    rows = set(
+        zip(
+            data["cuda_compiler_version"],
+            data["pytorch"],
+            data["python"],
+            data["flash_attn_binding"],
+        )
+    )
     assert rows == EXPECTED
     for compiler, cuda in zip(data["cuda_compiler"], data["cuda_compiler_version"]):
         assert compiler == ("nvcc" if cuda.startswith("11.") else "cuda-nvcc")
@@ -55,10 +73,17 @@ def test_recipe_parses_and_builds_the_factorys_way() -> None:
     assert "pytorch ${{ pytorch }}.* cuda*" in host and "python" in host
     assert "cuda-version ${{ cuda_compiler_version }}.*" in host
     assert '${{ compiler("cuda") }}' in recipe["requirements"]["build"]
-    assert "pytorch ${{ pytorch }}.* cuda*" in recipe["requirements"]["run"]
+    (pin,) = [r for r in recipe["requirements"]["run"] if isinstance(r, dict)]
+    assert pin == {
+        "if": 'flash_attn_binding == "stable"',
+        "then": "pytorch >=${{ pytorch }} cuda*",
+        "else": "pytorch ${{ pytorch }}.* cuda*",
+    }
+
     script = recipe["build"]["script"]
     assert "--no-build-isolation" in script["content"][0]
     assert script["env"]["FLASH_ATTN_CUDA_ARCHS"] == "${{ archs }}"
+    assert script["env"]["FLASH_ATTN_BINDING"] == "${{ flash_attn_binding }}"
 
 
 def test_rattler_build_renders_one_package_per_cell() -> None:
@@ -72,7 +97,12 @@ def test_rattler_build_renders_one_package_per_cell() -> None:
         rb.VariantConfig.from_file(str(VARIANTS_YAML)), rb.RenderConfig(platform=platform)
     )
     seen = {
-        (v.variant["cuda_compiler_version"], v.variant["pytorch"], v.variant["python"])
+        (
+            v.variant["cuda_compiler_version"],
+            v.variant["pytorch"],
+            v.variant["python"],
+            v.variant["flash_attn_binding"],
+        )
         for v in rendered
     }
     assert len(rendered) == len(EXPECTED) and seen == EXPECTED

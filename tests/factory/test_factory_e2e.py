@@ -4,7 +4,10 @@ it into a fresh venv; plant a wrong-ABI build and watch the smoke gate stop it.
 
 Needs nvcc and an installed torch (CI has both; a torch the matrix table does not know yet
 gets its row from its own metadata, as `make wheels` does); about two minutes on a 2-core
-machine once the kernel objects are cached."""
+machine once the kernel objects are cached. With a torch at or past the stable floor the
+cell is a stable one: its smoke gate runs nm and abi3audit on the module here; the
+(torch, CPython) pairs of [stable] smoke (a torch download each, minutes) only with
+FLASH_ATTN_TEST_STABLE_SMOKE=1."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.factory.build import build_env, source_date_epoch
+from scripts.factory.build import build_env, source_date_epoch, write_request
 from scripts.factory.installer import hermetic_env
 from scripts.factory.matrix import Cell, MatrixSpec, load_spec, select_cells, with_installed_torch
 from scripts.factory.paths import REPO, FactoryPaths
@@ -31,6 +35,7 @@ from scripts.factory.pipeline import RunOptions, run_cell, run_cells
 from scripts.factory.probe import local_facts, nvcc_version
 from scripts.factory.report import CellReport
 from scripts.factory.smoke import inherit_parent_env
+from scripts.factory.smoke_stable import extract_extension, symbols_check
 from scripts.factory.wheelfile import read_wheel_info
 
 
@@ -55,6 +60,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     if local.torch is None:
         pytest.skip("no torch installed: the factory's end-to-end test builds against it")
     spec, _ = with_installed_torch(load_spec(), local)
+    if os.environ.get("FLASH_ATTN_TEST_STABLE_SMOKE") != "1":
+        spec = replace(spec, stable=replace(spec.stable, smoke=()))
     cell = select_cells("local kernels=tiny", spec, local)[0]
     tmp = tmp_path_factory.mktemp("factory")
     paths = replace(FactoryPaths.default(), work=tmp / "work", out=tmp / "dist")
@@ -75,11 +82,17 @@ def test_one_cell_end_to_end(built: Built) -> None:
     assert r.status == "published", r.note
     wheel = _published_wheel(built)
     label = built.cell.local_label
-    assert wheel.name.startswith(f"flash_attn-2.9.0+{label}-{built.cell.python_tag}-")
+    python, abi = built.cell.wheel_tags
+    assert wheel.name.startswith(f"flash_attn-2.9.0+{label}-{python}-{abi}-")
     info = read_wheel_info(wheel)
     assert info.version.endswith(f"+{label}")
-    assert f"torch=={built.cell.torch}.*" in info.requires_dist
+    assert info.requires_dist == (built.cell.requires_torch,)
     assert r.objects > 0 and r.smoke.startswith("passed")
+    smoke_log = (built.paths.cell_dir(built.cell.id) / "smoke.log").read_text()
+    for check in ("ops", "input_check", "launch"):
+        assert f"check {check}: True" in smoke_log, check
+    if built.cell.stable:  # the one module's own proofs ran (the pairs only on request)
+        assert "check symbols: True" in smoke_log and "check abi3audit: True" in smoke_log
     manifest = json.loads((built.paths.tree / "manifest.json").read_text())
     assert [w["file"] for w in manifest["wheels"]] == [wheel.name]
 
@@ -88,7 +101,8 @@ def test_a_noop_build_does_not_relink(built: Built) -> None:
     """setup.py build_ext again in the cell's staged sources: nothing compiles and _C.so is
     not linked again; the link manifest is in the checkout, not next to the object cache."""
     src = built.paths.src(built.cell.id)
-    env = build_env(built.cell, None, built.paths.object_cache, source_date_epoch(REPO))
+    request = write_request(built.cell, built.paths.cell_dir(built.cell.id))
+    env = build_env(request, None, built.paths.object_cache, source_date_epoch(REPO))
     cmd = [sys.executable, "setup.py", "build_ext"]
     subprocess.run(cmd, cwd=src, env=env, capture_output=True, check=True)  # settle
     modules = sorted(src.glob("build/lib*/flash_attn/_C*.so"))
@@ -173,17 +187,25 @@ def test_pip_installs_from_the_served_index(built: Built, server: str, tmp_path:
 
 
 def test_planted_abi_fault_is_stopped_by_the_smoke_gate(built: Built, tmp_path: Path) -> None:
-    """Compile the binding with the other C++ ABI than torch's: the gate must quarantine it."""
+    """Compile the classic binding with the other C++ ABI than torch's: the gate must
+    quarantine it. (The stable binding passes no C++ object across to torch: a C++ ABI
+    mismatch cannot show there.) Its module is then the negative of the stable symbol
+    check: the classic binding imports torch's C++ API."""
+    local = local_facts()
+    cell = select_cells("local kernels=tiny binding=classic", built.spec, local)[0]
     header = tmp_path / "wrong_abi.h"
-    other = 0 if built.cell.cxx11abi else 1
+    other = 0 if cell.cxx11abi else 1
     header.write_text(f"#undef _GLIBCXX_USE_CXX11_ABI\n#define _GLIBCXX_USE_CXX11_ABI {other}\n")
     before = (built.paths.tree / "manifest.json").read_bytes()
     paths = replace(built.paths, work=tmp_path / "work")
     options = RunOptions(extra_env={"CFLAGS": f"-include {header}"})
-    report = run_cells([built.cell], built.spec, paths, options, print)[0]
+    report = run_cells([cell], built.spec, paths, options, print)[0]
     assert report.status == "quarantined", report
     assert "import" in report.smoke or "cxx11abi" in report.smoke
-    held = paths.quarantine / built.cell.id
-    assert len(list(held.glob("*.whl"))) == 1 and (held / "smoke.log").is_file()
+    held = paths.quarantine / cell.id
+    (wheel,) = held.glob("*.whl")
+    assert (held / "smoke.log").is_file()
+    nm = symbols_check(extract_extension(wheel, tmp_path / "ext"))
+    assert nm.ok is False and "non-shim symbols" in nm.detail and "_ZN" in nm.detail, nm
     assert (built.paths.tree / "manifest.json").read_bytes() == before
     shutil.rmtree(paths.work, ignore_errors=True)

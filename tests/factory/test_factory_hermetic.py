@@ -39,8 +39,11 @@ from scripts.factory.wheelfile import record_hash
 SPEC = load_spec()
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 CELL = select_cells(
-    f"torch=2.14 cuda=13.0 python={PY}", SPEC, LocalFacts(PY, "2.14", None, True, "13.0")
+    f"torch=2.14 cuda=13.0 python={PY} binding=classic",
+    SPEC,
+    LocalFacts(PY, "2.14", None, True, "13.0"),
 )[0]
+STABLE = select_cells(f"torch=2.14 cuda=13.0 python={PY}", SPEC, LocalFacts(PY))[0]
 TOY = "factorytoy"
 
 
@@ -84,8 +87,7 @@ def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     constraints.write_text(f"{TOY}==6.6.6\n")
     conf = bad / "pip.conf"
     conf.write_text(
-        f"[global]\nfind-links = {links}\nextra-index-url = {bad_url}\n"
-        f"constraint = {constraints}\n"
+        f"[global]\nfind-links = {links}\nextra-index-url = {bad_url}\nconstraint = {constraints}\n"
     )
     shadow = bad / "pythonpath"  # pip would call factorytoy installed and install nothing
     (shadow / f"{TOY}-6.6.6.dist-info").mkdir(parents=True)
@@ -132,13 +134,27 @@ def test_hermetic_env_keeps_transport_and_drops_what_chooses_packages() -> None:
     assert env["PIP_CONFIG_FILE"] == "/dev/null"  # pip reads no pip.conf at all
     assert env["PIP_CERT"] == "/etc/ssl/certs/ca-certificates.crt"
     assert env["UV_CACHE_DIR"] == "/cache/uv" and env["PATH"] == "/usr/bin"
-    for gone in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT", "PIP_NO_INDEX",
-                 "UV_INDEX_URL", "UV_FIND_LINKS", "PYTHONPATH"):
+    for gone in (
+        "PIP_FIND_LINKS",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_CONSTRAINT",
+        "PIP_NO_INDEX",
+        "UV_INDEX_URL",
+        "UV_FIND_LINKS",
+        "PYTHONPATH",
+    ):
         assert gone not in env
 
 
-INSTALLERS = ["pip", pytest.param("uv", marks=pytest.mark.skipif(
-    find_uv() is None, reason="uv is not installed (python3 -m pip install uv)"))]
+INSTALLERS = [
+    "pip",
+    pytest.param(
+        "uv",
+        marks=pytest.mark.skipif(
+            find_uv() is None, reason="uv is not installed (python3 -m pip install uv)"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("kind", INSTALLERS)
@@ -153,9 +169,16 @@ def test_hostile_pip_and_uv_configuration_is_ignored(
     py = str(venv / "bin" / "python")
     installer.install(py, [TOY], PackageIndex(hostile), log)
     done = subprocess.run(  # -I: what the venv holds, whatever PYTHONPATH says
-        [py, "-I", "-c", f"import {TOY}, importlib.metadata as m; print({TOY}.VERSION, "
-         f"m.version({TOY!r}), {TOY}.__file__)"],
-        capture_output=True, text=True, check=True,
+        [
+            py,
+            "-I",
+            "-c",
+            f"import {TOY}, importlib.metadata as m; print({TOY}.VERSION, "
+            f"m.version({TOY!r}), {TOY}.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     module_version, dist_version, where = done.stdout.split()
     assert (module_version, dist_version) == ("1.0", "1.0"), log.read_text()
@@ -218,6 +241,33 @@ def test_a_cpu_torch_in_a_cuda_cell_stops_the_cell(
     assert "FLASH_ATTN_PACKAGE_INDEX" in text
 
 
+def test_a_stable_cell_takes_any_cuda_build_of_its_torch_but_not_a_cpu_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stable module calls torch's C shims only: the index's CUDA 12.8 build of the
+    floor torch builds the cu13 wheel (with a note); a CPU torch still stops the cell."""
+    venv = tmp_path / hermetic_venv_name(STABLE)
+    venv.mkdir(parents=True)
+    recipe = {
+        "requirements": toolchain_requirements(STABLE, SPEC),
+        "index": toolchain_index(STABLE, SPEC).describe(),
+    }
+    (venv / "factory-toolchain.json").write_text(json.dumps(recipe))
+    assert toolchain_index(STABLE, SPEC).describe() == toolchain_index(CELL, SPEC).describe()
+    monkeypatch.setattr(
+        provision_mod, "probe_python", lambda exe, env=None: facts("2.10.0", "12.8")
+    )
+    monkeypatch.setattr(provision_mod, "find_pip_cuda_home", lambda python: tmp_path / "cuda")
+    monkeypatch.setattr(provision_mod, "nvcc_version", lambda home=None: "13.0")
+    toolchain = provision_hermetic(STABLE, SPEC, tmp_path)
+    assert any("stable cell" in n and "12.8" in n for n in toolchain.notes), toolchain.notes
+    monkeypatch.setattr(
+        provision_mod, "probe_python", lambda exe, env=None: facts("2.10.0+cpu", None)
+    )
+    with pytest.raises(FactoryError, match="a CPU build"):
+        provision_hermetic(STABLE, SPEC, tmp_path)
+
+
 def test_a_changed_recipe_or_index_remakes_the_toolchain(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,7 +295,11 @@ def test_cuobjdump_is_found_or_installed_once(
 
     class Fake(Installer):
         def install_target(
-            self, python: str, requirements: Sequence[str], target: Path, index: PackageIndex,
+            self,
+            python: str,
+            requirements: Sequence[str],
+            target: Path,
+            index: PackageIndex,
             log: Path,
         ) -> None:
             calls.append(list(requirements))

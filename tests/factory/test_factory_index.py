@@ -34,11 +34,11 @@ def wheel(tmp: Path, variant: str, python: str = "cp311", payload: bytes = b"x =
     base, _, content = variant.partition("-torch")
     parts = ("-torch" + content).split("-")[1:]  # torch2.13, cxx11abiTRUE, then segments
     label = base + "".join(parts[:2]) + "".join(f".{s}" for s in parts[2:])
-    raw = make_wheel(tmp / "raw" / variant / python, tag=f"{python}-{python}-linux_x86_64",
-                     payload=payload)
     minor = variant.split("torch")[1].split("-")[0]
-    return normalize_wheel(raw, tmp / "final" / variant / python, f"2.9.0+{label}",
-                           f"torch=={minor}.*", 1700000000)
+    raw = make_wheel(tmp / "raw" / variant / python, version=f"2.9.0+{label}",
+                     tag=f"{python}-{python}-linux_x86_64", payload=payload,
+                     requires=f"torch=={minor}.*")
+    return normalize_wheel(raw, tmp / "final" / variant / python, 1700000000)
 
 
 def candidate(w: Path, variant: str, python: str = "cp311") -> Candidate:
@@ -114,9 +114,9 @@ def test_a_new_version_of_a_cell_joins_the_old_one(tmp_path: Path) -> None:
     out = tmp_path / "dist"
     old = wheel(tmp_path / "old", V1)
     publish(out, [candidate(old, V1)])
-    raw = make_wheel(tmp_path / "raw-new", tag="cp311-cp311-linux_x86_64")
     label = V1.replace("-", "")
-    new = normalize_wheel(raw, tmp_path / "new", f"2.9.1+{label}", "torch==2.13.*", 1700000000)
+    raw = make_wheel(tmp_path / "raw-new", version=f"2.9.1+{label}", tag="cp311-cp311-linux_x86_64")
+    new = normalize_wheel(raw, tmp_path / "new", 1700000000)
     entries = publish(out, [candidate(new, V1)])
     assert sorted(e.file for e in entries) == sorted([old.name, new.name])
     page = (out / "whl" / V1 / "simple" / "flash-attn" / "index.html").read_text()
@@ -163,7 +163,8 @@ def test_a_refused_publish_fails_the_cells_rows_not_the_run(tmp_path: Path) -> N
     """`make wheels` over a tree that holds other bytes under a wheel's name: the rows
     say failed (publish) with the reason, the report is still written, nothing lands."""
     spec = load_spec()
-    cell = select_cells("torch=2.13 python=3.11 cuda=13.0", spec, LocalFacts("3.11"))[0]
+    text = "torch=2.13 python=3.11 cuda=13.0 binding=classic"
+    cell = select_cells(text, spec, LocalFacts("3.11"))[0]
     assert cell.variant == V1
     paths = FactoryPaths(REPO, tmp_path / "work", tmp_path / "dist", tmp_path / "cache")
     publish(paths.out, [candidate(wheel(tmp_path / "first", V1), V1)])

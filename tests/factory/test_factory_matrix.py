@@ -24,6 +24,7 @@ from scripts.factory.matrix import (
 
 SPEC = load_spec()
 HERE = LocalFacts(python="3.11", torch="2.13", torch_cuda=None, torch_cxx11abi=True, nvcc="13.0")
+T214 = "torch=2.14 python=3.11 cuda=13.0 binding=classic"  # a classic cell past the floor
 
 
 def ids(text: str, local: LocalFacts = HERE) -> list[str]:
@@ -31,8 +32,11 @@ def ids(text: str, local: LocalFacts = HERE) -> list[str]:
 
 
 def test_local_preset_is_this_machine() -> None:
-    assert ids("local") == ["cu130-torch2.13-cxx11abiTRUE-cp311"]
-    cell = select_cells("local", SPEC, HERE)[0]
+    # torch 2.13 is past the stable floor: one stable cell, built with this machine's
+    # torch, python and nvcc (tests/factory/test_factory_stable.py); classic on request
+    assert ids("local") == ["cu13-torchstable-abi3"]
+    assert ids("local binding=classic") == ["cu130-torch2.13-cxx11abiTRUE-cp311"]
+    cell = select_cells("local binding=classic", SPEC, HERE)[0]
     assert cell.variant == "cu130-torch2.13-cxx11abiTRUE"
     assert cell.local_label == "cu130torch2.13cxx11abiTRUE"
     assert cell.requires_torch == "torch==2.13.*"
@@ -41,16 +45,26 @@ def test_local_preset_is_this_machine() -> None:
 
 def test_local_preset_follows_installed_torch_cuda_or_newest_default() -> None:
     cuda_torch = LocalFacts("3.12", "2.11", "12.8", True, None)
-    assert ids("local", cuda_torch) == ["cu128-torch2.11-cxx11abiTRUE-cp312"]
+    assert ids("local binding=classic", cuda_torch) == ["cu128-torch2.11-cxx11abiTRUE-cp312"]
+    (stable,) = select_cells("local", SPEC, cuda_torch)
+    assert (stable.id, stable.cuda, stable.torch, stable.python) == (
+        "cu12-torchstable-abi3", "12.8", "2.11", "3.12"
+    )
+    below = LocalFacts("3.11", "2.9", "12.8", True, None)
+    assert ids("local", below) == ["cu128-torch2.9-cxx11abiTRUE-cp311"]
     no_torch = LocalFacts("3.11", None, None, None, None)
     newest = SPEC.newest_torch
-    assert ids("local", no_torch) == [
+    assert ids("local binding=classic", no_torch) == [
         f"cu{SPEC.torch[newest].index_cuda.replace('.', '')}-torch{newest}-cxx11abiTRUE-cp311"
     ]
 
 
 def test_ci_preset_is_two_torch_by_two_python_on_one_cuda() -> None:
-    cells = select_cells("ci", SPEC, HERE)
+    # every torch of the preset is past the stable floor: one stable cell serves them all
+    (stable,) = select_cells("ci", SPEC, HERE)
+    assert stable.stable and stable.kernels.name == "ci" and stable.id == "cu13-torchstable-ci-abi3"
+    assert all(SPEC.stable.serves(t) for t in SPEC.presets["ci"].axes["torch"])
+    cells = select_cells("ci binding=classic", SPEC, HERE)
     assert len(cells) >= 4
     assert len({c.torch for c in cells}) >= 2 and len({c.python for c in cells}) >= 2
     assert len({c.cuda for c in cells}) == 1
@@ -59,8 +73,10 @@ def test_ci_preset_is_two_torch_by_two_python_on_one_cuda() -> None:
 
 def test_release_preset_only_holds_cells_the_table_allows() -> None:
     cells = select_cells("release", SPEC, HERE)
-    assert len(cells) > 50
-    for c in cells:
+    classic = [c for c in cells if not c.stable]
+    assert len(classic) > 30
+    assert all(not SPEC.stable.serves(c.torch) for c in classic)
+    for c in classic:
         release = SPEC.torch[c.torch]
         assert release.supports_python(c.python) and c.cuda in release.cuda
         assert c.cxx11abi in release.cxx11abi
@@ -68,19 +84,23 @@ def test_release_preset_only_holds_cells_the_table_allows() -> None:
 
 
 def test_inline_selection_and_spellings() -> None:
-    assert ids("torch=2.14,2.11 python=3.11,3.12 cuda=13.0") == [
+    assert ids("torch=2.14,2.11 python=3.11,3.12 cuda=13.0 binding=classic") == [
         "cu130-torch2.11-cxx11abiTRUE-cp311",
         "cu130-torch2.11-cxx11abiTRUE-cp312",
         "cu130-torch2.14-cxx11abiTRUE-cp311",
         "cu130-torch2.14-cxx11abiTRUE-cp312",
     ]
-    assert ids("torch=2.13.0 python=cp311 cuda=cu130 cxx11abi=true") == [
+    assert ids("torch=2.14,2.11 python=3.11,3.12 cuda=13.0") == ["cu13-torchstable-abi3"]
+    assert ids("torch=2.13.0 python=cp311 cuda=cu130 cxx11abi=true binding=classic") == [
         "cu130-torch2.13-cxx11abiTRUE-cp311"
     ]
     # left-out cuda/abi: the torch's index CUDA and pip ABI
     assert ids("torch=2.5 python=3.10") == ["cu124-torch2.5-cxx11abiFALSE-cp310"]
     # a preset with one axis replaced (the ci kernel set: its own label segment)
-    assert ids("ci torch=2.13 python=3.12") == ["cu130-torch2.13-cxx11abiTRUE-ci-cp312"]
+    assert ids("ci torch=2.13 python=3.12 binding=classic") == [
+        "cu130-torch2.13-cxx11abiTRUE-ci-cp312"
+    ]
+    assert ids("ci torch=2.13 python=3.12") == ["cu13-torchstable-ci-abi3"]
 
 
 def test_cell_selection_round_trips_and_github_matrix() -> None:
@@ -112,9 +132,15 @@ def test_cell_selection_round_trips_and_github_matrix() -> None:
         ("torch=2.13,", ["empty value"]),
         ("torch=2.13 torch=2.14", ["given twice"]),
         ("", ["MATRIX is empty", "local, ci, release"]),
-        ("torch=2.13 python=3.9", ["rules out", "no wheels for python 3.9", "3.10 to 3.14"]),
+        (
+            "torch=2.13 python=3.9 binding=classic",
+            ["rules out", "no wheels for python 3.9", "3.10 to 3.14"],
+        ),
         ("torch=2.13 cuda=12.8", ["no CUDA 12.8 build", "12.6, 13.0, 13.2"]),
-        ("torch=2.13 cxx11abi=FALSE", ["no cxx11abi=FALSE build", "valid: TRUE"]),
+        ("torch=2.13 cxx11abi=FALSE binding=classic", ["no cxx11abi=FALSE build", "valid: TRUE"]),
+        ("torch=2.13 python=3.9", ["CPython at or past 3.10", "python_floor"]),
+        ("torch=2.9 binding=stable", ["binding=stable serves torch 2.10", "torch 2.9"]),
+        ("binding=maybe", ["binding 'maybe' is not valid", "auto, stable, classic"]),
     ],
 )
 def test_bad_selections_name_the_value_and_what_is_valid(text: str, needles: list[str]) -> None:
@@ -175,7 +201,7 @@ def _minor(version: str) -> int:
 
 
 def test_release_preset_takes_every_table_torch_from_its_floor() -> None:
-    cells = select_cells("release", SPEC, HERE)
+    cells = select_cells("release binding=classic", SPEC, HERE)
     floor = SPEC.presets["release"].axes["torch"][0].rstrip("+")
     wanted = {m for m in SPEC.torch if _minor(m) >= _minor(floor)}
     assert {c.torch for c in cells} == wanted and SPEC.newest_torch in wanted
@@ -184,18 +210,18 @@ def test_release_preset_takes_every_table_torch_from_its_floor() -> None:
 def test_only_the_release_kernel_set_carries_the_plain_label() -> None:
     """A wheel's contents are in its name: another kernel set or other archs never share
     a file name or an index with the release wheels (issue 11, item 4)."""
-    full = select_cells("torch=2.14 python=3.11 cuda=13.0", SPEC, HERE)[0]
+    full = select_cells(T214, SPEC, HERE)[0]
     assert full.kernels.name == SPEC.release_kernels == "full"
     assert full.local_label == "cu130torch2.14cxx11abiTRUE"
     assert full.variant == "cu130-torch2.14-cxx11abiTRUE"
-    ci = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci", SPEC, HERE)[0]
+    ci = select_cells(f"{T214} kernels=ci", SPEC, HERE)[0]
     assert ci.local_label == "cu130torch2.14cxx11abiTRUE.ci"
     assert ci.variant == "cu130-torch2.14-cxx11abiTRUE-ci"
-    narrow = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=90", SPEC, HERE)[0]
+    narrow = select_cells(f"{T214} archs=90", SPEC, HERE)[0]
     assert narrow.local_label == "cu130torch2.14cxx11abiTRUE.sm90"
-    same = select_cells("torch=2.14 python=3.11 cuda=13.0 archs=9.0+80", SPEC, HERE)[0]
+    same = select_cells(f"{T214} archs=9.0+80", SPEC, HERE)[0]
     assert same == full  # the set's own archs, however spelled: the plain label
-    wide = select_cells("torch=2.14 python=3.11 cuda=13.0 kernels=ci archs=80+90", SPEC, HERE)
+    wide = select_cells(f"{T214} kernels=ci archs=80+90", SPEC, HERE)
     assert wide[0].variant == "cu130-torch2.14-cxx11abiTRUE-ci-sm80sm90"
     labels = {c.local_label for c in (full, ci, narrow, wide[0])}
     assert len(labels) == 4 and len({c.id for c in (full, ci, narrow, wide[0])}) == 4
@@ -232,9 +258,12 @@ def installed(tmp_path: Path, **kw: object) -> LocalFacts:
 
 def test_local_preset_follows_a_torch_the_table_does_not_know(tmp_path: Path) -> None:
     local = installed(tmp_path)
-    assert select_cells("local", SPEC, local)[0].torch == SPEC.newest_torch  # without it
+    without = select_cells("local binding=classic", SPEC, local)[0]
+    assert without.torch == SPEC.newest_torch  # without it
     spec, note = with_installed_torch(SPEC, local)
-    cell = select_cells("local", spec, local)[0]
+    stable = select_cells("local", spec, local)[0]  # 2.99 is past the floor: stable,
+    assert stable.stable and stable.torch == "2.99"  # built with the installed torch
+    cell = select_cells("local binding=classic", spec, local)[0]
     assert cell.id == "cu135-torch2.99-cxx11abiTRUE-cp312"
     assert (cell.cxx_std, cell.torch_requirement) == ("c++23", "torch==2.99.*")
     for fact in ("torch 2.99.0+cu135 is installed", "torch.version.cuda", "==13.5.1",

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from factory_wheels import make_wheel
 
+from flash_attn._ops import BWD_SCHEMA, FWD_SCHEMA
 from scripts.factory.matrix import LocalFacts, load_spec, select_cells
 from scripts.factory.plan import CellPlan
 from scripts.factory.smoke import (
@@ -29,6 +30,16 @@ GOOD: dict[str, Any] = {
     "ext_cxx11abi": True,
     "build_info": {"cuda_archs": ["80", "90"], "head_dims": [64], "dtypes": ["bf16"]},
     "elf_archs": ["80", "90a"],  # knob 90 is built as sm_90a (wgmma)
+    # what _CHECK reports from the ops (flash_attn/_ops.py's schemas) without a GPU
+    "schemas": {
+        "fwd": ["flash_attn::" + FWD_SCHEMA, "flash_attn::" + FWD_SCHEMA],
+        "bwd": ["flash_attn::" + BWD_SCHEMA, "flash_attn::" + BWD_SCHEMA],
+    },
+    "input_check": "InputError: q must have 4 dimensions (batch, seqlen_q, nheads, head_dim); "
+    "got 3 with shape (2, 8, 64)",
+    "launch_api": "DeviceError: flash_attn runs on CUDA GPUs only; the inputs are on cpu.",
+    "launch_op": "NotImplementedError: Could not run 'flash_attn::fwd' with arguments from "
+    "the 'CPU' backend.",
 }
 
 
@@ -41,6 +52,20 @@ def judge(**changes: Any) -> SmokeResult:
 def test_a_good_wheel_passes_with_the_gpu_check_skipped() -> None:
     result = judge()
     assert result.passed and result.summary() == "passed (skipped: gpu)"
+
+
+def test_ops_input_checks_and_the_launch_are_judged() -> None:
+    assert "ops" in judge(schemas={"fwd": ["flash_attn::fwd(Tensor q)", "x"]}).summary()
+    assert "ops" in judge(schemas={}).summary()  # nothing registered
+    assert "input_check" in judge(input_check=None).summary()  # rank 3 q accepted
+    assert "input_check" in judge(input_check="RuntimeError: boom").summary()
+    assert "launch" in judge(launch_api=None).summary()  # a CPU call that ran
+    assert "launch" in judge(launch_op="RuntimeError: segfault-ish").summary()
+    gpu = {k: v for k, v in GOOD.items() if not k.startswith("launch")}
+    result = SmokeResult(
+        CELL.id, "w.whl", evaluate(CELL, "2.13.0+cpu", {**gpu, "numeric": {"ok": True}})
+    )
+    assert result.passed and "launch" not in [c.name for c in result.checks]
 
 
 def test_wrong_abi_is_stopped() -> None:
@@ -82,7 +107,9 @@ def test_smoke_venv_made_from_a_venv_sees_that_venvs_packages(tmp_path: Path) ->
     ppy = str(parent / "bin" / "python")
     site = subprocess.run(
         [ppy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     (Path(site) / "marker_pkg_for_smoke.py").write_text("VALUE = 42\n")
     child = tmp_path / "child"
@@ -100,7 +127,9 @@ def test_smoke_venv_made_from_a_venv_sees_that_venvs_packages(tmp_path: Path) ->
     other = tmp_path / "other"
     base = subprocess.run(
         [sys.executable, "-c", "import sys; print(sys.base_prefix)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     base_py = str(Path(base) / "bin" / Path(sys.executable).name)
     subprocess.run([base_py, "-m", "venv", "--without-pip", str(other)], check=True)
@@ -117,7 +146,12 @@ def test_isolated_smoke_venv_reuses_the_toolchains_torch(tmp_path: Path) -> None
     wheel = make_wheel(tmp_path / "dist")
     venv = tmp_path / "smoke"
     result = smoke_wheel(
-        CELL, wheel, sys.executable, torch.__version__, venv, tmp_path / "smoke.log",
+        CELL,
+        wheel,
+        sys.executable,
+        torch.__version__,
+        venv,
+        tmp_path / "smoke.log",
         isolated=True,
     )
     checks = {c.name: c for c in result.checks}
@@ -127,14 +161,26 @@ def test_isolated_smoke_venv_reuses_the_toolchains_torch(tmp_path: Path) -> None
     site = sorted(venv.glob("lib/python3*/site-packages"))[0]
     assert (site / "flash_attn" / "__init__.py").is_file() and not (site / "torch").exists()
     base_site = subprocess.run(
-        [sys.executable, "-c", "import sys, sysconfig; print(sysconfig.get_paths("
-         "vars={'base': sys.base_prefix, 'platbase': sys.base_prefix})['purelib'])"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, sysconfig; print(sysconfig.get_paths("
+            "vars={'base': sys.base_prefix, 'platbase': sys.base_prefix})['purelib'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     seen = subprocess.run(
-        [str(venv / "bin" / "python"), "-I", "-c", "import sys, torch; print(torch.__file__);"
-         "print(sys.path)"],
-        capture_output=True, text=True, check=True,
+        [
+            str(venv / "bin" / "python"),
+            "-I",
+            "-c",
+            "import sys, torch; print(torch.__file__);print(sys.path)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert seen[0].startswith(sys.prefix)
     assert base_site not in seen[1]

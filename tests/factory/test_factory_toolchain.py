@@ -19,7 +19,9 @@ from scripts.factory.provision import (
 )
 
 SPEC = load_spec()
-CELL = select_cells("local", SPEC, LocalFacts("3.11", "2.13", None, True, "13.0"))[0]
+CELL = select_cells(
+    "local binding=classic", SPEC, LocalFacts("3.11", "2.13", None, True, "13.0")
+)[0]
 
 
 def facts(**changes: object) -> PythonFacts:
@@ -53,16 +55,30 @@ def test_unknown_toolchain_names_the_valid_ones() -> None:
 
 
 def test_doctor_names_the_variant_and_the_pip_command() -> None:
-    lines = diagnose(facts(flash_attn="2.9.0+cu130torch2.13cxx11abiTRUE"), SPEC, "https://x")
-    assert "needs variant cu130-torch2.13-cxx11abiTRUE (cp311)" in lines
+    """torch 2.13 is past the stable floor: the one cu13 stable wheel; torch 2.9 below it:
+    its classic variant."""
+    stable = "needs variant cu13-torchstable (one cp310-abi3 wheel for every torch >= 2.10"
+    lines = diagnose(facts(flash_attn="2.9.0+cu13torchstable"), SPEC, "https://x")
+    assert any(line.startswith(stable) for line in lines), lines
     assert any(line.endswith(": matches") for line in lines)
-    assert lines[-1] == (
-        "pip install flash-attn --index-url https://x/whl/cu130-torch2.13-cxx11abiTRUE/simple"
-    )
-    wrong = diagnose(facts(flash_attn="2.9.0+cu130torch2.11cxx11abiTRUE"), SPEC)
-    assert any("does NOT match" in line for line in wrong)
+    assert lines[-1] == "pip install flash-attn --index-url https://x/whl/cu13-torchstable/simple"
+    # a classic wheel of exactly this torch still fits; one of another torch does not
+    old = diagnose(facts(flash_attn="2.9.0+cu130torch2.13cxx11abiTRUE"), SPEC)
+    assert any("matches (a classic build of this torch" in line for line in old)
+    other = diagnose(facts(flash_attn="2.9.0+cu130torch2.11cxx11abiTRUE"), SPEC)
+    assert any("does NOT match" in line and "+cu13torchstable" in line for line in other)
     cpu = diagnose(facts(torch="2.13.0+cpu", torch_cuda=None), SPEC)
-    assert "needs variant cu130-torch2.13-cxx11abiTRUE (cp311)" in cpu
+    assert any(line.startswith(stable) for line in cpu)
+    # a torch newer than the table: still the stable wheel
+    newer = diagnose(facts(torch="2.99.0", torch_cuda="13.5"), SPEC)
+    assert any(line.startswith(stable) for line in newer), newer
+    below = diagnose(
+        facts(torch="2.9.1", torch_cuda="12.8", flash_attn="2.9.0+cu128torch2.9cxx11abiTRUE"),
+        SPEC,
+        "https://x",
+    )
+    assert "needs variant cu128-torch2.9-cxx11abiTRUE (cp311)" in below
+    assert below[-1].endswith("/whl/cu128-torch2.9-cxx11abiTRUE/simple")
     assert any("not importable" in line for line in diagnose(facts(torch=None), SPEC))
 
 
