@@ -47,6 +47,7 @@ from build_tools.cache import write_text_if_changed  # noqa: E402
 from build_tools.kernels import KernelBuildError, KernelLayout, build_kernel_objects  # noqa: E402
 from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog  # noqa: E402
 from build_tools.request import (  # noqa: E402
+    KERNEL_KNOBS,
     REQUEST_ENV,
     BuildRequest,
     StableAbi,
@@ -202,7 +203,10 @@ def extension_and_cmdclass(
         build record goes next to the extension, wherever the extension goes."""
 
         def build_extensions(self) -> None:
-            env = {**os.environ, **request.kernel_env()}
+            # the kernel set is the request's alone: a knob exported in the shell never
+            # adds to a request that leaves it at its default
+            env = {k: v for k, v in os.environ.items() if k not in KERNEL_KNOBS.values()}
+            env.update(request.kernel_env())
             try:
                 knobs = knobs_from_env(env, load_catalog(KERNELS_DIR / "generate.py"))
                 toolchain = probe_toolchain(env)
