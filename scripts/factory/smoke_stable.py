@@ -15,10 +15,12 @@ Besides the checks every wheel gets in its build toolchain's environment (smoke.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,13 +204,13 @@ def stable_checks(
         checks.append(symbols_check(so))
     except FactoryError as e:
         checks.append(Check("symbols", False, str(e)))
-    for pair in pairs:
+
+    def pair_checks(pair: SmokePair) -> list[Check]:
         try:
             cuda, index = pair_index(pair, cell, spec) if spec is not None else ("", None)
             env = smoke_env(pair, paths.toolchains, index, cuda=cuda)
         except FactoryError as e:
-            checks.append(Check(f"{pair.name} env", False, str(e).splitlines()[0]))
-            continue
+            return [Check(f"{pair.name} env", False, str(e).splitlines()[0])]
         result = smoke_wheel(
             cell,
             wheel,
@@ -218,7 +220,14 @@ def stable_checks(
             paths.log(cell.id, f"smoke-{pair.name}"),
             isolated=True,
         )
-        checks += [Check(f"{pair.name} {c.name}", c.ok, c.detail) for c in result.checks]
+        return [Check(f"{pair.name} {c.name}", c.ok, c.detail) for c in result.checks]
+
+    # the pairs side by side (each its own venv and logs; the work is subprocesses that
+    # mostly wait on first imports and the disk), reported in the recipe's order
+    workers = max(1, min(len(pairs), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for found in pool.map(pair_checks, pairs):
+            checks += found
     with log.open("a") as f:
         for c in checks:
             f.write(f"check {c.name}: {'skip' if c.ok is None else c.ok}: {c.detail}\n")
