@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from build_tools.request import StableAbi
 from build_tools.version import read_version
 from scripts.factory import cli
 from scripts.factory.conda import RECIPE_YAML, VARIANTS_YAML, conda_variants, render_variants
@@ -30,6 +31,9 @@ def variants() -> dict[str, Any]:
     return dict(yaml.safe_load(VARIANTS_YAML.read_text()))
 
 
+ABI = StableAbi.load()
+
+
 def test_committed_variant_file_is_the_generators_output(tmp_path: Path) -> None:
     text = render_variants(conda_variants(CELLS, stable_pythons(SPEC)), "release")
     assert VARIANTS_YAML.read_text() == text
@@ -46,7 +50,11 @@ def test_variants_are_zipped_into_exactly_the_release_cells() -> None:
     data = variants()
     zipped = data["zip_keys"][0]
     assert zipped == [
-        "cuda_compiler", "cuda_compiler_version", "pytorch", "python", "flash_attn_binding"
+        "cuda_compiler",
+        "cuda_compiler_version",
+        "pytorch",
+        "python",
+        "flash_attn_binding",
     ]
     lengths = {len(data[key]) for key in zipped}
     assert lengths == {len(EXPECTED)} and len(CLASSIC) == len([c for c in CELLS if not c.stable])
@@ -108,7 +116,23 @@ def test_rattler_build_renders_one_package_per_cell() -> None:
     assert len(rendered) == len(EXPECTED) and seen == EXPECTED
     strings = [v.recipe.build.string for v in rendered]
     assert len(set(strings)) == len(strings)  # no two variants collide in a channel
-    one = next(v for v in rendered if v.variant["pytorch"] == "2.14")
-    assert one.recipe.build.string.startswith("cuda130_torch214_py")
-    assert "pytorch 2.14.* cuda*" in one.recipe.requirements.host
-    assert "cuda-nvcc_linux-64 13.0.*" in one.recipe.requirements.build
+    classic = next(
+        v
+        for v in rendered
+        if v.variant["pytorch"] == "2.9" and v.variant["cuda_compiler_version"] == "13.0"
+    )
+    assert classic.variant["flash_attn_binding"] == "classic"
+    assert classic.recipe.build.string.startswith("cuda130_torch29_py")
+    assert "pytorch 2.9.* cuda*" in classic.recipe.requirements.host
+    assert "pytorch 2.9.* cuda*" in classic.recipe.requirements.run
+    assert "cuda-nvcc_linux-64 13.0.*" in classic.recipe.requirements.build
+    # a stable package builds against the floor and runs under every pytorch from it on
+    stable = next(
+        v
+        for v in rendered
+        if v.variant["flash_attn_binding"] == "stable"
+        and v.variant["cuda_compiler_version"].startswith("13.")
+    )
+    assert stable.variant["pytorch"] == ABI.torch_floor
+    assert "torch" + ABI.torch_floor.replace(".", "") + "stable" in stable.recipe.build.string
+    assert f"pytorch >={ABI.torch_floor} cuda*" in stable.recipe.requirements.run
