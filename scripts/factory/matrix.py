@@ -396,12 +396,12 @@ class SmokePair:
 class StableSpec:
     """[stable] of matrix.toml, with recipes/stable_abi.json's floors."""
 
-    abi: StableAbi = field(default_factory=lambda: StableAbi("2.10", "3.10"))
-    build_python: str = "3.11"
-    smoke: tuple[SmokePair, ...] = ()
+    abi: StableAbi
+    build_python: str
+    smoke: tuple[SmokePair, ...]
 
     def serves(self, torch_minor: str) -> bool:
-        return _key(torch_minor) >= _key(self.abi.torch_floor)
+        return self.abi.serves(torch_minor)
 
 
 def _stable_spec(data: dict[str, Any], path: Path) -> StableSpec:
@@ -439,7 +439,8 @@ class MatrixSpec:
     source: str = str(MATRIX_TOML)
     limits: LimitsTable = field(default_factory=lambda: LimitsTable())
     torch_index: TorchIndex = TorchIndex()
-    stable: StableSpec = StableSpec()
+    # without a [stable] table: the recipe's floors, built with the floor CPython
+    stable: StableSpec = field(default_factory=lambda: _stable_spec({}, MATRIX_TOML))
 
     @property
     def newest_torch(self) -> str:

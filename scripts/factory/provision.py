@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from build_tools.request import minor_tuple
 from build_tools.toolchain import cuda_tool, pip_cuda_home
 
 from .errors import FactoryError
@@ -104,9 +105,7 @@ def table_disagreements(cell: Cell, spec: MatrixSpec, facts: PythonFacts) -> lis
 def _at_least(minor: str | None, floor: str) -> bool:
     if not minor or not floor:
         return False
-    return tuple(int(x) for x in minor.split(".")[:2]) >= tuple(
-        int(x) for x in floor.split(".")[:2]
-    )
+    return minor_tuple(minor, "torch") >= minor_tuple(floor, "stable floor")
 
 
 def nvcc_serves_older(nvcc: str, cuda: str) -> bool:
