@@ -1,7 +1,7 @@
 """The compiled extension: importing it on first use, calling its ops, and the fake
 implementations that let torch.compile trace through them.
 
-``flash_attn._C`` registers ``torch.ops.flash_attn.{fwd,bwd,build_info}`` from C++
+``flash_attn._C`` registers ``torch.ops.flash_attn.{fwd,fwd_kv,bwd,build_info}`` from C++
 (CUDA dispatch key). Importing ``flash_attn`` never imports it: the first attention
 call does, and a failure is reported then, with what to do about it.
 """
@@ -32,6 +32,13 @@ BWD_SCHEMA = (
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
     "float softmax_scale, int window_left, int window_right, float softcap, "
     "Tensor? alibi_slopes, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)"
+)
+FWD_KV_SCHEMA = (
+    "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
+    "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits) "
+    "-> (Tensor out, Tensor softmax_lse)"
 )
 BUILD_INFO_SCHEMA = "build_info() -> str"
 
@@ -155,6 +162,65 @@ def fwd(
     )
 
 
+def fwd_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    kv_batch_idx: torch.Tensor | None,
+    leftpad_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward over a KV cache (inference only, no backward): (out, softmax_lse).
+
+    q is dense (batch, seqlen_q, nheads, d) or varlen (total_q, nheads, d) with
+    cu_seqlens_q. k and v are one of
+    - dense (batch_cache, seqlen_cache, nheads_k, d); batch_cache >= batch when
+      kv_batch_idx maps each batch entry to its cache row;
+    - varlen (total_k, nheads_k, d) with cu_seqlens_k;
+    - paged (num_pages, page_size, nheads_k, d) with block_table (batch,
+      pages_per_seq) int32: key j of entry b is row j % page_size of page
+      block_table[b, j // page_size]; page_size a multiple of 16. The lengths
+      come from seqused_k, else cu_seqlens_k, else max_seqlen_k.
+    seqused_k (batch,) int32: entry b has keys [0, seqused_k[b]) of its cache row
+    (it overrides cu_seqlens_k's lengths and seqlen_cache). leftpad_k (batch,)
+    int32, dense only: entry b's keys start at leftpad_k[b]; the masks and ALiBi
+    then see seqused_k[b] - leftpad_k[b] keys. max_seqlen_k bounds every entry's
+    key count (dense: seqlen_cache; paged: pages_per_seq * page_size).
+    num_splits: 0 lets the kernels choose, 1 never splits the keys, n > 1 splits
+    them n ways (at most 128). The index tensors are int32 on q's device.
+    """
+    return getattr(torch.ops, _EXTENSION.namespace).fwd_kv(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        kv_batch_idx,
+        leftpad_k,
+        block_table,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+        num_splits,
+    )
+
+
 def bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -223,6 +289,42 @@ def fwd_fake(
     return out, q.new_empty(lse_shape, dtype=torch.float32)
 
 
+def fwd_kv_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    kv_batch_idx: torch.Tensor | None,
+    leftpad_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same outputs as fwd's."""
+    return fwd_fake(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        window_left,
+        window_right,
+        softcap,
+        alibi_slopes,
+    )
+
+
 def bwd_fake(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -245,7 +347,11 @@ def bwd_fake(
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-FAKES: dict[str, Callable[..., object]] = {"fwd": fwd_fake, "bwd": bwd_fake}
+FAKES: dict[str, Callable[..., object]] = {
+    "fwd": fwd_fake,
+    "fwd_kv": fwd_kv_fake,
+    "bwd": bwd_fake,
+}
 
 
 def register_fakes(namespace: str) -> list[str]:
