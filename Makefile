@@ -41,21 +41,26 @@ distclean: clean
 #   make wheels MATRIX="torch=2.13 python=3.11 cuda=13.0"
 # ENGINE: none (build here) or docker/podman (each cell in a container with the matrix's
 # limits; README.md, "Containers"). BASE_IMAGE, WHEELHOUSE, CONTAINER_RUNTIME and
-# CONTAINER_ULIMITS are read from the environment; FAIL_FAST=1 stops at the first failed cell.
+# CONTAINER_ULIMITS are read from the environment; FAIL_FAST=1 stops at the first failed cell;
+# OFFLINE=1 builds the images without network, from WHEELHOUSE alone (--offline);
+# CMD="..." makes `make dev` run that one command in the dev image and exit with its status.
 MATRIX ?= local
 TOOLCHAIN ?= system
 ENGINE ?= none
 FAIL_FAST ?=
+OFFLINE ?=
+CMD ?=
 DEV_MATRIX ?= torch=2.14 python=3.11 cuda=13.0
 # These settings are data, never code: each is taken as written (make's $(value), so a
 # `$(shell ...)` in it is not expanded) and reaches the factory through the environment.
 # No recipe writes one into its command line: the factory reads MATRIX from the
 # environment, the recipes pass "$$TOOLCHAIN" and "$$ENGINE" as quoted shell variables
 # (expanded once, never parsed), and the factory checks every value (exit 2).
-SETTINGS := MATRIX TOOLCHAIN ENGINE FAIL_FAST DEV_MATRIX
+SETTINGS := MATRIX TOOLCHAIN ENGINE FAIL_FAST OFFLINE CMD DEV_MATRIX
 $(foreach v,$(SETTINGS),$(eval override $(v) := $$(value $(v))))
 export $(SETTINGS)
-ENGINE_ARGS = --engine "$$ENGINE" $(if $(filter 1 yes true,$(FAIL_FAST)),--fail-fast,)
+OFFLINE_ARGS = $(if $(filter 1 yes true,$(OFFLINE)),--offline,)
+ENGINE_ARGS = --engine "$$ENGINE" $(if $(filter 1 yes true,$(FAIL_FAST)),--fail-fast,) $(OFFLINE_ARGS)
 
 .PHONY: matrix matrix-json provision plan build-wheels wheels report doctor dev-image dev
 .PHONY: refresh-matrix check-matrix
@@ -99,9 +104,10 @@ doctor:
 	@$(FACTORY) doctor
 
 ## dev-image: the builder image of DEV_MATRIX's first cell plus test and lint tools;
-## dev: a shell in it with this checkout at /src (both need ENGINE=docker or podman)
+## dev: a shell in it with this checkout at /src (both need ENGINE=docker or podman);
+## make dev CMD="make test" runs that one command there and exits with its status
 dev-image:
-	@MATRIX="$$DEV_MATRIX" $(FACTORY) dev-image --engine "$$ENGINE"
+	@MATRIX="$$DEV_MATRIX" $(FACTORY) dev-image --engine "$$ENGINE" $(OFFLINE_ARGS)
 
 dev:
 	@MATRIX="$$DEV_MATRIX" $(FACTORY) dev --engine "$$ENGINE"

@@ -15,7 +15,8 @@ kernel-env --kernels NAME          a kernel set's setup.py knobs (make ci-build)
 refresh-matrix [--check]           the torch table of recipes/matrix.toml from the index
 wheelhouse --matrix SEL --dest DIR the wheels the cells' toolchains need, for offline images
 dev-image --engine E               the dev image (builder image + test and lint tools)
-dev      --engine E                a shell in the dev image, the checkout mounted
+dev      --engine E [--cmd C]       a shell in the dev image, the checkout mounted (--cmd:
+                                   one command, then exit)
 
 CI and other front-ends (scripts/factory/ci_cli.py): kernel-groups, cache-key, objects,
 torch-args, smoke-wheel, publish-smoked, cibw-cuda, cibw-plan-env, cibw-repair,
@@ -264,7 +265,7 @@ def cmd_dev_image(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPath
 
 def cmd_dev(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
     cell = _cells(args, spec)[0]
-    argv = dev_shell_argv(_engine(args), cell, paths)
+    argv = dev_shell_argv(_engine(args), cell, paths, args.cmd, sys.stdin.isatty())
     sys.stdout.flush()
     os.execvp(argv[0], argv)
     return 0  # not reached
@@ -385,6 +386,12 @@ def parser() -> argparse.ArgumentParser:
     for name, help_ in (("dev-image", "build the dev image"), ("dev", "a shell in it")):
         dv = with_matrix(name, help_)
         with_engine(dv)
+    dv.add_argument(
+        "--cmd",
+        default=os.environ.get("CMD", ""),
+        help="run this one command (bash -c) in the dev image and exit with its status "
+        "(default: $CMD; empty: an interactive shell)",
+    )
     s = sub.add_parser("smoke", help="run the smoke gate on one wheel")
     s.add_argument("--cell", required=True)
     s.add_argument("--toolchain", default="system", choices=TOOLCHAINS)

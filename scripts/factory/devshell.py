@@ -40,15 +40,20 @@ def build_dev_image(
     return dev_tag(cell)
 
 
-def dev_shell_argv(engine: ContainerEngine, cell: Cell, paths: FactoryPaths) -> list[str]:
-    """An interactive shell in the dev image with the checkout read-write at /src."""
+def dev_shell_argv(
+    engine: ContainerEngine, cell: Cell, paths: FactoryPaths, command: str = "", tty: bool = True
+) -> list[str]:
+    """A shell in the dev image with the checkout read-write at /src: interactive (with a
+    terminal when `tty`; without one it reads commands from stdin and ends at its end),
+    or, given `command`, `bash -c command` alone, its exit status the run's."""
     run = ContainerRun(
         image=dev_tag(cell),
-        command=("bash",),
+        command=("bash", "-c", command) if command else ("bash",),
         mounts=(Mount(Path(paths.repo), DEV_SRC, read_only=False),),
         env={"FLASH_ATTN_OBJECT_CACHE": f"{DEV_SRC}/build/kernels"},
         workdir=DEV_SRC,
         network="host",
-        interactive=True,
+        interactive=not command,
+        tty=tty and not command,
     )
     return engine.run_argv(run)

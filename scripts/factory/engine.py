@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -22,6 +23,10 @@ ENGINES = ("none", "docker", "podman")
 _ULIMIT_RE = re.compile(r"^[a-z]+=-?\d+(?::-?\d+)?$")
 # podman 4.3 from Debian runs containers as root only with runc (crun fails on setrlimit)
 PODMAN_PREFERRED_RUNTIME = "runc"
+# podman's own defaults (nofile 1048576, nproc 4194304) are above what a caller without
+# CAP_SYS_RESOURCE may grant ("error setting rlimit type 7"): without CONTAINER_ULIMITS,
+# podman gets these limits at this process's own hard limits, which it may always grant
+INHERITED_ULIMITS = (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC))
 
 _INSTALL_HINT = {
     "docker": "install Docker Engine (docs.docker.com/engine/install), or use ENGINE=podman "
@@ -33,6 +38,17 @@ _INSTALL_HINT = {
 
 class EngineError(FactoryError):
     """A container engine that cannot be used: absent, not working, or a failed build."""
+
+
+def inherited_ulimits() -> str:
+    """'nofile=H:H nproc=H:H' at this process's hard limits (an unlimited one is left
+    to the engine): what podman may set without CAP_SYS_RESOURCE."""
+    items = []
+    for name, which in INHERITED_ULIMITS:
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            items.append(f"{name}={hard}:{hard}")
+    return " ".join(items)
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,8 @@ class ContainerRun:
     workdir: str = "/"
     network: str = "none"
     user: str = ""  # "uid:gid"; empty: the image's user
-    interactive: bool = False
+    interactive: bool = False  # stdin attached (-i)
+    tty: bool = False  # with a terminal (-t): only when this process's stdin is one
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,8 @@ class ContainerEngine:
     ) -> ContainerEngine:
         """The engine for ENGINE=name; podman gets runc when it is installed (see
         PODMAN_PREFERRED_RUNTIME) unless a runtime is named (CONTAINER_RUNTIME);
-        CONTAINER_ULIMITS="nofile=S:H nproc=S:H" sets --ulimit on builds and runs."""
+        CONTAINER_ULIMITS="nofile=S:H nproc=S:H" sets --ulimit on builds and runs; unset,
+        podman gets this process's hard limits (inherited_ulimits), docker its daemon's."""
         if name == "none":
             raise EngineError(
                 "ENGINE=none runs no container; this needs ENGINE=docker or ENGINE=podman, "
@@ -103,7 +121,9 @@ class ContainerEngine:
                 "in its daemon's configuration"
             )
         if ulimits is None:
-            ulimits = os.environ.get("CONTAINER_ULIMITS", "")
+            ulimits = os.environ.get("CONTAINER_ULIMITS", "").strip()
+            if not ulimits and name == "podman":
+                ulimits = inherited_ulimits()
         items = tuple(ulimits.split())
         bad = [u for u in items if not _ULIMIT_RE.match(u)]
         if bad:
@@ -137,7 +157,7 @@ class ContainerEngine:
     def run_argv(self, run: ContainerRun) -> list[str]:
         argv = [*self.base(), "run", "--rm"]
         if run.interactive:
-            argv += ["-it"]
+            argv += ["-it"] if run.tty else ["-i"]
         memory = run.limits.memory_text
         if memory:
             # swap as large as memory: no swap on top, so the limit is the limit

@@ -197,3 +197,71 @@ def test_makefile_passes_engine_and_fail_fast_through() -> None:
     assert '--engine "$ENGINE" --fail-fast' in line and "ci" not in line.split()
     assert '--engine "$ENGINE"' in dry("build-wheels", "ENGINE=docker")
     assert "dev-image" in dry("dev-image", "ENGINE=podman")
+
+
+def test_podman_without_container_ulimits_gets_this_process_hard_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import resource
+
+    monkeypatch.delenv("CONTAINER_ULIMITS", raising=False)
+    expected = []
+    for name, which in (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC)):
+        hard = resource.getrlimit(which)[1]
+        if hard != resource.RLIM_INFINITY:
+            expected.append(f"{name}={hard}:{hard}")
+    assert ContainerEngine.select("podman", runtime="").ulimits == tuple(expected)
+    # docker's limits are its daemon's; an explicit CONTAINER_ULIMITS wins for podman
+    assert ContainerEngine.select("docker", runtime="").ulimits == ()
+    monkeypatch.setenv("CONTAINER_ULIMITS", "nofile=1024:1024")
+    assert ContainerEngine.select("podman", runtime="").ulimits == ("nofile=1024:1024",)
+
+
+def test_dev_runs_one_command_without_a_terminal_or_a_shell_that_reads_stdin(
+    tmp_path: Path,
+) -> None:
+    from scripts.factory.devshell import dev_shell_argv
+
+    cell = select_cells("torch=2.14 python=3.11 cuda=13.0", SPEC, HERE)[0]
+    paths = FactoryPaths.default(repo=tmp_path, work=tmp_path / "w")
+    engine = ContainerEngine("podman", runtime="runc")
+    one = dev_shell_argv(engine, cell, paths, "make test; echo $?", tty=True)
+    assert one[-3:] == ["bash", "-c", "make test; echo $?"]  # one argument, as given
+    assert "-it" not in one and "-i" not in one and "-t" not in one
+    assert dev_shell_argv(engine, cell, paths, "", tty=True)[-1] == "bash"
+    assert "-it" in dev_shell_argv(engine, cell, paths, "", tty=True)
+    piped = dev_shell_argv(engine, cell, paths, "", tty=False)
+    assert "-i" in piped and "-it" not in piped  # reads stdin, ends at its end
+
+
+def test_make_passes_offline_and_cmd_verbatim(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    log = tmp_path / "calls.jsonl"
+    exe = tmp_path / "python"
+    exe.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'argv': sys.argv[1:], 'CMD': os.environ.get('CMD')}) + '\\n')\n"
+    )
+    exe.chmod(0o755)
+    marker = tmp_path / "x"
+    cmd = f"echo $(touch {marker}) `touch {marker}`; exit 3"
+
+    def make(*args: str) -> None:
+        subprocess.run(
+            ["make", "--no-print-directory", "-C", str(REPO), f"PYTHON={exe}", *args],
+            capture_output=True,
+            check=False,
+        )
+
+    make("wheels", "ENGINE=podman", "OFFLINE=1")
+    make("dev-image", "ENGINE=podman", "OFFLINE=yes")
+    make("build-wheels", "ENGINE=podman")
+    make("dev", "ENGINE=podman", f"CMD={cmd}")
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [("--offline" in c["argv"]) for c in calls] == [True, True, False, False]
+    assert calls[3]["argv"][-3:] == ["dev", "--engine", "podman"]
+    assert calls[3]["CMD"] == cmd and not marker.exists()  # data, not code
