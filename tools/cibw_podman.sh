@@ -6,6 +6,8 @@
 #
 #   tools/cibw_podman.sh [VARIANT] [OUTDIR]     # VARIANT default "release torch=2.13 cuda=13.0"
 #
+# PYTHON: the interpreter with cibuildwheel (recipes/factory-requirements.txt); python3.
+#
 # The variant's torch and the CUDA compiler come through pip: PyPI (with the host's CA
 # bundle) plus, when they exist, this machine's local wheel directories mounted read-only
 # (/opt/wheels, /opt/pypi-more, and WHEELHOUSE). podman here needs runc and low ulimits.
@@ -57,4 +59,4 @@ MAX_JOBS=\"$(plan MAX_JOBS)\" NVCC_THREADS=\"$(plan NVCC_THREADS)\""
 # shellcheck disable=SC2090
 export CIBW_ENVIRONMENT
 cd "$src"
-python3 -m cibuildwheel --platform linux --output-dir "$out" .
+"${PYTHON:-python3}" -m cibuildwheel --platform linux --output-dir "$out" .

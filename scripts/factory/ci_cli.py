@@ -2,6 +2,8 @@
 
 kernel-groups --matrix SEL          the distinct (CUDA, kernel set) of a selection (--json:
                                     the GitHub Actions matrix of the `kernels` job)
+builder-context --matrix SEL        stage the builder image's context (never the checkout,
+                                    which has no wheelhouse/) and print its build args
 cache-key     --matrix SEL          the CI cache key of a selection's kernel objects
 objects       --matrix SEL          compile the kernel objects alone (no torch needed)
 torch-args    --matrix SEL          pip arguments installing a cell's torch, one a line
@@ -25,11 +27,13 @@ from .cellref import cell_for_wheel, torch_install_args
 from .cibw import build_request, planned_env, provision_pip_cuda, repair_wheel
 from .conda import VARIANTS_YAML, conda_variants, render_variants
 from .errors import FactoryError
+from .images import ImageOptions, builder_build, github_outputs, stage_context
 from .limits import check_limits
 from .matrix import Cell, MatrixSpec, select_cells, stable_pythons
 from .objects import compile_objects, github_kernel_matrix, kernel_groups, object_cache_key
 from .paths import FactoryPaths
 from .probe import find_interpreter, local_facts, probe_python
+from .provision import hermetic_venv_name
 from .publish import publish
 from .smoke import Check, SmokeResult, check_environment, smoke_wheel
 from .smoke_record import assemble, gpu_verdict, make_record, write_record
@@ -67,6 +71,22 @@ def cmd_kernel_groups(args: argparse.Namespace, spec: MatrixSpec, paths: Factory
         return 0
     for g in groups:
         print(f"{g.name}: {len(g.cells)} cell(s), e.g. {g.first.id}")
+    return 0
+
+
+def cmd_builder_context(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
+    """The image of the selection's first cell (a kernel group's or a build job's cell):
+    its context staged as `make wheels ENGINE=...` stages it, its build args printed."""
+    cell = _cells(args, spec)[0]
+    wheelhouse = Path(args.wheelhouse).resolve() if args.wheelhouse else None
+    dest = Path(args.dest).resolve() if args.dest else paths.work / "engine" / "context"
+    context = stage_context(paths.repo, dest, wheelhouse)
+    build = builder_build(cell, paths.repo, context, ImageOptions(base=args.base_image))
+    if args.format == "github":
+        sys.stdout.write(github_outputs(build, hermetic_venv_name(cell)))
+        return 0
+    args_text = " ".join(f"--build-arg {k}={v}" for k, v in sorted(build.build_args.items()))
+    print(f"docker build -f {build.dockerfile} {args_text} -t {build.tag} {build.context}")
     return 0
 
 
@@ -198,6 +218,11 @@ def cmd_conda_variants(args: argparse.Namespace, spec: MatrixSpec, paths: Factor
 def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dict[str, Command]:
     g = with_matrix("kernel-groups", "the distinct CUDA and kernel sets of a selection")
     g.add_argument("--json", action="store_true", help="the matrix of CI's kernels job")
+    bc = with_matrix("builder-context", "stage the builder image's context, print its args")
+    bc.add_argument("--dest", help="the context directory (default: build/factory/engine/context)")
+    bc.add_argument("--wheelhouse", help="wheels to put in the image (default: none)")
+    bc.add_argument("--base-image", default="", help="the Dockerfile's BASE (default: its own)")
+    bc.add_argument("--format", choices=("text", "github"), default="text")
     k = with_matrix("cache-key", "the CI cache key of a selection's kernel objects")
     k.add_argument("--format", choices=("text", "github"), default="text")
     with_matrix("objects", "compile the kernel objects of a selection (no torch needed)")
@@ -227,6 +252,7 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
     v.set_defaults(matrix="release")
     return {
         "kernel-groups": cmd_kernel_groups,
+        "builder-context": cmd_builder_context,
         "cache-key": cmd_cache_key,
         "objects": cmd_objects,
         "torch-args": cmd_torch_args,

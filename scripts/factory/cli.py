@@ -42,7 +42,7 @@ from .devshell import build_dev_image, dev_shell_argv
 from .doctor import doctor
 from .engine import ENGINES, ContainerEngine
 from .errors import FactoryError
-from .images import DEV_REQUIREMENTS, ImageOptions
+from .images import DEV_REQUIREMENTS, ImageOptions, factory_requirements
 from .limits import check_limits
 from .matrix import (
     MATRIX_TOML,
@@ -247,7 +247,8 @@ def cmd_wheelhouse(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPat
     dest = Path(args.dest).resolve()
     for cell in _cells(args, spec):
         python = find_interpreter(cell.python)
-        wanted = toolchain_requirements(cell, spec)
+        # the image's factory venv (tagging, stable checks) installs from it too
+        wanted = [*toolchain_requirements(cell, spec), *factory_requirements()]
         if args.dev:
             wanted = [*wanted, *DEV_REQUIREMENTS]
         log = paths.work / "wheelhouse.log"

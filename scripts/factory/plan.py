@@ -17,7 +17,7 @@ from build_tools.kernels import (
     kernel_sources,
 )
 from build_tools.knobs import BuildConfigError, knobs_from_env, load_catalog
-from build_tools.planner import gib_to_bytes, plan_build
+from build_tools.planner import plan_build
 from build_tools.resources import probe_resources
 from build_tools.toolchain import probe_toolchain
 
@@ -65,6 +65,14 @@ def kernel_builder(cell: Cell, src: Path, object_cache: Path, env: dict[str, str
     return KernelBuilder(layout, knobs, toolchain, log=lambda _: None)
 
 
+def per_thread_need(builder: KernelBuilder, jobs: list[Any]) -> int:
+    """What one nvcc thread of the costliest of `jobs` is expected to peak at: the memory
+    model the build's admission control and the container limit check use (the learned
+    peak plus margin from the ledger, FLASH_ATTN_NVCC_MEM_GB for a source never compiled),
+    so the plan, its warning and the limit check speak of one figure."""
+    return max((builder.memory.expected_bytes(j.source.stem, 1) for j in jobs), default=1)
+
+
 def plan_cell(
     cell: Cell, src: Path, object_cache: Path, toolchain_env: dict[str, str] | None = None
 ) -> CellPlan:
@@ -73,13 +81,14 @@ def plan_cell(
     builder = kernel_builder(cell, src, object_cache, env)
     layout, knobs = builder.layout, builder.knobs
     jobs = builder.jobs_for(kernel_sources(layout, generate_sources(layout, knobs)))
-    cached = sum(1 for j in jobs if cached_state(j.obj) == "ok")  # as the build will judge
-    missing = len(jobs) - cached
+    todo = [j for j in jobs if cached_state(j.obj) != "ok"]  # as the build will judge
+    cached = len(jobs) - len(todo)
+    missing = len(todo)
     plan = plan_build(
         n_objects=max(1, missing),
         n_archs=len(knobs.archs),
         resources=probe_resources(),
-        mem_per_thread_bytes=gib_to_bytes(knobs.mem_per_thread_gib),
+        mem_per_thread_bytes=per_thread_need(builder, todo or jobs),
         max_jobs=knobs.max_jobs,
         nvcc_threads=knobs.nvcc_threads,
     )

@@ -32,6 +32,9 @@ from .probe import PythonFacts, find_interpreter, nvcc_version, probe_python
 from .toolchain_spec import INDEX_VARIABLE, load_toolchain_spec
 
 TOOLCHAINS = ("system", "hermetic")
+# a builder image names the wheelhouse its toolchains were made from: they are checked
+# against it (and remade from it alone), not against the package index it cannot reach
+WHEELHOUSE_VARIABLE = "FLASH_ATTN_WHEELHOUSE"
 # a torch requirement that names its CUDA: cuda-toolkit==13.0.3, nvidia-cuda-runtime-cu12==12.8
 _CUDA_REQ = re.compile(r"(cuda-toolkit|nvidia-cuda-runtime(?:-cu\d+)?)\b[^0-9;]*(\d+\.\d+)")
 
@@ -439,5 +442,7 @@ def provision(
     if kind == "hermetic":
         if root is None:
             raise FactoryError("the hermetic toolchain needs a directory for its venvs")
+        if wheelhouse is None and os.environ.get(WHEELHOUSE_VARIABLE, "").strip():
+            wheelhouse = Path(os.environ[WHEELHOUSE_VARIABLE].strip())
         return provision_hermetic(cell, spec, root, wheelhouse)
     raise FactoryError(f"toolchain {kind!r} is not known; valid: {', '.join(TOOLCHAINS)}")
