@@ -9,7 +9,7 @@ image="${BUILDER_IMAGE:?set BUILDER_IMAGE to the tag of the builder image}"
 workspace="$(pwd)"
 export FLASH_ATTN_OBJECT_CACHE="${FLASH_ATTN_OBJECT_CACHE:-$workspace/build/kernels}"
 # the variables of the job that the scripts inside read (unset ones stay unset)
-pass=(SELECTION CELL_ID CELL_PYTHON FLASH_ATTN_OBJECT_CACHE FLASH_ATTN_TORCH_INDEX
+pass=(SELECTION CELL_ID FLASH_ATTN_OBJECT_CACHE FLASH_ATTN_TORCH_INDEX
   PIP_DISABLE_PIP_VERSION_CHECK CI GITHUB_ACTIONS)
 env_args=()
 for name in "${pass[@]}"; do

@@ -13,6 +13,7 @@ if [ "${#wheels[@]}" -ne 1 ] || [ ! -f "${wheels[0]}" ]; then
   echo "::error::expected one wheel in $wheelhouse, found: ${wheels[*]}"
   exit 1
 fi
+"$factory" -m pip install --quiet -r recipes/factory-requirements.txt
 mapfile -t torch_args < <("$factory" -m scripts.factory torch-args --matrix "$SELECTION")
 "$CELL_PYTHON_EXE" -m pip install --quiet "${torch_args[@]}"
 "$factory" -m scripts.factory smoke-wheel --matrix "$SELECTION" --python "$CELL_PYTHON_EXE" \

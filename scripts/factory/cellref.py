@@ -72,8 +72,23 @@ def cell_for_wheel(selection: str, wheel: Path, spec: MatrixSpec) -> Cell:
 
 def torch_install_args(cell: Cell, spec: MatrixSpec) -> list[str]:
     """pip install arguments for the torch a cell builds and is tested against: the
-    package index for the release's default CUDA, PyTorch's per-CUDA index otherwise."""
+    package index for the release's default CUDA, PyTorch's per-CUDA index otherwise. A
+    stable wheel is tested under the [stable] smoke pair of its own CPython (e.g. torch 2.14
+    for the cp311 build), in the pair's build of the cell's CUDA major: the floor torch the
+    wheel is built with may be of another major (2.10's index build is CUDA 12), which a
+    cu13 wheel rightly refuses."""
     release = spec.torch[cell.torch]
+    major = cell.cuda.split(".")[0]
+    if cell.stable and release.index_cuda.split(".")[0] != major:
+        from .smoke_stable import pair_index
+
+        for pair in (p for p in spec.stable.smoke if p.python == cell.python):
+            try:
+                _, index = pair_index(pair, cell, spec)
+            except FactoryError:
+                continue  # no build of this CUDA major
+            extra = [a for url in index.extra_urls for a in ("--extra-index-url", url)]
+            return [f"torch=={pair.torch}.*", *extra]
     args = [release.requirement]
     # a stable cell builds against any CUDA build of its torch: the index's own serves
     if not cell.stable and cell.cuda != release.index_cuda:
