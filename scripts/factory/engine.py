@@ -40,14 +40,26 @@ class EngineError(FactoryError):
     """A container engine that cannot be used: absent, not working, or a failed build."""
 
 
-def inherited_ulimits() -> str:
+PID_MAX = Path("/proc/sys/kernel/pid_max")
+
+
+def inherited_ulimits(pid_max: Path = PID_MAX) -> str:
     """'nofile=H:H nproc=H:H' at this process's hard limits (an unlimited one is left
-    to the engine): what podman may set without CAP_SYS_RESOURCE."""
+    to the engine): what podman may set without CAP_SYS_RESOURCE. nproc is capped at the
+    kernel's pid_max, which some hosts also enforce on it (seen: 32768 set, 32769 refused
+    with a hard limit of 96365)."""
+    try:
+        cap: int | None = int(pid_max.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        cap = None
     items = []
     for name, which in INHERITED_ULIMITS:
         hard = resource.getrlimit(which)[1]
-        if hard != resource.RLIM_INFINITY:
-            items.append(f"{name}={hard}:{hard}")
+        if hard == resource.RLIM_INFINITY:
+            continue
+        if name == "nproc" and cap is not None:
+            hard = min(hard, cap)
+        items.append(f"{name}={hard}:{hard}")
     return " ".join(items)
 
 
