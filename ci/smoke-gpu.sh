@@ -16,5 +16,9 @@ fi
 "$factory" -m pip install --quiet -r recipes/factory-requirements.txt
 mapfile -t torch_args < <("$factory" -m scripts.factory torch-args --matrix "$SELECTION")
 "$CELL_PYTHON_EXE" -m pip install --quiet "${torch_args[@]}"
+# FLASH_ATTN_SMOKE_REQUIRE_GPU=0: only for a replay without a GPU runner
+# (tools/workflow_local.py); the record then says the GPU part was skipped
+gpu=(--require-gpu)
+if [ "${FLASH_ATTN_SMOKE_REQUIRE_GPU:-1}" = 0 ]; then gpu=(); fi
 "$factory" -m scripts.factory smoke-wheel --matrix "$SELECTION" --python "$CELL_PYTHON_EXE" \
-  --require-gpu --record "${wheels[0]}"
+  "${gpu[@]}" --record "${wheels[0]}"

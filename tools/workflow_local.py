@@ -17,14 +17,13 @@ The `uses:` steps are the only ones stood in for, each by the local action it do
     actions/upload-pages-artifact, actions/deploy-pages   the site is kept, not deployed
 
 `docker` is podman (a shim first on PATH: podman with runc and this process's hard
-ulimits, as the factory runs it). The replay sets three variables a runner would not:
-BASE_IMAGE_OVERRIDE is not one of them: the builder image's BASE comes from the
-`builder-context` step, which reads BASE_IMAGE (no registry here: a local base image,
-tools/make_base_image.sh); FLASH_ATTN_SMOKE_REQUIRE_GPU=0 (no GPU runner here: the smoke
-gate's GPU part is skipped and says so) and FLASH_ATTN_ALLOW_NO_GPU=1 (publish accepts
-those CPU-only records). --cells keeps the matrix entries whose id matches (one cell per
-torch minor, say), and the kernel groups those cells need; everything else is the
-workflow's.
+ulimits, as the factory runs it). What a runner would not do: the image build gets
+BASE=$BASE_IMAGE when set (no registry here: a local base image, tools/make_base_image.sh);
+FLASH_ATTN_SMOKE_REQUIRE_GPU=0 (no GPU runner here: the smoke gate's GPU part is skipped,
+and its record says so) and FLASH_ATTN_ALLOW_NO_GPU=1 (publish accepts those records);
+the smoke-gpu job runs on this machine. --cells keeps the matrix entries whose id
+matches, --per-minor one cell per torch minor, and the kernel groups those cells need;
+everything else is the workflow's.
 
     python3 tools/workflow_local.py --matrix release --cells 'cp311$' --state /var/tmp/wf
 """
@@ -83,7 +82,7 @@ class Expr:
     def value(self) -> Any:
         v = self._or()
         if self.i != len(self.toks):
-            raise ValueError(f"trailing tokens in expression: {self.toks[self.i:]}")
+            raise ValueError(f"trailing tokens in expression: {self.toks[self.i :]}")
         return v
 
     def _peek(self) -> str:
@@ -279,8 +278,9 @@ class Replay:
                     outputs, extra_env = self.run_step(render(step["run"], ctx), ws, full_env)
                     env.update(extra_env)
                 else:
-                    outputs, path = self.use_step(step, render(step.get("with") or {}, ctx), ws,
-                                                  path, job_id)
+                    outputs, path = self.use_step(
+                        step, render(step.get("with") or {}, ctx), ws, path, job_id
+                    )
                 outcome = "success"
             except StepFailed as e:
                 outcome = "failure"
@@ -309,13 +309,18 @@ class Replay:
             f.write(f"$ {script}\n")
             f.flush()
             done = subprocess.run(
-                ["bash", "-e", "-c", script], cwd=ws, env=env, stdout=f, stderr=subprocess.STDOUT,
+                ["bash", "-e", "-c", script],
+                cwd=ws,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
                 check=False,
             )
         if done.returncode != 0:
             tail = log.read_text(errors="replace").splitlines()[-12:]
-            raise StepFailed(f"exit {done.returncode}; last lines of {log}:\n   " +
-                             "\n   ".join(tail))
+            raise StepFailed(
+                f"exit {done.returncode}; last lines of {log}:\n   " + "\n   ".join(tail)
+            )
         return read_kv(out.read_text()), read_kv(genv.read_text())
 
     def use_step(
@@ -337,9 +342,14 @@ class Replay:
             venv = ws.parent / f"venv-{args['python-version']}"
             if not venv.exists():  # a runner's python is its own: pip installs into it
                 run([exe, "-m", "venv", str(venv)])
-            return {"python-path": str(venv / "bin" / "python")}, f"{venv / 'bin'}{os.pathsep}{path}"
-        if action in ("docker/setup-buildx-action", "actions/upload-pages-artifact",
-                      "actions/deploy-pages"):
+            return {
+                "python-path": str(venv / "bin" / "python")
+            }, f"{venv / 'bin'}{os.pathsep}{path}"
+        if action in (
+            "docker/setup-buildx-action",
+            "actions/upload-pages-artifact",
+            "actions/deploy-pages",
+        ):
             return {}, path
         if action == "docker/build-push-action":
             argv = ["docker", "build", "-f", str(ws / args["file"]), "-t", args["tags"]]
@@ -352,8 +362,13 @@ class Replay:
             argv.append(str(context if context.is_absolute() else ws / context))
             log = ws.parent / "image.log"
             with log.open("w") as f:
-                done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False,
-                                      env={**os.environ, "PATH": path})
+                done = subprocess.run(
+                    argv,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    env={**os.environ, "PATH": path},
+                )
             if done.returncode != 0:
                 raise StepFailed(f"image build exit {done.returncode}: see {log}")
             return {}, path
@@ -403,8 +418,10 @@ class Replay:
         exact = hit is not None
         if hit is None:
             for prefix in str(args.get("restore-keys") or "").splitlines():
-                found = sorted((p for p in root.iterdir() if p.name.startswith(prefix.strip())),
-                               key=lambda p: p.stat().st_mtime)
+                found = sorted(
+                    (p for p in root.iterdir() if p.name.startswith(prefix.strip())),
+                    key=lambda p: p.stat().st_mtime,
+                )
                 if prefix.strip() and found:
                     hit = found[-1]
                     break
@@ -478,21 +495,34 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--matrix", default="release", help="the workflow_dispatch input")
     p.add_argument("--cells", default="", help="a regex: keep the build cells whose id matches")
-    p.add_argument("--per-minor", action="store_true",
-                   help="keep one cell per torch minor (and binding): the first that --cells keeps")
+    p.add_argument(
+        "--per-minor",
+        action="store_true",
+        help="keep one cell per torch minor (and binding): the first that --cells keeps",
+    )
     p.add_argument("--state", type=Path, default=Path("/var/tmp/flash-attn-workflow"))
     p.add_argument("--jobs", default=",".join(JOB_ORDER), help="the jobs to run, in order")
     p.add_argument("--commit", default="HEAD")
     args = p.parse_args(argv)
     state: Path = args.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.commit],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", args.commit],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     wf = yaml.safe_load(WORKFLOW.read_text())
     wf["on"] = wf.pop(True, wf.get("on"))
     base_ctx: dict[str, Any] = {
-        "github": {"event_name": "workflow_dispatch", "ref": "refs/heads/local",
-                   "ref_name": "local", "run_id": "1", "run_attempt": "1", "token": ""},
+        "github": {
+            "event_name": "workflow_dispatch",
+            "ref": "refs/heads/local",
+            "ref_name": "local",
+            "run_id": "1",
+            "run_attempt": "1",
+            "token": "",
+        },
         "inputs": {"matrix": args.matrix, "publish": True},
         "env": {},
     }
@@ -526,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = [r.__dict__ for r in replay.results]
     (state / "replay.json").write_text(json.dumps(summary, indent=2) + "\n")
     failed = [r for r in replay.results if r.outcome == "failure"]
-    replay.say(f"replay: {len(replay.results)} steps, {len(failed)} failed; {state / 'replay.json'}")
+    replay.say(
+        f"replay: {len(replay.results)} steps, {len(failed)} failed; {state / 'replay.json'}"
+    )
     return 1 if failed else 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -234,7 +235,13 @@ def add_parsers(sub: argparse._SubParsersAction, with_matrix: WithMatrix) -> dic
     s.add_argument("--record", action="store_true", help="write <wheel>.smoke.json")
     s.add_argument("wheel")
     p = sub.add_parser("publish-smoked", help="publish the wheels whose smoke records passed")
-    p.add_argument("--allow-no-gpu", action="store_true", help="accept CPU-only smoke records")
+    p.add_argument(
+        "--allow-no-gpu",
+        action="store_true",
+        default=os.environ.get("FLASH_ATTN_ALLOW_NO_GPU", "") == "1",
+        help="accept CPU-only smoke records (default: $FLASH_ATTN_ALLOW_NO_GPU=1; a local "
+        "replay of the workflow without GPU runners)",
+    )
     p.add_argument("dirs", nargs="+")
     c = with_matrix("cibw-cuda", "cibuildwheel before-all: the CUDA compiler from pip")
     c.add_argument("--prefix", required=True)
