@@ -22,6 +22,9 @@ BUILDER_REPO = "flash-attn-builder"
 DEV_REPO = "flash-attn-dev"
 # what the image's provisioning step runs: the factory, its helpers and its data
 CONTEXT_DIRS = ("scripts", "build_tools", "recipes")
+# single files the factory reads from the package (scripts/factory/variant.py: the
+# variant logic is flash_attn/_variant.py's)
+CONTEXT_FILES = ("flash_attn/_variant.py",)
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
 
 
@@ -54,6 +57,9 @@ def stage_context(repo: Path, dest: Path, wheelhouse: Path | None) -> Path:
     dest.mkdir(parents=True)
     for name in CONTEXT_DIRS:
         shutil.copytree(repo / name, dest / name, ignore=_IGNORE)
+    for name in CONTEXT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, dest / name)
     if wheelhouse is not None:
         if not wheelhouse.is_dir():
             raise EngineError(
