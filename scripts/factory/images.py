@@ -22,9 +22,9 @@ BUILDER_REPO = "flash-attn-builder"
 DEV_REPO = "flash-attn-dev"
 # what the image's provisioning step runs: the factory, its helpers and its data
 CONTEXT_DIRS = ("scripts", "build_tools", "recipes")
-# single files the factory reads from the package (scripts/factory/variant.py: the
-# variant logic is flash_attn/_variant.py's)
-CONTEXT_FILES = ("flash_attn/_variant.py",)
+# single files the factory reads from the product: the variant logic
+# (scripts/factory/variant.py) and the kernel catalog the matrix checks kernel sets with
+CONTEXT_FILES = ("flash_attn/_variant.py", "csrc/kernels/generate.py")
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.o")
 
 

