@@ -1,0 +1,110 @@
+"""Issue 15 as a user meets it. Fast: the workflow replay's expression evaluator and
+output files. With FLASH_ATTN_CONTAINER_TESTS=1 (root, podman, runc, the base image of
+tools/make_base_image.sh): `make wheels ... ENGINE=podman OFFLINE=1` on a fresh clone with
+the object cache in its default place (the clone's build/kernels, inside the checkout the
+container mounts read-only) and no CONTAINER_ULIMITS; and the workflow's plan job replayed
+(tools/workflow_local.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from container_helpers import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+from workflow_local import condition, read_kv, render  # noqa: E402
+
+CELL = "torch=2.13 python=3.11 cuda=13.0 binding=classic kernels=ci"
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "flash-attn-base:bookworm")
+WHEELHOUSE = Path(os.environ.get("FLASH_ATTN_TEST_WHEELHOUSE", "/var/tmp/flash-attn-wheelhouse"))
+
+
+def test_replay_evaluates_the_workflows_expressions() -> None:
+    ctx = {
+        "github": {"event_name": "pull_request", "ref": "refs/tags/v2.9.0"},
+        "inputs": {"matrix": ""},
+        "env": {},
+        "matrix": {"id": "cu13-torchstable-abi3"},
+        "steps": {
+            "key": {"outcome": "success", "outputs": {"key": "k1"}},
+            "compile": {"outcome": "failure"},
+        },
+        "needs": {"plan": {"result": "success", "outputs": {"matrix": '{"include": [1]}'}}},
+    }
+    expr = "${{ inputs.matrix || (github.event_name == 'pull_request' && 'ci' || 'release') }}"
+    assert render(expr, ctx) == "ci"
+    assert render("${{ fromJSON(needs.plan.outputs.matrix) }}", ctx) == {"include": [1]}
+    key = (
+        "${{ steps.compile.outcome == 'success' && steps.key.outputs.key || "
+        "format('{0}-partial-{1}', steps.key.outputs.key, matrix.id) }}"
+    )
+    assert render(key, ctx) == "k1-partial-cu13-torchstable-abi3"
+    assert render("wheel-${{ matrix.id }}", ctx) == "wheel-cu13-torchstable-abi3"
+    assert condition("always() && steps.key.outcome == 'success'", ctx, "failure")
+    assert not condition("steps.key.outcome == 'success'", ctx, "failure")  # success() implied
+    assert condition("failure()", ctx, "failure") and not condition(None, ctx, "failure")
+    assert condition("${{ startsWith(github.ref, 'refs/tags/v') }}", ctx, "success")
+    assert read_kv("a=1\nb<<EOF\nx\ny\nEOF\nc=3=4\n") == {"a": "1", "b": "x\ny", "c": "3=4"}
+
+
+@pytest.mark.slow
+@pytest.mark.containers
+def test_make_wheels_offline_with_the_default_cache_and_a_read_only_checkout(
+    tmp_path: Path,
+) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.factory",
+            "--work",
+            str(tmp_path / "wh"),
+            "wheelhouse",
+            "--matrix",
+            CELL,
+            "--dest",
+            str(WHEELHOUSE),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FLASH_ATTN_OBJECT_CACHE", "CONTAINER_ULIMITS", "MATRIX")
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(
+        [
+            "make",
+            "wheels",
+            f"MATRIX={CELL}",
+            "ENGINE=podman",
+            "OFFLINE=1",
+            f"BASE_IMAGE={BASE_IMAGE}",
+            f"WHEELHOUSE={WHEELHOUSE}",
+        ],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=3000,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert f"object cache {clone / 'build' / 'kernels'}" in done.stdout
+    row = json.loads((clone / "build" / "factory" / "report.json").read_text())[0]
+    assert row["status"] == "published" and row["smoke"].startswith("passed")
+    assert row["platform"].startswith("manylinux_"), row  # auditwheel in the image
+    assert "0 OOM kill(s)" in row["note"]
+    wheels = list((clone / "dist" / "whl").rglob("flash_attn-*.whl"))
+    assert len(wheels) == 1 and "manylinux_" in wheels[0].name
+    assert list((clone / "build" / "kernels").glob("*.o"))  # compiled into the default cache
