@@ -375,7 +375,10 @@ def provision_hermetic(
         venv.parent.mkdir(parents=True, exist_ok=True)
         log = venv.parent / f"{venv.name}.provision.log"
         log.write_text(f"{venv.name}: {installer.kind} ({installer.reason}), {index.describe()}\n")
-        if wheelhouse is not None:
+        # offline (an image built with --network none sets PIP_NO_INDEX=1): the wheelhouse
+        # is all there is; asking the index first only retries until pip gives up
+        offline = os.environ.get("PIP_NO_INDEX", "").strip().lower() in ("1", "true", "yes")
+        if wheelhouse is not None and not offline:
             fill_wheelhouse(base, wanted, wheelhouse, log, toolchain_index(cell, spec))
         installer.make_venv(base, venv, log)
         installer.install(python, wanted, index, log)
