@@ -27,6 +27,7 @@ from flash_attn._autograd import (
     FlashAttnKVPackedFunc,
     FlashAttnQKVPackedFunc,
     OpArgs,
+    forward_no_grad,
 )
 from flash_attn._checks import AttnOptions, AttnShape
 
@@ -168,7 +169,11 @@ def flash_attn_qkvpacked_func(
     _checks.check_packed("qkv", qkv, 3, layout)
     q, k, v = qkv.unbind(dim=-3)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, _needs_backward(qkv))
+    grad = _needs_backward(qkv)
+    _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnQKVPackedFunc.apply(
         qkv, None, _alibi(alibi_slopes), _op_args(shape, opts), deterministic
     )
@@ -197,11 +202,11 @@ def flash_attn_kvpacked_func(
     _checks.check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, head_dim)")
     k, v = kv.unbind(dim=-3)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch(
-        {"q": q, "kv": kv, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(q, kv),
-    )
+    grad = _needs_backward(q, kv)
+    _checks.check_launch({"q": q, "kv": kv, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnKVPackedFunc.apply(
         *_distinct(q, kv, None, None, _alibi(alibi_slopes)),
         _op_args(shape, opts),
@@ -234,11 +239,11 @@ def flash_attn_func(
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch(
-        {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(q, k, v),
-    )
+    grad = _needs_backward(q, k, v)
+    _checks.check_launch({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnFunc.apply(
         *_distinct(q, k, v, None, None, _alibi(alibi_slopes)),
         _op_args(shape, opts),
@@ -274,11 +279,14 @@ def flash_attn_varlen_qkvpacked_func(
     shape = _checks.check_varlen(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, alibi_slopes
     )
+    grad = _needs_backward(qkv)
     _checks.check_launch(
-        {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(qkv),
+        {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes}, shape, grad
     )
+    if not grad:
+        cu = cu_seqlens.contiguous()
+        out, lse = forward_no_grad(q, k, v, cu, cu, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnQKVPackedFunc.apply(
         qkv,
         cu_seqlens.contiguous(),
@@ -328,6 +336,12 @@ def flash_attn_varlen_kvpacked_func(
         shape,
         _needs_backward(q, kv),
     )
+    if not _needs_backward(q, kv):
+        out, lse = forward_no_grad(
+            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            _alibi(alibi_slopes), _op_args(shape, opts),
+        )  # fmt: skip
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnKVPackedFunc.apply(
         *_distinct(
             q, kv, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), _alibi(alibi_slopes)
@@ -392,6 +406,12 @@ def flash_attn_varlen_func(
         shape,
         _needs_backward(q, k, v),
     )
+    if not _needs_backward(q, k, v):
+        out, lse = forward_no_grad(
+            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            _alibi(alibi_slopes), _op_args(shape, opts),
+        )  # fmt: skip
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnFunc.apply(
         *_distinct(
             q,
