@@ -10,13 +10,13 @@ attention over each sequence's keys [cache_leftpad, cache_seqlens + seqlen_new).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
+from kvcache_ref import Case, Inputs, expected, make_inputs, rotate_ref
 from reference import attention_ref
 from test_api_cpu import StubKernels, stub  # noqa: F401  (the stand-in fixture)
 
@@ -29,26 +29,6 @@ DT = torch.float16
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float(), expected.float(), atol=2e-3, rtol=2e-3)
-
-
-def rotate_ref(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-    interleaved: bool,
-) -> torch.Tensor:  # fmt: skip
-    """x (b, s, h, d) with row i of sequence b rotated by the angle of row
-    positions[b, i] of the tables: each feature pair (a, c) becomes
-    (a cos - c sin, a sin + c cos), in float64."""
-    r = 2 * cos.shape[1]
-    part = x[..., :r].double()
-    if interleaved:
-        a, c = part[..., 0::2], part[..., 1::2]
-    else:
-        a, c = part[..., : r // 2], part[..., r // 2 :]
-    co = cos.double()[positions][:, :, None, :]
-    si = sin.double()[positions][:, :, None, :]
-    a2, c2 = a * co - c * si, a * si + c * co
-    rotated = torch.stack((a2, c2), -1).flatten(-2) if interleaved else torch.cat((a2, c2), -1)
-    return torch.cat((rotated.to(x.dtype), x[..., r:]), dim=-1)
 
 
 def _rotary_stand_in(
@@ -69,28 +49,6 @@ def kv(stub: StubKernels, monkeypatch: pytest.MonkeyPatch) -> Iterator[StubKerne
 
 
 # --- the cases -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    batch: int = 3
-    seqlen_q: int = 1
-    seqlen_new: int = 1  # 0: no k, v
-    seqlen_cache: int = 40
-    nheads: int = 4
-    nheads_k: int = 2
-    head_dim: int = 32
-    causal: bool = True
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    alibi: bool = False
-    batch_idx: bool = False
-    leftpad: bool = False
-    seqlens_int: bool = False
-    rotary: str = ""  # "", "interleaved", "neox"
-    rotary_dim: int = 16
-    page_size: int = 0  # 0: dense
-    num_splits: int = 0
 
 
 CASES = [
@@ -114,132 +72,24 @@ CASES = [
     Case(page_size=16, seqlen_q=3, seqlen_new=3, seqlen_cache=48, rotary="neox"),
     Case(page_size=16, seqlen_new=0, seqlen_cache=32, causal=False, alibi=True),
     Case(page_size=32, seqlen_q=70, seqlen_new=70, seqlen_cache=96, nheads=4, nheads_k=2),
-    Case(page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2,
-         seqlens_int=True, window=(8, 0)),  # fmt: skip
+    Case(
+        page_size=16,
+        seqlen_q=40,
+        seqlen_new=40,
+        seqlen_cache=64,
+        nheads=8,
+        nheads_k=2,
+        seqlens_int=True,
+        window=(8, 0),
+    ),  # fmt: skip
 ]
-
-
-@dataclass
-class Inputs:
-    q: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    k: torch.Tensor | None
-    v: torch.Tensor | None
-    cache_seqlens: int | torch.Tensor
-    kwargs: dict[str, Any]
-    seqlens: torch.Tensor  # (batch,) cache_seqlens as a tensor
-    rows: torch.Tensor | None  # dense: the cache row of each sequence
-    leftpad: torch.Tensor  # (batch,) zeros when not given
-
-
-def make_inputs(c: Case, seed: int = 0) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(DT)
-
-    q = randn(c.batch, c.seqlen_q, c.nheads, c.head_dim)
-    k = v = None
-    if c.seqlen_new:
-        k = randn(c.batch, c.seqlen_new, c.nheads_k, c.head_dim)
-        v = randn(c.batch, c.seqlen_new, c.nheads_k, c.head_dim)
-    room = c.seqlen_cache - max(c.seqlen_new, c.seqlen_q if c.rotary else 0)
-    low = 0 if c.seqlen_new else 1
-    if c.seqlens_int:
-        seqlens = torch.full((c.batch,), room - 3, dtype=torch.int32)
-    else:
-        seqlens = torch.randint(low, room + 1, (c.batch,), generator=g, dtype=torch.int32)
-        seqlens[0] = room  # one sequence ends at the last key of the cache
-    kwargs: dict[str, Any] = {"causal": c.causal, "window_size": c.window, "softcap": c.softcap}
-    kwargs["num_splits"] = c.num_splits
-    rows = None
-    if c.page_size:
-        pages_per_seq = c.seqlen_cache // c.page_size
-        num_pages = pages_per_seq * c.batch + 3
-        k_cache = randn(num_pages, c.page_size, c.nheads_k, c.head_dim)
-        v_cache = randn(num_pages, c.page_size, c.nheads_k, c.head_dim)
-        perm = torch.randperm(num_pages, generator=g)[: c.batch * pages_per_seq]
-        kwargs["block_table"] = perm.view(c.batch, pages_per_seq).to(torch.int32)
-    else:
-        batch_cache = c.batch + 2 if c.batch_idx else c.batch
-        k_cache = randn(batch_cache, c.seqlen_cache, c.nheads_k, c.head_dim)
-        v_cache = randn(batch_cache, c.seqlen_cache, c.nheads_k, c.head_dim)
-        rows = torch.arange(c.batch)
-        if c.batch_idx:
-            rows = torch.randperm(batch_cache, generator=g)[: c.batch]
-            kwargs["cache_batch_idx"] = rows.to(torch.int32)
-    leftpad = torch.zeros(c.batch, dtype=torch.int32)
-    if c.leftpad:
-        picks = [int(torch.randint(0, int(s) + 1, (1,), generator=g)) for s in seqlens]
-        leftpad = torch.tensor(picks, dtype=torch.int32)
-        kwargs["cache_leftpad"] = leftpad
-    if c.alibi:
-        kwargs["alibi_slopes"] = torch.rand(c.batch, c.nheads, generator=g) * 0.3
-    if c.rotary:
-        angle = torch.rand(c.seqlen_cache, c.rotary_dim // 2, generator=g) * 2 * math.pi
-        kwargs["rotary_cos"], kwargs["rotary_sin"] = angle.cos().to(DT), angle.sin().to(DT)
-        kwargs["rotary_interleaved"] = c.rotary == "interleaved"
-    cache_seqlens: int | torch.Tensor = int(seqlens[0]) if c.seqlens_int else seqlens
-    return Inputs(q, k_cache, v_cache, k, v, cache_seqlens, kwargs, seqlens, rows, leftpad)
-
-
-def logical_cache(c: Case, inp: Inputs, k_cache: torch.Tensor) -> torch.Tensor:
-    """(batch, seqlen_cache, nheads_k, d): each sequence's cache row, in key order."""
-    if c.page_size:
-        table = inp.kwargs["block_table"].long()
-        return k_cache[table].flatten(1, 2)
-    assert inp.rows is not None
-    return k_cache[inp.rows]
-
-
-def expected(c: Case, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, k_cache, v_cache) as upstream's test computes them."""
-    k_cache, v_cache = inp.k_cache.clone(), inp.v_cache.clone()
-    q = inp.q
-    local = c.causal or c.window != (-1, -1)
-    if c.seqlen_new:
-        assert inp.k is not None and inp.v is not None
-        k_new = inp.k
-        new_positions = inp.seqlens.long()[:, None] + torch.arange(c.seqlen_new)
-        if c.rotary:
-            cos, sin = inp.kwargs["rotary_cos"], inp.kwargs["rotary_sin"]
-            inter = c.rotary == "interleaved"
-            k_new = rotate_ref(inp.k, cos, sin, new_positions, inter)
-            q_positions = inp.seqlens.long()[:, None] + (
-                torch.arange(c.seqlen_q) if local else torch.zeros(c.seqlen_q, dtype=torch.long)
-            )
-            q = rotate_ref(inp.q, cos, sin, q_positions, inter)
-        for b in range(c.batch):
-            for i in range(c.seqlen_new):
-                key = int(new_positions[b, i])
-                if c.page_size:
-                    page = int(inp.kwargs["block_table"][b, key // c.page_size])
-                    slot = (page, key % c.page_size)
-                else:
-                    assert inp.rows is not None
-                    slot = (int(inp.rows[b]), key)
-                k_cache[slot] = k_new[b, i]
-                v_cache[slot] = inp.v[b, i]
-    keys_k, keys_v = logical_cache(c, inp, k_cache), logical_cache(c, inp, v_cache)
-    outs, lses = [], []
-    for b in range(c.batch):
-        first, end = int(inp.leftpad[b]), int(inp.seqlens[b]) + c.seqlen_new
-        slopes = inp.kwargs.get("alibi_slopes")
-        out, lse = attention_ref(
-            q[b : b + 1], keys_k[b : b + 1, first:end], keys_v[b : b + 1, first:end],
-            causal=c.causal, window_size=c.window, softcap=c.softcap,
-            alibi_slopes=None if slopes is None else slopes[b],
-        )  # fmt: skip
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses), k_cache, v_cache
 
 
 @pytest.mark.parametrize("c", CASES, ids=[str(i) for i in range(len(CASES))])
 def test_kvcache_matches_the_reference(kv: StubKernels, c: Case) -> None:
     inp = make_inputs(c)
-    out_ref, lse_ref, k_cache_ref, v_cache_ref = expected(c, inp)
+    ref = expected(c, inp)
+    out_ref, lse_ref, k_cache_ref, v_cache_ref = ref.out, ref.lse, ref.k_cache, ref.v_cache
     out, lse = flash_attn.flash_attn_with_kvcache(
         inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
         return_softmax_lse=True, **inp.kwargs,
@@ -315,7 +165,8 @@ def test_paged_entries_past_the_last_page_are_not_read(kv: StubKernels) -> None:
     for b, n in enumerate((seqlens + 1).tolist()):
         table[b, -(-n // 16) :] = -1
     inp.seqlens = seqlens
-    out_ref, _, k_ref, _ = expected(c, replace(inp, kwargs={**inp.kwargs, "block_table": table}))
+    ref = expected(c, replace(inp, kwargs={**inp.kwargs, "block_table": table}))
+    out_ref, k_ref = ref.out, ref.k_cache
     out = flash_attn.flash_attn_with_kvcache(
         inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=seqlens, **inp.kwargs
     )
