@@ -47,17 +47,23 @@ DT = torch.bfloat16
 
 
 def time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:
+    """Median of per-call CUDA-event times, the calls issued back to back (one sync at
+    the end): the GPU time of a call whose launch keeps ahead of the GPU, as in a
+    decode loop. A call that syncs inside (flash_attn_with_kvcache's value checks of
+    tensor cache_seqlens) pays for it here."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def copy_gbps(gib: float = 1.5) -> float:
