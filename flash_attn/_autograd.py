@@ -43,6 +43,26 @@ def _forward(
     return out_padded[..., :head_dim], lse
 
 
+def forward_no_grad(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    args: OpArgs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward alone, for calls that need no gradient: the op, without an
+    autograd.Function around it (whose bookkeeping costs more than the op's own
+    dispatch; decode calls it once per layer and token)."""
+    head_dim = q.shape[-1]
+    out_padded, lse = _ops.fwd(
+        kernel_layout(q), kernel_layout(k), kernel_layout(v), cu_seqlens_q, cu_seqlens_k,
+        *args, alibi_slopes,
+    )  # fmt: skip
+    return out_padded[..., :head_dim], lse
+
+
 def _backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _ops.bwd(

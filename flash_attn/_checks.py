@@ -14,6 +14,7 @@ Each message names the value seen and what is valid.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ def _check_window(window_size: Sequence[int]) -> tuple[int, int]:
     a 1-D tensor or array of two integers (upstream's tests pass
     ``torch.randint(0, seqlen_k, (2,))``), numpy integers. Floats and bools are not.
     """
+    if type(window_size) is tuple and window_size == (-1, -1):
+        return -1, -1  # the default, on every call: no need to look closer
     try:
         if getattr(window_size, "ndim", 1) != 1 or isinstance(window_size, (str, bytes)):
             raise TypeError
@@ -406,8 +409,14 @@ def check_build(
         _check_arch(info, capability)
 
 
+@functools.lru_cache(maxsize=64)
+def _runs_on(info: BuildInfo, capability: tuple[int, int]) -> bool | None:
+    """info.runs_on, parsed once per (build, GPU) instead of on every call."""
+    return info.runs_on(capability)
+
+
 def _check_arch(info: BuildInfo, capability: tuple[int, int]) -> None:
-    if info.runs_on(capability) is not False:
+    if _runs_on(info, tuple(capability)) is not False:  # type: ignore[arg-type]
         return  # it does, or the arch list is spelled in a way we do not know
     major, minor = capability
     raise BuildError(
@@ -437,8 +446,28 @@ def environment_ready(device: torch.device, dtype: torch.dtype, needs_backward: 
     """Whether check_environment passes for any head_dim up to the largest
     compiled bucket. Constant to torch.compile, so it takes no (symbolic) sizes."""
     try:
-        check_environment(device, dtype, 1, needs_backward)
+        _ops.require()
+        capability = check_capability(device)
+        return _build_ready(_ops.build_info(), dtype, needs_backward, tuple(capability))
     except Exception:  # check_launch calls check_environment again to raise
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def _build_ready(
+    info: BuildInfo, dtype: torch.dtype, needs_backward: bool, capability: tuple[int, ...]
+) -> bool:
+    """check_build for the smallest head_dim, answered once per (build, dtype,
+    direction, GPU): environment_ready runs on every call."""
+    try:
+        check_build(
+            info,
+            head_dim=1,
+            dtype=dtype,
+            needs_backward=needs_backward,
+            capability=capability,  # type: ignore[arg-type]
+        )
+    except Exception:
         return False
     return True
 

@@ -74,7 +74,7 @@ class Extension:
         except Exception as exc:  # an ImportError, or an OSError from the loader
             return f"{type(exc).__name__}: {exc}"
         ops = getattr(torch.ops, self.namespace)
-        missing = [n for n in ("fwd", "bwd", "build_info") if not hasattr(ops, n)]
+        missing = [n for n in ("fwd", "fwd_kv", "bwd", "build_info") if not hasattr(ops, n)]
         if missing:
             return (
                 f"it imported but did not register torch.ops.{self.namespace}.{', '.join(missing)}"

@@ -43,7 +43,7 @@ class IndexFirstAxis(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         (indices,) = ctx.saved_tensors
         grad_input = grad_output.new_zeros((ctx.first_axis_dim, *grad_output.shape[1:]))
-        grad_input.index_copy_(0, indices, grad_output)
+        grad_input.index_copy_(0, indices.long(), grad_output)  # int32 too (transformers)
         return grad_input, None
 
 
@@ -56,7 +56,7 @@ class IndexPutFirstAxis(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(indices)
         output = values.new_zeros((first_axis_dim, *values.shape[1:]))
-        output.index_copy_(0, indices, values)
+        output.index_copy_(0, indices.long(), values)  # int32 too (transformers)
         return output
 
     @staticmethod

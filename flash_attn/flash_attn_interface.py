@@ -21,12 +21,13 @@ from typing import Union
 
 import torch
 
-from flash_attn import _checks
+from flash_attn import _checks, _kvcache, _kvcache_checks
 from flash_attn._autograd import (
     FlashAttnFunc,
     FlashAttnKVPackedFunc,
     FlashAttnQKVPackedFunc,
     OpArgs,
+    forward_no_grad,
 )
 from flash_attn._checks import AttnOptions, AttnShape
 
@@ -105,13 +106,45 @@ def _options(
     )
 
 
-def _reject_paged_kv(block_table: torch.Tensor | None) -> None:
-    if block_table is not None:
+def _varlen_paged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    opts: AttnOptions,
+    alibi_slopes: torch.Tensor | None,
+    block_table: torch.Tensor,
+    return_attn_probs: bool,
+) -> AttnResult:
+    """flash_attn_varlen_func over a paged KV cache (inference only)."""
+    if _needs_backward(q, k, v):
         raise NotImplementedError(
-            "block_table was given: the paged KV cache is not implemented in this "
-            "release of flash_attn (planned for a later release). Pass "
-            "block_table=None with k and v laid out contiguously per sequence."
+            "flash_attn_varlen_func with block_table (paged KV) is inference only: it has "
+            "no backward, and q, k or v requires grad. Run it under torch.no_grad() (or "
+            "torch.inference_mode()), or pass tensors that do not require grad."
         )
+    shape = _kvcache_checks.check_varlen_paged(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+        alibi_slopes,
+    )  # fmt: skip
+    tensors = {
+        "q": q, "k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+        "block_table": block_table, "alibi_slopes": alibi_slopes,
+    }  # fmt: skip
+    attn_shape = AttnShape(
+        shape.batch, max_seqlen_q, max_seqlen_k, shape.nheads, shape.nheads_k,
+        shape.head_dim, shape.dtype,
+    )  # fmt: skip
+    _checks.check_launch(tensors, attn_shape, False)
+    with torch.no_grad():
+        out, lse = _kvcache.varlen_paged_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+            shape, opts, alibi_slopes, _kvcache_checks.values_checkable(q.device),
+        )  # fmt: skip
+    return _result(out, lse, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(
@@ -136,7 +169,11 @@ def flash_attn_qkvpacked_func(
     _checks.check_packed("qkv", qkv, 3, layout)
     q, k, v = qkv.unbind(dim=-3)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, _needs_backward(qkv))
+    grad = _needs_backward(qkv)
+    _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnQKVPackedFunc.apply(
         qkv, None, _alibi(alibi_slopes), _op_args(shape, opts), deterministic
     )
@@ -165,11 +202,11 @@ def flash_attn_kvpacked_func(
     _checks.check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, head_dim)")
     k, v = kv.unbind(dim=-3)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch(
-        {"q": q, "kv": kv, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(q, kv),
-    )
+    grad = _needs_backward(q, kv)
+    _checks.check_launch({"q": q, "kv": kv, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnKVPackedFunc.apply(
         *_distinct(q, kv, None, None, _alibi(alibi_slopes)),
         _op_args(shape, opts),
@@ -202,11 +239,11 @@ def flash_attn_func(
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
-    _checks.check_launch(
-        {"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(q, k, v),
-    )
+    grad = _needs_backward(q, k, v)
+    _checks.check_launch({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes}, shape, grad)
+    if not grad:
+        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnFunc.apply(
         *_distinct(q, k, v, None, None, _alibi(alibi_slopes)),
         _op_args(shape, opts),
@@ -242,11 +279,14 @@ def flash_attn_varlen_qkvpacked_func(
     shape = _checks.check_varlen(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, alibi_slopes
     )
+    grad = _needs_backward(qkv)
     _checks.check_launch(
-        {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes},
-        shape,
-        _needs_backward(qkv),
+        {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes}, shape, grad
     )
+    if not grad:
+        cu = cu_seqlens.contiguous()
+        out, lse = forward_no_grad(q, k, v, cu, cu, _alibi(alibi_slopes), _op_args(shape, opts))
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnQKVPackedFunc.apply(
         qkv,
         cu_seqlens.contiguous(),
@@ -296,6 +336,12 @@ def flash_attn_varlen_kvpacked_func(
         shape,
         _needs_backward(q, kv),
     )
+    if not _needs_backward(q, kv):
+        out, lse = forward_no_grad(
+            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            _alibi(alibi_slopes), _op_args(shape, opts),
+        )  # fmt: skip
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnKVPackedFunc.apply(
         *_distinct(
             q, kv, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), _alibi(alibi_slopes)
@@ -329,10 +375,22 @@ def flash_attn_varlen_func(
     length batch + 1) and max_seqlen_q / max_seqlen_k are the longest.
 
     Returns out shaped like q; with return_attn_probs, (out, softmax_lse (nheads,
-    total_q) float32, None). block_table (paged KV) is not implemented yet.
+    total_q) float32, None).
+
+    block_table (paged KV, inference only): int32 (batch, pages_per_seq); k and v are
+    then the page pool (num_pages, page_size, nheads_k, head_dim), page_size a multiple
+    of 16, and sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b]
+    keys of its pages (key j in page block_table[b, j // page_size]). No gradient:
+    with block_table, inputs that require grad (under grad mode) raise. The lengths and
+    the page entries used are checked (one device sync), as flash_attn_with_kvcache
+    checks them.
     """
-    _reject_paged_kv(block_table)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
+    if block_table is not None:
+        return _varlen_paged(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, opts,
+            alibi_slopes, block_table, return_attn_probs,
+        )  # fmt: skip
     shape = _checks.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
     )
@@ -348,6 +406,12 @@ def flash_attn_varlen_func(
         shape,
         _needs_backward(q, k, v),
     )
+    if not _needs_backward(q, k, v):
+        out, lse = forward_no_grad(
+            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            _alibi(alibi_slopes), _op_args(shape, opts),
+        )  # fmt: skip
+        return _result(out, lse, return_attn_probs)
     out, lse = FlashAttnFunc.apply(
         *_distinct(
             q,
@@ -384,11 +448,78 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_softmax_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The KV-cache (decode) entry point: not implemented in this release."""
-    raise NotImplementedError(
-        "flash_attn_with_kvcache: the KV-cache / decode path (in-place cache "
-        "update, rotary embedding, split-KV decoding, paged KV) is not implemented "
-        "in this release of flash_attn (planned for a later release). For now, "
-        "append to the cache yourself and call flash_attn_func (or "
-        "flash_attn_varlen_func) on the filled part of k_cache and v_cache."
+    """Attention of q over a KV cache, after appending k and v to it in place
+    (incremental decoding, chunked prefill, speculative decoding). Inference only: no
+    gradient flows through it.
+
+    Arguments (flash_attn 2.x's):
+        q: (batch, seqlen_q, nheads, head_dim); seqlen_q may be 1 (decode) or more.
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, head_dim), or with
+            block_table the page pool (num_pages, page_size, nheads_k, head_dim), page_size
+            a multiple of 16 (upstream asks for a multiple of 256; all of those work).
+            Last dim contiguous. Updated in place when k and v are given.
+        k, v: (batch, seqlen_new, nheads_k, head_dim) or None: written into the caches at
+            keys cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 of sequence b's
+            cache row (with cache_batch_idx duplicated, any one of the duplicates wins).
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), float32 or q's dtype, with k
+            and v only: rotate the new k at positions cache_seqlens + i, and q at
+            cache_seqlens + i when causal or local (window_size != (-1, -1)), else every
+            query at cache_seqlens. rotary_interleaved: pairs (0, 1), (2, 3), ... (GPT-J)
+            instead of (i, i + rotary_dim / 2) (GPT-NeoX).
+        cache_seqlens: int, or int32 (batch,): the keys in each cache row before the
+            append; None: the whole cache row (seqlen_cache, or pages_per_seq *
+            page_size). Required with k and v.
+        cache_batch_idx: int32 (batch,): the cache row of each sequence (default b).
+        cache_leftpad: int32 (batch,): sequence b's keys start at key cache_leftpad[b]
+            (left padding); the masks and ALiBi see the keys from there on.
+        block_table: int32 (batch, pages_per_seq): key j of sequence b is in page
+            block_table[b, j // page_size]. Entries past a sequence's last page are not
+            read (they may hold anything, e.g. -1).
+        softmax_scale, causal, window_size, softcap, alibi_slopes: as flash_attn_func;
+            masks are aligned to the bottom right (the last query sees the last key).
+        num_splits: 0 lets the kernels choose how many ways to split the keys, 1 never
+            splits, n in 2..128 splits them n ways.
+        return_softmax_lse: also return softmax_lse (batch, nheads, seqlen_q) float32.
+
+    Returns out (batch, seqlen_q, nheads, head_dim), or (out, softmax_lse).
+
+    Checked before anything is written: shapes, dtypes and devices; and the values of
+    cache_seqlens, cache_batch_idx, cache_leftpad and block_table (every key written or
+    read lies in the cache, every page used is in the pool, the rotary tables cover
+    every position rotated). Checking tensor values reads them on the host: one device
+    sync per call (none when cache_seqlens is an int and no other index tensor is
+    given). While a CUDA graph is being captured that sync is impossible and the value
+    checks are skipped. A head_dim that is not a multiple of 8 makes a padded copy of
+    the cache for the kernel on every call.
+    """
+    opts = _options(0.0, softmax_scale, causal, window_size, softcap)
+    num_splits = _kvcache_checks.check_num_splits(num_splits)
+    shape = _kvcache_checks.check_kvcache(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+        cache_leftpad, block_table, alibi_slopes,
+    )  # fmt: skip
+    tensors = {
+        "q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v,
+        "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
+        "cache_seqlens": cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
+        "cache_batch_idx": cache_batch_idx, "cache_leftpad": cache_leftpad,
+        "block_table": block_table, "alibi_slopes": alibi_slopes,
+    }  # fmt: skip
+    attn_shape = AttnShape(
+        batch=shape.batch,
+        seqlen_q=shape.seqlen_q,
+        seqlen_k=shape.capacity,
+        nheads=shape.nheads,
+        nheads_k=shape.nheads_k,
+        head_dim=shape.head_dim,
+        dtype=shape.dtype,
     )
+    _checks.check_launch(tensors, attn_shape, False)
+    rotary = None if rotary_cos is None or rotary_sin is None else (rotary_cos, rotary_sin)
+    with torch.no_grad():
+        out, lse = _kvcache.kvcache_forward(
+            q, k_cache, v_cache, k, v, rotary, cache_seqlens, cache_batch_idx, cache_leftpad,
+            block_table, shape, opts, rotary_interleaved, alibi_slopes, num_splits,
+            check_values=_kvcache_checks.values_checkable(q.device),
+        )  # fmt: skip
+    return (out, lse) if return_softmax_lse else out

@@ -171,20 +171,6 @@ def test_dropout_is_not_implemented() -> None:
         flash_attn.flash_attn_qkvpacked_func(torch.stack([q, q, q], dim=2), 0.5)
 
 
-def test_paged_kv_is_not_implemented() -> None:
-    q = torch.randn(6, 4, 32).half()
-    cu = torch.tensor([0, 6], dtype=torch.int32)
-    table = torch.zeros(1, 1, dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match="paged KV"):
-        flash_attn.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6, block_table=table)
-
-
-def test_kvcache_is_not_implemented() -> None:
-    q, k, v = cpu_qkv()
-    with pytest.raises(NotImplementedError, match="KV-cache / decode path"):
-        flash_attn.flash_attn_with_kvcache(q, k, v)
-
-
 # --- the head-dim padding helper -------------------------------------------------
 
 
@@ -494,6 +480,99 @@ def _stub_fwd(
     return out.contiguous(), lse.contiguous()  # contiguous, as the binding allocates
 
 
+def _stub_fwd_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    kv_batch_idx: torch.Tensor | None,
+    leftpad_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fwd_kv contract (flash_attn/_ops.py) written out: each sequence's keys
+    gathered one by one, then the reference attention over them."""
+    _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    index = {
+        "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k,
+        "kv_batch_idx": kv_batch_idx, "leftpad_k": leftpad_k, "block_table": block_table,
+    }  # fmt: skip
+    for name, t in index.items():
+        assert t is None or (t.dtype == torch.int32 and t.device == q.device), name
+    assert 0 <= num_splits <= 128
+    STUB.calls.append(
+        (
+            "fwd_kv",
+            {
+                "head_dim": q.shape[-1],
+                "max_seqlen_q": max_seqlen_q,
+                "max_seqlen_k": max_seqlen_k,
+                "softmax_scale": softmax_scale,
+                "window": (window_left, window_right),
+                "softcap": softcap,
+                "num_splits": num_splits,
+                "paged": block_table is not None,
+                "k_shape": tuple(k.shape),
+            },
+        )
+    )
+    varlen_q = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    outs, lses = [], []
+    for b in range(batch):
+        if cu_seqlens_q is not None:
+            q_b = q[int(cu_seqlens_q[b]) : int(cu_seqlens_q[b + 1])]
+        else:
+            q_b = q[b]
+        assert q_b.shape[0] <= max_seqlen_q
+        if seqused_k is not None:
+            n = int(seqused_k[b])
+        elif cu_seqlens_k is not None:
+            n = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
+        else:
+            n = max_seqlen_k if block_table is not None else k.shape[1]
+        assert 0 <= n <= max_seqlen_k, (n, max_seqlen_k)
+        start = 0
+        if block_table is not None:
+            assert kv_batch_idx is None and leftpad_k is None
+            page_size = k.shape[1]
+            assert page_size % 16 == 0 and n <= block_table.shape[1] * page_size
+            slots = [(int(block_table[b, j // page_size]), j % page_size) for j in range(n)]
+            assert all(0 <= page < k.shape[0] for page, _ in slots), "page outside the pool"
+            k_b = torch.stack([k[p, r] for p, r in slots]) if slots else k[0, :0]
+            v_b = torch.stack([v[p, r] for p, r in slots]) if slots else v[0, :0]
+        elif cu_seqlens_k is not None:
+            first = int(cu_seqlens_k[b])
+            k_b, v_b = k[first : first + n], v[first : first + n]
+        else:
+            row = b if kv_batch_idx is None else int(kv_batch_idx[b])
+            assert 0 <= row < k.shape[0] and n <= k.shape[1]
+            start = 0 if leftpad_k is None else int(leftpad_k[b])
+            assert 0 <= start <= n
+            k_b, v_b = k[row, start:n], v[row, start:n]
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
+        out_b, lse_b = attention_ref(
+            q_b[None], k_b[None], v_b[None], window_size=(window_left, window_right),
+            softcap=softcap, alibi_slopes=slopes, softmax_scale=softmax_scale,
+        )  # fmt: skip
+        outs.append(out_b[0])
+        lses.append(lse_b[0])
+    if varlen_q:
+        return torch.cat(outs).contiguous(), torch.cat(lses, dim=-1).contiguous()
+    return torch.stack(outs).contiguous(), torch.stack(lses).contiguous()
+
+
 def _stub_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -591,9 +670,11 @@ def define_stub_ops() -> object:
     if not _STUB_LIBRARY:
         lib = torch.library.Library(STUB_NAMESPACE, "DEF")
         lib.define(_ops.FWD_SCHEMA)
+        lib.define(_ops.FWD_KV_SCHEMA)
         lib.define(_ops.BWD_SCHEMA)
         lib.define(_ops.BUILD_INFO_SCHEMA)
         lib.impl("fwd", _stub_fwd, "CPU")
+        lib.impl("fwd_kv", _stub_fwd_kv, "CPU")
         lib.impl("bwd", _stub_bwd, "CPU")
         lib.impl("build_info", _stub_build_info, "CompositeExplicitAutograd")
         _STUB_LIBRARY.append(lib)
@@ -977,7 +1058,7 @@ def test_fakes_are_registered_once_and_opcheck_clean() -> None:
     define_stub_ops()
     _ops.register_fakes(STUB_NAMESPACE)
     assert _ops.register_fakes(STUB_NAMESPACE) == []  # the second call adds nothing
-    for name in ("fwd", "bwd"):
+    for name in ("fwd", "fwd_kv", "bwd"):
         qualname = f"{STUB_NAMESPACE}::{name}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta")
     ops = getattr(torch.ops, STUB_NAMESPACE)
@@ -1010,6 +1091,7 @@ def real_extension() -> object:
 def test_extension_schemas_match_the_contract(real_extension: Any) -> None:
     for op, schema in (
         (real_extension.fwd.default, _ops.FWD_SCHEMA),
+        (real_extension.fwd_kv.default, _ops.FWD_KV_SCHEMA),
         (real_extension.bwd.default, _ops.BWD_SCHEMA),
         (real_extension.build_info.default, _ops.BUILD_INFO_SCHEMA),
     ):

@@ -120,24 +120,28 @@ def test_index_first_axis_gradient_matches_plain_indexing() -> None:
     assert grad[[1, 2, 4, 5, 6, 8]].abs().sum() == 0
 
 
-def test_index_put_first_axis_places_rows_and_zeros_the_rest() -> None:
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_index_put_first_axis_places_rows_and_zeros_the_rest(index_dtype: torch.dtype) -> None:
+    """int32 indices too: transformers' own unpad gives them to pad_input (seen with 5.17)."""
     values = torch.arange(6.0).view(3, 2)
-    out = index_put_first_axis(values, torch.tensor([4, 0, 2]), 5)
+    out = index_put_first_axis(values, torch.tensor([4, 0, 2], dtype=index_dtype), 5)
     expected = torch.tensor([[2.0, 3.0], [0, 0], [4.0, 5.0], [0, 0], [0.0, 1.0]])
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-def test_pad_input_gradient_matches_plain_indexing() -> None:
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_pad_input_gradient_matches_plain_indexing(index_dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     mask = left_aligned_mask(LENGTHS, SEQLEN)
     _, idx, _, _, _ = unpad_input(torch.zeros(len(LENGTHS), SEQLEN), mask)
+    idx = idx.to(index_dtype)
     values = torch.randn(idx.numel(), 8, requires_grad=True)
     grad_out = torch.randn(len(LENGTHS), SEQLEN, 8)
 
     padded = pad_input(values, idx, len(LENGTHS), SEQLEN)
     (grad,) = torch.autograd.grad(padded, values, grad_out)
 
-    torch.testing.assert_close(grad, grad_out.reshape(-1, 8)[idx], rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_out.reshape(-1, 8)[idx.long()], rtol=0, atol=0)
 
 
 def test_gradcheck_through_unpad_and_pad() -> None:

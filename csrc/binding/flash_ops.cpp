@@ -1,4 +1,4 @@
-// The only C++ that sees torch: registers flash_attn::fwd / bwd / build_info with
+// The only C++ that sees torch: registers flash_attn::fwd / fwd_kv / bwd / build_info with
 // the dispatcher, checks inputs, allocates outputs and calls the kernels
 // (csrc/kernels/flash_api.h) on the current stream.
 //
@@ -147,6 +147,21 @@ std::vector<int64_t> lse_shape(const Tensor &q, const FlashAttnParams &p, bool v
   return {p.batch, p.nheads, p.seqlen_q};
 }
 
+// Plans the launch (split kernel or not, how many splits), allocates the split
+// workspace it asks for and runs the forward.
+void run_forward(FlashAttnParams &p, const Tensor &q) {
+  int64_t oaccum_floats = 0, lse_accum_floats = 0;
+  raise_on_error(flash_attn_fwd_plan(&p, &oaccum_floats, &lse_accum_floats), p, "forward");
+  std::optional<Tensor> oaccum, lse_accum;  // freed after the launch, stream-ordered
+  if (oaccum_floats > 0) {
+    oaccum = fa::empty_like_device(q, {oaccum_floats}, ScalarType::Float);
+    lse_accum = fa::empty_like_device(q, {lse_accum_floats}, ScalarType::Float);
+    p.oaccum = static_cast<float *>(oaccum->data_ptr());
+    p.lse_accum = static_cast<float *>(lse_accum->data_ptr());
+  }
+  raise_on_error(flash_attn_fwd(&p, fa::current_stream(q)), p, "forward");
+}
+
 std::tuple<Tensor, Tensor> fwd(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor cu_q,
                                OptTensor cu_k, int64_t max_sq, int64_t max_sk, double scale,
                                int64_t left, int64_t right, double softcap, OptTensor alibi) {
@@ -166,11 +181,135 @@ std::tuple<Tensor, Tensor> fwd(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor 
   SET_STRIDES(p, v, v, varlen);
   SET_STRIDES(p, o, out, varlen);
   set_lse(p, lse, varlen);
+  p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
   if (q.numel() == 0) {
     fa::fill(lse, INFINITY);
     return {out, lse};
   }
-  raise_on_error(flash_attn_fwd(&p, fa::current_stream(q)), p, "forward");
+  run_forward(p, q);
+  return {out, lse};
+}
+
+// An int32 (batch,) index tensor on q's device.
+const int *index_tensor(const OptTensor &t, const char *name, const Tensor &q, int64_t batch) {
+  if (!t.has_value()) return nullptr;
+  FA_CHECK(same_device(*t, q), name, " must be on q's device ", fa::device_text(q), ", got ",
+           fa::device_text(*t));
+  FA_CHECK(fa::dtype(*t) == ScalarType::Int, name, " must be int32, got ",
+           fa::dtype_name(fa::dtype(*t)));
+  FA_CHECK(t->dim() == 1 && t->size(0) == batch && t->is_contiguous(), name,
+           " must be a contiguous (batch,) = (", batch, ",) tensor, got shape ",
+           fa::shape_text(fa::shape(*t)));
+  return static_cast<const int *>(t->data_ptr());
+}
+
+// The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
+// varlen, or paged through block_table; seqused_k gives each entry's key count.
+std::tuple<Tensor, Tensor> fwd_kv(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor cu_q,
+                                  OptTensor cu_k, OptTensor seqused_k, OptTensor kv_batch_idx,
+                                  OptTensor leftpad_k, OptTensor block_table, int64_t max_sq,
+                                  int64_t max_sk, double scale, int64_t left, int64_t right,
+                                  double softcap, OptTensor alibi, int64_t num_splits) {
+  FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
+  const fa::DeviceGuard guard(q_in);
+  const Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  const bool varlen = cu_q.has_value(), paged = block_table.has_value();
+  FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
+           FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
+  FA_CHECK(!paged || (!kv_batch_idx.has_value() && !leftpad_k.has_value()),
+           "block_table excludes kv_batch_idx and leftpad_k");
+  FA_CHECK(!varlen || !kv_batch_idx.has_value(), "kv_batch_idx needs dense q, k, v");
+  FA_CHECK(!(varlen && leftpad_k.has_value()), "leftpad_k needs dense q, k, v");
+  FA_CHECK(q.dim() == (varlen ? 3 : 4), "q must be ", varlen ? "3" : "4", "-D, got ", q.dim(), "-D");
+  FA_CHECK(k.dim() == ((varlen && !paged) ? 3 : 4) && v.dim() == k.dim(), "k and v must be ",
+           paged ? "(num_pages, page_size, nheads_k, head_dim)"
+                 : (varlen ? "(total_k, nheads_k, head_dim)" : "(batch, seqlen_k, nheads_k, head_dim)"),
+           ", got ", fa::shape_text(fa::shape(k)), " and ", fa::shape_text(fa::shape(v)));
+  FA_CHECK(fa::shape(k) == fa::shape(v), "k and v must have the same shape, got ",
+           fa::shape_text(fa::shape(k)), " and ", fa::shape_text(fa::shape(v)));
+  check_tensor(k, "k", q);
+  check_tensor(v, "v", q);
+  FlashAttnParams p{};
+  p.dtype = dtype_code(q);
+  const int64_t d = q.size(-1), h = q.size(-2), hk = k.size(-2);
+  FA_CHECK(d > 0 && d <= 256 && d % 8 == 0 && k.size(-1) == d,
+           "head_dim must be a multiple of 8 in (0, 256], the same for q, k and v; got ", d,
+           " and ", k.size(-1));
+  FA_CHECK(hk > 0 && h % hk == 0, "nheads (", h, ") must be a multiple of nheads_k (", hk, ")");
+  if (varlen) {
+    FA_CHECK(cu_k.has_value(), "varlen q needs cu_seqlens_k");
+    check_cu_seqlens(*cu_q, "cu_seqlens_q", q);
+    check_cu_seqlens(*cu_k, "cu_seqlens_k", q);
+    FA_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 1,
+             "cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries");
+    p.batch = static_cast<int>(cu_q->numel() - 1);
+    p.seqlen_q = static_cast<int>(max_sq);
+    p.cu_seqlens_q = static_cast<int *>(cu_q->data_ptr());
+    p.cu_seqlens_k = static_cast<int *>(cu_k->data_ptr());
+  } else {
+    FA_CHECK(!cu_k.has_value(), "cu_seqlens_k needs cu_seqlens_q");
+    p.batch = static_cast<int>(q.size(0));
+    p.seqlen_q = static_cast<int>(q.size(1));
+  }
+  if (paged) {
+    const Tensor &bt = *block_table;
+    FA_CHECK(same_device(bt, q) && fa::dtype(bt) == ScalarType::Int && bt.dim() == 2 &&
+                 bt.size(0) == p.batch && bt.stride(1) == 1,
+             "block_table must be an int32 (batch, pages_per_seq) tensor on q's device with "
+             "contiguous rows, got ", fa::shape_text(fa::shape(bt)));
+    FA_CHECK(k.size(1) % 16 == 0, "the page size (k.shape[1]) must be a multiple of 16, got ",
+             k.size(1));
+    p.block_table = static_cast<const int *>(bt.data_ptr());
+    p.block_table_batch_stride = bt.stride(0);
+    p.page_size = static_cast<int>(k.size(1));
+    p.seqlen_k = static_cast<int>(bt.size(1) * k.size(1));
+  } else if (varlen) {
+    p.seqlen_k = static_cast<int>(max_sk);
+  } else {
+    FA_CHECK(kv_batch_idx.has_value() ? k.size(0) >= 1 : k.size(0) == p.batch,
+             "k's batch (", k.size(0), ") must be q's (", p.batch, ") unless kv_batch_idx is given");
+    p.seqlen_k = static_cast<int>(k.size(1));
+  }
+  p.seqused_k = index_tensor(seqused_k, "seqused_k", q, p.batch);
+  p.kv_batch_idx = index_tensor(kv_batch_idx, "kv_batch_idx", q, p.batch);
+  p.leftpad_k = index_tensor(leftpad_k, "leftpad_k", q, p.batch);
+  p.nheads = static_cast<int>(h);
+  p.nheads_k = static_cast<int>(hk);
+  p.head_dim = static_cast<int>(d);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = static_cast<int>(left);
+  p.window_right = static_cast<int>(right);
+  p.num_splits = static_cast<int>(num_splits);
+  if (alibi.has_value()) {
+    FA_CHECK(same_device(*alibi, q) && fa::dtype(*alibi) == ScalarType::Float,
+             "alibi_slopes must be float32 on q's device");
+    FA_CHECK((alibi->dim() == 1 && alibi->size(0) == h) ||
+                 (alibi->dim() == 2 && alibi->size(0) == p.batch && alibi->size(1) == h),
+             "alibi_slopes must have shape (nheads,) or (batch, nheads), got ",
+             fa::shape_text(fa::shape(*alibi)));
+    FA_CHECK(alibi->stride(-1) == 1, "alibi_slopes must be contiguous in the head dim");
+    p.alibi_slopes = static_cast<float *>(alibi->data_ptr());
+    p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
+  }
+  Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
+  Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  SET_STRIDES(p, q, q, varlen);
+  const bool k_rows = varlen && !paged;  // (total_k, nheads_k, head_dim)
+  SET_STRIDES(p, k, k, k_rows);
+  SET_STRIDES(p, v, v, k_rows);
+  SET_STRIDES(p, o, out, varlen);
+  set_lse(p, lse, varlen);
+  p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
+  if (q.numel() == 0) {
+    fa::fill(lse, INFINITY);
+    return {out, lse};
+  }
+  run_forward(p, q);
   return {out, lse};
 }
 
@@ -234,6 +373,12 @@ constexpr const char *FWD_SCHEMA =
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
     "int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor out, Tensor softmax_lse)";
+constexpr const char *FWD_KV_SCHEMA =
+    "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
+    "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits) "
+    "-> (Tensor out, Tensor softmax_lse)";
 constexpr const char *BWD_SCHEMA =
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
@@ -246,12 +391,14 @@ constexpr const char *BUILD_INFO_SCHEMA = "build_info() -> str";
 #if FLASH_ATTN_STABLE_ABI
 STABLE_TORCH_LIBRARY(flash_attn, m) {
   m.def(FWD_SCHEMA);
+  m.def(FWD_KV_SCHEMA);
   m.def(BWD_SCHEMA);
   m.def(BUILD_INFO_SCHEMA);
 }
 
 STABLE_TORCH_LIBRARY_IMPL(flash_attn, CUDA, m) {
   m.impl("fwd", TORCH_BOX(&fwd));
+  m.impl("fwd_kv", TORCH_BOX(&fwd_kv));
   m.impl("bwd", TORCH_BOX(&bwd));
 }
 
@@ -262,12 +409,14 @@ STABLE_TORCH_LIBRARY_IMPL(flash_attn, CompositeExplicitAutograd, m) {
 #else
 TORCH_LIBRARY(flash_attn, m) {
   m.def(FWD_SCHEMA);
+  m.def(FWD_KV_SCHEMA);
   m.def(BWD_SCHEMA);
   m.def(BUILD_INFO_SCHEMA, &build_info);
 }
 
 TORCH_LIBRARY_IMPL(flash_attn, CUDA, m) {
   m.impl("fwd", &fwd);
+  m.impl("fwd_kv", &fwd_kv);
   m.impl("bwd", &bwd);
 }
 #endif

@@ -1,9 +1,13 @@
 // The C entry points: pick the smallest compiled head-dim bucket that holds
 // the request and launch it.
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "registry.cuh"
+#include "split_plan.h"
 #include "tile.cuh"
 
 namespace flash {
@@ -20,13 +24,55 @@ const KernelEntry *find_kernel(int head_dim, int dtype, int direction) {
   return best;
 }
 
+bool valid_shape(const FlashAttnParams *p) {
+  return p != nullptr && p->head_dim > 0 && p->head_dim % 8 == 0 && p->nheads_k > 0 &&
+         p->nheads % p->nheads_k == 0;
+}
+
 int run(const FlashAttnParams *p, void *stream, int direction) {
-  if (p == nullptr || p->head_dim <= 0 || p->head_dim % 8 != 0 || p->nheads_k <= 0 ||
-      p->nheads % p->nheads_k != 0)
+  if (!valid_shape(p)) return FLASH_ERR_BAD_ARGUMENT;
+  // The paged layout and the splits are the split kernel's alone; the backward
+  // takes neither, nor the KV-cache fields.
+  if (direction == 0 && !p->split_kernel && (p->block_table != nullptr || p->num_splits > 1))
+    return FLASH_ERR_BAD_ARGUMENT;
+  if (direction == 1 && (p->block_table != nullptr || p->seqused_k != nullptr ||
+                         p->kv_batch_idx != nullptr || p->leftpad_k != nullptr || p->split_kernel))
     return FLASH_ERR_BAD_ARGUMENT;
   const KernelEntry *e = find_kernel(p->head_dim, p->dtype, direction);
   if (e == nullptr) return FLASH_ERR_NOT_COMPILED;
   return e->fn(*p, static_cast<cudaStream_t>(stream));
+}
+int plan(FlashAttnParams *p, int64_t *oaccum_floats, int64_t *lse_accum_floats) {
+  *oaccum_floats = *lse_accum_floats = 0;
+  if (!valid_shape(p) || p->num_splits < 0 || p->num_splits > FLASH_MAX_SPLITS || p->total_q < 0)
+    return FLASH_ERR_BAD_ARGUMENT;
+  if (p->block_table != nullptr &&
+      (p->page_size <= 0 || p->page_size % 16 != 0 || p->kv_batch_idx != nullptr || p->leftpad_k != nullptr))
+    return FLASH_ERR_BAD_ARGUMENT;
+  const KernelEntry *e = find_kernel(p->head_dim, p->dtype, 0);
+  if (e == nullptr) return FLASH_ERR_NOT_COMPILED;
+  p->split_kernel = split::wants_split_kernel(*p) ? 1 : 0;
+  if (!p->split_kernel) {
+    p->num_splits = 1;
+    return FLASH_OK;
+  }
+  if (p->num_splits == 0) {
+    int dev = 0, sms = 0;
+    const cudaError_t err = cudaGetDevice(&dev) == cudaSuccess
+                                ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)
+                                : cudaErrorInvalidDevice;
+    if (err != cudaSuccess) {
+      set_cuda_error(err);
+      return FLASH_ERR_CUDA;
+    }
+    p->num_splits = split::choose_splits(*p, e->head_dim, sms);
+    p->num_sms = sms;
+  }
+  if (p->num_splits > 1) {
+    *lse_accum_floats = int64_t(p->num_splits) * p->nheads * p->total_q;
+    *oaccum_floats = *lse_accum_floats * p->head_dim;
+  }
+  return FLASH_OK;
 }
 }  // namespace
 
@@ -44,6 +90,37 @@ bool use_sm90_kernels() {
   return major == 9 && minor == 0;
 }
 
+namespace {
+std::mutex smem_limits_mutex;
+std::map<std::pair<const void *, int>, size_t> smem_limits;  // (kernel, device) -> bytes
+int current_device() {
+  int dev = -1;
+  return cudaGetDevice(&dev) == cudaSuccess ? dev : -1;
+}
+}  // namespace
+
+bool smem_limit_raised(const void *kernel, size_t smem) {
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(smem_limits_mutex);
+  const auto it = smem_limits.find({kernel, dev});
+  return dev >= 0 && it != smem_limits.end() && it->second >= smem;
+}
+
+void note_smem_limit(const void *kernel, size_t smem) {
+  const int dev = current_device();
+  if (dev < 0) return;
+  std::lock_guard<std::mutex> lock(smem_limits_mutex);
+  size_t &known = smem_limits[{kernel, dev}];
+  if (smem > known) known = smem;
+}
+
+bool device_has_pdl() {
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         major >= 9;
+}
+
 void set_cuda_error(cudaError_t e) {
   last_cuda_error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
 }
@@ -51,6 +128,10 @@ void set_cuda_error(cudaError_t e) {
 }  // namespace flash
 
 extern "C" {
+
+int flash_attn_fwd_plan(FlashAttnParams *params, int64_t *oaccum_floats, int64_t *lse_accum_floats) {
+  return flash::plan(params, oaccum_floats, lse_accum_floats);
+}
 
 int flash_attn_fwd(const FlashAttnParams *params, void *cuda_stream) {
   return flash::run(params, cuda_stream, 0);

@@ -69,8 +69,35 @@ typedef struct FlashAttnParams {
                                        i + sk - sq - left <= j <= i + sk - sq + right */
   int dtype;                        /* enum FlashDtype */
   int num_sms;                      /* filled by the launcher if 0 */
+
+  /* KV cache (forward only; NULL when unused). Index arrays are int32 (batch). */
+  const int *seqused_k;             /* entry b has keys [0, seqused_k[b]) of its cache row */
+  const int *kv_batch_idx;          /* dense k/v: the cache row (k batch index) of entry b */
+  const int *leftpad_k;             /* dense k/v: entry b's keys start at leftpad_k[b]; the
+                                       masks and ALiBi see seqused_k[b] - leftpad_k[b] keys */
+  const int *block_table;           /* paged k/v (num_pages, page_size, nheads_k, head_dim),
+                                       the k/v batch strides being the page strides: key j of
+                                       entry b is row j % page_size of page
+                                       block_table[b * block_table_batch_stride + j / page_size] */
+  int64_t block_table_batch_stride;
+  int page_size;                    /* a multiple of 16 */
+
+  /* Split-KV: the keys of each (entry, kv head) are cut into num_splits parts whose
+     results, with their log-sum-exp, a second kernel combines. flash_attn_fwd_plan
+     resolves num_splits (0: chosen here) and says what workspace the caller allocates. */
+  int num_splits;
+  int split_kernel;                 /* set by flash_attn_fwd_plan: 1 = the split/decode kernel */
+  int total_q;                      /* rows of q: batch * seqlen_q (dense) or total_q (varlen) */
+  float *oaccum;                    /* (num_splits, nheads, total_q, head_dim) float32 */
+  float *lse_accum;                 /* (num_splits, nheads, total_q) float32 */
 } FlashAttnParams;
 
+/* Decides how the forward runs: resolves params->num_splits (0 = chosen from the
+ * shapes and the current device; at most FLASH_MAX_SPLITS) and params->split_kernel,
+ * and gives the float32 workspace the caller must allocate into params->oaccum and
+ * params->lse_accum (both 0 when no split is made). Call it before flash_attn_fwd. */
+#define FLASH_MAX_SPLITS 128
+int flash_attn_fwd_plan(FlashAttnParams *params, int64_t *oaccum_floats, int64_t *lse_accum_floats);
 /* Forward: o, lse. */
 int flash_attn_fwd(const FlashAttnParams *params, void *cuda_stream);
 /* Backward: dq, dk, dv (softmax_d is a float32 workspace the caller allocates).

@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "fwd_split.cuh"
 #include "tile.cuh"
 #if defined(FLASH_HAS_SM90A)
 #include "fwd_sm90.cuh"
@@ -179,6 +180,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 
 template <int D, typename T>
 int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
+  if (p.split_kernel) return run_fwd_split<D, T>(p, stream);
 #if defined(FLASH_HAS_SM90A)
   if constexpr (D % 64 == 0) {
     if (use_sm90_kernels()) return run_fwd_sm90<D, T>(p, stream);

@@ -20,6 +20,13 @@ __device__ __forceinline__ void cp_async_16(void *dst, const void *src, bool pre
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
                "l"(src), "r"(bytes));
 }
+// The same, asking L2 to fetch the 256 bytes around the address: for streams of whole
+// key rows (the split kernel's K and V), each read once.
+__device__ __forceinline__ void cp_async_16_stream(void *dst, const void *src, bool pred) {
+  const int bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(bytes));
+}
 // 4-byte global -> shared copy, zero-filled when !pred.
 __device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool pred) {
   const int bytes = pred ? 4 : 0;

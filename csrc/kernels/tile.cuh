@@ -25,14 +25,20 @@ struct TileDims {
   static constexpr int kNTiles = D / 8;  // n-tiles of 8 along the head dim
 };
 
-// Where batch entry b lives in the (dense or packed) tensors.
+// Where batch entry b lives in the (dense or packed) tensors. For k and v, kb is
+// the cache row (kv_batch_idx) and k_start the first key (varlen: the token
+// offset; dense: leftpad_k), so token j of kv head h is at
+// kb * batch_stride + (k_start + j) * row_stride + h * head_stride; sk counts the
+// keys from k_start on (seqused_k, less leftpad_k, where given).
 struct SeqInfo {
-  int q_start, k_start;  // first token (varlen) or 0
+  int q_start, k_start;  // first token (varlen) or 0; k_start also takes leftpad_k
+  int kb;                // the batch index of k and v
   int sq, sk;            // this sequence's lengths
   bool varlen;
 
   __device__ __forceinline__ SeqInfo(const FlashAttnParams &p, int b) {
     varlen = p.cu_seqlens_q != nullptr;
+    kb = varlen ? 0 : b;
     if (varlen) {
       q_start = p.cu_seqlens_q[b];
       k_start = p.cu_seqlens_k[b];
@@ -43,13 +49,20 @@ struct SeqInfo {
       sq = p.seqlen_q;
       sk = p.seqlen_k;
     }
+    if (p.kv_batch_idx != nullptr) kb = p.kv_batch_idx[b];
+    if (p.seqused_k != nullptr) sk = p.seqused_k[b];
+    if (p.leftpad_k != nullptr) {
+      const int pad = p.leftpad_k[b];
+      k_start += pad;
+      sk -= pad;
+    }
   }
   // Offset of token 0 of head h of this sequence.
   __device__ __forceinline__ int64_t q_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
     return (varlen ? q_start * rs : b * bs) + h * hs;
   }
-  __device__ __forceinline__ int64_t k_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
-    return (varlen ? k_start * rs : b * bs) + h * hs;
+  __device__ __forceinline__ int64_t k_off(int, int64_t bs, int64_t rs, int64_t hs, int h) const {
+    return int64_t(kb) * bs + int64_t(k_start) * rs + h * hs;
   }
   // Token 0 of query head h (q, o, dout, dq) or kv head h (k, v, dk, dv) of entry b.
   template <typename T>
@@ -383,17 +396,55 @@ void set_cuda_error(cudaError_t e);
 // device is compute capability 9.0 and FLASH_ATTN_DISABLE_SM90 is unset or 0.
 bool use_sm90_kernels();
 
+// Whether the dynamic shared-memory limit of kernel on the current device is known to
+// be at least smem (dispatch.cu keeps the record), and recording a raise.
+bool smem_limit_raised(const void *kernel, size_t smem);
+void note_smem_limit(const void *kernel, size_t smem);
+
 // Raise the dynamic shared-memory limit and launch; returns a FlashStatus.
 template <typename Kernel>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
                   const FlashAttnParams &p) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
+  // The limit is raised once per (kernel, device): the call costs about as much as a
+  // decode step's whole launch.
+  cudaError_t e = cudaSuccess;
+  if (smem > 48 * 1024 && !smem_limit_raised(reinterpret_cast<const void *>(kernel), smem)) {
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e == cudaSuccess) note_smem_limit(reinterpret_cast<const void *>(kernel), smem);
+  }
   if (e == cudaSuccess) {
     kernel<<<grid, threads, smem, stream>>>(p);
     e = cudaGetLastError();
   }
+  if (e != cudaSuccess) {
+    set_cuda_error(e);
+    return FLASH_ERR_CUDA;
+  }
+  return FLASH_OK;
+}
+
+// Launch a kernel that reads what the previous kernel on the stream wrote. On compute
+// capability 9.0 and up it goes out as a programmatic dependent launch, so that its
+// launch overlaps the end of the previous grid (the kernel itself calls
+// cudaGridDependencySynchronize before it reads); elsewhere, a plain launch.
+bool device_has_pdl();
+template <typename Kernel>
+inline int launch_dependent(Kernel kernel, dim3 grid, int threads, cudaStream_t stream,
+                            const FlashAttnParams &p) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
+  if (!device_has_pdl()) return launch(kernel, grid, threads, 0, stream, p);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, p);
   if (e != cudaSuccess) {
     set_cuda_error(e);
     return FLASH_ERR_CUDA;

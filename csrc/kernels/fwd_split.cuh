@@ -1,0 +1,349 @@
+// Split-KV forward, for decode-shaped calls and paged KV caches.
+//
+// One warp per CTA. A CTA takes 16 packed query rows of one (entry, kv head) and
+// one split of that pair's keys: the query heads that share a kv head are packed
+// into the rows (row r is query r / group of head hk * group + r % group), so each
+// K/V byte is read once per split however many query heads use it. Keys stream
+// through a cp.async pipeline of kStages tiles of 32 rows; each lane computes the
+// address of one key row (from the block table when the cache is paged) and the
+// warp shares them by shuffle. With one split the CTA writes O and the LSE; with
+// more, each split writes its normalised partial O and LSE (float32 workspace) and
+// combine_kernel merges them.
+#pragma once
+
+#include "split_plan.h"
+#include "tile.cuh"
+
+namespace flash {
+
+template <int D>
+struct SplitConfig {
+  static constexpr int BN = split::bn(D), kStages = split::stages(D), LD = split::ld(D);
+  static constexpr int kRows = split::kRows;
+  static constexpr bool kQInRegs = D <= 128;  // above, Q's fragments stay in shared memory
+  static constexpr size_t kSmem = split::smem_bytes(D);
+};
+
+// The rows of k and v of one (entry, kv head), relative to its base pointers.
+struct KeyRows {
+  const int *pages;  // this entry's block-table row, or nullptr: contiguous rows
+  int page_size;
+  int64_t k_page, v_page, k_row, v_row;  // strides (elements)
+
+  __device__ __forceinline__ void offsets(int j, int64_t &ko, int64_t &vo) const {
+    if (pages != nullptr) {
+      const int pi = j / page_size, r = j - pi * page_size;
+      const int64_t page = pages[pi];
+      ko = page * k_page + r * k_row;
+      vo = page * v_page + r * v_row;
+    } else {
+      ko = int64_t(j) * k_row;
+      vo = int64_t(j) * v_row;
+    }
+  }
+};
+
+// K and V rows [n0, n0 + BN) into one pipeline stage; rows past sk and columns past
+// head_dim read as zero (a zero V row keeps 0 * garbage out of P V). The lanes first
+// put each row's offsets in sOff (lane l: rows l, l + 32, ...), then copy 16-byte
+// chunks, reading the offsets of the chunk's row from there.
+template <int D, int BN, typename T>
+__device__ __forceinline__ void load_kv_stage(T *sK, T *sV, int64_t *sOff, const T *kbase,
+                                              const T *vbase, const KeyRows &rows, int n0, int sk,
+                                              int hd, int lane) {
+  constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh;
+  __syncwarp();  // every lane is done reading the previous offsets
+  for (int r = lane; r < BN; r += 32) {
+    int64_t ko = 0, vo = 0;
+    if (n0 + r < sk) rows.offsets(n0 + r, ko, vo);
+    sOff[2 * r] = ko;
+    sOff[2 * r + 1] = vo;
+  }
+  __syncwarp();
+#pragma unroll 2  // more unrolling hoists every address into registers the MMAs need
+  for (int idx = lane; idx < kTotal; idx += 32) {
+    const int r = idx / kCh, c = (idx % kCh) * 8;
+    const bool valid = n0 + r < sk && c < hd;
+    const int64_t kr = sOff[2 * r], vr = sOff[2 * r + 1];
+    cp_async_16_stream(sK + r * LD + c, valid ? kbase + kr + c : kbase, valid);
+    cp_async_16_stream(sV + r * LD + c, valid ? vbase + vr + c : vbase, valid);
+  }
+}
+
+template <int D, typename T>
+__global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) {
+  using C = SplitConfig<D>;
+  constexpr int BN = C::BN, LD = C::LD, S = C::kStages, KS = D / 16, DT = D / 8, NT = BN / 8;
+  constexpr int R = C::kRows;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sQ = reinterpret_cast<T *>(smem);
+  T *sK = sQ + R * LD;       // S stages
+  T *sV = sK + S * BN * LD;  // S stages
+  int64_t *sOff = reinterpret_cast<int64_t *>(sV + S * BN * LD);  // BN (k, v) row offsets
+
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const int nsplit = p.num_splits, split = blockIdx.x % nsplit, r0 = blockIdx.x / nsplit * R;
+  const int hk = blockIdx.y, b = blockIdx.z, group = p.nheads / p.nheads_k;
+  const SeqInfo seq(p, b);
+  const int rows = seq.sq * group;
+  if (r0 >= rows) return;
+  const int hd = p.head_dim;
+  const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+
+  // This thread's two fragment rows (g and g + 8): query, head, visible keys, slope.
+  int qi[2], hq[2], lo[2], hi[2];
+  bool live[2];
+  float slope[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int pr = r0 + g + 8 * r;
+    live[r] = pr < rows;
+    qi[r] = live[r] ? pr / group : 0;
+    hq[r] = hk * group + (live[r] ? pr % group : 0);
+    vis.key_range(qi[r], qi[r] + 1, lo[r], hi[r]);
+    slope[r] = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + hq[r]] : 0.f;
+  }
+  const bool modded = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // This split's key blocks: an even share of the blocks the tile's queries see.
+  int nb_lo, nb_hi;
+  vis.key_blocks(r0 / group, (min(r0 + R, rows) - 1) / group + 1, BN, nb_lo, nb_hi);
+  const int per = (nb_hi - nb_lo + nsplit - 1) / nsplit;
+  const int blk_lo = min(nb_hi, nb_lo + split * per), blk_hi = min(nb_hi, blk_lo + per);
+  const int nblk = blk_hi - blk_lo;
+
+  // Queries: packed rows of the q tensor.
+  {
+    constexpr int kCh = D / 8;
+    for (int idx = lane; idx < R * kCh; idx += 32) {
+      const int r = idx / kCh, c = (idx % kCh) * 8, pr = r0 + r;
+      const bool valid = pr < rows && c < hd;
+      const T *src = static_cast<const T *>(p.q);
+      if (valid)
+        src = seq.q_ptr<T>(p, b, hk * group + pr % group) + int64_t(pr / group) * p.q_row_stride + c;
+      cp_async_16(sQ + r * LD + c, src, valid);
+    }
+    cp_async_commit();
+  }
+
+  const bool paged = p.block_table != nullptr;
+  const KeyRows krows{paged ? p.block_table + b * p.block_table_batch_stride : nullptr, p.page_size,
+                      p.k_batch_stride, p.v_batch_stride, p.k_row_stride, p.v_row_stride};
+  const T *kbase = paged ? static_cast<const T *>(p.k) + hk * p.k_head_stride : seq.k_ptr<T>(p, b, hk);
+  const T *vbase = paged ? static_cast<const T *>(p.v) + hk * p.v_head_stride : seq.v_ptr<T>(p, b, hk);
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (st < nblk)
+      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sOff, kbase, vbase, krows, (blk_lo + st) * BN,
+                          seq.sk, hd, lane);
+    cp_async_commit();
+  }
+
+  float acc_o[1][DT][4];
+  zero(acc_o[0]);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  uint32_t q_frag[1][C::kQInRegs ? KS : 1][4];
+  cp_async_wait<S - 1>();  // the queries' group
+  __syncwarp();
+  if constexpr (C::kQInRegs) load_a<KS, LD>(q_frag[0], sQ, lane);
+
+  for (int i = 0; i < nblk; ++i) {
+    cp_async_wait<S - 2>();  // block i landed
+    __syncwarp();            // and every lane is done with the stage the next load reuses
+    if (i + S - 1 < nblk) {
+      const int st = (i + S - 1) % S;
+      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sOff, kbase, vbase, krows,
+                          (blk_lo + i + S - 1) * BN, seq.sk, hd, lane);
+    }
+    cp_async_commit();
+    const T *sKi = sK + (i % S) * BN * LD;
+    const T *sVi = sV + (i % S) * BN * LD;
+    const int n0 = (blk_lo + i) * BN;
+
+    float s[1][NT][4];
+    zero(s[0]);
+    if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T>(s, q_frag, sKi, lane);
+    else gemm_ss_nt<1, NT, KS, LD, T>(s, sQ, sKi, lane);
+
+    // Scores in log2 units, invisible keys -inf; then the online softmax.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = n0 + j * 8 + 2 * t + e;
+          float x = s[0][j][2 * r + e];
+          if (modded) {
+            x *= p.scale;
+            if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+            x -= slope[r] * fabsf(static_cast<float>(qi[r] + vis.off() - key));
+            x *= kLog2e;
+          } else {
+            x *= scale_log2;
+          }
+          x = (key < lo[r] || key >= hi[r]) ? -INFINITY : x;
+          s[0][j][2 * r + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      mx = quad_max(mx);
+      const float base = mx == -INFINITY ? 0.f : mx;
+      const float alpha = exp2_approx(row_max[r] - base);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = exp2_approx(s[0][j][2 * r + e] - base);
+          s[0][j][2 * r + e] = pe;
+          sum += pe;
+        }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        acc_o[0][j][2 * r] *= alpha;
+        acc_o[0][j][2 * r + 1] *= alpha;
+      }
+    }
+    uint32_t p_frag[1][BN / 16][4];
+    pack_a<BN / 16, T>(p_frag[0], s[0]);
+    gemm_rs_nn<1, DT, BN / 16, LD, T>(acc_o, p_frag, sVi, lane);
+  }
+  cp_async_wait_all();
+
+  // Results: O and the LSE (one split), or this split's normalised partials. (The
+  // combine kernel, launched dependent on this one where the GPU allows, still waits
+  // for this grid to finish and its writes to land: cudaGridDependencySynchronize.)
+  const bool partial = nsplit > 1;
+  const int64_t plane = int64_t(p.nheads) * p.total_q;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (!live[r]) continue;
+    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : (partial ? -INFINITY : INFINITY);
+    if (partial) {
+      const int grow = seq.varlen ? seq.q_start + qi[r] : b * p.seqlen_q + qi[r];
+      const int64_t row = split * plane + int64_t(hq[r]) * p.total_q + grow;
+      if (t == 0) p.lse_accum[row] = lse;
+      float *dst = p.oaccum + row * hd;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        const int c = j * 8 + 2 * t;
+        if (c < hd)
+          *reinterpret_cast<float2 *>(dst + c) =
+              make_float2(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+      }
+    } else {
+      if (t == 0) p.lse[seq.lse_off(p, b, hq[r]) + qi[r]] = lse;
+      T *dst = seq.o_ptr<T>(p, b, hq[r]) + int64_t(qi[r]) * p.o_row_stride;
+#pragma unroll
+      for (int j = 0; j < DT; ++j) {
+        const int c = j * 8 + 2 * t;
+        if (c < hd)
+          *reinterpret_cast<uint32_t *>(dst + c) =
+              pack2<T>(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Merges the splits' partials: one CTA of 128 threads per (query row, head). The
+// weights exp(lse_s - lse) go to shared memory; then each thread sums 4 columns over
+// a share of the splits (independent loads, several in flight) and the shares are
+// added. A split that saw no key has LSE -inf and weight 0 (its partial O is never
+// read); a row no split saw gets O = 0 and LSE +inf, as the unsplit kernels give.
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
+  __shared__ float sw[FLASH_MAX_SPLITS];
+  __shared__ float sred[4];
+  __shared__ float4 spart[128];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // a no-op unless launched as a dependent grid
+#endif
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
+  const int ns = p.num_splits, hd = p.head_dim;
+  const int64_t plane = int64_t(p.nheads) * p.total_q, row = int64_t(h) * p.total_q + grow;
+
+  const float ls = tid < ns ? p.lse_accum[tid * plane + row] : -INFINITY;
+  float mx = warp_max(ls);
+  if (lane == 0) sred[warp] = mx;
+  __syncthreads();
+  mx = fmaxf(fmaxf(sred[0], sred[1]), fmaxf(sred[2], sred[3]));
+  const float e = (mx == -INFINITY || ls == -INFINITY) ? 0.f : expf(ls - mx);
+  float sum = warp_sum(e);
+  __syncthreads();
+  if (lane == 0) sred[warp] = sum;
+  __syncthreads();
+  sum = sred[0] + sred[1] + sred[2] + sred[3];
+  const float lse = mx == -INFINITY ? INFINITY : mx + logf(sum);
+  if (tid < ns) sw[tid] = sum > 0.f ? e / sum : 0.f;
+  __syncthreads();
+
+  const int chunks = hd / 4, groups = 128 / chunks;  // hd in [8, 256]: chunks <= 64 -> groups >= 2
+  const int c = tid % chunks, grp = tid / chunks;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (grp < groups) {
+#pragma unroll 4
+    for (int s = grp; s < ns; s += groups) {
+      const float w = sw[s];
+      if (w == 0.f) continue;
+      const float4 v = *reinterpret_cast<const float4 *>(p.oaccum + (s * plane + row) * hd + 4 * c);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  spart[tid] = acc;
+  __syncthreads();
+  if (tid < chunks) {
+    for (int g = 1; g < groups; ++g) {
+      const float4 v = spart[g * chunks + tid];
+      acc.x += v.x;
+      acc.y += v.y;
+      acc.z += v.z;
+      acc.w += v.w;
+    }
+    const bool varlen = p.cu_seqlens_q != nullptr;
+    const int b = varlen ? 0 : grow / p.seqlen_q, qi = varlen ? grow : grow % p.seqlen_q;
+    T *o = static_cast<T *>(p.o) + (varlen ? 0 : int64_t(b) * p.o_batch_stride) +
+           int64_t(qi) * p.o_row_stride + int64_t(h) * p.o_head_stride;
+    uint2 packed;
+    packed.x = pack2<T>(acc.x, acc.y);
+    packed.y = pack2<T>(acc.z, acc.w);
+    *reinterpret_cast<uint2 *>(o + 4 * tid) = packed;
+    if (tid == 0)
+      p.lse[(varlen ? 0 : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + qi] = lse;
+  }
+}
+
+template <int D, typename T>
+int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
+  using C = SplitConfig<D>;
+  if (p.num_splits < 1 || p.num_splits > FLASH_MAX_SPLITS ||
+      (p.num_splits > 1 && (p.oaccum == nullptr || p.lse_accum == nullptr)))
+    return FLASH_ERR_BAD_ARGUMENT;
+  const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
+  int status = launch(fwd_split_kernel<D, T>, grid, 32, C::kSmem, stream, p);
+  if (status != FLASH_OK || p.num_splits == 1) return status;
+  const int64_t pairs = int64_t(p.total_q) * p.nheads;
+  return launch_dependent(combine_kernel<T>, dim3(unsigned(pairs)), 128, stream, p);
+}
+
+}  // namespace flash

@@ -1,0 +1,238 @@
+"""The KV-cache forward: rotary, the in-place append, and the call of the fwd_kv op.
+
+flash_attn_with_kvcache (flash_attn_interface.py) validates its arguments
+(_kvcache_checks.py), then ``kvcache_forward`` here
+
+1. rotates q and the new k (``flash_attn.ops.triton.rotary``) when rotary tables
+   are given: k at positions cache_seqlens + i; q at cache_seqlens + i when causal or
+   local, else every query at cache_seqlens (flash_attn 2.x's rule);
+2. writes the new k and v into k_cache and v_cache in place, at rows
+   cache_seqlens .. cache_seqlens + seqlen_new - 1 of each sequence's cache row
+   (dense: row cache_batch_idx[b], or b; paged: through block_table);
+3. runs the fwd_kv op over the first cache_seqlens + seqlen_new keys of each row.
+
+Inference only: everything runs without autograd.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from flash_attn import _ops
+from flash_attn._checks import AttnOptions
+from flash_attn._kvcache_checks import CacheShape, check_cache_values
+from flash_attn._layout import kernel_layout, pad_head_dim
+
+# Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
+# nheads_k: a prefill or a long chunk) copy the pages they read into a contiguous
+# cache first (gather_pages): the paged kernel is tuned for decode, and the copy is
+# small next to a prefill's arithmetic.
+PAGED_PREFILL_ROWS = 128
+
+
+def _apply_rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offsets: int | torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:
+    """x rotated (a new tensor), row i of each sequence at position offsets + i."""
+    from flash_attn.ops.triton.rotary import apply_rotary  # imports Triton
+
+    return apply_rotary(x, cos, sin, seqlen_offsets=offsets, interleaved=interleaved)
+
+
+def rotate(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_seqlens: int | torch.Tensor,
+    positional_q: bool,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) rotated as flash_attn 2.x's flash_attn_with_kvcache rotates them."""
+    k = _apply_rotary(k, cos, sin, cache_seqlens, interleaved)
+    if positional_q:
+        return _apply_rotary(q, cos, sin, cache_seqlens, interleaved), k
+    batch, seqlen_q, nheads, head_dim = q.shape
+    flat = q.reshape(batch, 1, seqlen_q * nheads, head_dim)  # one position per sequence
+    rotated = _apply_rotary(flat, cos, sin, cache_seqlens, interleaved)
+    return rotated.view(batch, seqlen_q, nheads, head_dim), k
+
+
+def append_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+) -> None:
+    """Write k and v (batch, seqlen_new, nheads_k, d) into the caches in place, row i of
+    sequence b at key cache_seqlens[b] + i of its cache row. The positions are checked
+    (check_cache_values) to lie inside the cache."""
+    batch, seqlen_new = k.shape[0], k.shape[1]
+    keys = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=k.device)
+    if block_table is None:
+        if cache_batch_idx is None:
+            rows = torch.arange(batch, device=k.device)
+        else:
+            rows = cache_batch_idx.long()
+        index = (rows[:, None].expand_as(keys), keys)
+    else:
+        page_size = k_cache.shape[1]
+        pages = block_table.long().gather(1, keys // page_size)
+        index = (pages, keys % page_size)
+    k_cache.index_put_(index, k)
+    v_cache.index_put_(index, v)
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """The first num_pages pages of each sequence, in order, as one contiguous cache
+    (batch, num_pages * page_size, nheads_k, d): key j of sequence b is row j % page_size
+    of page block_table[b, j // page_size], as the paged kernel reads it."""
+    pages = block_table[:, :num_pages].long()
+    return cache[pages].flatten(1, 2)
+
+
+def _kernel_cache(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as the op takes it. A head_dim that is not a multiple of 8 is padded,
+    which copies the whole cache (the kernels' head dims are multiples of 8)."""
+    return pad_head_dim(cache)
+
+
+def kvcache_forward(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    cache_seqlens: int | torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    shape: CacheShape,
+    opts: AttnOptions,
+    rotary_interleaved: bool,
+    alibi_slopes: torch.Tensor | None,
+    num_splits: int,
+    check_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of the module docstring; returns (out, softmax_lse)."""
+    batch, device = shape.batch, q.device
+    seqused_k = None
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqused_k = cache_seqlens + shape.seqlen_new if shape.seqlen_new else cache_seqlens
+    elif cache_seqlens is not None:
+        seqused_k = torch.full((batch,), operator.index(cache_seqlens) + shape.seqlen_new,
+                               dtype=torch.int32, device=device)  # fmt: skip
+    positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
+    most_keys = shape.capacity
+    if check_values:
+        most_keys = check_cache_values(
+            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            q_positions=shape.seqlen_q if positional_q else 1,
+        )  # fmt: skip
+
+    if k is not None and v is not None:
+        assert cache_seqlens is not None and seqused_k is not None
+        if rotary is not None:
+            q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
+        starts = seqused_k - shape.seqlen_new if shape.seqlen_new else seqused_k
+        append_(k_cache, v_cache, k, v, starts, cache_batch_idx, block_table)
+
+    if block_table is None and cache_batch_idx is None and k_cache.shape[0] > batch:
+        k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # the rows the batch uses
+    if block_table is not None and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
+        PAGED_PREFILL_ROWS
+    ):
+        num_pages = -(-most_keys // shape.page_size)
+        k_cache = gather_pages(k_cache, block_table, num_pages)
+        v_cache = gather_pages(v_cache, block_table, num_pages)
+        most_keys = min(most_keys, k_cache.shape[1])
+        block_table = None
+    window_left, window_right = opts.window_for(shape.seqlen_q, max(most_keys, 1))
+    out, lse = _ops.fwd_kv(
+        kernel_layout(q),
+        _kernel_cache(k_cache),
+        _kernel_cache(v_cache),
+        None,
+        None,
+        seqused_k,
+        None if cache_batch_idx is None else cache_batch_idx.contiguous(),
+        None if cache_leftpad is None else cache_leftpad.contiguous(),
+        None if block_table is None else block_table.contiguous(),
+        shape.seqlen_q,
+        most_keys,
+        opts.scale_for(shape.head_dim),
+        window_left,
+        window_right,
+        opts.softcap,
+        None if alibi_slopes is None else alibi_slopes.contiguous(),
+        num_splits,
+    )
+    return out[..., : shape.head_dim], lse
+
+
+def varlen_paged_forward(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    block_table: torch.Tensor,
+    shape: CacheShape,
+    opts: AttnOptions,
+    alibi_slopes: torch.Tensor | None,
+    check_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_varlen_func with block_table: sequence b's keys are the first
+    cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys of its pages. A prefill-sized call
+    (max_seqlen_q x nheads / nheads_k >= PAGED_PREFILL_ROWS) packs the keys it reads
+    (gather_varlen) and runs the ordinary varlen forward."""
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    lengths = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+    if check_values:
+        check_cache_values(
+            shape, lengths, lengths, None, None, block_table, q_positions=0,
+            seqlens_name="cu_seqlens_k[b + 1] - cu_seqlens_k[b]",
+        )  # fmt: skip
+    window_left, window_right = opts.window_for(max_seqlen_q, max(max_seqlen_k, 1))
+    args = (max_seqlen_q, max_seqlen_k, opts.scale_for(shape.head_dim), window_left,
+            window_right, opts.softcap)  # fmt: skip
+    alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
+    if max_seqlen_q * (shape.nheads // shape.nheads_k) >= PAGED_PREFILL_ROWS:
+        k_packed = gather_varlen(k_cache, block_table, cu_k)
+        v_packed = gather_varlen(v_cache, block_table, cu_k)
+        out, lse = _ops.fwd(
+            kernel_layout(q), kernel_layout(k_packed), kernel_layout(v_packed), cu_q, cu_k,
+            *args, alibi,
+        )  # fmt: skip
+    else:
+        out, lse = _ops.fwd_kv(
+            kernel_layout(q), _kernel_cache(k_cache), _kernel_cache(v_cache), cu_q, cu_k,
+            None, None, None, block_table.contiguous(), *args, alibi, 0,
+        )  # fmt: skip
+    return out[..., : shape.head_dim], lse
+
+
+def gather_varlen(
+    cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor
+) -> torch.Tensor:
+    """The keys of every sequence packed as varlen k (total_k, nheads_k, d): row
+    cu_seqlens_k[b] + j is key j of sequence b (page block_table[b, j // page_size])."""
+    page_size = cache.shape[1]
+    total = int(cu_seqlens_k[-1])  # one read of a device value
+    token = torch.arange(total, device=cache.device)
+    seq = torch.searchsorted(cu_seqlens_k[1:].long(), token, right=True)
+    key = token - cu_seqlens_k.long()[seq]
+    pages = block_table.long()[seq, key // page_size]
+    return cache[pages, key % page_size]

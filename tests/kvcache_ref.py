@@ -1,0 +1,214 @@
+"""The KV-cache cases and their reference, shared by the CPU tests (over the stand-in)
+and the GPU tests (over the kernels).
+
+The reference is written like upstream's test_flash_attn_kvcache: the cache updated by
+hand (the new k rotated at positions cache_seqlens + i; q at cache_seqlens + i when
+causal or local, else at cache_seqlens), then attention of each sequence's queries over
+its keys [cache_leftpad, cache_seqlens + seqlen_new) of the updated cache row.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from reference import attention_ref
+
+
+def rotate_ref(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:  # fmt: skip
+    """x (b, s, h, d) with row i of sequence b rotated by the angle of row
+    positions[b, i] of the tables: each feature pair (a, c) becomes
+    (a cos - c sin, a sin + c cos), in float64."""
+    r = 2 * cos.shape[1]
+    part = x[..., :r].double()
+    if interleaved:
+        a, c = part[..., 0::2], part[..., 1::2]
+    else:
+        a, c = part[..., : r // 2], part[..., r // 2 :]
+    co = cos.double()[positions][:, :, None, :]
+    si = sin.double()[positions][:, :, None, :]
+    a2, c2 = a * co - c * si, a * si + c * co
+    rotated = torch.stack((a2, c2), -1).flatten(-2) if interleaved else torch.cat((a2, c2), -1)
+    return torch.cat((rotated.to(x.dtype), x[..., r:]), dim=-1)
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int = 3
+    seqlen_q: int = 1
+    seqlen_new: int = 1  # 0: no k, v
+    seqlen_cache: int = 40
+    nheads: int = 4
+    nheads_k: int = 2
+    head_dim: int = 32
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
+    batch_idx: bool = False
+    leftpad: bool = False
+    seqlens_int: bool = False
+    rotary: str = ""  # "", "interleaved", "neox"
+    rotary_dim: int = 16
+    page_size: int = 0  # 0: dense
+    num_splits: int = 0
+
+
+@dataclass
+class Inputs:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    cache_seqlens: int | torch.Tensor
+    kwargs: dict[str, Any]
+    seqlens: torch.Tensor  # (batch,) cache_seqlens as a tensor
+    rows: torch.Tensor | None  # dense: the cache row of each sequence
+    leftpad: torch.Tensor  # (batch,) zeros when not given
+
+    def to(self, device: str) -> Inputs:
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        moved = {f.name: move(getattr(self, f.name)) for f in fields(self)}
+        moved["kwargs"] = {name: move(x) for name, x in self.kwargs.items()}
+        return Inputs(**moved)
+
+
+def make_inputs(
+    c: Case, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float16
+) -> Inputs:
+    """Random inputs of case c (drawn on the CPU, then moved: the same on every device)."""
+    inp = _make_inputs(c, seed, dtype)
+    return inp if device == "cpu" else inp.to(device)
+
+
+def _make_inputs(c: Case, seed: int, dtype: torch.dtype) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q = randn(c.batch, c.seqlen_q, c.nheads, c.head_dim)
+    k = v = None
+    if c.seqlen_new:
+        k = randn(c.batch, c.seqlen_new, c.nheads_k, c.head_dim)
+        v = randn(c.batch, c.seqlen_new, c.nheads_k, c.head_dim)
+    room = c.seqlen_cache - max(c.seqlen_new, c.seqlen_q if c.rotary else 0)
+    low = 0 if c.seqlen_new else 1
+    if c.seqlens_int:
+        seqlens = torch.full((c.batch,), room - 3, dtype=torch.int32)
+    else:
+        seqlens = torch.randint(low, room + 1, (c.batch,), generator=g, dtype=torch.int32)
+        seqlens[0] = room  # one sequence ends at the last key of the cache
+    kwargs: dict[str, Any] = {"causal": c.causal, "window_size": c.window, "softcap": c.softcap}
+    kwargs["num_splits"] = c.num_splits
+    rows = None
+    if c.page_size:
+        pages_per_seq = c.seqlen_cache // c.page_size
+        num_pages = pages_per_seq * c.batch + 3
+        k_cache = randn(num_pages, c.page_size, c.nheads_k, c.head_dim)
+        v_cache = randn(num_pages, c.page_size, c.nheads_k, c.head_dim)
+        perm = torch.randperm(num_pages, generator=g)[: c.batch * pages_per_seq]
+        kwargs["block_table"] = perm.view(c.batch, pages_per_seq).to(torch.int32)
+    else:
+        batch_cache = c.batch + 2 if c.batch_idx else c.batch
+        k_cache = randn(batch_cache, c.seqlen_cache, c.nheads_k, c.head_dim)
+        v_cache = randn(batch_cache, c.seqlen_cache, c.nheads_k, c.head_dim)
+        rows = torch.arange(c.batch)
+        if c.batch_idx:
+            rows = torch.randperm(batch_cache, generator=g)[: c.batch]
+            kwargs["cache_batch_idx"] = rows.to(torch.int32)
+    leftpad = torch.zeros(c.batch, dtype=torch.int32)
+    if c.leftpad:
+        picks = [int(torch.randint(0, int(s) + 1, (1,), generator=g)) for s in seqlens]
+        leftpad = torch.tensor(picks, dtype=torch.int32)
+        kwargs["cache_leftpad"] = leftpad
+    if c.alibi:
+        kwargs["alibi_slopes"] = torch.rand(c.batch, c.nheads, generator=g) * 0.3
+    if c.rotary:
+        angle = torch.rand(c.seqlen_cache, c.rotary_dim // 2, generator=g) * 2 * math.pi
+        kwargs["rotary_cos"], kwargs["rotary_sin"] = angle.cos().to(dtype), angle.sin().to(dtype)
+        kwargs["rotary_interleaved"] = c.rotary == "interleaved"
+    cache_seqlens: int | torch.Tensor = int(seqlens[0]) if c.seqlens_int else seqlens
+    return Inputs(q, k_cache, v_cache, k, v, cache_seqlens, kwargs, seqlens, rows, leftpad)
+
+
+def logical_cache(c: Case, inp: Inputs, k_cache: torch.Tensor) -> torch.Tensor:
+    """(batch, seqlen_cache, nheads_k, d): each sequence's cache row, in key order."""
+    if c.page_size:
+        table = inp.kwargs["block_table"].long()
+        return k_cache[table].flatten(1, 2)
+    assert inp.rows is not None
+    return k_cache[inp.rows]
+
+
+@dataclass
+class Expected:
+    out: torch.Tensor  # (batch, seqlen_q, nheads, d), q's dtype
+    lse: torch.Tensor  # (batch, nheads, seqlen_q) float32
+    k_cache: torch.Tensor  # the caches after the append
+    v_cache: torch.Tensor
+    written: torch.Tensor  # (dim 0, dim 1) of the cache: bool, True where a key was appended
+
+
+def updated_caches(
+    c: Case, inp: Inputs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q rotated, k_cache, v_cache, written) after the append, as the reference makes them."""
+    k_cache, v_cache = inp.k_cache.clone(), inp.v_cache.clone()
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=k_cache.device)
+    q = inp.q
+    dev = q.device
+    local = c.causal or c.window != (-1, -1)
+    if c.seqlen_new:
+        assert inp.k is not None and inp.v is not None
+        k_new = inp.k
+        new_positions = inp.seqlens.long()[:, None] + torch.arange(c.seqlen_new, device=dev)
+        if c.rotary:
+            cos, sin = inp.kwargs["rotary_cos"], inp.kwargs["rotary_sin"]
+            inter = c.rotary == "interleaved"
+            k_new = rotate_ref(inp.k, cos, sin, new_positions, inter)
+            steps = torch.arange(c.seqlen_q, device=dev) if local else torch.zeros(
+                c.seqlen_q, dtype=torch.long, device=dev)  # fmt: skip
+            q = rotate_ref(inp.q, cos, sin, inp.seqlens.long()[:, None] + steps, inter)
+        if c.page_size:
+            table = inp.kwargs["block_table"].long()
+            rows = table.gather(1, new_positions // c.page_size)
+            slots = new_positions % c.page_size
+        else:
+            assert inp.rows is not None
+            rows = inp.rows.to(dev).long()[:, None].expand_as(new_positions)
+            slots = new_positions
+        for b in range(c.batch):  # one by one, as the docstring of the API says
+            for i in range(c.seqlen_new):
+                slot = (int(rows[b, i]), int(slots[b, i]))
+                k_cache[slot] = k_new[b, i]
+                v_cache[slot] = inp.v[b, i]
+                written[slot] = True
+    return q, k_cache, v_cache, written
+
+
+def expected(c: Case, inp: Inputs, upcast: bool = True) -> Expected:
+    """The outputs and the caches as upstream's test computes them (upcast: in float32,
+    else in the inputs' dtype)."""
+    q, k_cache, v_cache, written = updated_caches(c, inp)
+    keys_k, keys_v = logical_cache(c, inp, k_cache), logical_cache(c, inp, v_cache)
+    outs, lses = [], []
+    for b in range(c.batch):
+        first, end = int(inp.leftpad[b]), int(inp.seqlens[b]) + c.seqlen_new
+        slopes = inp.kwargs.get("alibi_slopes")
+        out, lse = attention_ref(
+            q[b : b + 1], keys_k[b : b + 1, first:end], keys_v[b : b + 1, first:end],
+            causal=c.causal, window_size=c.window, softcap=c.softcap,
+            alibi_slopes=None if slopes is None else slopes[b], upcast=upcast,
+        )  # fmt: skip
+        outs.append(out)
+        lses.append(lse)
+    return Expected(torch.cat(outs), torch.cat(lses), k_cache, v_cache, written)

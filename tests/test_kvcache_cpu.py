@@ -1,0 +1,407 @@
+"""flash_attn_with_kvcache and flash_attn_varlen_func(block_table=...) on a CPU-only
+machine, over the CPU stand-in for flash_attn._C (test_api_cpu.py: its fwd_kv is the
+op contract written out).
+
+What is tested is the Python layer: the in-place append (dense, cache_batch_idx,
+paged), the rotary positions, what reaches the op, the checks. The expected values
+come from a reference written like upstream's test: the cache updated by hand, then
+attention over each sequence's keys [cache_leftpad, cache_seqlens + seqlen_new).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from kvcache_ref import Case, Inputs, expected, make_inputs, rotate_ref
+from reference import attention_ref
+from test_api_cpu import StubKernels, stub  # noqa: F401  (the stand-in fixture)
+
+import flash_attn
+from flash_attn import _kvcache
+from flash_attn.errors import InputError
+
+DT = torch.float16
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.float(), expected.float(), atol=2e-3, rtol=2e-3)
+
+
+def _rotary_stand_in(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: int | torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i."""
+    batch, seqlen = x.shape[0], x.shape[1]
+    start = offsets if isinstance(offsets, torch.Tensor) else torch.full((batch,), offsets)
+    positions = start.long()[:, None] + torch.arange(seqlen)
+    return rotate_ref(x, cos, sin, positions, interleaved)
+
+
+@pytest.fixture
+def kv(stub: StubKernels, monkeypatch: pytest.MonkeyPatch) -> Iterator[StubKernels]:  # noqa: F811
+    monkeypatch.setattr(_kvcache, "_apply_rotary", _rotary_stand_in)
+    yield stub
+
+
+# --- the cases -----------------------------------------------------------------------
+
+
+CASES = [
+    Case(),
+    Case(seqlen_q=4, seqlen_new=4),
+    Case(seqlen_q=5, seqlen_new=2, causal=False),
+    Case(seqlen_q=3, seqlen_new=3, window=(6, 0), causal=False),
+    Case(seqlen_q=2, seqlen_new=2, softcap=3.0, alibi=True, num_splits=3),
+    Case(seqlen_new=0, causal=False),
+    Case(seqlen_q=3, seqlen_new=0, causal=True, seqlens_int=True),
+    Case(batch_idx=True, seqlen_q=2, seqlen_new=2),
+    Case(leftpad=True, seqlen_q=3, seqlen_new=3),
+    Case(leftpad=True, batch_idx=True, alibi=True, seqlen_q=2, seqlen_new=1),
+    Case(seqlens_int=True, seqlen_q=2, seqlen_new=2, nheads_k=1),
+    Case(head_dim=20, seqlen_q=3, seqlen_new=3, rotary="neox", rotary_dim=12),
+    Case(rotary="interleaved", seqlen_q=4, seqlen_new=4),
+    Case(rotary="neox", seqlen_q=4, seqlen_new=2, causal=False),
+    Case(rotary="interleaved", seqlen_q=3, seqlen_new=3, causal=False, window=(4, 1)),
+    Case(rotary="neox", leftpad=True, seqlen_q=2, seqlen_new=2, seqlens_int=True),
+    Case(page_size=16, seqlen_q=1, seqlen_new=1, seqlen_cache=48),
+    Case(page_size=16, seqlen_q=3, seqlen_new=3, seqlen_cache=48, rotary="neox"),
+    Case(page_size=16, seqlen_new=0, seqlen_cache=32, causal=False, alibi=True),
+    Case(page_size=32, seqlen_q=70, seqlen_new=70, seqlen_cache=96, nheads=4, nheads_k=2),
+    Case(
+        page_size=16,
+        seqlen_q=40,
+        seqlen_new=40,
+        seqlen_cache=64,
+        nheads=8,
+        nheads_k=2,
+        seqlens_int=True,
+        window=(8, 0),
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("c", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_kvcache_matches_the_reference(kv: StubKernels, c: Case) -> None:
+    inp = make_inputs(c)
+    ref = expected(c, inp)
+    out_ref, lse_ref, k_cache_ref, v_cache_ref = ref.out, ref.lse, ref.k_cache, ref.v_cache
+    out, lse = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        return_softmax_lse=True, **inp.kwargs,
+    )  # fmt: skip
+    assert out.shape == inp.q.shape and out.dtype == DT
+    assert lse.shape == (c.batch, c.nheads, c.seqlen_q) and lse.dtype == torch.float32
+    assert_close(out, out_ref)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-3, rtol=2e-3)
+    # the append, and nothing else, changed the caches (bit for bit)
+    assert torch.equal(inp.k_cache, k_cache_ref)
+    assert torch.equal(inp.v_cache, v_cache_ref)
+    ((name, call),) = kv.calls
+    assert name == "fwd_kv"
+    assert call["num_splits"] == c.num_splits
+    assert call["head_dim"] % 8 == 0
+    group_rows = c.seqlen_q * c.nheads // c.nheads_k
+    assert call["paged"] == (c.page_size > 0 and group_rows < _kvcache.PAGED_PREFILL_ROWS)
+
+
+def test_out_only_without_return_softmax_lse(kv: StubKernels) -> None:
+    c = Case(seqlen_q=2, seqlen_new=2)
+    inp = make_inputs(c)
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert isinstance(out, torch.Tensor)
+
+
+def test_whole_cache_without_cache_seqlens(kv: StubKernels) -> None:
+    c = Case(seqlen_new=0, causal=False)
+    inp = make_inputs(c)
+    out = flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache)
+    assert_close(out, attention_ref(inp.q, inp.k_cache, inp.v_cache)[0])
+
+
+def test_decode_steps_fill_the_cache_like_one_prefill(kv: StubKernels) -> None:
+    """Appending one token at a time gives the cache (and last output) that one call
+    with all the tokens gives."""
+    c = Case(batch=2, seqlen_q=6, seqlen_new=6, seqlen_cache=16, rotary="neox")
+    inp = make_inputs(c)
+    seqlens = torch.tensor([0, 5], dtype=torch.int32)
+    k_step, v_step = inp.k_cache.clone(), inp.v_cache.clone()
+    assert inp.k is not None and inp.v is not None
+    for i in range(6):
+        out_step = flash_attn.flash_attn_with_kvcache(
+            inp.q[:, i : i + 1], k_step, v_step, inp.k[:, i : i + 1], inp.v[:, i : i + 1],
+            cache_seqlens=seqlens + i, **inp.kwargs,
+        )  # fmt: skip
+    out_all = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=seqlens, **inp.kwargs
+    )
+    assert torch.equal(k_step, inp.k_cache) and torch.equal(v_step, inp.v_cache)
+    assert_close(out_step[:, 0], out_all[:, -1])
+
+
+def test_no_gradient_and_leaf_caches_that_require_grad(kv: StubKernels) -> None:
+    inp = make_inputs(Case(seqlen_q=2, seqlen_new=2))
+    q = inp.q.requires_grad_(True)
+    k_cache = inp.k_cache.requires_grad_(True)
+    out = flash_attn.flash_attn_with_kvcache(
+        q, k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens
+    )
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_paged_entries_past_the_last_page_are_not_read(kv: StubKernels) -> None:
+    """transformers pads block_table with -1 past each sequence's pages."""
+    c = Case(page_size=16, seqlen_cache=64, seqlen_new=1)
+    inp = make_inputs(c)
+    table = inp.kwargs["block_table"]
+    seqlens = torch.tensor([3, 17, 40], dtype=torch.int32)
+    for b, n in enumerate((seqlens + 1).tolist()):
+        table[b, -(-n // 16) :] = -1
+    inp.seqlens = seqlens
+    ref = expected(c, replace(inp, kwargs={**inp.kwargs, "block_table": table}))
+    out_ref, k_ref = ref.out, ref.k_cache
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=seqlens, **inp.kwargs
+    )
+    assert_close(out, out_ref)
+    assert torch.equal(inp.k_cache, k_ref)
+
+
+def test_gather_pages_orders_keys_as_the_block_table() -> None:
+    cache = torch.arange(6 * 16).view(6, 16, 1, 1).float()
+    table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    got = _kvcache.gather_pages(cache, table, 2)
+    assert got.shape == (2, 32, 1, 1)
+    for b in range(2):
+        for j in range(32):
+            page = int(table[b, j // 16])
+            assert got[b, j, 0, 0] == cache[page, j % 16, 0, 0]
+
+
+# --- bad input: a clear error, nothing written, nothing launched ---------------------
+
+
+def _bad(c: Case, **changes: Any) -> tuple[Inputs, dict[str, Any]]:
+    inp = make_inputs(c)
+    args = {"k": inp.k, "v": inp.v, "cache_seqlens": inp.cache_seqlens, **inp.kwargs}
+    args.update(changes)
+    return inp, args
+
+
+def _i32(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+BAD = [
+    # (case, changes, message)
+    (Case(), {"cache_seqlens": _i32(39, 40, 2)}, r"cache_seqlens \+ seqlen_new = 40 \+ 1"),
+    (Case(seqlens_int=True), {"cache_seqlens": 40}, "exceeds the cache"),
+    (Case(), {"cache_seqlens": _i32(1, -1, 2)}, "cache_seqlens must be >= 0"),
+    (Case(), {"cache_seqlens": -2}, "cache_seqlens must be >= 0"),
+    (Case(), {"cache_seqlens": _i32(1, 2, 3).long()}, "int32"),
+    (Case(), {"cache_seqlens": _i32(1, 2)}, r"shape \(batch,\)"),
+    (Case(), {"cache_seqlens": None}, "pass cache_seqlens"),
+    (Case(), {"cache_seqlens": 2.0}, "cache_seqlens must be an int"),
+    (Case(), {"v": None}, "k was given without its partner"),
+    (Case(seqlen_new=0), {"v": torch.zeros(3, 1, 2, 32, dtype=DT)}, "v was given without"),
+    (Case(), {"k": torch.zeros(3, 1, 4, 32, dtype=DT)}, "k and v must have shape"),
+    (Case(), {"k": torch.zeros(3, 1, 2, 32), "v": torch.zeros(3, 1, 2, 32)}, "q's dtype"),
+    (Case(page_size=16, seqlen_cache=32), {"block_table": _i32(0, 1, 2, 3, 4, 5).view(3, 2)
+                                           .index_fill(0, torch.tensor([1]), 99)},
+     r"block_table\[1, 0\] = 99 is not a page of the pool"),  # fmt: skip
+    (Case(page_size=16, seqlen_cache=32), {"cache_seqlens": _i32(32, 1, 1)},
+     "block_table's capacity"),  # fmt: skip
+    (Case(page_size=16, seqlen_cache=32), {"block_table": _i32(0, 1, 2).view(3, 1)},
+     "block_table's capacity"),  # fmt: skip
+    (Case(page_size=16), {"cache_batch_idx": _i32(0, 1, 2)}, "cache_batch_idx cannot"),
+    (Case(page_size=16), {"cache_leftpad": _i32(0, 0, 0)}, "cache_leftpad cannot"),
+    (Case(page_size=16), {"block_table": torch.zeros(3, 3, dtype=torch.int64)}, "int32"),
+    (Case(batch_idx=True), {"cache_batch_idx": _i32(0, 5, 1)}, "cache_batch_idx holds 5"),
+    (Case(batch_idx=True), {"cache_batch_idx": _i32(0, -1, 1)}, "cache_batch_idx holds -1"),
+    (Case(), {"cache_leftpad": _i32(0, 0, 99)}, "cache_leftpad must be in"),
+    (Case(rotary="neox", seqlen_q=4, seqlen_new=4),
+     {"rotary_cos": torch.zeros(20, 8, dtype=DT), "rotary_sin": torch.zeros(20, 8, dtype=DT)},
+     "rotary_cos and rotary_sin have 20 rows"),  # fmt: skip
+    (Case(rotary="neox"), {"rotary_sin": None}, "rotary_cos was given without"),
+    (Case(rotary="neox", seqlen_new=0), {}, "need k and v"),
+    (Case(rotary="neox"), {"rotary_cos": torch.zeros(40, 20, dtype=DT),
+                           "rotary_sin": torch.zeros(40, 20, dtype=DT)}, "rotary_dim"),
+    (Case(rotary="neox"), {"rotary_cos": torch.zeros(40, 8, dtype=torch.float64),
+                           "rotary_sin": torch.zeros(40, 8, dtype=torch.float64)}, "float32"),
+    (Case(), {"num_splits": -1}, "num_splits must be in 0..128"),
+    (Case(), {"num_splits": 129}, "num_splits must be in 0..128"),
+    (Case(), {"num_splits": 1.5}, "num_splits must be an int"),
+    (Case(), {"alibi_slopes": torch.zeros(4, dtype=DT)}, "float32"),
+    (Case(), {"window_size": (1, 2, 3)}, "window_size"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("c", "changes", "message"), BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_is_refused_before_anything_is_written(
+    kv: StubKernels, c: Case, changes: dict[str, Any], message: str
+) -> None:
+    inp, args = _bad(c, **changes)
+    k_before, v_before = inp.k_cache.clone(), inp.v_cache.clone()
+    with pytest.raises(InputError, match=message):
+        flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, **args)
+    assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
+    assert kv.calls == []
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("page_size", "multiple of 16"),
+        ("cache_dtype", "same dtype"),
+        ("cache_stride", "contiguous last dimension"),
+        ("heads", "multiple of that of k and v"),
+        ("cache_rows", "fewer than q's batch size"),
+        ("q_rank", "q must have 4 dimensions"),
+    ],
+)
+def test_bad_cache_layouts(kv: StubKernels, what: str, message: str) -> None:
+    c = Case(page_size=16) if what == "page_size" else Case()
+    inp = make_inputs(c)
+    q, k_cache, v_cache = inp.q, inp.k_cache, inp.v_cache
+    kwargs = dict(inp.kwargs)
+    if what == "page_size":
+        k_cache, v_cache = k_cache[:, :12], v_cache[:, :12]
+    elif what == "cache_dtype":
+        k_cache = k_cache.float()
+    elif what == "cache_stride":
+        k_cache = k_cache.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif what == "heads":
+        q = q[:, :, :3]
+    elif what == "cache_rows":
+        k_cache, v_cache = k_cache[:2], v_cache[:2]
+    elif what == "q_rank":
+        q = q[0]
+    with pytest.raises(InputError, match=message):
+        flash_attn.flash_attn_with_kvcache(
+            q, k_cache, v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens, **kwargs
+        )
+    assert kv.calls == []
+
+
+def test_paged_block_table_bounds_as_upstream(kv: StubKernels) -> None:
+    """upstream's test_flash_attn_kvcache_paged_block_table_bounds, on CPU."""
+    page = 256
+    k_cache = torch.randn(4, page, 1, 64).to(DT)
+    v_cache = torch.randn(4, page, 1, 64).to(DT)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    q = torch.randn(1, 1, 1, 64).to(DT)
+    k_new = torch.randn(1, 1, 1, 64).to(DT)
+    for k, seqlens in ((k_new, page), (None, page + 1)):
+        with pytest.raises(RuntimeError, match="block_table"):
+            flash_attn.flash_attn_with_kvcache(
+                q, k_cache, v_cache, k=k, v=k, cache_seqlens=_i32(seqlens), block_table=table
+            )
+    out = flash_attn.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=_i32(page), block_table=table
+    )
+    assert out.shape == (1, 1, 1, 64) and not out.isnan().any()
+
+
+def test_a_device_mismatch_is_refused(kv: StubKernels) -> None:
+    inp = make_inputs(Case())
+    with pytest.raises(RuntimeError, match="same CUDA device"):
+        flash_attn.flash_attn_with_kvcache(
+            inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v,
+            cache_seqlens=inp.seqlens.to("meta"),
+        )  # fmt: skip
+    assert kv.calls == []
+
+
+# --- flash_attn_varlen_func with block_table ------------------------------------------
+
+
+def paged_varlen(
+    lens_q: list[int], lens_k: list[int], nheads: int, nheads_k: int, head_dim: int,
+    page_size: int, pages_per_seq: int, seed: int = 0,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lens_q)
+    num_pages = batch * pages_per_seq + 2
+    q = torch.randn(sum(lens_q), nheads, head_dim, generator=g).to(DT)
+    k_pool = torch.randn(num_pages, page_size, nheads_k, head_dim, generator=g).to(DT)
+    v_pool = torch.randn(num_pages, page_size, nheads_k, head_dim, generator=g).to(DT)
+    table = torch.randperm(num_pages, generator=g)[: batch * pages_per_seq]
+    table = table.view(batch, pages_per_seq).to(torch.int32)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k_pool, v_pool, table, cu_q, cu_k
+
+
+@pytest.mark.parametrize(
+    ("lens_q", "lens_k", "nheads", "nheads_k", "kwargs"),
+    [
+        ([1, 1, 1], [5, 17, 32], 4, 2, {"causal": True}),  # decode: the paged op
+        ([3, 1, 2], [9, 20, 2], 4, 4, {"causal": True, "alibi_slopes": "batch"}),
+        ([40, 70], [40, 90], 4, 1, {"causal": True, "window_size": (16, 0)}),  # gathered
+        ([130, 5], [130, 64], 2, 2, {"softcap": 4.0}),  # gathered
+    ],
+)
+def test_varlen_block_table(
+    kv: StubKernels, lens_q: list[int], lens_k: list[int], nheads: int, nheads_k: int,
+    kwargs: dict[str, Any],
+) -> None:  # fmt: skip
+    q, k_pool, v_pool, table, cu_q, cu_k = paged_varlen(lens_q, lens_k, nheads, nheads_k, 24, 16, 9)
+    kwargs = dict(kwargs)
+    if kwargs.get("alibi_slopes") == "batch":
+        kwargs["alibi_slopes"] = torch.rand(len(lens_q), nheads)
+    out, lse, _ = flash_attn.flash_attn_varlen_func(
+        q, k_pool, v_pool, cu_q, cu_k, max(lens_q), max(lens_k), block_table=table,
+        return_attn_probs=True, **kwargs,
+    )  # fmt: skip
+    keys_k = k_pool[table.long()].flatten(1, 2)
+    keys_v = v_pool[table.long()].flatten(1, 2)
+    slopes = kwargs.pop("alibi_slopes", None)
+    for b in range(len(lens_q)):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        o, lse_b = attention_ref(
+            q[None, rows], keys_k[b : b + 1, : lens_k[b]], keys_v[b : b + 1, : lens_k[b]],
+            alibi_slopes=None if slopes is None else slopes[b], **kwargs,
+        )  # fmt: skip
+        assert_close(out[rows], o[0])
+        torch.testing.assert_close(lse[:, rows], lse_b[0], atol=2e-3, rtol=2e-3)
+    ((name, call),) = kv.calls
+    gathered = max(lens_q) * nheads // nheads_k >= _kvcache.PAGED_PREFILL_ROWS
+    assert name == ("fwd" if gathered else "fwd_kv")
+
+
+def test_varlen_block_table_has_no_backward(kv: StubKernels) -> None:
+    q, k_pool, v_pool, table, cu_q, cu_k = paged_varlen([1, 1], [5, 6], 2, 2, 16, 16, 1)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="inference only"):
+        flash_attn.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 1, 6, block_table=table)
+    with torch.no_grad():
+        flash_attn.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 1, 6, block_table=table)
+    assert [name for name, _ in kv.calls] == ["fwd_kv"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("long_seq", r"cu_seqlens_k\[b \+ 1\] - cu_seqlens_k\[b\] = 17 keys"),
+        ("bad_page", "is not a page of the pool"),
+        ("page_size", "multiple of 16"),
+    ],
+)
+def test_varlen_block_table_bad_input(kv: StubKernels, change: str, message: str) -> None:
+    q, k_pool, v_pool, table, cu_q, cu_k = paged_varlen([1, 1], [5, 6], 2, 2, 16, 16, 1)
+    if change == "long_seq":
+        cu_k = _i32(0, 5, 22)
+    elif change == "bad_page":
+        table[1, 0] = k_pool.shape[0]
+    else:
+        k_pool, v_pool = k_pool[:, :8], v_pool[:, :8]
+    with pytest.raises(InputError, match=message):
+        flash_attn.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 1, 17, block_table=table)
+    assert kv.calls == []

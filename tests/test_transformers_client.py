@@ -1,0 +1,193 @@
+"""A real client: transformers' generate() with attn_implementation="flash_attention_2"
+on a small randomly initialised Llama-style model (built from a LlamaConfig, nothing
+downloaded), against the same weights with "sdpa".
+
+- greedy generate() gives the same tokens with both (prompts of several lengths, a
+  batch with left padding, so the varlen path runs too);
+- the paged path: continuous batching (generate_batch, paged KV cache through
+  flash_attn_varlen_func / flash_attn_with_kvcache with block_table) gives the tokens
+  that generate() gives.
+
+The decode tokens/s comparison is a benchmark, not a test: benchmarks/bench_decode.py
+--client. Marked ``gpu``; skipped without transformers or a GPU.
+
+    python3 -m pytest -q tests/test_transformers_client.py
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+transformers = pytest.importorskip("transformers", reason="the client test needs transformers")
+
+
+def _installed() -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version("flash_attn")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+if not _installed():
+    pytest.skip(
+        "transformers finds flash_attn by its installed distribution, and none is installed "
+        "(an in-place build is not one): pip install --no-build-isolation -e .",
+        allow_module_level=True,
+    )
+
+VOCAB = 1000
+PROMPT_LENS = [5, 17, 64]
+NEW_TOKENS = 24
+NO_EOS = VOCAB + 1  # an end-of-sequence id no step can produce: every run is NEW_TOKENS long
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=NO_EOS,
+        pad_token_id=0,
+    )
+    m = LlamaForCausalLM(config)
+    # larger logits than the default init: greedy choices far apart, so that bf16
+    # rounding differences between attention kernels do not flip a token
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)
+    return m.to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def set_attn(model: Any, implementation: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(implementation)
+    else:
+        model.config._attn_implementation = implementation
+
+
+def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, implementation: str) -> torch.Tensor:
+    set_attn(model, implementation)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=NO_EOS,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g)
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = p
+        mask[i, longest - len(p) :] = 1
+    return ids.cuda(), mask.cuda()
+
+
+def calls_to_our_ops(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count launches of our ops (fwd: the attention forward; fwd_kv: the KV-cache one).
+    Counted in flash_attn._ops, which every entry point calls through, whatever
+    function object transformers holds."""
+    from flash_attn import _ops
+
+    counts: dict[str, int] = {}
+    for name in ("fwd", "fwd_kv"):
+        original = getattr(_ops, name)
+
+        def wrapper(*args: Any, __name: str = name, __f: Any = original, **kwargs: Any) -> Any:
+            counts[__name] = counts.get(__name, 0) + 1
+            return __f(*args, **kwargs)
+
+        monkeypatch.setattr(_ops, name, wrapper)
+    return counts
+
+
+def generated_for(results: dict[str, Any], prompt_ids: list[int], index: int) -> list[int]:
+    """The tokens generate_batch produced for a prompt: found by the prompt it echoes
+    (prompt_ids), else by the request's position ("req_<index>")."""
+    for result in results.values():
+        if list(getattr(result, "prompt_ids", None) or []) == prompt_ids:
+            return list(result.generated_tokens)
+    ordered = sorted(results.items(), key=lambda item: int(str(item[0]).rsplit("_", 1)[-1]))
+    return list(ordered[index][1].generated_tokens)
+
+
+@pytest.mark.parametrize("length", PROMPT_LENS)
+def test_greedy_generate_matches_sdpa(model: Any, length: int) -> None:
+    ids, mask = left_padded([prompt(length, seed=length)])
+    ours = greedy(model, ids, mask, "flash_attention_2")
+    sdpa = greedy(model, ids, mask, "sdpa")
+    assert torch.equal(ours, sdpa), f"tokens differ:\n{ours.tolist()}\n{sdpa.tolist()}"
+
+
+def test_greedy_generate_batch_with_padding_matches_sdpa(model: Any) -> None:
+    ids, mask = left_padded([prompt(n, seed=n) for n in PROMPT_LENS])
+    ours = greedy(model, ids, mask, "flash_attention_2")
+    sdpa = greedy(model, ids, mask, "sdpa")
+    assert torch.equal(ours, sdpa), f"tokens differ:\n{ours.tolist()}\n{sdpa.tolist()}"
+
+
+def test_flash_attention_2_runs_our_kernels(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = calls_to_our_ops(monkeypatch)
+    ids, mask = left_padded([prompt(9, seed=9)])
+    greedy(model, ids, mask, "flash_attention_2")
+    assert sum(counts.values()) >= NEW_TOKENS * model.config.num_hidden_layers, counts
+
+
+def test_paged_generate_batch_matches_generate(
+    model: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Continuous batching (a paged KV cache) with flash_attention_2 gives the tokens
+    plain greedy generate() gives, prompt by prompt."""
+    if not hasattr(model, "generate_batch"):
+        pytest.skip(f"transformers {transformers.__version__} has no generate_batch")
+    from transformers import GenerationConfig
+
+    prompts = [prompt(n, seed=n) for n in PROMPT_LENS]
+    expected = []
+    for p in prompts:
+        ids, mask = left_padded([p])
+        expected.append(greedy(model, ids, mask, "sdpa")[0].tolist())
+    set_attn(model, "flash_attention_2")
+    counts = calls_to_our_ops(monkeypatch)
+    config = GenerationConfig(
+        max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=NO_EOS, pad_token_id=0
+    )
+    with torch.no_grad():
+        results = model.generate_batch(
+            inputs=[p.tolist() for p in prompts], generation_config=config, progress_bar=False
+        )
+    assert len(results) == len(prompts)
+    for i, (p, want) in enumerate(zip(prompts, expected)):
+        got = generated_for(results, p.tolist(), i)[:NEW_TOKENS]
+        assert got == want, f"prompt of {len(p)} tokens: {got} != {want}"
+    with capsys.disabled():
+        print(f"\n[paged client] launches of our ops: {counts}")
+    assert sum(counts.values()) > 0, "continuous batching did not call our flash_attn"
