@@ -159,7 +159,9 @@ class ContainerEngine:
 
     def build_argv(self, build: ImageBuild) -> list[str]:
         argv = [*self.base(), "build", "-f", str(build.dockerfile), "-t", build.tag]
-        argv += self.ulimit_args()
+        # a failed step's working container goes too: podman keeps it by default, and
+        # one of a toolchain step holds gigabytes (the next build then ran out of disk)
+        argv += ["--force-rm", *self.ulimit_args()]
         for key, value in sorted(build.build_args.items()):
             argv += ["--build-arg", f"{key}={value}"]
         if build.network:

@@ -70,6 +70,7 @@ def test_build_command_has_dockerfile_tag_args_network_and_context_last() -> Non
     assert _flag(argv, "--build-arg") == ["CUDA=13.0", "PYTHONS=3.11"]
     assert _flag(argv, "--network") == ["none"] and _flag(argv, "--ulimit") == ["nproc=4096:4096"]
     assert argv[-1] == "/ctx"
+    assert "--force-rm" in argv  # a failed step leaves no working container behind
 
 
 def test_cell_container_mounts_source_read_only_cache_and_work_read_write(
