@@ -55,7 +55,7 @@ def _cells(args: argparse.Namespace, spec: MatrixSpec) -> list[Cell]:
 
 
 def _one_group_cell(args: argparse.Namespace, spec: MatrixSpec) -> Cell:
-    groups = kernel_groups(_cells(args, spec))
+    groups = kernel_groups(_cells(args, spec), spec)
     if len(groups) != 1:
         raise FactoryError(
             f"MATRIX={args.matrix!r} spans {len(groups)} kernel groups "
@@ -66,7 +66,7 @@ def _one_group_cell(args: argparse.Namespace, spec: MatrixSpec) -> Cell:
 
 
 def cmd_kernel_groups(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    groups = kernel_groups(_cells(args, spec))
+    groups = kernel_groups(_cells(args, spec), spec)
     if args.json:
         print(json.dumps(github_kernel_matrix(groups)))
         return 0
@@ -104,7 +104,7 @@ def cmd_cache_key(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPath
 
 
 def cmd_objects(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPaths) -> int:
-    for group in kernel_groups(_cells(args, spec)):
+    for group in kernel_groups(_cells(args, spec), spec):
         print(f"{group.name}: kernel objects for {len(group.cells)} cell(s)", flush=True)
         src = stage_sources(paths.repo, paths.src(group.first.id))
         objects = compile_objects(

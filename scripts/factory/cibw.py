@@ -90,7 +90,7 @@ def build_request(selection: str, spec: MatrixSpec) -> BuildRequest:
 def planned_env(selection: str, spec: MatrixSpec, repo: Path, object_cache: Path) -> dict[str, str]:
     """MAX_JOBS and NVCC_THREADS the planner gives the variant's build here and now (its
     cells share one set of kernel objects, so any of them plans the same)."""
-    groups = kernel_groups(variant_cells(selection, spec))
+    groups = kernel_groups(variant_cells(selection, spec), spec)
     if len(groups) != 1:
         names = ", ".join(g.name for g in groups)
         raise FactoryError(f"MATRIX={selection!r} spans kernel groups {names}; name one variant")

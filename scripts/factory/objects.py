@@ -27,7 +27,7 @@ from build_tools.kernels import (
 )
 
 from .errors import FactoryError
-from .matrix import Cell
+from .matrix import Cell, MatrixSpec
 from .plan import kernel_builder
 
 KEY_SCHEMA = "flash-attn-objects-v1"
@@ -64,12 +64,28 @@ class KernelGroup:
         }
 
 
-def kernel_groups(cells: Sequence[Cell]) -> list[KernelGroup]:
-    """The distinct (cuda, kernel set) of the cells, in the cells' order."""
+def kernel_groups(cells: Sequence[Cell], spec: MatrixSpec | None = None) -> list[KernelGroup]:
+    """The distinct (cuda, kernel set) of the cells, in the cells' order.
+
+    With spec, each group's first cell (the one whose toolchain its kernel job builds
+    with: any cell of the group makes the same objects) is the cheapest to provision:
+    a torch build on the package index before one on PyTorch's per-CUDA indexes, then the
+    recipe's build CPython ([stable] build_python, which every toolchain image already
+    has) before the others; the cells' order otherwise."""
     grouped: dict[tuple[str, Any], list[Cell]] = {}
     for cell in cells:
         grouped.setdefault((cell.cuda, cell.kernels), []).append(cell)
+    if spec is not None:
+        for members in grouped.values():
+            members.sort(key=lambda c: _toolchain_cost(c, spec))
     return [KernelGroup(cuda, tuple(members)) for (cuda, _), members in grouped.items()]
+
+
+def _toolchain_cost(cell: Cell, spec: MatrixSpec) -> tuple[bool, bool]:
+    release = spec.torch.get(cell.torch)
+    # provision.toolchain_index's rule: a stable cell builds with the index's floor torch
+    off_index = not (release is None or cell.stable or cell.cuda == release.index_cuda)
+    return off_index, cell.python != spec.stable.build_python
 
 
 def github_kernel_matrix(groups: Sequence[KernelGroup]) -> dict[str, Any]:

@@ -39,6 +39,31 @@ def test_kernel_groups_split_by_cuda_and_kernel_set() -> None:
         assert g.to_matrix_entry()["matrix"] == g.first.selection()
 
 
+def test_a_kernel_job_provisions_the_groups_cheapest_toolchain() -> None:
+    """Any cell of a group makes its objects; the kernel job builds with one whose torch
+    is the package index's own build (not PyTorch's per-CUDA index) and whose CPython is
+    the recipe's build CPython, where the group has one."""
+    cells = select_cells("release", SPEC, LOCAL)
+    plain = {g.name: g for g in kernel_groups(cells)}
+    build_py = SPEC.stable.build_python
+
+    def on_index(c) -> bool:  # type: ignore[no-untyped-def]
+        return c.stable or c.cuda == SPEC.torch[c.torch].index_cuda
+
+    chosen = kernel_groups(cells, SPEC)
+    assert [g.name for g in chosen] == list(plain)
+    for g in chosen:
+        assert sorted(c.id for c in g.cells) == sorted(c.id for c in plain[g.name].cells)
+        best = [c for c in g.cells if on_index(c) and c.python == build_py]
+        if best:
+            assert on_index(g.first) and g.first.python == build_py, (g.name, g.first.id)
+        elif any(on_index(c) for c in g.cells):
+            assert on_index(g.first), (g.name, g.first.id)
+    # the release preset's first cells are CPython 3.9 builds, some of them off the index
+    assert any(not on_index(g.first) or g.first.python != build_py for g in plain.values())
+    assert any(on_index(g.first) and g.first.python == build_py for g in chosen)
+
+
 @needs_nvcc
 def test_cells_sharing_kernels_share_a_key_and_others_do_not(tmp_path: Path) -> None:
     def key(selection: str):  # type: ignore[no-untyped-def]
