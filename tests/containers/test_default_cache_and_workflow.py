@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,21 @@ import pytest
 from container_helpers import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-from workflow_local import condition, read_kv, render  # noqa: E402
+from workflow_local import JOB_ORDER, condition, read_kv, render  # noqa: E402
 
 CELL = "torch=2.13 python=3.11 cuda=13.0 binding=classic kernels=ci"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "flash-attn-base:bookworm")
 WHEELHOUSE = Path(os.environ.get("FLASH_ATTN_TEST_WHEELHOUSE", "/var/tmp/flash-attn-wheelhouse"))
+# The workflow_dispatch input of the replay: the release preset at one CPython with the ci
+# kernel set and this machine's limits, and the cells whose torch is the package index's
+# own build (download.pytorch.org, where the others live, is unreachable here), one per
+# torch minor and binding (--per-minor).
+WORKFLOW_MATRIX = os.environ.get(
+    "FLASH_ATTN_TEST_WORKFLOW_MATRIX", "release python=3.11 kernels=ci memory=6g cpus=2"
+)
+WORKFLOW_CELLS = os.environ.get(
+    "FLASH_ATTN_TEST_WORKFLOW_CELLS", "^cu128-torch2.8-|^cu13-torchstable"
+)
 
 
 def test_replay_evaluates_the_workflows_expressions() -> None:
@@ -108,3 +119,55 @@ def test_make_wheels_offline_with_the_default_cache_and_a_read_only_checkout(
     wheels = list((clone / "dist" / "whl").rglob("flash_attn-*.whl"))
     assert len(wheels) == 1 and "manylinux_" in wheels[0].name
     assert list((clone / "build" / "kernels").glob("*.o"))  # compiled into the default cache
+
+
+@pytest.mark.slow
+@pytest.mark.containers
+def test_the_workflow_replayed_job_by_job_publishes_its_cells(tmp_path: Path) -> None:
+    state = Path(os.environ.get("FLASH_ATTN_TEST_WORKFLOW_STATE", tmp_path / "wf"))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "workflow_local.py"),
+            "--matrix",
+            WORKFLOW_MATRIX,
+            "--cells",
+            WORKFLOW_CELLS,
+            "--per-minor",
+            "--state",
+            str(state),
+        ],
+        cwd=REPO,
+        env={**os.environ, "BASE_IMAGE": BASE_IMAGE},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=7200,
+    )
+    log = done.stdout[-6000:] + done.stderr[-2000:]
+    assert done.returncode == 0, log
+    steps = json.loads((state / "replay.json").read_text())
+    assert not [s for s in steps if s["outcome"] == "failure"], log
+    ran = {
+        job
+        for s in steps
+        if s["outcome"] == "success"
+        for job in JOB_ORDER
+        if s["job"] == job or s["job"].startswith(job + "-")
+    }
+    assert ran == set(JOB_ORDER), (ran, log)  # every job, in the order of needs:
+    built = sorted(p.name.removeprefix("wheel-") for p in (state / "artifacts").glob("wheel-*"))
+    assert built and all(re.search(WORKFLOW_CELLS, cell) for cell in built), built
+    for cell in built:
+        smoked = state / "artifacts" / f"smoked-{cell}"
+        wheels = list(smoked.glob("*.whl"))
+        assert len(wheels) == 1 and "manylinux_" in wheels[0].name, (cell, wheels)
+        record = json.loads((smoked / (wheels[0].name + ".smoke.json")).read_text())
+        assert record["cell"] == cell and record["passed"], record["summary"]
+        assert record["gpu"] == "skipped"  # no GPU runner here: FLASH_ATTN_SMOKE_REQUIRE_GPU=0
+    site = state / "runners" / "publish" / "work" / "site" / "whl"
+    published = sorted(p.name for p in site.rglob("*.whl"))
+    smoked_names = sorted(
+        w.name for c in built for w in (state / "artifacts" / f"smoked-{c}").glob("*.whl")
+    )
+    assert published == smoked_names, (published, smoked_names)
