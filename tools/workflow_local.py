@@ -19,6 +19,9 @@ The `uses:` steps are the only ones stood in for, each by the local action it do
 `docker` is podman (a shim first on PATH: podman with runc and this process's hard
 ulimits, as the factory runs it). What a runner would not do: the image build gets
 BASE=$BASE_IMAGE when set (no registry here: a local base image, tools/make_base_image.sh);
+where this host's pip trusts a CA bundle of its own (a TLS-inspecting proxy: pip's
+`global.cert`, PIP_CERT, SSL_CERT_FILE), the image build mounts it read-only where the
+image's RUN steps look (pip, uv: PIP_CERT, SSL_CERT_FILE) so they reach PyPI as the host does;
 FLASH_ATTN_SMOKE_REQUIRE_GPU=0 (no GPU runner here: the smoke gate's GPU part is skipped,
 and its record says so) and FLASH_ATTN_ALLOW_NO_GPU=1 (publish accepts those records);
 the smoke-gpu job runs on this machine. --cells keeps the matrix entries whose id
@@ -358,6 +361,7 @@ class Replay:
                     argv += ["--build-arg", line.strip()]
             if os.environ.get("BASE_IMAGE"):
                 argv += ["--build-arg", f"BASE={os.environ['BASE_IMAGE']}"]
+            argv += host_ca_args()
             context = Path(args["context"])
             argv.append(str(context if context.is_absolute() else ws / context))
             log = ws.parent / "image.log"
@@ -472,6 +476,42 @@ def find_python(version: str) -> str:
     if exe is None:
         raise StepFailed(f"no CPython {version} here (pyenv or PATH)")
     return exe
+
+
+# Where the build's RUN steps find the host's CA bundle (a Debian path; the image's own
+# bundle there is what the variables name once the build is over).
+CA_IN_BUILD = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def host_ca_bundle() -> Path | None:
+    """The CA bundle this host's pip is told to trust (PIP_CERT, SSL_CERT_FILE,
+    REQUESTS_CA_BUNDLE, else pip's config `global.cert`), None when it trusts the default:
+    a host behind a TLS-inspecting proxy reaches PyPI only with it."""
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    value = done.stdout.strip()
+    return Path(value) if done.returncode == 0 and value else None
+
+
+def host_ca_args() -> list[str]:
+    """`docker build` arguments that let the image's pip and uv trust the host's CA
+    bundle during the build (mounted read-only, not copied into any layer)."""
+    bundle = host_ca_bundle()
+    if bundle is None:
+        return []
+    if not bundle.is_file():
+        raise StepFailed(f"the host's CA bundle {bundle} (pip's cert setting) is not a file")
+    argv = ["--volume", f"{bundle.resolve()}:{CA_IN_BUILD}:ro"]
+    for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        argv += ["--env", f"{name}={CA_IN_BUILD}"]
+    return argv
 
 
 def docker_shim(path: Path) -> None:

@@ -18,7 +18,15 @@ import pytest
 from container_helpers import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-from workflow_local import JOB_ORDER, condition, read_kv, render  # noqa: E402
+from workflow_local import (  # noqa: E402
+    CA_IN_BUILD,
+    JOB_ORDER,
+    StepFailed,
+    condition,
+    host_ca_args,
+    read_kv,
+    render,
+)
 
 CELL = "torch=2.13 python=3.11 cuda=13.0 binding=classic kernels=ci"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "flash-attn-base:bookworm")
@@ -61,6 +69,25 @@ def test_replay_evaluates_the_workflows_expressions() -> None:
     assert condition("failure()", ctx, "failure") and not condition(None, ctx, "failure")
     assert condition("${{ startsWith(github.ref, 'refs/tags/v') }}", ctx, "success")
     assert read_kv("a=1\nb<<EOF\nx\ny\nEOF\nc=3=4\n") == {"a": "1", "b": "x\ny", "c": "3=4"}
+
+
+def test_replay_image_builds_trust_the_hosts_ca_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "proxy-ca.crt"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIP_CERT", str(bundle))
+    argv = host_ca_args()
+    assert argv[:2] == ["--volume", f"{bundle}:{CA_IN_BUILD}:ro"]
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "--env"]
+    assert sorted(envs) == sorted(
+        f"{n}={CA_IN_BUILD}" for n in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+    )
+    monkeypatch.setenv("PIP_CERT", str(tmp_path / "missing.crt"))
+    with pytest.raises(StepFailed, match="missing.crt"):
+        host_ca_args()
 
 
 @pytest.mark.slow
