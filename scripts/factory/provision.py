@@ -411,9 +411,19 @@ def provision_hermetic(
     cuda_home = find_pip_cuda_home(python)
     nvcc = nvcc_version(cuda_home) if cuda_home else None
     if cuda_home is None or nvcc != cell.cuda:
+        tools = sorted(
+            p.name for site in site_dirs(python) for p in site.glob("nvidia/*/bin/*") if p.is_file()
+        )
+        hint = (
+            f"; the packages put {', '.join(tools) or 'nothing'} in nvidia/*/bin and no nvcc "
+            f"(nvidia-cuda-nvcc-cu12 carries ptxas alone): build CUDA {cell.cuda} cells with "
+            "--toolchain system (TOOLCHAIN=system) and a CUDA toolkit of that release"
+            if cuda_home is None
+            else ""
+        )
         raise FactoryError(
             f"hermetic toolchain {venv}: no nvcc {cell.cuda} from {cuda_requirements(cell.cuda)} "
-            f"(found {nvcc or 'none'})"
+            f"(found {nvcc or 'none'}){hint}"
         )
     notes = stable_notes + table_disagreements(cell, spec, facts)
     cuobjdump = cuda_home / "bin" / "cuobjdump"

@@ -32,15 +32,16 @@ CELL = "torch=2.13 python=3.11 cuda=13.0 binding=classic kernels=ci"
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "flash-attn-base:bookworm")
 WHEELHOUSE = Path(os.environ.get("FLASH_ATTN_TEST_WHEELHOUSE", "/var/tmp/flash-attn-wheelhouse"))
 # The workflow_dispatch input of the replay: the release preset at one CPython with the ci
-# kernel set and this machine's limits, and the cells whose torch is the package index's
-# own build (download.pytorch.org, where the others live, is unreachable here), one per
-# torch minor and binding (--per-minor).
+# kernel set and this machine's limits, and the cells this machine can provision, one per
+# torch minor and binding (--per-minor). Only the cu13 stable cell qualifies here: its
+# toolchain is the index's floor torch and cuda-toolkit 13's nvcc; a CUDA 12 or 11 cell
+# needs an nvcc that no pip package carries (nvidia-cuda-nvcc-cu12 12.8/12.9 hold ptxas
+# alone), and the classic cu130 cell's torch 2.9 is on download.pytorch.org, unreachable
+# here. On a machine that can, e.g. FLASH_ATTN_TEST_WORKFLOW_CELLS='^cu130-torch2.9-|^cu13-'.
 WORKFLOW_MATRIX = os.environ.get(
     "FLASH_ATTN_TEST_WORKFLOW_MATRIX", "release python=3.11 kernels=ci memory=6g cpus=2"
 )
-WORKFLOW_CELLS = os.environ.get(
-    "FLASH_ATTN_TEST_WORKFLOW_CELLS", "^cu128-torch2.8-|^cu13-torchstable"
-)
+WORKFLOW_CELLS = os.environ.get("FLASH_ATTN_TEST_WORKFLOW_CELLS", "^cu13-torchstable")
 
 
 def test_replay_evaluates_the_workflows_expressions() -> None:
