@@ -356,6 +356,7 @@ class Replay:
             return {}, path
         if action == "docker/build-push-action":
             argv = ["docker", "build", "-f", str(ws / args["file"]), "-t", args["tags"]]
+            argv.append("--force-rm")  # as the factory's builds: no working container left
             for line in str(args.get("build-args") or "").splitlines():
                 if line.strip():
                     argv += ["--build-arg", line.strip()]
