@@ -67,6 +67,20 @@ void raise_on_error(int status, const FlashAttnParams &p, const char *direction)
   fa::fail("CUDA error in the ", direction, " kernel: ", flash_last_cuda_error());
 }
 
+// ALiBi slopes, (nheads,) or (batch, nheads) float32 on q's device (p.batch set).
+void set_alibi(FlashAttnParams &p, const OptTensor &alibi, const Tensor &q, int64_t h) {
+  if (!alibi.has_value()) return;
+  FA_CHECK(same_device(*alibi, q) && fa::dtype(*alibi) == ScalarType::Float,
+           "alibi_slopes must be float32 on q's device");
+  FA_CHECK((alibi->dim() == 1 && alibi->size(0) == h) ||
+               (alibi->dim() == 2 && alibi->size(0) == p.batch && alibi->size(1) == h),
+           "alibi_slopes must have shape (nheads,) or (batch, nheads), got ",
+           fa::shape_text(fa::shape(*alibi)));
+  FA_CHECK(alibi->stride(-1) == 1, "alibi_slopes must be contiguous in the head dim");
+  p.alibi_slopes = static_cast<float *>(alibi->data_ptr());
+  p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
+}
+
 // Shapes and the fields shared by forward and backward.
 FlashAttnParams make_params(const Tensor &q, const Tensor &k, const Tensor &v, const OptTensor &cu_q,
                             const OptTensor &cu_k, int64_t max_sq, int64_t max_sk, double scale,
@@ -115,17 +129,7 @@ FlashAttnParams make_params(const Tensor &q, const Tensor &k, const Tensor &v, c
   p.softcap = static_cast<float>(softcap);
   p.window_left = static_cast<int>(left);
   p.window_right = static_cast<int>(right);
-  if (alibi.has_value()) {
-    FA_CHECK(same_device(*alibi, q) && fa::dtype(*alibi) == ScalarType::Float,
-             "alibi_slopes must be float32 on q's device");
-    FA_CHECK((alibi->dim() == 1 && alibi->size(0) == h) ||
-                 (alibi->dim() == 2 && alibi->size(0) == p.batch && alibi->size(1) == h),
-             "alibi_slopes must have shape (nheads,) or (batch, nheads), got ",
-             fa::shape_text(fa::shape(*alibi)));
-    FA_CHECK(alibi->stride(-1) == 1, "alibi_slopes must be contiguous in the head dim");
-    p.alibi_slopes = static_cast<float *>(alibi->data_ptr());
-    p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
-  }
+  set_alibi(p, alibi, q, h);
   return p;
 }
 
@@ -281,17 +285,7 @@ std::tuple<Tensor, Tensor> fwd_kv(Tensor q_in, Tensor k_in, Tensor v_in, OptTens
   p.window_left = static_cast<int>(left);
   p.window_right = static_cast<int>(right);
   p.num_splits = static_cast<int>(num_splits);
-  if (alibi.has_value()) {
-    FA_CHECK(same_device(*alibi, q) && fa::dtype(*alibi) == ScalarType::Float,
-             "alibi_slopes must be float32 on q's device");
-    FA_CHECK((alibi->dim() == 1 && alibi->size(0) == h) ||
-                 (alibi->dim() == 2 && alibi->size(0) == p.batch && alibi->size(1) == h),
-             "alibi_slopes must have shape (nheads,) or (batch, nheads), got ",
-             fa::shape_text(fa::shape(*alibi)));
-    FA_CHECK(alibi->stride(-1) == 1, "alibi_slopes must be contiguous in the head dim");
-    p.alibi_slopes = static_cast<float *>(alibi->data_ptr());
-    p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
-  }
+  set_alibi(p, alibi, q, h);
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
   Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
   p.q = q.data_ptr();

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(128) bwd_dot_do_o_kernel(const FlashAttnParams
   constexpr int kLanes = dot_lanes<D>();
   const int lane = threadIdx.x % kLanes, h = blockIdx.y, b = blockIdx.z;
   const int row = blockIdx.x * dot_rows_per_cta<D>() + threadIdx.x / kLanes;
-  const SeqInfo seq(p, b);
+  const BwdSeqInfo seq(p, b);
   const bool ok = row < seq.sq;  // no early return: the row's lanes shuffle together
   const T *dout = seq.do_ptr<T>(p, b, h) + int64_t(row) * p.do_row_stride;
   const T *o = seq.o_ptr<T>(p, b, h) + int64_t(row) * p.o_row_stride;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(p, b);
+  const BwdSeqInfo seq(p, b);
   const int n0 = n_block * BN;
   if (n0 >= seq.sk) return;
   const int group = p.nheads / p.nheads_k;
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(p, b);
+  const BwdSeqInfo seq(p, b);
   const int m0 = m_block * BM;
   if (m0 >= seq.sq) return;
   const int hk = h / (p.nheads / p.nheads_k);

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
   const int wg = warp / 4;
   const TileCoords tc = tile_coords(false);
   const int n_block = tc.tile, hk = tc.h, b = tc.b;
-  const SeqInfo seq(p, b);
+  const BwdSeqInfo seq(p, b);
   const int n0 = n_block * BN;
   if (n0 >= seq.sk) return;
   const int group = p.nheads / p.nheads_k;
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
   const int wg = warp / 4;
   const TileCoords tc = tile_coords(true);
   const int m_block = tc.tile, h = tc.h, b = tc.b;
-  const SeqInfo seq(p, b);
+  const BwdSeqInfo seq(p, b);
   const int m0 = m_block * BM;
   if (m0 >= seq.sq) return;
   const int hk = h / (p.nheads / p.nheads_k);

@@ -25,18 +25,21 @@ struct TileDims {
   static constexpr int kNTiles = D / 8;  // n-tiles of 8 along the head dim
 };
 
-// Where batch entry b lives in the (dense or packed) tensors. For k and v, kb is
-// the cache row (kv_batch_idx) and k_start the first key (varlen: the token
-// offset; dense: leftpad_k), so token j of kv head h is at
-// kb * batch_stride + (k_start + j) * row_stride + h * head_stride; sk counts the
-// keys from k_start on (seqused_k, less leftpad_k, where given).
-struct SeqInfo {
+// Where batch entry b lives in the (dense or packed) tensors. The forward
+// (kKvCache) also reads the KV-cache fields: kb is the cache row of k and v
+// (kv_batch_idx) and k_start their first key (varlen: the token offset; dense:
+// leftpad_k), so token j of kv head h is at kb * batch_stride + (k_start + j) *
+// row_stride + h * head_stride, and sk counts the keys from k_start on (seqused_k,
+// less leftpad_k, where given). The backward takes none of them (dispatch.cu refuses
+// them) and compiles without.
+template <bool kKvCache>
+struct SeqInfoT {
   int q_start, k_start;  // first token (varlen) or 0; k_start also takes leftpad_k
   int kb;                // the batch index of k and v
   int sq, sk;            // this sequence's lengths
   bool varlen;
 
-  __device__ __forceinline__ SeqInfo(const FlashAttnParams &p, int b) {
+  __device__ __forceinline__ SeqInfoT(const FlashAttnParams &p, int b) {
     varlen = p.cu_seqlens_q != nullptr;
     kb = varlen ? 0 : b;
     if (varlen) {
@@ -49,20 +52,23 @@ struct SeqInfo {
       sq = p.seqlen_q;
       sk = p.seqlen_k;
     }
-    if (p.kv_batch_idx != nullptr) kb = p.kv_batch_idx[b];
-    if (p.seqused_k != nullptr) sk = p.seqused_k[b];
-    if (p.leftpad_k != nullptr) {
-      const int pad = p.leftpad_k[b];
-      k_start += pad;
-      sk -= pad;
+    if constexpr (kKvCache) {
+      if (p.kv_batch_idx != nullptr) kb = p.kv_batch_idx[b];
+      if (p.seqused_k != nullptr) sk = p.seqused_k[b];
+      if (p.leftpad_k != nullptr) {
+        const int pad = p.leftpad_k[b];
+        k_start += pad;
+        sk -= pad;
+      }
     }
   }
   // Offset of token 0 of head h of this sequence.
   __device__ __forceinline__ int64_t q_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
     return (varlen ? q_start * rs : b * bs) + h * hs;
   }
-  __device__ __forceinline__ int64_t k_off(int, int64_t bs, int64_t rs, int64_t hs, int h) const {
-    return int64_t(kb) * bs + int64_t(k_start) * rs + h * hs;
+  __device__ __forceinline__ int64_t k_off(int b, int64_t bs, int64_t rs, int64_t hs, int h) const {
+    if constexpr (kKvCache) return int64_t(kb) * bs + int64_t(k_start) * rs + h * hs;
+    return (varlen ? k_start * rs : b * bs) + h * hs;
   }
   // Token 0 of query head h (q, o, dout, dq) or kv head h (k, v, dk, dv) of entry b.
   template <typename T>
@@ -103,6 +109,8 @@ struct SeqInfo {
     return (varlen ? q_start : b * p.lse_batch_stride) + h * p.lse_head_stride;
   }
 };
+using SeqInfo = SeqInfoT<true>;      // the forward kernels
+using BwdSeqInfo = SeqInfoT<false>;  // the backward kernels
 
 // Which keys a query sees: i + off - left <= j <= i + off + right, j < sk.
 struct Visibility {
