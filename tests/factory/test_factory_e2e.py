@@ -86,7 +86,9 @@ def test_one_cell_end_to_end(built: Built) -> None:
     assert wheel.name.startswith(f"flash_attn-2.9.0+{label}-{python}-{abi}-")
     info = read_wheel_info(wheel)
     assert info.version.endswith(f"+{label}")
-    assert info.requires_dist == (built.cell.requires_torch,)
+    # torch is the one requirement without a marker; the rest are pyproject's extras
+    plain = tuple(r for r in info.requires_dist if "extra ==" not in r)
+    assert plain == (built.cell.requires_torch,), info.requires_dist
     assert r.objects > 0 and r.smoke.startswith("passed")
     smoke_log = (built.paths.cell_dir(built.cell.id) / "smoke.log").read_text()
     for check in ("ops", "input_check", "launch"):
