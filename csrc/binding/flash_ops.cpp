@@ -81,16 +81,43 @@ void set_alibi(FlashAttnParams &p, const OptTensor &alibi, const Tensor &q, int6
   p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
 }
 
-// Shapes and the fields shared by forward and backward.
+// An int32 (batch,) index tensor on q's device.
+const int *index_tensor(const OptTensor &t, const char *name, const Tensor &q, int64_t batch) {
+  if (!t.has_value()) return nullptr;
+  FA_CHECK(same_device(*t, q), name, " must be on q's device ", fa::device_text(q), ", got ",
+           fa::device_text(*t));
+  FA_CHECK(fa::dtype(*t) == ScalarType::Int, name, " must be int32, got ",
+           fa::dtype_name(fa::dtype(*t)));
+  FA_CHECK(t->dim() == 1 && t->size(0) == batch && t->is_contiguous(), name,
+           " must be a contiguous (batch,) = (", batch, ",) tensor, got shape ",
+           fa::shape_text(fa::shape(*t)));
+  return static_cast<const int *>(t->data_ptr());
+}
+
+// Where the keys of a forward over a KV cache live (fwd_kv); none for fwd and bwd.
+struct KvCache {
+  OptTensor seqused_k, kv_batch_idx, leftpad_k, block_table;
+  bool paged() const { return block_table.has_value(); }
+};
+
+// Shapes and the fields shared by forward and backward. k and v are laid out like q
+// (dense or varlen) unless a KV cache says otherwise: dense rows picked by
+// kv_batch_idx, or pages (num_pages, page_size, nheads_k, head_dim) of block_table.
 FlashAttnParams make_params(const Tensor &q, const Tensor &k, const Tensor &v, const OptTensor &cu_q,
                             const OptTensor &cu_k, int64_t max_sq, int64_t max_sk, double scale,
-                            int64_t left, int64_t right, double softcap, const OptTensor &alibi) {
+                            int64_t left, int64_t right, double softcap, const OptTensor &alibi,
+                            const KvCache &cache = {}) {
   FlashAttnParams p{};
-  const bool varlen = cu_q.has_value();
+  const bool varlen = cu_q.has_value(), paged = cache.paged();
   FA_CHECK(varlen == cu_k.has_value(), "give both cu_seqlens_q and cu_seqlens_k or neither");
-  const int64_t rank = varlen ? 3 : 4;
-  FA_CHECK(q.dim() == rank && k.dim() == rank && v.dim() == rank, "q, k, v must be ", rank, "-D (",
-           varlen ? "total, nheads, head_dim" : "batch, seqlen, nheads, head_dim", "), got ",
+  FA_CHECK(!paged || (!cache.kv_batch_idx.has_value() && !cache.leftpad_k.has_value()),
+           "block_table excludes kv_batch_idx and leftpad_k");
+  FA_CHECK(!varlen || (!cache.kv_batch_idx.has_value() && !cache.leftpad_k.has_value()),
+           "kv_batch_idx and leftpad_k need dense q, k, v");
+  const int64_t rank = varlen ? 3 : 4, k_rank = paged ? 4 : rank;
+  FA_CHECK(q.dim() == rank && k.dim() == k_rank && v.dim() == k_rank, "q must be ", rank, "-D (",
+           varlen ? "total, nheads, head_dim" : "batch, seqlen, nheads, head_dim", ") and k, v ",
+           k_rank, "-D", paged ? " (num_pages, page_size, nheads_k, head_dim)" : "", ", got ",
            q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
   check_tensor(k, "k", q);
   check_tensor(v, "v", q);
@@ -109,19 +136,42 @@ FlashAttnParams make_params(const Tensor &q, const Tensor &k, const Tensor &v, c
     FA_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 1,
              "cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got ", cu_q->numel(),
              " and ", cu_k->numel());
-    FA_CHECK(k.size(0) == v.size(0), "k and v have different token counts");
     p.batch = static_cast<int>(cu_q->numel() - 1);
     p.seqlen_q = static_cast<int>(max_sq);
     p.seqlen_k = static_cast<int>(max_sk);
     p.cu_seqlens_q = static_cast<int *>(cu_q->data_ptr());
     p.cu_seqlens_k = static_cast<int *>(cu_k->data_ptr());
   } else {
-    FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ");
-    FA_CHECK(k.size(1) == v.size(1), "k and v have different sequence lengths");
     p.batch = static_cast<int>(q.size(0));
     p.seqlen_q = static_cast<int>(q.size(1));
+  }
+  if (paged) {
+    const Tensor &bt = *cache.block_table;
+    FA_CHECK(fa::shape(k) == fa::shape(v), "the paged k and v must have the same shape, got ",
+             fa::shape_text(fa::shape(k)), " and ", fa::shape_text(fa::shape(v)));
+    FA_CHECK(same_device(bt, q) && fa::dtype(bt) == ScalarType::Int && bt.dim() == 2 &&
+                 bt.size(0) == p.batch && bt.stride(1) == 1,
+             "block_table must be an int32 (batch, pages_per_seq) tensor on q's device with "
+             "contiguous rows, got ", fa::shape_text(fa::shape(bt)));
+    FA_CHECK(k.size(1) % 16 == 0, "the page size (k.shape[1]) must be a multiple of 16, got ",
+             k.size(1));
+    p.block_table = static_cast<const int *>(bt.data_ptr());
+    p.block_table_batch_stride = bt.stride(0);
+    p.page_size = static_cast<int>(k.size(1));
+    p.seqlen_k = static_cast<int>(bt.size(1) * k.size(1));
+  } else if (varlen) {
+    FA_CHECK(k.size(0) == v.size(0), "k and v have different token counts");
+  } else {
+    FA_CHECK(k.size(0) == v.size(0) &&
+                 (cache.kv_batch_idx.has_value() ? k.size(0) >= 1 : k.size(0) == p.batch),
+             "k and v must have q's batch size (", p.batch, ") unless kv_batch_idx picks their "
+             "rows, got ", k.size(0), " and ", v.size(0));
+    FA_CHECK(k.size(1) == v.size(1), "k and v have different sequence lengths");
     p.seqlen_k = static_cast<int>(k.size(1));
   }
+  p.seqused_k = index_tensor(cache.seqused_k, "seqused_k", q, p.batch);
+  p.kv_batch_idx = index_tensor(cache.kv_batch_idx, "kv_batch_idx", q, p.batch);
+  p.leftpad_k = index_tensor(cache.leftpad_k, "leftpad_k", q, p.batch);
   p.nheads = static_cast<int>(h);
   p.nheads_k = static_cast<int>(hk);
   p.head_dim = static_cast<int>(d);
@@ -166,13 +216,20 @@ void run_forward(FlashAttnParams &p, const Tensor &q) {
   raise_on_error(flash_attn_fwd(&p, fa::current_stream(q)), p, "forward");
 }
 
-std::tuple<Tensor, Tensor> fwd(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor cu_q,
-                               OptTensor cu_k, int64_t max_sq, int64_t max_sk, double scale,
-                               int64_t left, int64_t right, double softcap, OptTensor alibi) {
+// The forward of fwd and fwd_kv: outputs, pointers and strides, then the launch.
+std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const Tensor &v_in,
+                                   const OptTensor &cu_q, const OptTensor &cu_k, int64_t max_sq,
+                                   int64_t max_sk, double scale, int64_t left, int64_t right,
+                                   double softcap, const OptTensor &alibi, const KvCache &cache,
+                                   int64_t num_splits) {
   FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
+  FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
+           FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
   const fa::DeviceGuard guard(q_in);
   const Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
-  FlashAttnParams p = make_params(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi);
+  FlashAttnParams p =
+      make_params(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
+  p.num_splits = static_cast<int>(num_splits);
   const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
   Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
@@ -181,119 +238,7 @@ std::tuple<Tensor, Tensor> fwd(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor 
   p.v = v.data_ptr();
   p.o = out.data_ptr();
   SET_STRIDES(p, q, q, varlen);
-  SET_STRIDES(p, k, k, varlen);
-  SET_STRIDES(p, v, v, varlen);
-  SET_STRIDES(p, o, out, varlen);
-  set_lse(p, lse, varlen);
-  p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
-  if (q.numel() == 0) {
-    fa::fill(lse, INFINITY);
-    return {out, lse};
-  }
-  run_forward(p, q);
-  return {out, lse};
-}
-
-// An int32 (batch,) index tensor on q's device.
-const int *index_tensor(const OptTensor &t, const char *name, const Tensor &q, int64_t batch) {
-  if (!t.has_value()) return nullptr;
-  FA_CHECK(same_device(*t, q), name, " must be on q's device ", fa::device_text(q), ", got ",
-           fa::device_text(*t));
-  FA_CHECK(fa::dtype(*t) == ScalarType::Int, name, " must be int32, got ",
-           fa::dtype_name(fa::dtype(*t)));
-  FA_CHECK(t->dim() == 1 && t->size(0) == batch && t->is_contiguous(), name,
-           " must be a contiguous (batch,) = (", batch, ",) tensor, got shape ",
-           fa::shape_text(fa::shape(*t)));
-  return static_cast<const int *>(t->data_ptr());
-}
-
-// The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
-// varlen, or paged through block_table; seqused_k gives each entry's key count.
-std::tuple<Tensor, Tensor> fwd_kv(Tensor q_in, Tensor k_in, Tensor v_in, OptTensor cu_q,
-                                  OptTensor cu_k, OptTensor seqused_k, OptTensor kv_batch_idx,
-                                  OptTensor leftpad_k, OptTensor block_table, int64_t max_sq,
-                                  int64_t max_sk, double scale, int64_t left, int64_t right,
-                                  double softcap, OptTensor alibi, int64_t num_splits) {
-  FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
-  const fa::DeviceGuard guard(q_in);
-  const Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
-  const bool varlen = cu_q.has_value(), paged = block_table.has_value();
-  FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
-           FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
-  FA_CHECK(!paged || (!kv_batch_idx.has_value() && !leftpad_k.has_value()),
-           "block_table excludes kv_batch_idx and leftpad_k");
-  FA_CHECK(!varlen || !kv_batch_idx.has_value(), "kv_batch_idx needs dense q, k, v");
-  FA_CHECK(!(varlen && leftpad_k.has_value()), "leftpad_k needs dense q, k, v");
-  FA_CHECK(q.dim() == (varlen ? 3 : 4), "q must be ", varlen ? "3" : "4", "-D, got ", q.dim(), "-D");
-  FA_CHECK(k.dim() == ((varlen && !paged) ? 3 : 4) && v.dim() == k.dim(), "k and v must be ",
-           paged ? "(num_pages, page_size, nheads_k, head_dim)"
-                 : (varlen ? "(total_k, nheads_k, head_dim)" : "(batch, seqlen_k, nheads_k, head_dim)"),
-           ", got ", fa::shape_text(fa::shape(k)), " and ", fa::shape_text(fa::shape(v)));
-  FA_CHECK(fa::shape(k) == fa::shape(v), "k and v must have the same shape, got ",
-           fa::shape_text(fa::shape(k)), " and ", fa::shape_text(fa::shape(v)));
-  check_tensor(k, "k", q);
-  check_tensor(v, "v", q);
-  FlashAttnParams p{};
-  p.dtype = dtype_code(q);
-  const int64_t d = q.size(-1), h = q.size(-2), hk = k.size(-2);
-  FA_CHECK(d > 0 && d <= 256 && d % 8 == 0 && k.size(-1) == d,
-           "head_dim must be a multiple of 8 in (0, 256], the same for q, k and v; got ", d,
-           " and ", k.size(-1));
-  FA_CHECK(hk > 0 && h % hk == 0, "nheads (", h, ") must be a multiple of nheads_k (", hk, ")");
-  if (varlen) {
-    FA_CHECK(cu_k.has_value(), "varlen q needs cu_seqlens_k");
-    check_cu_seqlens(*cu_q, "cu_seqlens_q", q);
-    check_cu_seqlens(*cu_k, "cu_seqlens_k", q);
-    FA_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 1,
-             "cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries");
-    p.batch = static_cast<int>(cu_q->numel() - 1);
-    p.seqlen_q = static_cast<int>(max_sq);
-    p.cu_seqlens_q = static_cast<int *>(cu_q->data_ptr());
-    p.cu_seqlens_k = static_cast<int *>(cu_k->data_ptr());
-  } else {
-    FA_CHECK(!cu_k.has_value(), "cu_seqlens_k needs cu_seqlens_q");
-    p.batch = static_cast<int>(q.size(0));
-    p.seqlen_q = static_cast<int>(q.size(1));
-  }
-  if (paged) {
-    const Tensor &bt = *block_table;
-    FA_CHECK(same_device(bt, q) && fa::dtype(bt) == ScalarType::Int && bt.dim() == 2 &&
-                 bt.size(0) == p.batch && bt.stride(1) == 1,
-             "block_table must be an int32 (batch, pages_per_seq) tensor on q's device with "
-             "contiguous rows, got ", fa::shape_text(fa::shape(bt)));
-    FA_CHECK(k.size(1) % 16 == 0, "the page size (k.shape[1]) must be a multiple of 16, got ",
-             k.size(1));
-    p.block_table = static_cast<const int *>(bt.data_ptr());
-    p.block_table_batch_stride = bt.stride(0);
-    p.page_size = static_cast<int>(k.size(1));
-    p.seqlen_k = static_cast<int>(bt.size(1) * k.size(1));
-  } else if (varlen) {
-    p.seqlen_k = static_cast<int>(max_sk);
-  } else {
-    FA_CHECK(kv_batch_idx.has_value() ? k.size(0) >= 1 : k.size(0) == p.batch,
-             "k's batch (", k.size(0), ") must be q's (", p.batch, ") unless kv_batch_idx is given");
-    p.seqlen_k = static_cast<int>(k.size(1));
-  }
-  p.seqused_k = index_tensor(seqused_k, "seqused_k", q, p.batch);
-  p.kv_batch_idx = index_tensor(kv_batch_idx, "kv_batch_idx", q, p.batch);
-  p.leftpad_k = index_tensor(leftpad_k, "leftpad_k", q, p.batch);
-  p.nheads = static_cast<int>(h);
-  p.nheads_k = static_cast<int>(hk);
-  p.head_dim = static_cast<int>(d);
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
-  p.window_left = static_cast<int>(left);
-  p.window_right = static_cast<int>(right);
-  p.num_splits = static_cast<int>(num_splits);
-  set_alibi(p, alibi, q, h);
-  Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
-  Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.o = out.data_ptr();
-  SET_STRIDES(p, q, q, varlen);
-  const bool k_rows = varlen && !paged;  // (total_k, nheads_k, head_dim)
+  const bool k_rows = varlen && !cache.paged();  // (total_k, nheads_k, head_dim)
   SET_STRIDES(p, k, k, k_rows);
   SET_STRIDES(p, v, v, k_rows);
   SET_STRIDES(p, o, out, varlen);
@@ -305,6 +250,24 @@ std::tuple<Tensor, Tensor> fwd_kv(Tensor q_in, Tensor k_in, Tensor v_in, OptTens
   }
   run_forward(p, q);
   return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, OptTensor cu_q, OptTensor cu_k,
+                               int64_t max_sq, int64_t max_sk, double scale, int64_t left,
+                               int64_t right, double softcap, OptTensor alibi) {
+  return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, {}, 0);
+}
+
+// The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
+// varlen, or paged through block_table; seqused_k gives each entry's key count.
+std::tuple<Tensor, Tensor> fwd_kv(Tensor q, Tensor k, Tensor v, OptTensor cu_q, OptTensor cu_k,
+                                  OptTensor seqused_k, OptTensor kv_batch_idx, OptTensor leftpad_k,
+                                  OptTensor block_table, int64_t max_sq, int64_t max_sk,
+                                  double scale, int64_t left, int64_t right, double softcap,
+                                  OptTensor alibi, int64_t num_splits) {
+  const KvCache cache{seqused_k, kv_batch_idx, leftpad_k, block_table};
+  return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache,
+                 num_splits);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout_in, Tensor q_in, Tensor k_in, Tensor v_in,

@@ -42,8 +42,8 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
 // The number of splits: enough CTAs to fill every SM's slots in whole waves, with
 // at least 128 keys per split.
 inline int choose_splits(const FlashAttnParams &p, int d, int num_sms) {
-  // CTAs an SM: shared memory, and at most 10 (about 170 registers a lane)
   const int64_t units = int64_t(p.batch) * p.nheads_k * row_blocks(p);
+  // CTAs an SM: shared memory, and at most 10 (about 170 registers a lane)
   int per_sm = int((228 * 1024) / (smem_bytes(d) + 1024));
   per_sm = per_sm < 1 ? 1 : (per_sm > 10 ? 10 : per_sm);
   const int64_t slots = int64_t(num_sms) * per_sm;
