@@ -24,14 +24,15 @@ NAMESPACE = "flash_attn"
 FWD_SCHEMA = (
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes) "
+    "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? rng_state) "
     "-> (Tensor out, Tensor softmax_lse)"
 )
 BWD_SCHEMA = (
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
     "float softmax_scale, int window_left, int window_right, float softcap, "
-    "Tensor? alibi_slopes, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)"
+    "Tensor? alibi_slopes, bool deterministic, float dropout_p, Tensor? rng_state) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)"
 )
 FWD_KV_SCHEMA = (
     "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -159,6 +160,8 @@ def fwd(
         window_right,
         softcap,
         alibi_slopes,
+        0.0,
+        None,
     )
 
 
@@ -257,6 +260,8 @@ def bwd(
         softcap,
         alibi_slopes,
         deterministic,
+        0.0,
+        None,
     )
 
 
@@ -276,6 +281,8 @@ def fwd_fake(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out: q's shape and dtype; softmax_lse: float32, (batch, nheads, seqlen_q) or
     (nheads, total_q). Both contiguous, as the binding allocates them."""
@@ -342,6 +349,8 @@ def bwd_fake(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     deterministic: bool,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv: the shapes and dtypes of q, k, v, contiguous (as the binding)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -1,4 +1,4 @@
-// The only C++ that sees torch: registers flash_attn::fwd / fwd_kv / bwd / build_info with
+// The only C++ that sees torch: registers flash_attn::fwd / fwd_kv / bwd / dropout_mask / build_info with
 // the dispatcher, checks inputs, allocates outputs and calls the kernels
 // (csrc/kernels/flash_api.h) on the current stream.
 //
@@ -10,6 +10,7 @@
 #include <Python.h>
 
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 
 #include "torch_api.h"
@@ -79,6 +80,22 @@ void set_alibi(FlashAttnParams &p, const OptTensor &alibi, const Tensor &q, int6
   FA_CHECK(alibi->stride(-1) == 1, "alibi_slopes must be contiguous in the head dim");
   p.alibi_slopes = static_cast<float *>(alibi->data_ptr());
   p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
+}
+
+// Attention dropout: dropout_p in [0, 1); with dropout_p > 0 rng_state is the (seed,
+// offset) pair, two int64 on q's device (flash_api.h).
+void set_dropout(FlashAttnParams &p, double dropout_p, const OptTensor &rng_state, const Tensor &q) {
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p == 0.0) return;
+  FA_CHECK(rng_state.has_value(), "dropout_p = ", dropout_p,
+           " needs rng_state, an int64 tensor of 2 elements (seed, offset) on q's device");
+  const Tensor &r = *rng_state;
+  FA_CHECK(same_device(r, q) && fa::dtype(r) == ScalarType::Long && r.numel() == 2 && r.is_contiguous(),
+           "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset) on q's device ",
+           fa::device_text(q), ", got ", fa::dtype_name(fa::dtype(r)), " ", fa::shape_text(fa::shape(r)),
+           " on ", fa::device_text(r));
+  p.rng_state = static_cast<const int64_t *>(r.data_ptr());
 }
 
 // An int32 (batch,) index tensor on q's device.
@@ -221,7 +238,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
                                    const OptTensor &cu_q, const OptTensor &cu_k, int64_t max_sq,
                                    int64_t max_sk, double scale, int64_t left, int64_t right,
                                    double softcap, const OptTensor &alibi, const KvCache &cache,
-                                   int64_t num_splits) {
+                                   int64_t num_splits, double dropout_p, const OptTensor &rng_state) {
   FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
   FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
            FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
@@ -230,6 +247,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   FlashAttnParams p =
       make_params(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
   p.num_splits = static_cast<int>(num_splits);
+  set_dropout(p, dropout_p, rng_state, q);
   const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
   Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
@@ -254,8 +272,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
 
 std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, OptTensor cu_q, OptTensor cu_k,
                                int64_t max_sq, int64_t max_sk, double scale, int64_t left,
-                               int64_t right, double softcap, OptTensor alibi) {
-  return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, {}, 0);
+                               int64_t right, double softcap, OptTensor alibi, double dropout_p,
+                               OptTensor rng_state) {
+  return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, {}, 0,
+                 dropout_p, rng_state);
 }
 
 // The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
@@ -267,20 +287,21 @@ std::tuple<Tensor, Tensor> fwd_kv(Tensor q, Tensor k, Tensor v, OptTensor cu_q, 
                                   OptTensor alibi, int64_t num_splits) {
   const KvCache cache{seqused_k, kv_batch_idx, leftpad_k, block_table};
   return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache,
-                 num_splits);
+                 num_splits, 0.0, std::nullopt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout_in, Tensor q_in, Tensor k_in, Tensor v_in,
                                        Tensor out_in, Tensor lse, OptTensor cu_q, OptTensor cu_k,
                                        int64_t max_sq, int64_t max_sk, double scale, int64_t left,
                                        int64_t right, double softcap, OptTensor alibi,
-                                       bool deterministic) {
+                                       bool deterministic, double dropout_p, OptTensor rng_state) {
   (void)deterministic;  // the backward never uses atomics: it is always deterministic
   FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
   const fa::DeviceGuard guard(q_in);
   const Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
   const Tensor out = kernel_ready(out_in), dout = kernel_ready(dout_in);
   FlashAttnParams p = make_params(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi);
+  set_dropout(p, dropout_p, rng_state, q);
   const bool varlen = cu_q.has_value();
   check_tensor(out, "out", q);
   check_tensor(dout, "dout", q);
@@ -324,12 +345,37 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout_in, Tensor q_in, Tensor k_in,
   return {dq, dk, dv};
 }
 
+// The keep mask the kernels apply for rng_state and dropout_p: uint8 (batch, nheads,
+// seqlen_q, seqlen_k), 1 = kept.
+Tensor dropout_mask(Tensor rng_state, int64_t batch, int64_t nheads, int64_t seqlen_q, int64_t seqlen_k,
+                    double dropout_p) {
+  FA_CHECK(fa::is_cuda(rng_state) && fa::dtype(rng_state) == ScalarType::Long && rng_state.numel() == 2 &&
+               rng_state.is_contiguous(),
+           "rng_state must be a contiguous int64 CUDA tensor of 2 elements (seed, offset), got ",
+           fa::dtype_name(fa::dtype(rng_state)), " ", fa::shape_text(fa::shape(rng_state)), " on ",
+           fa::device_text(rng_state));
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  FA_CHECK(batch >= 0 && nheads > 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= INT32_MAX &&
+               nheads <= INT32_MAX && seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX,
+           "dropout_mask needs batch >= 0, nheads > 0, seqlen_q >= 0, seqlen_k >= 0 (int32), got ", batch,
+           ", ", nheads, ", ", seqlen_q, ", ", seqlen_k);
+  const fa::DeviceGuard guard(rng_state);
+  Tensor mask = fa::empty_like_device(rng_state, {batch, nheads, seqlen_q, seqlen_k}, ScalarType::Byte);
+  const int status = flash_attn_dropout_mask(
+      static_cast<const int64_t *>(rng_state.data_ptr()), static_cast<float>(dropout_p), static_cast<int>(batch),
+      static_cast<int>(nheads), static_cast<int>(seqlen_q), static_cast<int>(seqlen_k),
+      static_cast<uint8_t *>(mask.data_ptr()), fa::current_stream(rng_state));
+  FA_CHECK(status == FLASH_OK, "dropout_mask failed: ", flash_last_cuda_error());
+  return mask;
+}
+
 std::string build_info() { return flash_attn_build_info(); }
 
 constexpr const char *FWD_SCHEMA =
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor out, Tensor softmax_lse)";
+    "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? rng_state) "
+    "-> (Tensor out, Tensor softmax_lse)";
 constexpr const char *FWD_KV_SCHEMA =
     "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
@@ -340,7 +386,11 @@ constexpr const char *BWD_SCHEMA =
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
     "float softmax_scale, int window_left, int window_right, float softcap, "
-    "Tensor? alibi_slopes, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)";
+    "Tensor? alibi_slopes, bool deterministic, float dropout_p, Tensor? rng_state) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)";
+constexpr const char *DROPOUT_MASK_SCHEMA =
+    "dropout_mask(Tensor rng_state, int batch, int nheads, int seqlen_q, int seqlen_k, float dropout_p) "
+    "-> Tensor";
 constexpr const char *BUILD_INFO_SCHEMA = "build_info() -> str";
 
 }  // namespace
@@ -350,6 +400,7 @@ STABLE_TORCH_LIBRARY(flash_attn, m) {
   m.def(FWD_SCHEMA);
   m.def(FWD_KV_SCHEMA);
   m.def(BWD_SCHEMA);
+  m.def(DROPOUT_MASK_SCHEMA);
   m.def(BUILD_INFO_SCHEMA);
 }
 
@@ -357,6 +408,7 @@ STABLE_TORCH_LIBRARY_IMPL(flash_attn, CUDA, m) {
   m.impl("fwd", TORCH_BOX(&fwd));
   m.impl("fwd_kv", TORCH_BOX(&fwd_kv));
   m.impl("bwd", TORCH_BOX(&bwd));
+  m.impl("dropout_mask", TORCH_BOX(&dropout_mask));
 }
 
 // no tensor argument: registered for every backend, so it answers on a CPU machine too
@@ -368,6 +420,7 @@ TORCH_LIBRARY(flash_attn, m) {
   m.def(FWD_SCHEMA);
   m.def(FWD_KV_SCHEMA);
   m.def(BWD_SCHEMA);
+  m.def(DROPOUT_MASK_SCHEMA);
   m.def(BUILD_INFO_SCHEMA, &build_info);
 }
 
@@ -375,6 +428,7 @@ TORCH_LIBRARY_IMPL(flash_attn, CUDA, m) {
   m.impl("fwd", &fwd);
   m.impl("fwd_kv", &fwd_kv);
   m.impl("bwd", &bwd);
+  m.impl("dropout_mask", &dropout_mask);
 }
 #endif
 

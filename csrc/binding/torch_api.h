@@ -154,6 +154,7 @@ inline const char *dtype_name(ScalarType s) {
     case ScalarType::Float: return "float32";
     case ScalarType::Int: return "int32";
     case ScalarType::Long: return "int64";
+    case ScalarType::Byte: return "uint8";
     default: return "another dtype";
   }
 }

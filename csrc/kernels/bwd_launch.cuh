@@ -8,6 +8,7 @@
 //   3. dQ: one CTA per (query block, head, batch), walking the visible keys.
 #pragma once
 
+#include "dropout.cuh"
 #include "tile.cuh"
 #if defined(FLASH_HAS_SM90A)
 #include "bwd_sm90.cuh"
@@ -65,7 +66,8 @@ struct BwdKVConfig {
   static constexpr size_t kSmem = size_t(2 * BN + 4 * BM) * Dims::kLd * 2 + 4 * BM * sizeof(float);
 };
 
-template <typename C, typename T>
+// kDrop: dropout (a separate instantiation: its registers would spill the plain one).
+template <typename C, typename T, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnParams p) {
   constexpr int D = C::D, BM = C::BM, BN = C::BN, LD = C::Dims::kLd;
   constexpr int KS = C::Dims::kKSteps, DT = C::Dims::kNTiles, MT = BM / 8;
@@ -163,6 +165,16 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
     for (int c = 0; c < MT; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[c][e] *= pr[c][e];
+    // Dropout: dV takes the kept P / (1 - p) (pr, once s holds what dS needs); dP
+    // becomes the kept dP / (1 - p) below.
+    const Dropout drop = Dropout::of<kDrop>(p, b, h);
+    const ColKeep<MT> keep(drop, n0 + warp * 16, m0, lane);
+    if (kDrop && drop.on) {
+#pragma unroll
+      for (int c = 0; c < MT; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pr[c][e] = keep.kept(c, e) ? pr[c][e] * drop.rp : 0.f;
+    }
     uint32_t p_frag[BM / 16][4];
     pack_a<BM / 16, T>(p_frag, pr);
     if constexpr (kDV) gemm_rs_nn<DT, BM / 16, LD, T>(acc_dv, p_frag, sdOs, lane);
@@ -172,6 +184,12 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dkdv_kernel(const FlashAttnPa
       float dp[MT][4];
       zero(dp);
       gemm_ss_nt<MT, KS, LD, T>(dp, sVw, sdOs, lane);
+      if (kDrop && drop.on) {
+#pragma unroll
+        for (int c = 0; c < MT; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[c][e] = keep.kept(c, e) ? dp[c][e] * drop.rp : 0.f;
+      }
 #pragma unroll
       for (int c = 0; c < MT; ++c) {
 #pragma unroll
@@ -208,7 +226,7 @@ struct BwdQConfig {
   static constexpr size_t kSmem = size_t(2 * BM + 4 * BN) * Dims::kLd * 2;
 };
 
-template <typename C, typename T>
+template <typename C, typename T, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnParams p) {
   constexpr int D = C::D, BM = C::BM, BN = C::BN, LD = C::Dims::kLd;
   constexpr int KS = C::Dims::kKSteps, DT = C::Dims::kNTiles, NT = BN / 8;
@@ -226,6 +244,7 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
   const int hk = h / (p.nheads / p.nheads_k);
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
+  const Dropout drop = Dropout::of<kDrop>(p, b, h);
 
   const T *q = seq.q_ptr<T>(p, b, h);
   const T *dout = seq.do_ptr<T>(p, b, h);
@@ -295,6 +314,8 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
     float dp[NT][4];
     zero(dp);
     gemm_ss_nt<NT, KS, LD, T>(dp, sdOw, sVs, lane);
+    // dP of the kept entries, / (1 - p); 0 where dropped
+    if (kDrop && drop.on) dropout_rows<NT>(dp, drop, r0, n0, lane, drop.rp);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -314,6 +335,27 @@ __global__ void __launch_bounds__(C::kThreads) bwd_dq_kernel(const FlashAttnPara
 }
 
 // ---------------------------------------------------------------- launch
+template <int D, typename T, bool kDrop>
+int run_bwd_kv_q(const FlashAttnParams &p, cudaStream_t stream) {
+  int status;
+  const dim3 kv_grid((p.seqlen_k + 63) / 64, p.nheads_k, p.batch);
+  if constexpr (D <= 128) {
+    using KV = BwdKVConfig<D, 64, kDKDV>;
+    status = launch(bwd_dkdv_kernel<KV, T, kDrop>, kv_grid, KV::kThreads, KV::kSmem, stream, p);
+  } else {
+    using DV = BwdKVConfig<D, 32, kDVOnly>;
+    using DK = BwdKVConfig<D, 32, kDKOnly>;
+    status = launch(bwd_dkdv_kernel<DV, T, kDrop>, kv_grid, DV::kThreads, DV::kSmem, stream, p);
+    if (status == FLASH_OK)
+      status = launch(bwd_dkdv_kernel<DK, T, kDrop>, kv_grid, DK::kThreads, DK::kSmem, stream, p);
+  }
+  if (status != FLASH_OK) return status;
+
+  using Q = BwdQConfig<D, (D <= 128 ? 64 : 32)>;
+  return launch(bwd_dq_kernel<Q, T, kDrop>, dim3((p.seqlen_q + Q::BM - 1) / Q::BM, p.nheads, p.batch),
+                Q::kThreads, Q::kSmem, stream, p);
+}
+
 template <int D, typename T>
 int run_bwd(const FlashAttnParams &p, cudaStream_t stream) {
   constexpr int kDotRows = dot_rows_per_cta<D>();
@@ -325,23 +367,8 @@ int run_bwd(const FlashAttnParams &p, cudaStream_t stream) {
     if (use_sm90_kernels()) return run_bwd_sm90<D, T>(p, stream);
   }
 #endif
-
-  const dim3 kv_grid((p.seqlen_k + 63) / 64, p.nheads_k, p.batch);
-  if constexpr (D <= 128) {
-    using KV = BwdKVConfig<D, 64, kDKDV>;
-    status = launch(bwd_dkdv_kernel<KV, T>, kv_grid, KV::kThreads, KV::kSmem, stream, p);
-  } else {
-    using DV = BwdKVConfig<D, 32, kDVOnly>;
-    using DK = BwdKVConfig<D, 32, kDKOnly>;
-    status = launch(bwd_dkdv_kernel<DV, T>, kv_grid, DV::kThreads, DV::kSmem, stream, p);
-    if (status == FLASH_OK)
-      status = launch(bwd_dkdv_kernel<DK, T>, kv_grid, DK::kThreads, DK::kSmem, stream, p);
-  }
-  if (status != FLASH_OK) return status;
-
-  using Q = BwdQConfig<D, (D <= 128 ? 64 : 32)>;
-  return launch(bwd_dq_kernel<Q, T>, dim3((p.seqlen_q + Q::BM - 1) / Q::BM, p.nheads, p.batch),
-                Q::kThreads, Q::kSmem, stream, p);
+  if (p.dropout_p > 0.f) return run_bwd_kv_q<D, T, true>(p, stream);
+  return run_bwd_kv_q<D, T, false>(p, stream);
 }
 
 }  // namespace flash

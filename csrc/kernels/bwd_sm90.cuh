@@ -11,6 +11,7 @@
 
 #include <type_traits>
 
+#include "dropout.cuh"
 #include "sm90.cuh"
 
 namespace flash {
@@ -30,8 +31,8 @@ struct BwdKVSm90Config {
 };
 
 // kMod: softcap or ALiBi present (a separate instantiation, so that the plain
-// path keeps no d(score) registers).
-template <typename C, typename T, bool kMod>
+// path keeps no d(score) registers). kDrop: dropout (likewise).
+template <typename C, typename T, bool kMod, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, MT = BM / 8, PS = BM / 16, DA = D / 64;
@@ -165,9 +166,21 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
           pr[c][e] = exp2_approx(fmaf(s[c][e], mod.scale_log2, -lse[c * 8 + 2 * t + (e % 2)] * kLog2e));
     }
     if (masked) mask_fragment<true>(pr, vis, j0, m0, t, 0.f);
+    // Dropout: dV takes the kept P / (1 - p), dS the kept dP / (1 - p) (below).
+    const Dropout drop = Dropout::of<kDrop>(p, b, h);
+    const ColKeep<MT> keep(drop, j0 - g, m0, lane);
     uint32_t p_frag[PS][4];
     if constexpr (kDV) {
-      pack_a<PS, T>(p_frag, pr);
+      if (kDrop && drop.on) {
+        float pd[MT][4];
+#pragma unroll
+        for (int c = 0; c < MT; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) pd[c][e] = keep.kept(c, e) ? pr[c][e] * drop.rp : 0.f;
+        pack_a<PS, T>(p_frag, pd);
+      } else {
+        pack_a<PS, T>(p_frag, pr);
+      }
       sm90::warpgroup_fence();
 #pragma unroll
       for (int kk = 0; kk < PS; ++kk)
@@ -182,6 +195,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) bwd_dkdv_sm90_kernel(const Fla
       if constexpr (kDV) sm90::wait_group<1>();  // dP^T done; dV may still run
       else sm90::wait_group<0>();
       sm90::reg_fence(dp);
+      if (kDrop && drop.on) {
+#pragma unroll
+        for (int c = 0; c < MT; ++c)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[c][e] = keep.kept(c, e) ? dp[c][e] * drop.rp : 0.f;
+      }
 #pragma unroll
       for (int c = 0; c < MT; ++c)
 #pragma unroll
@@ -253,7 +272,7 @@ struct BwdQSm90Config {
   static constexpr size_t kSmem = 2 * kTileQ + 4 * kTileKV + 1024;
 };
 
-template <typename C, typename T, bool kMod>
+template <typename C, typename T, bool kMod, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN, KS = D / 16, NT = BN / 8, PS = BN / 16, DA = D / 64;
@@ -274,6 +293,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
   const int hk = h / (p.nheads / p.nheads_k);
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
+  const Dropout drop = Dropout::of<kDrop>(p, b, h);
 
   const T *q = seq.q_ptr<T>(p, b, h);
   const T *dout = seq.do_ptr<T>(p, b, h);
@@ -362,6 +382,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
     if (masked) mask_fragment<false>(s, vis, r0, n0, t, 0.f);
     sm90::wait_group<0>();
     sm90::reg_fence(dp);
+    // dP of the kept entries, / (1 - p); 0 where dropped
+    if (kDrop && drop.on) dropout_rows<NT>(dp, drop, r0, n0, lane, drop.rp);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -397,7 +419,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) bwd_dq_sm90_kernel
 }
 
 // Configs measured on H100/H200 (benchmarks/RESULTS.md).
-template <int D, typename T, bool kMod>
+template <int D, typename T, bool kMod, bool kDrop>
 int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
   int status;
   if constexpr (D <= 128) {
@@ -405,23 +427,23 @@ int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
     // this beat 32-query blocks at two CTAs per SM on H100 (benchmarks/RESULTS.md).
     using KV = BwdKVSm90Config<D, 2, kSm90DKDV, 64>;
     const dim3 grid((p.seqlen_k + KV::BN - 1) / KV::BN, p.nheads_k, p.batch);
-    status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod>, grid, KV::kThreads, KV::kSmem, stream, p);
+    status = launch(bwd_dkdv_sm90_kernel<KV, T, kMod, kDrop>, grid, KV::kThreads, KV::kSmem, stream, p);
   } else {
     // The 64 x D accumulators of one of dK, dV leave room for 32-query blocks when
     // dS is made too (dK), 64-query ones when not (dV, whose pass also skips V).
     using DV = BwdKVSm90Config<D, 2, kSm90DVOnly, 64>;
     using DK = BwdKVSm90Config<D, 2, kSm90DKOnly, 32>;
     const dim3 grid((p.seqlen_k + DV::BN - 1) / DV::BN, p.nheads_k, p.batch);
-    status = launch(bwd_dkdv_sm90_kernel<DV, T, kMod>, grid, DV::kThreads, DV::kSmem, stream, p);
+    status = launch(bwd_dkdv_sm90_kernel<DV, T, kMod, kDrop>, grid, DV::kThreads, DV::kSmem, stream, p);
     if (status == FLASH_OK)
-      status = launch(bwd_dkdv_sm90_kernel<DK, T, kMod>, grid, DK::kThreads, DK::kSmem, stream, p);
+      status = launch(bwd_dkdv_sm90_kernel<DK, T, kMod, kDrop>, grid, DK::kThreads, DK::kSmem, stream, p);
   }
   if (status != FLASH_OK) return status;
   // dQ: at head dim 64 two CTAs (of two warpgroups) share an SM.
   using Q = std::conditional_t<(D <= 64), BwdQSm90Config<D, 2, 64, 2>,
                                std::conditional_t<(D <= 128), BwdQSm90Config<D, 2, 64>,
                                                   BwdQSm90Config<D, 2, 32>>>;
-  return launch(bwd_dq_sm90_kernel<Q, T, kMod>,
+  return launch(bwd_dq_sm90_kernel<Q, T, kMod, kDrop>,
                 dim3((p.seqlen_q + Q::BM - 1) / Q::BM, p.nheads, p.batch), Q::kThreads, Q::kSmem,
                 stream, p);
 }
@@ -429,8 +451,10 @@ int run_bwd_sm90_mod(const FlashAttnParams &p, cudaStream_t stream) {
 // dK/dV and dQ after the softmax_d pass (run_bwd launches that one).
 template <int D, typename T>
 int run_bwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
-  if (p.softcap > 0.f || p.alibi_slopes != nullptr) return run_bwd_sm90_mod<D, T, true>(p, stream);
-  return run_bwd_sm90_mod<D, T, false>(p, stream);
+  const bool mod = p.softcap > 0.f || p.alibi_slopes != nullptr;
+  if (p.dropout_p > 0.f)
+    return mod ? run_bwd_sm90_mod<D, T, true, true>(p, stream) : run_bwd_sm90_mod<D, T, false, true>(p, stream);
+  return mod ? run_bwd_sm90_mod<D, T, true, false>(p, stream) : run_bwd_sm90_mod<D, T, false, false>(p, stream);
 }
 
 }  // namespace flash

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "dropout.cuh"
 #include "registry.cuh"
 #include "split_plan.h"
 #include "tile.cuh"
@@ -26,7 +27,8 @@ const KernelEntry *find_kernel(int head_dim, int dtype, int direction) {
 
 bool valid_shape(const FlashAttnParams *p) {
   return p != nullptr && p->head_dim > 0 && p->head_dim % 8 == 0 && p->nheads_k > 0 &&
-         p->nheads % p->nheads_k == 0;
+         p->nheads % p->nheads_k == 0 &&
+         (p->dropout_p == 0.f || (p->dropout_p > 0.f && p->dropout_p < 1.f && p->rng_state != nullptr));
 }
 
 int run(const FlashAttnParams *p, void *stream, int direction) {
@@ -35,6 +37,9 @@ int run(const FlashAttnParams *p, void *stream, int direction) {
   // takes neither, nor the KV-cache fields.
   if (direction == 0 && !p->split_kernel && (p->block_table != nullptr || p->num_splits > 1))
     return FLASH_ERR_BAD_ARGUMENT;
+  if (p->dropout_p > 0.f && (p->split_kernel || p->block_table != nullptr || p->seqused_k != nullptr ||
+                             p->kv_batch_idx != nullptr || p->leftpad_k != nullptr))
+    return FLASH_ERR_BAD_ARGUMENT;  // dropout is for training: no KV cache, no split kernel
   if (direction == 1 && (p->block_table != nullptr || p->seqused_k != nullptr ||
                          p->kv_batch_idx != nullptr || p->leftpad_k != nullptr || p->split_kernel))
     return FLASH_ERR_BAD_ARGUMENT;
@@ -114,6 +119,33 @@ void note_smem_limit(const void *kernel, size_t smem) {
   if (smem > known) known = smem;
 }
 
+// One thread per Philox call (dropout.cuh): (entry and head, 16-query block and row
+// i % 8, 32-key chunk, lane class t), writing its 16 entries; a grid-stride loop.
+__global__ void dropout_mask_kernel(const int64_t *rng_state, float p, int nheads, int sq, int sk,
+                                    int64_t calls_total, uint8_t *mask) {
+  const int q16 = (sq + 15) / 16, k32 = (sk + 31) / 32;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < calls_total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int t = int(idx % 4);
+    const int j32 = int(idx / 4 % k32);
+    const int64_t rest = idx / 4 / k32;
+    const int low = int(rest % 8);
+    const int i16 = int(rest / 8 % q16);
+    const int64_t bh = rest / 8 / q16;
+    const Dropout d(rng_state, p, nheads, int(bh / nheads), int(bh % nheads));
+    const uint4 r = d.call(16 * i16 + low, j32, t);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t keep = d.keep_bytes(word_of(r, w));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * i16 + low + 8 * (e / 2), j = 32 * j32 + 8 * w + 2 * t + e % 2;
+        if (i < sq && j < sk) mask[(bh * sq + i) * sk + j] = (keep >> (8 * e)) & 1u;
+      }
+    }
+  }
+}
+
 bool device_has_pdl() {
   int dev = 0, major = 0;
   return cudaGetDevice(&dev) == cudaSuccess &&
@@ -139,6 +171,25 @@ int flash_attn_fwd(const FlashAttnParams *params, void *cuda_stream) {
 
 int flash_attn_bwd(const FlashAttnParams *params, void *cuda_stream) {
   return flash::run(params, cuda_stream, 1);
+}
+
+int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch, int nheads,
+                            int seqlen_q, int seqlen_k, uint8_t *mask, void *cuda_stream) {
+  if (rng_state == nullptr || mask == nullptr || !(dropout_p >= 0.f && dropout_p < 1.f) || batch < 0 ||
+      nheads <= 0 || seqlen_q < 0 || seqlen_k < 0)
+    return FLASH_ERR_BAD_ARGUMENT;
+  const int64_t total = int64_t(batch) * nheads * ((seqlen_q + 15) / 16) * 8 * ((seqlen_k + 31) / 32) * 4;
+  if (total == 0) return FLASH_OK;
+  const int64_t blocks = (total + 255) / 256;
+  const int grid = int(blocks < 65536 ? blocks : 65536);
+  flash::dropout_mask_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(cuda_stream)>>>(
+      rng_state, dropout_p, nheads, seqlen_q, seqlen_k, total, mask);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    flash::set_cuda_error(e);
+    return FLASH_ERR_CUDA;
+  }
+  return FLASH_OK;
 }
 
 int flash_attn_has_kernel(int head_dim, int dtype, int direction) {

@@ -90,6 +90,13 @@ typedef struct FlashAttnParams {
   int total_q;                      /* rows of q: batch * seqlen_q (dense) or total_q (varlen) */
   float *oaccum;                    /* (num_splits, nheads, total_q, head_dim) float32 */
   float *lse_accum;                 /* (num_splits, nheads, total_q) float32 */
+
+  /* Attention dropout (forward and backward; not with the split kernel or a KV cache).
+     dropout_p in [0, 1): entry (b, h, i, j) of P = softmax(scores) is kept, scaled by
+     1 / (1 - dropout_p), where flash_attn_dropout_mask says so. rng_state: two int64 on
+     the device, (seed, offset); read only when dropout_p > 0. */
+  float dropout_p;
+  const int64_t *rng_state;
 } FlashAttnParams;
 
 /* Decides how the forward runs: resolves params->num_splits (0 = chosen from the
@@ -103,6 +110,12 @@ int flash_attn_fwd(const FlashAttnParams *params, void *cuda_stream);
 /* Backward: dq, dk, dv (softmax_d is a float32 workspace the caller allocates).
  * The result is deterministic: no atomics, the same bits run to run. */
 int flash_attn_bwd(const FlashAttnParams *params, void *cuda_stream);
+
+/* The keep mask of attention dropout, as the kernels apply it: mask[b][h][i][j] (uint8,
+ * batch x nheads x seqlen_q x seqlen_k, contiguous) is 1 where entry (batch entry b, query
+ * head h, query i, key j; positions within the sequence) is kept. */
+int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch, int nheads,
+                            int seqlen_q, int seqlen_k, uint8_t *mask, void *cuda_stream);
 
 /* Whether an instantiation exists (direction 0 = forward, 1 = backward). */
 int flash_attn_has_kernel(int head_dim, int dtype, int direction);

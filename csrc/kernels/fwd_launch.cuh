@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "dropout.cuh"
 #include "fwd_split.cuh"
 #include "tile.cuh"
 #if defined(FLASH_HAS_SM90A)
@@ -31,7 +32,8 @@ using FwdConfigFor = std::conditional_t<
     (D <= 64), FwdConfig<D, 64, 4, 2, true>,
     std::conditional_t<(D <= 128), FwdConfig<D, 64, 4, 2, false>, FwdConfig<D, 64, 8, 1, false>>>;
 
-template <typename C, typename T>
+// kDrop: dropout (a separate instantiation, so the plain one keeps its registers).
+template <typename C, typename T, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams p) {
   constexpr int D = C::D, BM = C::BM, BN = C::BN, LD = C::Dims::kLd;
   constexpr int KS = C::Dims::kKSteps, DT = C::Dims::kNTiles, NT = BN / 8, MT = C::kMT;
@@ -48,6 +50,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
   const int hk = h / (p.nheads / p.nheads_k);
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
   const ScoreMod mod(p, b, h);
+  const Dropout drop = Dropout::of<kDrop>(p, b, h);
 
   const T *q = seq.q_ptr<T>(p, b, h);
   const T *k = seq.k_ptr<T>(p, b, hk);
@@ -137,6 +140,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
         }
       }
       pack_a<BN / 16, T>(p_frag[m], s[m]);
+      // Dropout after the row sums: the normaliser counts every entry, P V only the
+      // kept ones (their 1 / (1 - p) is applied with the normaliser at the end).
+      if (kDrop && drop.on) dropout_packed_rows<NT>(p_frag[m], drop, i0, n0, lane);
     }
 
     cp_async_wait<0>();
@@ -160,7 +166,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(row_sum[m][r]);
-      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      inv[r] = l > 0.f ? drop.rp / l : 0.f;
       const int i = m0 + w0 + m * 16 + g + 8 * r;
       if (t == 0 && i < seq.sq) lse_ptr[i] = l > 0.f ? row_max[m][r] * kLn2 + logf(l) : INFINITY;
     }
@@ -188,7 +194,8 @@ int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
 #endif
   using C = FwdConfigFor<D>;
   const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-  return launch(fwd_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
+  if (p.dropout_p > 0.f) return launch(fwd_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p);
+  return launch(fwd_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p);
 }
 
 }  // namespace flash

@@ -9,6 +9,7 @@
 
 #include <type_traits>
 
+#include "dropout.cuh"
 #include "sm90.cuh"
 
 namespace flash {
@@ -118,7 +119,8 @@ struct FwdSm90Config {
 // done with it, and the stage is refilled when every thread has. The loads
 // stay with all threads: a dedicated producer warpgroup issuing cp.async
 // (tried) could not keep the MMAs fed on H100.
-template <typename C, typename T>
+// kDrop: dropout (a separate instantiation: its registers would spill the plain one).
+template <typename C, typename T, bool kDrop>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int D = C::D, BM = C::BM, BN = C::BN;
@@ -185,6 +187,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
 
   const int w0 = wg * 64 + (warp % 4) * 16;
   const ScoreMod mod(p, b, h);
+  const Dropout drop = Dropout::of<kDrop>(p, b, h);
   float acc_o[DA][8][4];
 #pragma unroll
   for (int a = 0; a < DA; ++a) zero(acc_o[a]);
@@ -211,6 +214,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
     softmax_block<NT, DA>(sc, acc_o, row_max, row_sum, mod, vis, masked, i0, n0, t);
     uint32_t p_frag[PS][4];
     pack_a<PS, T>(p_frag, sc);
+    // After the row sums: only P V sees the dropped entries. (Making the mask under the
+    // S MMAs instead, before wait_group, measured slower on H200: the kernel is bound by
+    // issue slots there, not by the wait.)
+    if (kDrop && drop.on) dropout_packed_rows<NT>(p_frag, drop, i0, n0, lane);
 
     if (it >= 1 && it - 1 + S < n) {  // ... and V of block it - 1
       sm90::mbar_wait(v_empty + (it - 1) % S, ((it - 1) / S) & 1);
@@ -230,6 +237,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   // Normalise; O goes through this warpgroup's own rows of the Q tile.
   float inv[2];
   finish_rows(row_max, row_sum, p.lse + seq.lse_off(p, b, h), m0 + w0 + g, seq.sq, t, inv);
+  inv[0] *= drop.rp;  // kept entries weigh 1 / (1 - p)
+  inv[1] *= drop.rp;
 #pragma unroll
   for (int a = 0; a < DA; ++a) sm90::acc_to_smem_sw<BM, 8, T>(sQ, acc_o[a], w0, a * 64, inv[0], inv[1], lane);
   sm90::named_barrier(1 + wg, 128);
@@ -248,7 +257,8 @@ int run_fwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
   using C = std::conditional_t<(D <= 64), FwdSm90Config<D, 96, 2, 2, 2>,
                                FwdSm90Config<D, (D <= 128 ? 128 : 64), 2>>;
   const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-  return launch(fwd_sm90_kernel<C, T>, grid, C::kThreads, C::kSmem, stream, p);
+  if (p.dropout_p > 0.f) return launch(fwd_sm90_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p);
+  return launch(fwd_sm90_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p);
 }
 
 }  // namespace flash

@@ -34,8 +34,10 @@ inline int row_blocks(const FlashAttnParams &p) {
 
 // The split kernel runs for paged k/v, for an explicit split, and for
 // decode-shaped calls: at most 2 row tiles (32 rows) of packed queries per (entry, kv head).
+// Never with dropout (the split kernel has none; dispatch refuses the combination).
 inline bool wants_split_kernel(const FlashAttnParams &p) {
   if (p.block_table != nullptr || p.num_splits > 1) return true;
+  if (p.dropout_p > 0.f) return false;
   return row_blocks(p) <= 2;
 }
 
