@@ -223,12 +223,14 @@ std::vector<int64_t> lse_shape(const Tensor &q, const FlashAttnParams &p, bool v
 void run_forward(FlashAttnParams &p, const Tensor &q) {
   int64_t oaccum_floats = 0, lse_accum_floats = 0;
   raise_on_error(flash_attn_fwd_plan(&p, &oaccum_floats, &lse_accum_floats), p, "forward");
-  std::optional<Tensor> oaccum, lse_accum;  // freed after the launch, stream-ordered
+  // One allocation for both (a decode step pays for each); freed after the launch,
+  // stream-ordered. oaccum comes first: head_dim is a multiple of 8, so lse_accum stays
+  // 32-byte aligned behind it.
+  std::optional<Tensor> workspace;
   if (oaccum_floats > 0) {
-    oaccum = fa::empty_like_device(q, {oaccum_floats}, ScalarType::Float);
-    lse_accum = fa::empty_like_device(q, {lse_accum_floats}, ScalarType::Float);
-    p.oaccum = static_cast<float *>(oaccum->data_ptr());
-    p.lse_accum = static_cast<float *>(lse_accum->data_ptr());
+    workspace = fa::empty_like_device(q, {oaccum_floats + lse_accum_floats}, ScalarType::Float);
+    p.oaccum = static_cast<float *>(workspace->data_ptr());
+    p.lse_accum = p.oaccum + oaccum_floats;
   }
   raise_on_error(flash_attn_fwd(&p, fa::current_stream(q)), p, "forward");
 }
