@@ -7,7 +7,8 @@ head_dim padded to a multiple of 8) and the results are sliced back. Gradients o
 packed inputs come back packed.
 
 Dropout: the caller draws rng_state (draw_rng_state) when dropout_p > 0 and hands it
-in; the forward passes it to the op and saves it, and the backward passes the same
+in (drawn before the Function, so that return_attn_probs can rebuild the mask too);
+the forward passes it to the op and saves it, and the backward passes the same
 tensor to the backward op, which regenerates the same mask from it.
 """
 
@@ -24,16 +25,21 @@ from flash_attn._layout import kernel_layout
 # (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap)
 OpArgs = tuple[int, int, float, int, int, float]
 
+# rng_state's values are drawn from [0, RNG_HIGH): every non-negative int64 but the last.
+RNG_HIGH = 2**63 - 1
+
 
 def draw_rng_state(dropout_p: float, device: torch.device) -> torch.Tensor | None:
     """The (seed, offset) of one dropout call: None without dropout; else an int64 (2,)
-    tensor drawn on device from torch's generator for it.
+    tensor of values in [0, 2**63 - 1) drawn on device from torch's generator for it.
 
     The draw runs on the device (no host sync): torch.manual_seed reproduces it, and a
-    CUDA graph draws afresh at each replay, as torch's own random ops do.
+    CUDA graph draws afresh at each replay, as torch's own random ops do. (randint, not
+    the in-place Tensor.random_, which torch.compile cannot trace without a graph
+    break; both draw from the same generator.)
     """
     if dropout_p > 0.0:
-        return torch.empty(2, dtype=torch.int64, device=device).random_()
+        return torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device)
     return None
 
 
