@@ -122,6 +122,8 @@ def check_dropout_p(dropout_p: object) -> float:
     float(p)). NaN, negative values and values >= 1 are refused: 1 would drop
     everything and scale the rest by 1 / 0.
     """
+    if type(dropout_p) is float and dropout_p == 0.0:
+        return 0.0  # the default, on almost every call
     symbolic = isinstance(dropout_p, (torch.SymFloat, torch.SymInt))
     if isinstance(dropout_p, bool) or not (symbolic or isinstance(dropout_p, numbers.Real)):
         raise InputError(
