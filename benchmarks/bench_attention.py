@@ -3,12 +3,18 @@ and cuDNN backends, measured in the same process on the FlashAttention-paper
 shapes: 16k tokens per batch, hidden 2048 (nheads = 2048 / head_dim), bf16.
 
     python benchmarks/bench_attention.py [--hdims 64,128,256] [--seqlens 512,...,16384]
-        [--json out.json]
+        [--dropout 0.1] [--json out.json]
 
 FLOPs: fwd = 4 * batch * nheads * seqlen^2 * head_dim (halved when causal),
 bwd = 2.5 * fwd. Times are medians of CUDA-event timings after warm-up.
 Also prints peak GPU memory of our forward+backward per seqlen (batch 1,
 the 16k-token shape), to show memory linear in sequence length.
+
+--dropout P (0 < P < 1) also measures our kernels with attention dropout P, in the
+same rounds, and prints them beside ours without: forward time and forward+backward
+time with / without (issue 14's target: forward with dropout within 1.15x of without
+from seqlen 2k on; a row past it is marked). `--backends ours --dropout 0.1` measures
+only those two.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ class Row:
     backend: str
     fwd_tflops: float
     bwd_tflops: float
+    dropout_p: float = 0.0
+    fwd_ms: float = 0.0
+    bwd_ms: float = 0.0
 
 
 def time_ms(fn, reps: int = 20, warmup: int = 5) -> float:
@@ -52,7 +61,7 @@ def time_ms(fn, reps: int = 20, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def measure(backend: str, hdim: int, seqlen: int, causal: bool) -> Row:
+def measure(backend: str, hdim: int, seqlen: int, causal: bool, dropout_p: float = 0.0) -> Row:
     batch, nheads = TOKENS // seqlen, HIDDEN // hdim
     dev, dt = "cuda", torch.bfloat16
     shape = (batch, seqlen, nheads, hdim)
@@ -60,8 +69,9 @@ def measure(backend: str, hdim: int, seqlen: int, causal: bool) -> Row:
     if backend == "ours":
 
         def fwd():
-            return flash_attn_func(q, k, v, causal=causal)
+            return flash_attn_func(q, k, v, dropout_p, causal=causal)
     else:
+        assert dropout_p == 0.0, "dropout is measured for our kernels only"
         qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa_backend = (
             SDPBackend.FLASH_ATTENTION if backend == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
@@ -76,7 +86,43 @@ def measure(backend: str, hdim: int, seqlen: int, causal: bool) -> Row:
     grad = torch.randn_like(out)
     bwd_ms = time_ms(lambda: out.backward(grad, retain_graph=True))
     flops = 4 * batch * nheads * seqlen * seqlen * hdim * (0.5 if causal else 1.0)
-    return Row(hdim, seqlen, causal, backend, flops / fwd_ms / 1e9, 2.5 * flops / bwd_ms / 1e9)
+    return Row(
+        hdim, seqlen, causal, backend, flops / fwd_ms / 1e9, 2.5 * flops / bwd_ms / 1e9,
+        dropout_p, fwd_ms, bwd_ms,
+    )  # fmt: skip
+
+
+def best_of(old: Row | None, new: Row) -> Row:
+    """The faster of two measurements of one cell, direction by direction."""
+    if old is None:
+        return new
+    fwd = old if old.fwd_ms <= new.fwd_ms else new
+    bwd = old if old.bwd_ms <= new.bwd_ms else new
+    return Row(
+        new.hdim, new.seqlen, new.causal, new.backend, fwd.fwd_tflops, bwd.bwd_tflops,
+        new.dropout_p, fwd.fwd_ms, bwd.bwd_ms,
+    )  # fmt: skip
+
+
+def print_dropout_table(rows: list[Row], dropout_p: float, target: float = 1.15) -> None:
+    """Ours with dropout beside ours without: times and ratios per cell."""
+    plain = {(r.hdim, r.seqlen, r.causal): r for r in rows if r.backend == "ours"}
+    dropped = {(r.hdim, r.seqlen, r.causal): r for r in rows if r.backend == "ours+dropout"}
+    print(f"\n| hdim | causal | seqlen | fwd ms | fwd ms, dropout {dropout_p} | ratio "
+          "| fwd+bwd ms | fwd+bwd ms, dropout | ratio |")  # fmt: skip
+    print("|" + "---|" * 9)
+    for key in sorted(plain):
+        if key not in dropped:
+            continue
+        a, b = plain[key], dropped[key]
+        fwd_ratio = b.fwd_ms / a.fwd_ms
+        both_ratio = (b.fwd_ms + b.bwd_ms) / (a.fwd_ms + a.bwd_ms)
+        mark = " (over the target)" if key[1] >= 2048 and fwd_ratio > target else ""
+        print(
+            f"| {key[0]} | {key[2]} | {key[1]} | {a.fwd_ms:.3f} | {b.fwd_ms:.3f} | "
+            f"{fwd_ratio:.2f}{mark} | {a.fwd_ms + a.bwd_ms:.3f} | {b.fwd_ms + b.bwd_ms:.3f} | "
+            f"{both_ratio:.2f} |"
+        )
 
 
 def peak_memory_gib(hdim: int, seqlen: int) -> float:
@@ -103,6 +149,13 @@ def main() -> None:
     ap.add_argument("--backends", default="ours,sdpa-flash,sdpa-cudnn")
     ap.add_argument("--json", default=None)
     ap.add_argument(
+        "--dropout",
+        type=float,
+        default=0.0,
+        help="also measure our kernels with this attention dropout (0 < p < 1) beside ours "
+        "without; 0 (the default): no dropout runs",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -112,9 +165,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: must be at least 1")
+    if not 0.0 <= args.dropout < 1.0:
+        ap.error(f"--dropout {args.dropout}: must be in [0, 1) (0: no dropout runs)")
     hdims = [int(x) for x in args.hdims.split(",")]
     seqlens = [int(x) for x in args.seqlens.split(",")]
     backends = args.backends.split(",")
+    runs = [(b, 0.0) for b in backends]
+    if args.dropout > 0.0:
+        runs.append(("ours", args.dropout))
 
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, bf16, {TOKENS} tokens, hidden {HIDDEN}")
@@ -123,25 +181,19 @@ def main() -> None:
         for hdim in hdims:
             for causal in (False, True):
                 for seqlen in seqlens:
-                    for backend in backends:
+                    for backend, dropout_p in runs:
+                        label = backend if dropout_p == 0.0 else f"{backend}+dropout"
                         try:
-                            r = measure(backend, hdim, seqlen, causal)
+                            r = measure(backend, hdim, seqlen, causal, dropout_p)
                         except RuntimeError as e:  # a backend that rejects the shape
-                            where = f"{backend} hdim{hdim} s{seqlen} causal={causal}"
+                            where = f"{label} hdim{hdim} s{seqlen} causal={causal}"
                             print(f"  {where}: {str(e)[:80]}")
                             continue
                         finally:
                             torch.cuda.empty_cache()
-                        key = (hdim, seqlen, causal, backend)
-                        old = best.get(key)
-                        best[key] = Row(
-                            hdim,
-                            seqlen,
-                            causal,
-                            backend,
-                            max(r.fwd_tflops, old.fwd_tflops) if old else r.fwd_tflops,
-                            max(r.bwd_tflops, old.bwd_tflops) if old else r.bwd_tflops,
-                        )
+                        r.backend = label
+                        key = (hdim, seqlen, causal, label)
+                        best[key] = best_of(best.get(key), r)
     rows = list(best.values())
 
     def get(hdim: int, seqlen: int, causal: bool, backend: str) -> Row | None:
@@ -172,6 +224,8 @@ def main() -> None:
                         f"{getattr(o, attr) / getattr(r, attr):.2f}" if r else "-" for r in (f, c)
                     ]
                 print("| " + " | ".join(cells) + " |")
+    if args.dropout > 0.0:
+        print_dropout_table(rows, args.dropout)
     print("\n| hdim | seqlen (batch 1, causal) | peak GPU memory of ours fwd+bwd (GiB) |")
     print("|---|---|---|")
     mem = []
@@ -189,6 +243,7 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name(),
                     "torch": torch.__version__,
                     "rounds": args.rounds,
+                    "dropout_p": args.dropout,
                 },
                 f,
                 indent=1,

@@ -45,16 +45,24 @@ def _null_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _null_dropout_mask(
+    rng_state: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, p: float
+) -> torch.Tensor:
+    return rng_state.new_ones((batch, nheads, seqlen_q, seqlen_k), dtype=torch.uint8)
+
+
 def _define() -> object:
     if not _LIBRARY:
         lib = torch.library.Library(NAMESPACE, "DEF")
         lib.define(_ops.FWD_SCHEMA)
         lib.define(_ops.FWD_KV_SCHEMA)
         lib.define(_ops.BWD_SCHEMA)
+        lib.define(_ops.DROPOUT_MASK_SCHEMA)
         lib.define(_ops.BUILD_INFO_SCHEMA)
         lib.impl("fwd", _null_fwd, "CPU")
         lib.impl("fwd_kv", _null_fwd, "CPU")
         lib.impl("bwd", _null_bwd, "CPU")
+        lib.impl("dropout_mask", _null_dropout_mask, "CPU")
         lib.impl("build_info", lambda: json.dumps(BUILD), "CompositeExplicitAutograd")
         _LIBRARY.append(lib)
     return _LIBRARY[0]
@@ -93,7 +101,7 @@ def cases() -> dict[str, Callable[[], object]]:
     ops = _ops.current().ops()
     found: dict[str, Callable[[], object]] = {
         "op only (null fwd)": lambda: ops.fwd(
-            q, k, v, None, None, 1, seqlen_k, 0.1, -1, 0, 0.0, None
+            q, k, v, None, None, 1, seqlen_k, 0.1, -1, 0, 0.0, None, 0.0, None
         ),
         "flash_attn_func causal": lambda: flash_attn.flash_attn_func(q, k, v, causal=True),
         "flash_attn_varlen_func causal": lambda: flash_attn.flash_attn_varlen_func(

@@ -7,10 +7,12 @@ it. Code written for flash_attn 2.x imports it unchanged::
     from flash_attn import flash_attn_func, flash_attn_varlen_func
     from flash_attn.bert_padding import pad_input, unpad_input
 
-The functions keep the 2.x names, argument order and defaults. Not implemented in
-this release (each raises NotImplementedError that says so): attention dropout
-(``dropout_p > 0``), the paged KV cache (``block_table``) and
-``flash_attn_with_kvcache``.
+The functions keep the 2.x names, argument order and defaults, attention dropout
+(``dropout_p`` in [0, 1)) included: each call with ``dropout_p > 0`` draws its
+(seed, offset) from torch's generator for q's device, so ``torch.manual_seed``
+reproduces it, and ``return_attn_probs=True`` then returns 2.x's ``S_dmask`` (a
+testing aid computed in PyTorch). ``flash_attn_with_kvcache`` and the paged KV cache
+(``block_table``) are inference only.
 
 Importing this package does not load the compiled extension (``flash_attn._C``);
 the first attention call does, and reports a missing or broken build then. Importing

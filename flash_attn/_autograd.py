@@ -5,6 +5,11 @@ the dense and the varlen layout (varlen passes cu_seqlens, dense passes None). T
 inputs arrive validated; here they are put in kernel layout (last dim contiguous,
 head_dim padded to a multiple of 8) and the results are sliced back. Gradients of
 packed inputs come back packed.
+
+Dropout: the caller draws rng_state (draw_rng_state) when dropout_p > 0 and hands it
+in (drawn before the Function, so that return_attn_probs can rebuild the mask too);
+the forward passes it to the op and saves it, and the backward passes the same
+tensor to the backward op, which regenerates the same mask from it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,23 @@ from flash_attn._layout import kernel_layout
 # (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap)
 OpArgs = tuple[int, int, float, int, int, float]
 
+# rng_state's values are drawn from [0, RNG_HIGH): every non-negative int64 but the last.
+RNG_HIGH = 2**63 - 1
+
+
+def draw_rng_state(dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    """The (seed, offset) of one dropout call: None without dropout; else an int64 (2,)
+    tensor of values in [0, 2**63 - 1) drawn on device from torch's generator for it.
+
+    The draw runs on the device (no host sync): torch.manual_seed reproduces it, and a
+    CUDA graph draws afresh at each replay, as torch's own random ops do. (randint, not
+    the in-place Tensor.random_, which torch.compile cannot trace without a graph
+    break; both draw from the same generator.)
+    """
+    if dropout_p > 0.0:
+        return torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device)
+    return None
+
 
 def _forward(
     ctx: Any,
@@ -29,14 +51,21 @@ def _forward(
     cu_seqlens_q: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
+    rng_state: torch.Tensor | None,
     args: OpArgs,
+    dropout_p: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     head_dim = q.shape[-1]
     q, k, v = kernel_layout(q), kernel_layout(k), kernel_layout(v)
-    out_padded, lse = _ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes)
-    ctx.save_for_backward(q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    out_padded, lse = _ops.fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, dropout_p, rng_state
+    )
+    ctx.save_for_backward(
+        q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state
+    )
     ctx.op_args = args
+    ctx.dropout_p = dropout_p
     ctx.deterministic = deterministic
     ctx.head_dim = head_dim
     ctx.mark_non_differentiable(lse)
@@ -51,20 +80,25 @@ def forward_no_grad(
     cu_seqlens_k: torch.Tensor | None,
     alibi_slopes: torch.Tensor | None,
     args: OpArgs,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward alone, for calls that need no gradient: the op, without an
     autograd.Function around it (whose bookkeeping costs more than the op's own
-    dispatch; decode calls it once per layer and token)."""
+    dispatch; decode calls it once per layer and token). Dropout applies here too
+    (as in flash_attn 2.x: evaluation passes dropout_p=0)."""
     head_dim = q.shape[-1]
     out_padded, lse = _ops.fwd(
         kernel_layout(q), kernel_layout(k), kernel_layout(v), cu_seqlens_q, cu_seqlens_k,
-        *args, alibi_slopes,
+        *args, alibi_slopes, dropout_p, rng_state,
     )  # fmt: skip
     return out_padded[..., :head_dim], lse
 
 
 def _backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    (q, k, v, out_padded, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state) = (
+        ctx.saved_tensors
+    )
     dq, dk, dv = _ops.bwd(
         kernel_layout(dout),
         q,
@@ -77,6 +111,8 @@ def _backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         *ctx.op_args,
         alibi_slopes,
         ctx.deterministic,
+        ctx.dropout_p,
+        rng_state,
     )
     d = ctx.head_dim
     return dq[..., :d], dk[..., :d], dv[..., :d]
@@ -94,15 +130,20 @@ class FlashAttnFunc(torch.autograd.Function):
         cu_seqlens_q: torch.Tensor | None,
         cu_seqlens_k: torch.Tensor | None,
         alibi_slopes: torch.Tensor | None,
+        rng_state: torch.Tensor | None,
         args: OpArgs,
+        dropout_p: float,
         deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, args, deterministic)
+        return _forward(
+            ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, args,
+            dropout_p, deterministic,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
         dq, dk, dv = _backward(ctx, dout)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class FlashAttnQKVPackedFunc(torch.autograd.Function):
@@ -114,16 +155,21 @@ class FlashAttnQKVPackedFunc(torch.autograd.Function):
         qkv: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         alibi_slopes: torch.Tensor | None,
+        rng_state: torch.Tensor | None,
         args: OpArgs,
+        dropout_p: float,
         deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = qkv.unbind(dim=-3)
-        return _forward(ctx, q, k, v, cu_seqlens, cu_seqlens, alibi_slopes, args, deterministic)
+        return _forward(
+            ctx, q, k, v, cu_seqlens, cu_seqlens, alibi_slopes, rng_state, args, dropout_p,
+            deterministic,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
         dqkv = torch.stack(_backward(ctx, dout), dim=-3)
-        return dqkv, None, None, None, None
+        return dqkv, None, None, None, None, None, None
 
 
 class FlashAttnKVPackedFunc(torch.autograd.Function):
@@ -137,13 +183,18 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
         cu_seqlens_q: torch.Tensor | None,
         cu_seqlens_k: torch.Tensor | None,
         alibi_slopes: torch.Tensor | None,
+        rng_state: torch.Tensor | None,
         args: OpArgs,
+        dropout_p: float,
         deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = kv.unbind(dim=-3)
-        return _forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, args, deterministic)
+        return _forward(
+            ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state, args,
+            dropout_p, deterministic,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
         dq, dk, dv = _backward(ctx, dout)
-        return dq, torch.stack((dk, dv), dim=-3), None, None, None, None, None
+        return dq, torch.stack((dk, dv), dim=-3), None, None, None, None, None, None, None

@@ -2,7 +2,7 @@
 
 The checks come in the order a CPU-only machine can test them:
 
-1. options (dropout, window, softcap): plain Python values;
+1. options (dropout_p in [0, 1), window, softcap): plain Python values;
 2. shapes, ranks and dtypes (``check_dense`` / ``check_varlen``): tensor metadata
    only, so they accept meta tensors;
 3. devices (``check_devices``): all inputs on one CUDA device;
@@ -15,6 +15,7 @@ Each message names the value seen and what is valid.
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class AttnOptions:
     window_left: int
     window_right: int
     softcap: float
+    dropout_p: float = 0.0  # in [0, 1); 0 applies no dropout
 
     def scale_for(self, head_dim: int) -> float:
         """softmax_scale, defaulting to 1/sqrt of the (unpadded) head_dim."""
@@ -99,15 +101,7 @@ def check_options(
     softcap: float,
 ) -> AttnOptions:
     """Validate the scalar options; causal becomes window_right = 0."""
-    if dropout_p < 0.0 or dropout_p > 1.0:
-        raise InputError(f"dropout_p must be in [0, 1]; got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError(
-            f"dropout_p={dropout_p}: attention dropout is not implemented in this "
-            "release of flash_attn (planned for a later release). Pass "
-            "dropout_p=0.0 (e.g. evaluate with model.eval(), or set the model's "
-            "attention dropout to 0)."
-        )
+    dropout = check_dropout_p(dropout_p)
     left, right = _check_window(window_size)
     if causal:
         right = 0
@@ -116,7 +110,34 @@ def check_options(
         window_left=left,
         window_right=right,
         softcap=max(float(softcap), 0.0),  # <= 0 turns softcapping off, as upstream
+        dropout_p=dropout,
     )
+
+
+def check_dropout_p(dropout_p: object) -> float:
+    """dropout_p as a float in [0, 1).
+
+    A real number: a float, an int (0 is common), a numpy scalar; under
+    torch.compile also a symbolic float. Not a bool, a string or a tensor (pass
+    float(p)). NaN, negative values and values >= 1 are refused: 1 would drop
+    everything and scale the rest by 1 / 0.
+    """
+    if type(dropout_p) is float and dropout_p == 0.0:
+        return 0.0  # the default, on almost every call
+    symbolic = isinstance(dropout_p, (torch.SymFloat, torch.SymInt))
+    if isinstance(dropout_p, bool) or not (symbolic or isinstance(dropout_p, numbers.Real)):
+        raise InputError(
+            "dropout_p must be a float in [0, 1) (the probability of dropping an attention "
+            f"probability); got {type(dropout_p).__name__} {dropout_p!r}"
+        )
+    if not symbolic:
+        dropout_p = float(dropout_p)  # type: ignore[arg-type]
+    if not 0.0 <= dropout_p < 1.0:  # type: ignore[operator]  # NaN too
+        raise InputError(
+            f"dropout_p must be a float in [0, 1); got {dropout_p}"
+            + (" (1 would drop every probability)" if dropout_p == 1.0 else "")
+        )
+    return dropout_p  # type: ignore[return-value]
 
 
 def _check_window(window_size: Sequence[int]) -> tuple[int, int]:

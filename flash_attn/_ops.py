@@ -1,8 +1,8 @@
 """The compiled extension: importing it on first use, calling its ops, and the fake
 implementations that let torch.compile trace through them.
 
-``flash_attn._C`` registers ``torch.ops.flash_attn.{fwd,fwd_kv,bwd,build_info}`` from C++
-(CUDA dispatch key). Importing ``flash_attn`` never imports it: the first attention
+``flash_attn._C`` registers ``torch.ops.flash_attn.{fwd,fwd_kv,bwd,dropout_mask,build_info}``
+from C++ (CUDA dispatch key). Importing ``flash_attn`` never imports it: the first attention
 call does, and a failure is reported then, with what to do about it.
 """
 
@@ -24,8 +24,8 @@ NAMESPACE = "flash_attn"
 FWD_SCHEMA = (
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? rng_state) "
-    "-> (Tensor out, Tensor softmax_lse)"
+    "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, "
+    "Tensor? rng_state) -> (Tensor out, Tensor softmax_lse)"
 )
 BWD_SCHEMA = (
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
@@ -33,6 +33,10 @@ BWD_SCHEMA = (
     "float softmax_scale, int window_left, int window_right, float softcap, "
     "Tensor? alibi_slopes, bool deterministic, float dropout_p, Tensor? rng_state) "
     "-> (Tensor dq, Tensor dk, Tensor dv)"
+)
+DROPOUT_MASK_SCHEMA = (
+    "dropout_mask(Tensor rng_state, int batch, int nheads, int seqlen_q, int seqlen_k, "
+    "float dropout_p) -> Tensor"
 )
 FWD_KV_SCHEMA = (
     "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -42,6 +46,9 @@ FWD_KV_SCHEMA = (
     "-> (Tensor out, Tensor softmax_lse)"
 )
 BUILD_INFO_SCHEMA = "build_info() -> str"
+
+# The ops the extension must register (an extension without one of them is refused).
+REQUIRED_OPS = ("fwd", "fwd_kv", "bwd", "dropout_mask", "build_info")
 
 
 def _import_compiled() -> object:
@@ -75,10 +82,12 @@ class Extension:
         except Exception as exc:  # an ImportError, or an OSError from the loader
             return f"{type(exc).__name__}: {exc}"
         ops = getattr(torch.ops, self.namespace)
-        missing = [n for n in ("fwd", "fwd_kv", "bwd", "build_info") if not hasattr(ops, n)]
+        missing = [n for n in REQUIRED_OPS if not hasattr(ops, n)]
         if missing:
             return (
-                f"it imported but did not register torch.ops.{self.namespace}.{', '.join(missing)}"
+                f"it imported but did not register torch.ops.{self.namespace}."
+                f"{', '.join(missing)} (an extension built from older sources than this "
+                "Python package: rebuild it)"
             )
         register_fakes(self.namespace)
         return ""
@@ -145,8 +154,17 @@ def fwd(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: (out, softmax_lse)."""
+    """Launch the forward kernel: (out, softmax_lse).
+
+    dropout_p in [0, 1): the probability of dropping each attention probability
+    (after the softmax; the kept ones are scaled by 1 / (1 - dropout_p)). With
+    dropout_p > 0, rng_state is the int64 (2,) tensor (seed, offset) on q's device
+    that fixes the mask (see dropout_mask); with 0 it is ignored (None).
+    softmax_lse is that of the scores before dropout either way.
+    """
     return getattr(torch.ops, _EXTENSION.namespace).fwd(
         q,
         k,
@@ -160,8 +178,8 @@ def fwd(
         window_right,
         softcap,
         alibi_slopes,
-        0.0,
-        None,
+        dropout_p,
+        rng_state,
     )
 
 
@@ -241,8 +259,11 @@ def bwd(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     deterministic: bool,
+    dropout_p: float = 0.0,
+    rng_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: (dq, dk, dv)."""
+    """Launch the backward kernel: (dq, dk, dv). dropout_p and rng_state must be
+    those the forward got (the same rng_state tensor regenerates the same mask)."""
     return getattr(torch.ops, _EXTENSION.namespace).bwd(
         dout,
         q,
@@ -260,8 +281,30 @@ def bwd(
         softcap,
         alibi_slopes,
         deterministic,
-        0.0,
-        None,
+        dropout_p,
+        rng_state,
+    )
+
+
+def dropout_mask(
+    rng_state: torch.Tensor,
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The keep mask that fwd and bwd apply for rng_state and dropout_p: uint8
+    (batch, nheads, seqlen_q, seqlen_k) on rng_state's device, 1 = kept.
+
+    Element (b, h, i, j) belongs to batch entry b, query head h, query i and key j
+    counted within the sequence (for varlen: from cu_seqlens_q[b] / cu_seqlens_k[b];
+    pass max_seqlen_q / max_seqlen_k, entries past a sequence are meaningless). It
+    is the same whatever the layout, head dim or kernel path. P(drop) is
+    round(dropout_p * 65536) / 65536.
+    """
+    return getattr(torch.ops, _EXTENSION.namespace).dropout_mask(
+        rng_state, batch, nheads, seqlen_q, seqlen_k, dropout_p
     )
 
 
@@ -281,8 +324,8 @@ def fwd_fake(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
+    dropout_p: float,
+    rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out: q's shape and dtype; softmax_lse: float32, (batch, nheads, seqlen_q) or
     (nheads, total_q). Both contiguous, as the binding allocates them."""
@@ -329,6 +372,8 @@ def fwd_kv_fake(
         window_right,
         softcap,
         alibi_slopes,
+        0.0,
+        None,
     )
 
 
@@ -349,17 +394,30 @@ def bwd_fake(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     deterministic: bool,
-    dropout_p: float = 0.0,
-    rng_state: torch.Tensor | None = None,
+    dropout_p: float,
+    rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv: the shapes and dtypes of q, k, v, contiguous (as the binding)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def dropout_mask_fake(
+    rng_state: torch.Tensor,
+    batch: int,
+    nheads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """uint8 (batch, nheads, seqlen_q, seqlen_k) on rng_state's device, contiguous."""
+    return rng_state.new_empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.uint8)
 
 
 FAKES: dict[str, Callable[..., object]] = {
     "fwd": fwd_fake,
     "fwd_kv": fwd_kv_fake,
     "bwd": bwd_fake,
+    "dropout_mask": dropout_mask_fake,
 }
 
 

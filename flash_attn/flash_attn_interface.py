@@ -2,8 +2,16 @@
 
 Every function validates its inputs before any launch (see flash_attn._checks),
 puts them in the layout the kernels take, and returns ``out``, or
-``(out, softmax_lse, None)`` when ``return_attn_probs`` is true: there is no
-dropout mask to return because dropout is not implemented yet.
+``(out, softmax_lse, S_dmask)`` when ``return_attn_probs`` is true: S_dmask is None
+without dropout, and with dropout_p > 0 the probabilities with the dropped ones
+negated, in flash_attn 2.x's convention (flash_attn._probs; computed in PyTorch, a
+testing aid: it costs a (batch, nheads, seqlen_q, seqlen_k) tensor).
+
+Dropout (dropout_p in [0, 1)) applies to the softmax's probabilities, whether or not
+a gradient is needed (pass dropout_p=0.0 to evaluate, as with flash_attn 2.x). Each
+call with dropout_p > 0 draws its (seed, offset) from torch's generator for q's
+device on the device (torch.manual_seed reproduces a call; a CUDA graph replay draws
+afresh); the backward regenerates the forward's mask from the same draw.
 
 Layouts: q (batch, seqlen_q, nheads, head_dim), k and v (batch, seqlen_k,
 nheads_k, head_dim); varlen packs the tokens of all sequences, (total, nheads,
@@ -17,19 +25,21 @@ window_size[1]`` (-1 = unbounded; causal sets window_size[1] = 0).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from flash_attn import _checks, _kvcache, _kvcache_checks
+from flash_attn import _checks, _kvcache, _kvcache_checks, _ops, _probs
 from flash_attn._autograd import (
     FlashAttnFunc,
     FlashAttnKVPackedFunc,
     FlashAttnQKVPackedFunc,
     OpArgs,
+    draw_rng_state,
     forward_no_grad,
 )
 from flash_attn._checks import AttnOptions, AttnShape
+from flash_attn.errors import InputError
 
 __all__ = [
     "flash_attn_func",
@@ -41,9 +51,9 @@ __all__ = [
     "flash_attn_with_kvcache",
 ]
 
-# out, or (out, softmax_lse, None) with return_attn_probs. (typing names: this
-# alias is evaluated at runtime, and the package supports Python 3.9.)
-AttnResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
+# out, or (out, softmax_lse, S_dmask or None) with return_attn_probs. (typing names:
+# this alias is evaluated at runtime, and the package supports Python 3.9.)
+AttnResult = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 
 
 def _needs_backward(*tensors: torch.Tensor) -> bool:
@@ -62,8 +72,49 @@ def _op_args(shape: AttnShape, opts: AttnOptions) -> OpArgs:
     )
 
 
-def _result(out: torch.Tensor, softmax_lse: torch.Tensor, return_attn_probs: bool) -> AttnResult:
-    return (out, softmax_lse, None) if return_attn_probs else out
+def _result(
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    return_attn_probs: bool,
+    s_dmask: torch.Tensor | None = None,
+) -> AttnResult:
+    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+
+
+def _get_block_size_n(
+    device: torch.device | str | None, head_dim: int, is_dropout: bool, is_causal: bool
+) -> int:
+    """The key-block width of the S_dmask convention (flash_attn._probs), which
+    upstream's test helper normalize_flash_attn_S asks for. The same for every device,
+    head dim and mask: S_dmask is computed in PyTorch, not read from a kernel's tiles.
+    """
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise InputError(f"head_dim must be an int in 1..256; got {head_dim!r}")
+    if not 1 <= head_dim <= _checks.MAX_HEAD_DIM:
+        raise InputError(f"head_dim must be in 1..{_checks.MAX_HEAD_DIM}; got {head_dim}")
+    return _probs.BLOCK_N
+
+
+def _attn_probs(
+    return_attn_probs: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    shape: AttnShape,
+    opts: AttnOptions,
+    args: OpArgs,
+    alibi_slopes: torch.Tensor | None,
+    rng_state: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """S_dmask of a call with dropout and return_attn_probs (flash_attn._probs), from
+    the mask that rng_state gives; None otherwise (no dropout, or not asked for)."""
+    if not return_attn_probs or rng_state is None:
+        return None
+    keep = _ops.dropout_mask(
+        rng_state, shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k, opts.dropout_p
+    )
+    return _probs.s_dmask(q, k, cu_seqlens_q, cu_seqlens_k, *args, alibi_slopes, keep)
 
 
 def _alibi(alibi_slopes: torch.Tensor | None) -> torch.Tensor | None:
@@ -120,6 +171,12 @@ def _varlen_paged(
     return_attn_probs: bool,
 ) -> AttnResult:
     """flash_attn_varlen_func over a paged KV cache (inference only)."""
+    if opts.dropout_p > 0.0:
+        raise InputError(
+            f"dropout_p={opts.dropout_p} with block_table: flash_attn_varlen_func over a "
+            "paged KV cache is inference only and applies no dropout; pass dropout_p=0.0 "
+            "(valid with block_table: 0.0 only)."
+        )
     if _needs_backward(q, k, v):
         raise NotImplementedError(
             "flash_attn_varlen_func with block_table (paged KV) is inference only: it has "
@@ -161,7 +218,7 @@ def flash_attn_qkvpacked_func(
     """Attention over qkv (batch, seqlen, 3, nheads, head_dim).
 
     Returns out (batch, seqlen, nheads, head_dim); with return_attn_probs,
-    (out, softmax_lse (batch, nheads, seqlen) float32, None). The gradient of qkv
+    (out, softmax_lse (batch, nheads, seqlen) float32, S_dmask). The gradient of qkv
     comes back packed.
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
@@ -171,13 +228,16 @@ def flash_attn_qkvpacked_func(
     shape = _checks.check_dense(q, k, v, alibi_slopes)
     grad = _needs_backward(qkv)
     _checks.check_launch({"qkv": qkv, "alibi_slopes": alibi_slopes}, shape, grad)
+    args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, qkv.device)
     if not grad:
-        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnQKVPackedFunc.apply(
-        qkv, None, _alibi(alibi_slopes), _op_args(shape, opts), deterministic
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, None, None, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnQKVPackedFunc.apply(
+            qkv, None, alibi, rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, None, None, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_kvpacked_func(
@@ -196,7 +256,7 @@ def flash_attn_kvpacked_func(
     2, nheads_k, head_dim).
 
     Returns out shaped like q; with return_attn_probs, (out, softmax_lse (batch,
-    nheads, seqlen_q) float32, None). The gradient of kv comes back packed.
+    nheads, seqlen_q) float32, S_dmask). The gradient of kv comes back packed.
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     _checks.check_packed("kv", kv, 2, "(batch, seqlen_k, 2, nheads_k, head_dim)")
@@ -204,15 +264,16 @@ def flash_attn_kvpacked_func(
     shape = _checks.check_dense(q, k, v, alibi_slopes)
     grad = _needs_backward(q, kv)
     _checks.check_launch({"q": q, "kv": kv, "alibi_slopes": alibi_slopes}, shape, grad)
+    args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, q.device)
     if not grad:
-        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnKVPackedFunc.apply(
-        *_distinct(q, kv, None, None, _alibi(alibi_slopes)),
-        _op_args(shape, opts),
-        deterministic,
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, None, None, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnKVPackedFunc.apply(
+            *_distinct(q, kv, None, None, alibi), rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, None, None, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_func(
@@ -234,22 +295,28 @@ def flash_attn_func(
     softmax_scale defaults to 1/sqrt(head_dim); softcap > 0 applies
     softcap * tanh(scores / softcap); alibi_slopes (nheads,) or (batch, nheads)
     float32 adds -slope * |i + seqlen_k - seqlen_q - j| to the scores.
+    dropout_p in [0, 1): each probability (after the softmax) is dropped with that
+    probability and the kept ones scaled by 1 / (1 - dropout_p); softmax_lse is that
+    of the scores before dropout.
     Returns out shaped like q; with return_attn_probs, (out, softmax_lse (batch,
-    nheads, seqlen_q) float32, None).
+    nheads, seqlen_q) float32, S_dmask): S_dmask None without dropout, else (batch,
+    nheads, seqlen_q and seqlen_k rounded up to 128) in q's dtype, the probabilities
+    in flash_attn 2.x's blockwise form, negative where dropped (flash_attn._probs).
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     shape = _checks.check_dense(q, k, v, alibi_slopes)
     grad = _needs_backward(q, k, v)
     _checks.check_launch({"q": q, "k": k, "v": v, "alibi_slopes": alibi_slopes}, shape, grad)
+    args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, q.device)
     if not grad:
-        out, lse = forward_no_grad(q, k, v, None, None, _alibi(alibi_slopes), _op_args(shape, opts))
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnFunc.apply(
-        *_distinct(q, k, v, None, None, _alibi(alibi_slopes)),
-        _op_args(shape, opts),
-        deterministic,
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, None, None, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnFunc.apply(
+            *_distinct(q, k, v, None, None, alibi), rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, None, None, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -270,7 +337,7 @@ def flash_attn_varlen_qkvpacked_func(
     longest.
 
     Returns out (total, nheads, head_dim); with return_attn_probs, (out,
-    softmax_lse (nheads, total) float32, None). The gradient of qkv comes back
+    softmax_lse (nheads, total) float32, S_dmask). The gradient of qkv comes back
     packed.
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
@@ -283,18 +350,16 @@ def flash_attn_varlen_qkvpacked_func(
     _checks.check_launch(
         {"qkv": qkv, "cu_seqlens": cu_seqlens, "alibi_slopes": alibi_slopes}, shape, grad
     )
+    cu, args, alibi = cu_seqlens.contiguous(), _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, qkv.device)
     if not grad:
-        cu = cu_seqlens.contiguous()
-        out, lse = forward_no_grad(q, k, v, cu, cu, _alibi(alibi_slopes), _op_args(shape, opts))
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnQKVPackedFunc.apply(
-        qkv,
-        cu_seqlens.contiguous(),
-        _alibi(alibi_slopes),
-        _op_args(shape, opts),
-        deterministic,
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, cu, cu, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnQKVPackedFunc.apply(
+            qkv, cu, alibi, rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, cu, cu, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -317,7 +382,7 @@ def flash_attn_varlen_kvpacked_func(
     head_dim), sequences delimited by int32 cu_seqlens_q / cu_seqlens_k.
 
     Returns out shaped like q; with return_attn_probs, (out, softmax_lse (nheads,
-    total_q) float32, None). The gradient of kv comes back packed.
+    total_q) float32, S_dmask). The gradient of kv comes back packed.
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     _checks.check_packed("kv", kv, 2, "(total_k, 2, nheads_k, head_dim)")
@@ -336,20 +401,17 @@ def flash_attn_varlen_kvpacked_func(
         shape,
         _needs_backward(q, kv),
     )
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, q.device)
     if not _needs_backward(q, kv):
-        out, lse = forward_no_grad(
-            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-            _alibi(alibi_slopes), _op_args(shape, opts),
-        )  # fmt: skip
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnKVPackedFunc.apply(
-        *_distinct(
-            q, kv, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), _alibi(alibi_slopes)
-        ),
-        _op_args(shape, opts),
-        deterministic,
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, cu_q, cu_k, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnKVPackedFunc.apply(
+            *_distinct(q, kv, cu_q, cu_k, alibi), rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, cu_q, cu_k, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_varlen_func(
@@ -375,7 +437,7 @@ def flash_attn_varlen_func(
     length batch + 1) and max_seqlen_q / max_seqlen_k are the longest.
 
     Returns out shaped like q; with return_attn_probs, (out, softmax_lse (nheads,
-    total_q) float32, None).
+    total_q) float32, S_dmask).
 
     block_table (paged KV, inference only): int32 (batch, pages_per_seq); k and v are
     then the page pool (num_pages, page_size, nheads_k, head_dim), page_size a multiple
@@ -406,25 +468,17 @@ def flash_attn_varlen_func(
         shape,
         _needs_backward(q, k, v),
     )
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
+    rng_state = draw_rng_state(opts.dropout_p, q.device)
     if not _needs_backward(q, k, v):
-        out, lse = forward_no_grad(
-            q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-            _alibi(alibi_slopes), _op_args(shape, opts),
-        )  # fmt: skip
-        return _result(out, lse, return_attn_probs)
-    out, lse = FlashAttnFunc.apply(
-        *_distinct(
-            q,
-            k,
-            v,
-            cu_seqlens_q.contiguous(),
-            cu_seqlens_k.contiguous(),
-            _alibi(alibi_slopes),
-        ),
-        _op_args(shape, opts),
-        deterministic,
-    )
-    return _result(out, lse, return_attn_probs)
+        out, lse = forward_no_grad(q, k, v, cu_q, cu_k, alibi, args, opts.dropout_p, rng_state)
+    else:
+        out, lse = FlashAttnFunc.apply(
+            *_distinct(q, k, v, cu_q, cu_k, alibi), rng_state, args, opts.dropout_p, deterministic
+        )
+    probs = _attn_probs(return_attn_probs, q, k, cu_q, cu_k, shape, opts, args, alibi, rng_state)
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_with_kvcache(

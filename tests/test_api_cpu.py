@@ -1,11 +1,13 @@
 """The Python API on a CPU-only machine.
 
-- the signatures equal flash_attn 2.x's, and the unimplemented parts say so;
+- the signatures equal flash_attn 2.x's;
 - the reference (tests/reference.py) agrees with SDPA and with a brute-force loop;
 - the whole Python path (validation, head-dim padding, packing, autograd, the fake
   implementations under torch.compile) runs against a CPU stand-in for
   flash_attn._C that registers ops with the contract's schemas and computes them
-  with the reference; it also asserts what the Python layer hands the kernels;
+  with the reference (dropout included: its dropout_mask is dropout_ref.stub_keep_mask
+  and its fwd/bwd apply that mask); it also asserts what the Python layer hands the
+  kernels (test_dropout_cpu.py holds the dropout tests over it);
 - where flash_attn._C is importable, its schemas and fakes are checked too.
 """
 
@@ -23,6 +25,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from dropout_ref import (
+    attention_dropout_ref,
+    attention_dropout_varlen_ref,
+    stub_keep_mask,
+)
 from reference import alibi_bias, attention_ref, attention_varlen_ref, visible_keys
 
 import flash_attn
@@ -144,7 +151,7 @@ def _repo_root() -> str:
     return str(pathlib.Path(__file__).resolve().parent.parent)
 
 
-# --- what is not implemented says so -------------------------------------------
+# --- inputs ------------------------------------------------------------------------
 
 
 def cpu_qkv(
@@ -161,14 +168,6 @@ def cpu_qkv(
     k = torch.randn(batch, seqlen_k, nheads_k, head_dim).to(dtype)
     v = torch.randn(batch, seqlen_k, nheads_k, head_dim).to(dtype)
     return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))  # type: ignore[return-value]
-
-
-def test_dropout_is_not_implemented() -> None:
-    q, k, v = cpu_qkv()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attn.flash_attn_func(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        flash_attn.flash_attn_qkvpacked_func(torch.stack([q, q, q], dim=2), 0.5)
 
 
 # --- the head-dim padding helper -------------------------------------------------
@@ -432,6 +431,8 @@ def _reference(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    dropout_p: float,
+    keep: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kwargs: dict[str, Any] = {
         "window_size": (window_left, window_right),
@@ -439,10 +440,42 @@ def _reference(
         "alibi_slopes": alibi_slopes,
         "softmax_scale": softmax_scale,
     }
+    if keep is not None:
+        if cu_seqlens_q is None:
+            return attention_dropout_ref(q, k, v, keep, dropout_p, **kwargs)
+        assert cu_seqlens_k is not None
+        return attention_dropout_varlen_ref(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, keep, dropout_p, **kwargs
+        )
     if cu_seqlens_q is None:
         return attention_ref(q, k, v, **kwargs)
     assert cu_seqlens_k is not None
     return attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
+
+def _stub_keep(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    rng_state: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The mask the stand-in applies (None without dropout), after checking rng_state
+    against the contract: absent without dropout; int64 (2,), contiguous, on q's device
+    with it (the real binding wants it on the GPU; the stand-in runs on the CPU)."""
+    assert 0.0 <= dropout_p < 1.0, dropout_p
+    if dropout_p == 0.0:
+        assert rng_state is None, "rng_state drawn without dropout"
+        return None
+    assert rng_state is not None, "dropout without rng_state"
+    assert rng_state.dtype == torch.int64 and tuple(rng_state.shape) == (2,)
+    assert rng_state.is_contiguous() and rng_state.device == q.device
+    if cu_seqlens_q is None:
+        batch, nheads = q.shape[0], q.shape[2]
+    else:
+        batch, nheads = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    return stub_keep_mask(rng_state, batch, nheads, max_seqlen_q, max_seqlen_k, dropout_p)
 
 
 def _stub_fwd(
@@ -458,8 +491,11 @@ def _stub_fwd(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    dropout_p: float,
+    rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    keep = _stub_keep(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p, rng_state)
     STUB.calls.append(
         (
             "fwd",
@@ -470,12 +506,14 @@ def _stub_fwd(
                 "softmax_scale": softmax_scale,
                 "window": (window_left, window_right),
                 "softcap": softcap,
+                "dropout_p": dropout_p,
+                "rng_state": rng_state,
             },
         )
     )
     out, lse = _reference(
         q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
-        window_right, softcap, alibi_slopes,
+        window_right, softcap, alibi_slopes, dropout_p, keep,
     )  # fmt: skip
     return out.contiguous(), lse.contiguous()  # contiguous, as the binding allocates
 
@@ -590,12 +628,25 @@ def _stub_bwd(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     deterministic: bool,
+    dropout_p: float,
+    rng_state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_kernel_layout(dout=dout, q=q, k=k, v=v, out=out)
-    STUB.calls.append(("bwd", {"head_dim": q.shape[-1], "deterministic": deterministic}))
+    keep = _stub_keep(q, cu_seqlens_q, max_seqlen_q, max_seqlen_k, dropout_p, rng_state)
+    STUB.calls.append(
+        (
+            "bwd",
+            {
+                "head_dim": q.shape[-1],
+                "deterministic": deterministic,
+                "dropout_p": dropout_p,
+                "rng_state": rng_state,
+            },
+        )
+    )
     args = (softmax_scale, window_left, window_right, softcap)
     if cu_seqlens_q is None:
-        dq, dk, dv = _dense_grads(dout, q, k, v, *args, alibi_slopes)
+        dq, dk, dv = _dense_grads(dout, q, k, v, *args, alibi_slopes, dropout_p, keep)
     else:
         assert cu_seqlens_k is not None
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -605,9 +656,11 @@ def _stub_bwd(
             slopes = alibi_slopes
             if slopes is not None and slopes.dim() == 2:
                 slopes = slopes[b]
+            keep_b = None if keep is None else keep[b : b + 1]
             grads_b = _dense_grads(
-                dout[None, rq], q[None, rq], k[None, rk], v[None, rk], *args, slopes
-            )
+                dout[None, rq], q[None, rq], k[None, rk], v[None, rk], *args, slopes,
+                dropout_p, keep_b,
+            )  # fmt: skip
             dq[rq], dk[rk], dv[rk] = (g[0] for g in grads_b)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # as the binding allocates
 
@@ -622,9 +675,13 @@ def _dense_grads(
     window_right: int,
     softcap: float,
     alibi_slopes: torch.Tensor | None,
+    dropout_p: float = 0.0,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention backward written out (float32), as a kernel computes it:
-    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+    dV = Pd^T dO, dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, where with
+    dropout (keep Z, r = 1 / (1 - p)) Pd = P * Z * r and dP = (dO V^T) * Z * r, and
+    without Pd = P, dP = dO V^T."""
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     group = nheads // nheads_k
@@ -641,9 +698,16 @@ def _dense_grads(
     any_visible = visible.any(-1, keepdim=True)
     scores = torch.where(any_visible, scores.masked_fill(~visible, float("-inf")), 0.0)
     probs = torch.softmax(scores, dim=-1) * any_visible
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
-    dv = torch.einsum("bhqk,bqhd->bkhd", probs, do)
+    if keep is None:
+        dropped, z = probs, None
+    else:
+        z = keep[:, :, :seqlen_q, :seqlen_k].float() / (1.0 - dropout_p)
+        dropped = probs * z
+    out = torch.einsum("bhqk,bkhd->bqhd", dropped, vf)
+    dv = torch.einsum("bhqk,bqhd->bkhd", dropped, do)
     dp = torch.einsum("bqhd,bkhd->bhqk", do, vf)
+    if z is not None:
+        dp = dp * z
     delta = (do * out).sum(-1).transpose(1, 2).unsqueeze(-1)  # (b, h, sq, 1)
     ds = probs * (dp - delta)
     if softcap > 0:
@@ -661,6 +725,13 @@ def _dense_grads(
     )
 
 
+def _stub_dropout_mask(
+    rng_state: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, p: float
+) -> torch.Tensor:
+    STUB.calls.append(("dropout_mask", {"shape": (batch, nheads, seqlen_q, seqlen_k), "p": p}))
+    return stub_keep_mask(rng_state, batch, nheads, seqlen_q, seqlen_k, p)
+
+
 def _stub_build_info() -> str:
     return json.dumps(STUB.build)
 
@@ -672,10 +743,12 @@ def define_stub_ops() -> object:
         lib.define(_ops.FWD_SCHEMA)
         lib.define(_ops.FWD_KV_SCHEMA)
         lib.define(_ops.BWD_SCHEMA)
+        lib.define(_ops.DROPOUT_MASK_SCHEMA)
         lib.define(_ops.BUILD_INFO_SCHEMA)
         lib.impl("fwd", _stub_fwd, "CPU")
         lib.impl("fwd_kv", _stub_fwd_kv, "CPU")
         lib.impl("bwd", _stub_bwd, "CPU")
+        lib.impl("dropout_mask", _stub_dropout_mask, "CPU")
         lib.impl("build_info", _stub_build_info, "CompositeExplicitAutograd")
         _STUB_LIBRARY.append(lib)
     return _STUB_LIBRARY[0]
@@ -762,6 +835,8 @@ def test_the_kernels_see_padded_head_dim_and_unpadded_scale(stub: StubKernels) -
         "softmax_scale": pytest.approx(20**-0.5),
         "window": (4, 0),
         "softcap": 0.0,
+        "dropout_p": 0.0,
+        "rng_state": None,
     }
 
 
@@ -812,7 +887,10 @@ def test_return_attn_probs_gives_out_lse_none(stub: StubKernels) -> None:
 def test_deterministic_reaches_the_backward(stub: StubKernels) -> None:
     q, k, v = cpu_qkv(1, 4, 4, 2, 2, 32, requires_grad=True)
     flash_attn.flash_attn_func(q, k, v, deterministic=True).sum().backward()
-    assert stub.calls[-1] == ("bwd", {"head_dim": 32, "deterministic": True})
+    assert stub.calls[-1] == (
+        "bwd",
+        {"head_dim": 32, "deterministic": True, "dropout_p": 0.0, "rng_state": None},
+    )
 
 
 def test_qkvpacked_matches_separate_inputs_and_grad_is_packed(stub: StubKernels) -> None:
@@ -1015,11 +1093,12 @@ def fwd_args(varlen: bool, device: str = "meta") -> tuple[Any, ...]:
         k, v = tensor(11, 2, 32, dtype=torch.float16), tensor(11, 2, 32, dtype=torch.float16)
         cu_q = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
         cu_k = torch.tensor([0, 6, 11], dtype=torch.int32, device=device)
-        return (q, k, v, cu_q, cu_k, 5, 6, 0.2, -1, 0, 0.0, None)
+        return (q, k, v, cu_q, cu_k, 5, 6, 0.2, -1, 0, 0.0, None, 0.0, None)
     q = tensor(2, 5, 4, 32, dtype=torch.bfloat16)
     k, v = tensor(2, 7, 2, 32, dtype=torch.bfloat16), tensor(2, 7, 2, 32, dtype=torch.bfloat16)
     alibi = torch.rand(2, 4, device=device)
-    return (q, k, v, None, None, 5, 7, 0.2, 3, -1, 4.0, alibi)
+    rng_state = torch.tensor([12345, 678], dtype=torch.int64, device=device)
+    return (q, k, v, None, None, 5, 7, 0.2, 3, -1, 4.0, alibi, 0.25, rng_state)
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -1038,17 +1117,19 @@ def test_fake_outputs_are_contiguous_as_the_binding_allocates_them() -> None:
     args = (q, k, k, *fwd_args(False)[3:])
     out, lse = _ops.fwd_fake(*args)
     assert out.shape == q.shape and out.is_contiguous() and lse.is_contiguous()
-    grads = _ops.bwd_fake(out, q, k, k, out, lse, *args[3:], False)
+    grads = _ops.bwd_fake(out, q, k, k, out, lse, *args[3:12], False, *args[12:])
     assert all(g.is_contiguous() for g in grads)
 
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_fake_bwd_shapes(varlen: bool) -> None:
-    q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi = fwd_args(varlen)
-    out, lse = _ops.fwd_fake(q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi)
+    q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi, p, rng = fwd_args(varlen)
+    out, lse = _ops.fwd_fake(
+        q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi, p, rng
+    )
     dq, dk, dv = _ops.bwd_fake(
         torch.empty_like(out), q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, left,
-        right, softcap, alibi, False,
+        right, softcap, alibi, False, p, rng,
     )  # fmt: skip
     for grad, like in ((dq, q), (dk, k), (dv, v)):
         assert grad.shape == like.shape and grad.dtype == like.dtype
@@ -1058,7 +1139,7 @@ def test_fakes_are_registered_once_and_opcheck_clean() -> None:
     define_stub_ops()
     _ops.register_fakes(STUB_NAMESPACE)
     assert _ops.register_fakes(STUB_NAMESPACE) == []  # the second call adds nothing
-    for name in ("fwd", "fwd_kv", "bwd"):
+    for name in ("fwd", "fwd_kv", "bwd", "dropout_mask"):
         qualname = f"{STUB_NAMESPACE}::{name}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta")
     ops = getattr(torch.ops, STUB_NAMESPACE)
@@ -1066,12 +1147,16 @@ def test_fakes_are_registered_once_and_opcheck_clean() -> None:
         args = fwd_args(varlen, device="cpu")
         torch.library.opcheck(ops.fwd.default, args)
         out, lse = ops.fwd(*args)
-        q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi = args
+        q, k, v, cu_q, cu_k, mq, mk, scale, left, right, softcap, alibi, p, rng = args
         bwd_args = (
             torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, mq, mk, scale,
-            left, right, softcap, alibi, True,
+            left, right, softcap, alibi, True, p, rng,
         )  # fmt: skip
         torch.library.opcheck(ops.bwd.default, bwd_args)
+    rng_state = torch.tensor([3, 4], dtype=torch.int64)
+    torch.library.opcheck(ops.dropout_mask.default, (rng_state, 2, 3, 5, 7, 0.5))
+    mask = _ops.dropout_mask_fake(rng_state.to("meta"), 2, 3, 5, 7, 0.5)
+    assert mask.shape == (2, 3, 5, 7) and mask.dtype == torch.uint8 and mask.device.type == "meta"
 
 
 def test_register_fakes_skips_missing_ops() -> None:
@@ -1093,6 +1178,7 @@ def test_extension_schemas_match_the_contract(real_extension: Any) -> None:
         (real_extension.fwd.default, _ops.FWD_SCHEMA),
         (real_extension.fwd_kv.default, _ops.FWD_KV_SCHEMA),
         (real_extension.bwd.default, _ops.BWD_SCHEMA),
+        (real_extension.dropout_mask.default, _ops.DROPOUT_MASK_SCHEMA),
         (real_extension.build_info.default, _ops.BUILD_INFO_SCHEMA),
     ):
         assert str(op._schema) == str(torch._C.parse_schema(f"flash_attn::{schema}"))

@@ -248,6 +248,7 @@ def test_the_classic_binding_still_builds_and_registers_the_same_ops(tmp_path: P
         "import torch, flash_attn._C\n"
         "ops = torch.ops.flash_attn\n"
         "print(str(ops.fwd.default._schema)); print(str(ops.bwd.default._schema))\n"
+        "print(str(ops.dropout_mask.default._schema))\n"
         "print(ops.build_info())\n"
     )
     run = subprocess.run(
@@ -259,9 +260,10 @@ def test_the_classic_binding_still_builds_and_registers_the_same_ops(tmp_path: P
         check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    fwd, bwd, info = run.stdout.splitlines()[:3]
-    from flash_attn._ops import BWD_SCHEMA, FWD_SCHEMA
+    fwd, bwd, mask, info = run.stdout.splitlines()[:4]
+    from flash_attn._ops import BWD_SCHEMA, DROPOUT_MASK_SCHEMA, FWD_SCHEMA
 
     assert fwd == "flash_attn::" + FWD_SCHEMA and bwd == "flash_attn::" + BWD_SCHEMA
+    assert mask == "flash_attn::" + DROPOUT_MASK_SCHEMA
     assert json.loads(info)["head_dims"] == [64]
     assert any("c10" in s for s in _undefined(module))  # the C++ API: one torch only

@@ -367,15 +367,39 @@ def test_window_sides_past_every_key_become_unbounded() -> None:
     assert options(window_size=(2**40, 0)).window_for(8, 8) == (-1, 0)
 
 
-def test_dropout_raises_not_implemented_naming_dropout() -> None:
-    with pytest.raises(NotImplementedError, match="dropout_p=0.1.*dropout"):
-        options(dropout_p=0.1)
+@pytest.mark.parametrize("p", [0.0, 0, 0.1, 0.5, 0.999, np.float32(0.25), np.float64(0.0)])
+def test_dropout_in_range_is_accepted_as_a_float(p: object) -> None:
+    opts = options(dropout_p=p)
+    assert type(opts.dropout_p) is float and opts.dropout_p == pytest.approx(float(p))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.5])
-def test_dropout_out_of_range(p: float) -> None:
-    with pytest.raises(InputError, match=r"dropout_p must be in \[0, 1\]"):
+def test_dropout_defaults_to_none_applied() -> None:
+    assert options().dropout_p == 0.0
+
+
+@pytest.mark.parametrize(
+    ("p", "shown"),
+    [(-0.1, "-0.1"), (1.0, "1.0"), (1.5, "1.5"), (float("nan"), "nan"), (float("inf"), "inf"),
+     (-1, "-1.0")],
+)  # fmt: skip
+def test_dropout_out_of_range_names_the_value_and_the_range(p: float, shown: str) -> None:
+    with pytest.raises(InputError, match=rf"dropout_p must be a float in \[0, 1\); got {shown}"):
         options(dropout_p=p)
+
+
+@pytest.mark.parametrize("p", [True, False, "0.1", None, torch.tensor(0.1), [0.1], 0.1j])
+def test_dropout_of_another_type_names_the_type(p: object) -> None:
+    with pytest.raises(
+        InputError, match=rf"dropout_p must be a float in \[0, 1\).*got {type(p).__name__}"
+    ):
+        options(dropout_p=p)
+
+
+def test_dropout_error_is_no_longer_not_implemented() -> None:
+    with pytest.raises(InputError) as info:
+        options(dropout_p=2.0)
+    assert not isinstance(info.value, NotImplementedError)
+    assert isinstance(info.value, ValueError)  # InputError is a ValueError too
 
 
 # --- devices -----------------------------------------------------------------

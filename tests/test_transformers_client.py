@@ -7,7 +7,11 @@ downloaded), against the same weights with "sdpa".
   (torch's own kernels disagree on near-ties there);
 - the paged path: continuous batching (generate_batch, paged KV cache through
   flash_attn_varlen_func / flash_attn_with_kvcache with block_table) gives the tokens
-  that generate() gives.
+  that generate() gives;
+- training with attention dropout (config.attention_dropout > 0, model.train()): a
+  step over a full batch (flash_attn_func) and a left-padded one (the varlen path)
+  gives a finite loss and finite gradients, reaches our ops with dropout_p > 0, and
+  the same seed reproduces the step bit for bit (another seed does not).
 
 The decode tokens/s comparison is a benchmark, not a test: benchmarks/bench_decode.py
 --client. Marked ``gpu``; skipped without transformers or a GPU.
@@ -201,3 +205,111 @@ def test_paged_generate_batch_matches_generate(
     with capsys.disabled():
         print(f"\n[paged client] launches of our ops: {counts}")
     assert sum(counts.values()) > 0, "continuous batching did not call our flash_attn"
+
+
+# --- training with attention dropout -------------------------------------------------
+
+ATTENTION_DROPOUT = 0.1
+
+
+@pytest.fixture(scope="module")
+def train_model() -> Any:
+    """A small Llama with attention dropout, in training mode (its only dropout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        attention_dropout=ATTENTION_DROPOUT,
+        bos_token_id=1,
+        eos_token_id=NO_EOS,
+        pad_token_id=0,
+    )
+    m = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    set_attn(m, "flash_attention_2")
+    return m.train()
+
+
+def dropout_seen(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The dropout_p of every launch of our forward op (flash_attn._ops.fwd)."""
+    from flash_attn import _ops
+
+    seen: list[float] = []
+    original = _ops.fwd
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seen.append(float(args[12]) if len(args) > 12 else float(kwargs.get("dropout_p", 0.0)))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "fwd", wrapper)
+    return seen
+
+
+def train_step(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward + backward of the language-model loss: (loss, every parameter's grad)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    return loss.detach().clone(), grads
+
+
+@pytest.fixture
+def deterministic_torch() -> Any:
+    """torch's deterministic algorithms (warn-only) for the block: the embedding's
+    backward (index_add) and the like then add in a fixed order too, so that a step
+    can reproduce bit for bit. Our kernels are deterministic either way."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full-batch", "left-padded"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_training_step_with_attention_dropout_reproduces_per_seed(
+    train_model: Any, monkeypatch: pytest.MonkeyPatch, deterministic_torch: None, padded: bool
+) -> None:
+    lengths = [48, 17, 64] if padded else [64, 64, 64]
+    ids, mask = left_padded([prompt(n, seed=100 + i) for i, n in enumerate(lengths)])
+    seen = dropout_seen(monkeypatch)
+    loss, grads = train_step(train_model, ids, mask, seed=0)
+    layers = train_model.config.num_hidden_layers
+    assert len(seen) >= layers and all(p == pytest.approx(ATTENTION_DROPOUT) for p in seen), seen
+    assert torch.isfinite(loss), loss
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+    loss_again, grads_again = train_step(train_model, ids, mask, seed=0)
+    assert torch.equal(loss, loss_again), f"same seed, other loss: {loss} != {loss_again}"
+    for i, (a, b) in enumerate(zip(grads, grads_again)):
+        assert torch.equal(a, b), f"same seed, parameter {i}: gradients differ"
+
+    loss_other, grads_other = train_step(train_model, ids, mask, seed=1)
+    assert not torch.equal(loss, loss_other) or any(
+        not torch.equal(a, b) for a, b in zip(grads, grads_other)
+    ), "another seed gave the same step: dropout had no effect"
+
+
+def test_eval_mode_passes_no_dropout(train_model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, mask = left_padded([prompt(32, seed=7)])
+    seen = dropout_seen(monkeypatch)
+    train_model.eval()
+    try:
+        with torch.no_grad():
+            first = train_model(input_ids=ids, attention_mask=mask).logits
+            second = train_model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        train_model.train()
+    assert seen and all(p == 0.0 for p in seen), seen
+    assert torch.equal(first, second)

@@ -53,6 +53,10 @@ if "import_error" not in out:
     out["schemas"] = {
         "fwd": [str(ops.fwd.default._schema), "flash_attn::" + _ops.FWD_SCHEMA],
         "bwd": [str(ops.bwd.default._schema), "flash_attn::" + _ops.BWD_SCHEMA],
+        "dropout_mask": [
+            str(ops.dropout_mask.default._schema) if hasattr(ops, "dropout_mask") else None,
+            "flash_attn::" + _ops.DROPOUT_MASK_SCHEMA,
+        ],
     }
     from flash_attn import flash_attn_func
     dev = "cuda" if out["gpu"] else "cpu"
@@ -71,7 +75,7 @@ if "import_error" not in out:
         q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
         out["launch_api"] = attempt(lambda: flash_attn_func(q, q, q))
         out["launch_op"] = attempt(lambda: ops.fwd(
-            q, q, q, None, None, 8, 8, 0.125, -1, -1, 0.0, None))
+            q, q, q, None, None, 8, 8, 0.125, -1, -1, 0.0, None, 0.0, None))
 if out["gpu"] and "import_error" not in out:
     try:
         from flash_attn import flash_attn_func
