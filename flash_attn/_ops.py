@@ -301,7 +301,7 @@ def dropout_mask(
     counted within the sequence (for varlen: from cu_seqlens_q[b] / cu_seqlens_k[b];
     pass max_seqlen_q / max_seqlen_k, entries past a sequence are meaningless). It
     is the same whatever the layout, head dim or kernel path. P(drop) is
-    round(dropout_p * 65536) / 65536.
+    min(round(dropout_p * 256), 255) / 256, as flash_attn 2.x's 8-bit threshold.
     """
     return getattr(torch.ops, _EXTENSION.namespace).dropout_mask(
         rng_state, batch, nheads, seqlen_q, seqlen_k, dropout_p

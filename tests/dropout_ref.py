@@ -46,9 +46,9 @@ UPSTREAM_TESTS = Path(__file__).resolve().parent.parent / ".upstream" / "test_fl
 
 
 def dropout_threshold(dropout_p: float) -> int:
-    """round(p * 65536): an element is dropped iff its 16-bit draw is below it, so
-    P(drop) = dropout_threshold(p) / 65536 (the contract's quantisation)."""
-    return round(dropout_p * 65536)
+    """round(p * 256), at most 255 (halves round up, as the kernels round): an element is
+    dropped iff its 8-bit draw is below it, so P(drop) = dropout_threshold(p) / 256."""
+    return min(int(dropout_p * 256 + 0.5), 255)
 
 
 # --- the CPU stand-in's mask ------------------------------------------------------
@@ -66,7 +66,7 @@ def stub_keep_mask(
     rng_state: torch.Tensor, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, p: float
 ) -> torch.Tensor:
     """uint8 (batch, nheads, seqlen_q, seqlen_k), 1 = kept: a hash of (seed, offset, b,
-    h, i, j) gives each element 16 bits u, kept iff u >= round(p * 65536)."""
+    h, i, j) gives each element 8 bits u, kept iff u >= dropout_threshold(p)."""
     seed, offset = (int(x) for x in rng_state.tolist())
     device = rng_state.device
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
@@ -77,7 +77,7 @@ def stub_keep_mask(
     for value, multiplier in zip((offset % _PRIME, b, h, i, j), _MULTIPLIERS):
         x = _mix(x, value, multiplier)
     x = _mix(x, seed >> 31, _MULTIPLIERS[-1])
-    u = (x >> 7) & 0xFFFF
+    u = (x >> 7) & 0xFF
     return (u >= dropout_threshold(p)).to(torch.uint8)
 
 

@@ -66,7 +66,7 @@ def kernels(stub: StubKernels) -> StubKernels:  # noqa: F811
 
 def binomial_ok(dropped: int, total: int, p: float, sigmas: float = 5.0) -> bool:
     """dropped / total within sigmas binomial deviations of the quantised P(drop)."""
-    q = dropout_threshold(p) / 65536
+    q = dropout_threshold(p) / 256
     return abs(dropped - q * total) <= sigmas * math.sqrt(total * q * (1 - q)) + 1
 
 
@@ -93,8 +93,8 @@ def test_stub_mask_drops_the_quantised_fraction(p: float) -> None:
     assert binomial_ok(int((keep == 0).sum()), keep.numel(), p)
 
 
-def test_stub_mask_quantises_p_to_16_bits() -> None:
-    keep = stub_keep_mask(torch.tensor([1, 2]), 2, 2, 64, 64, 0.4 / 65536)  # rounds to 0
+def test_stub_mask_quantises_p_to_8_bits() -> None:
+    keep = stub_keep_mask(torch.tensor([1, 2]), 2, 2, 64, 64, 0.4 / 256)  # rounds to 0
     assert bool(keep.all())
 
 
