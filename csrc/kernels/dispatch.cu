@@ -132,7 +132,7 @@ __global__ void dropout_mask_kernel(const int64_t *rng_state, float p, int nhead
     const int low = int(rest % 8);
     const int i16 = int(rest / 8 % q16);
     const int64_t bh = rest / 8 / q16;
-    const Dropout d(rng_state, p, nheads, int(bh / nheads), int(bh % nheads));
+    const Dropout d(rng_state, p, int(bh / nheads), int(bh % nheads));
     const uint4 r = d.call(16 * i16 + low, j32, t);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {

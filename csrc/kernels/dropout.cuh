@@ -11,7 +11,8 @@
 // the thread that holds them computes them: queries i and i + 8 of a 16-row block
 // (i % 16 < 8) against the keys 8c + 2t + e of a 32-key chunk (c < 4, e < 2) with the
 // same t = (j % 8) / 2. Counter (c0, c1, c2, c3) = ((j / 32) * 4 + t,
-// (i / 16) * 8 + i % 8, b * nheads + h, offset); of the four result words, word c
+// (i / 16) * 8 + i % 8, h, offset + b) (so the mask of (b, h) does not depend on how
+// many heads or entries the call has); of the four result words, word c
 // holds keys 8c + 2t .. 8c + 2t + 1, byte 2 * ((i / 8) % 2) + j % 2.
 //   row layout (forward, dQ): a thread holds queries i0, i0 + 8 and keys n0 + 8c + 2t + e
 //       of every tile c: each 32-key chunk is one call, every byte used;
@@ -61,37 +62,38 @@ struct Dropout {
   float rp;         // 1 / (1 - p): the scale of kept entries
   uint32_t thr4;    // the threshold in each byte
   uint32_t k0, k1;  // the seed
-  uint32_t bh;      // b * nheads + h
-  uint32_t off;     // the offset
+  uint32_t head;    // h
+  uint32_t boff;    // the offset (its two halves xor-folded) + b
 
-  __device__ __forceinline__ Dropout(const int64_t *rng_state, float p, int nheads, int b, int h) {
+  __device__ __forceinline__ Dropout(const int64_t *rng_state, float p, int b, int h) {
     on = p > 0.f;
     rp = on ? 1.f / (1.f - p) : 1.f;
     thr4 = dropout_threshold(p) * 0x01010101u;
-    k0 = k1 = off = 0;
-    bh = static_cast<uint32_t>(b) * static_cast<uint32_t>(nheads) + static_cast<uint32_t>(h);
+    k0 = k1 = 0;
+    head = static_cast<uint32_t>(h);
+    boff = static_cast<uint32_t>(b);
     if (on) {
       const uint64_t seed = static_cast<uint64_t>(rng_state[0]);
       const uint64_t offset = static_cast<uint64_t>(rng_state[1]);
       k0 = static_cast<uint32_t>(seed);
       k1 = static_cast<uint32_t>(seed >> 32);
-      off = static_cast<uint32_t>(offset) ^ static_cast<uint32_t>(offset >> 32);
+      boff += static_cast<uint32_t>(offset) ^ static_cast<uint32_t>(offset >> 32);
     }
   }
   __device__ __forceinline__ Dropout(const FlashAttnParams &p, int b, int h)
-      : Dropout(p.rng_state, p.dropout_p, p.nheads, b, h) {}
+      : Dropout(p.rng_state, p.dropout_p, b, h) {}
   // kDrop: a kernel compiled with dropout reads the parameters; one compiled without
   // gets the constant "off", and the compiler drops every dropout branch.
   template <bool kDrop>
   __device__ __forceinline__ static Dropout of(const FlashAttnParams &p, int b, int h) {
-    return kDrop ? Dropout(p, b, h) : Dropout(nullptr, 0.f, 1, 0, 0);
+    return kDrop ? Dropout(p, b, h) : Dropout(nullptr, 0.f, 0, 0);
   }
 
   // The 16 bytes of the call that holds queries (i / 16) * 16 + i % 8 (+ 8) against the
   // keys of 32-key chunk j32 with lane class t.
   __device__ __forceinline__ uint4 call(int i, int j32, int t) const {
-    return philox4x32(static_cast<uint32_t>(j32 * 4 + t), static_cast<uint32_t>((i >> 4) * 8 + (i & 7)), bh, off,
-                      k0, k1);
+    return philox4x32(static_cast<uint32_t>(j32 * 4 + t), static_cast<uint32_t>((i >> 4) * 8 + (i & 7)), head,
+                      boff, k0, k1);
   }
   // 0xFF in each byte of w that keeps its entry, 0x00 in each that drops it.
   __device__ __forceinline__ uint32_t keep_bytes(uint32_t w) const { return __vcmpgeu4(w, thr4); }
