@@ -53,24 +53,31 @@ NEW_TOKENS = 24
 NO_EOS = VOCAB + 1  # an end-of-sequence id no step can produce: every run is NEW_TOKENS long
 
 
-@pytest.fixture(scope="module")
-def model() -> Any:
+def small_llama(seed: int, hidden: int, layers: int, **config: Any) -> Any:
+    """A randomly initialised Llama (float32, CPU): 8 query and 2 kv heads, our vocab."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=NO_EOS,
-        pad_token_id=0,
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            bos_token_id=1,
+            eos_token_id=NO_EOS,
+            pad_token_id=0,
+            **config,
+        )
     )
-    m = LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    m = small_llama(0, hidden=512, layers=3)
     # larger logits than the default init: greedy choices far apart, so that bf16
     # rounding differences between attention kernels do not flip a token
     with torch.no_grad():
@@ -215,23 +222,8 @@ ATTENTION_DROPOUT = 0.1
 @pytest.fixture(scope="module")
 def train_model() -> Any:
     """A small Llama with attention dropout, in training mode (its only dropout)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        attention_dropout=ATTENTION_DROPOUT,
-        bos_token_id=1,
-        eos_token_id=NO_EOS,
-        pad_token_id=0,
-    )
-    m = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    m = small_llama(1, hidden=256, layers=2, attention_dropout=ATTENTION_DROPOUT)
+    m = m.to(device="cuda", dtype=torch.bfloat16)
     set_attn(m, "flash_attention_2")
     return m.train()
 
