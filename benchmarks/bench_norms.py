@@ -474,7 +474,7 @@ def _triton_bind_us(real: Any, args: tuple, kwargs: dict) -> float | None:
             compute_cache_key(cache, spec, opts)
 
         once()
-        return min(timeit.repeat(once, number=2000, repeat=7)) / 2000 * 1e6
+        return min(timeit.repeat(once, number=2000, repeat=7, timer=time.process_time)) / 2000 * 1e6
     except Exception:  # noqa: BLE001 - internal API; report n/a
         return None
 
@@ -530,7 +530,8 @@ def run_host_stub(args) -> None:
         for p in (0.0, 0.1):
             call = make(p)
             call()
-            us = min(timeit.repeat(call, number=args.stub_number, repeat=args.stub_repeat))
+            us = min(timeit.repeat(call, number=args.stub_number, repeat=args.stub_repeat,
+                                    timer=time.process_time))
             us = us / args.stub_number * 1e6
             results[f"{label} p={p:g}"] = us
             print(f"| {label} | {p:g} | {us:.1f} |", flush=True)

@@ -18,10 +18,11 @@ atomics, so the gradients are the same bit for bit from run to run.
 
 Dropout. The masks are not stored for the backward: the program draws the same Philox
 numbers again. Element (row, col) of branch k (0: x, 1: x1) is kept iff the 32-bit word
-``word(col % 4)`` of ``philox(key=seeds[k], counter=row * block_n / 4 + col // 4)`` is at
-least ``floor(p * 2**32)``: one Philox evaluation gives the words of four neighbouring
-columns (``tl.rand`` would spend one evaluation on each element and use a quarter of it,
-which made the dropout kernels compute-bound on Hopper).
+``col % 4`` of ``philox(key=seeds[k], counter=(col // 4, row, 0, 0))`` is at least
+``floor(p * 2**32)``: one Philox evaluation gives the words of four neighbouring
+columns. (The earlier kernels drew with ``tl.rand``, a whole evaluation for each element
+of which a quarter was used; on an H200 their forward took about twice as long with
+dropout as without at hidden 4096 and 8192, fp16: 0.70 vs 0.31 ms, 0.71 vs 0.38 ms.)
 
 Launch overheads. Optional inputs and outputs are passed as None, which Triton
 specialises as a compile-time constant (``X1 is not None`` below is resolved when the
@@ -46,9 +47,10 @@ HAS_INTERLEAVE = hasattr(tl, "interleave")
 
 @triton.jit
 def _keep_mask(seed, rows, threshold, BLOCK_N: tl.constexpr):
-    """The keep mask of a (len(rows), BLOCK_N) tile: one Philox draw per 4 columns."""
+    """The keep mask of a (len(rows), BLOCK_N) tile: one Philox draw per 4 columns, its
+    counter (col // 4, row) whatever the tile (the backward redraws the forward's)."""
     groups = tl.arange(0, BLOCK_N // 4)
-    counter = rows[:, None] * (BLOCK_N // 4) + groups[None, :]
+    counter = rows[:, None] * 4294967296 + groups[None, :]  # low word: group, high: row
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     # column 4 * g + j takes word j of group g
     words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
