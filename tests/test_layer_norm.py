@@ -420,6 +420,41 @@ def test_backward_split_keeps_results_and_bits(is_rms, monkeypatch):
                 assert torch.equal(g, h), f"split {split}: a second run gave other bits"
 
 
+@kernel
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
+def test_strided_inputs_give_the_same_bits(is_rms):
+    """Inputs that are views (rows of a wider tensor, a transposed batch, a strided
+    weight, an expanded output gradient) give exactly what their contiguous copies give,
+    forward and backward: the kernels read rows with their stride, or the op copies."""
+    dev, n = KERNEL_DEVICE, (768 if KERNEL_DEVICE == "cuda" else 96)
+    torch.manual_seed(0)
+    b, t = (4, 64) if KERNEL_DEVICE == "cuda" else (2, 3)
+    wide = torch.randn(b, t, 2 * n, device=dev, dtype=torch.bfloat16)
+    res_t = torch.randn(t, b, n, device=dev, dtype=torch.float32)
+    w_wide = torch.randn(2 * n, device=dev, dtype=torch.bfloat16)
+    bias = None if is_rms else torch.randn(n, device=dev, dtype=torch.bfloat16)
+    rs = torch.rand(t, b, device=dev, dtype=torch.bfloat16) + 0.5
+    g_y = torch.randn(1, 1, n, device=dev).expand(b, t, n)  # an expanded gradient
+    g_s = torch.randn(b, t, n, device=dev)
+
+    def run(x, res, w, rowscale):
+        x, res, w = (v.detach().requires_grad_() for v in (x, res, w))
+        y, s = ln.layer_norm_fn(x, w, bias, residual=res, eps=1e-5, dropout_p=0.2,
+                                rowscale=rowscale, prenorm=True, is_rms_norm=is_rms)  # fmt: skip
+        torch.autograd.backward((y, s), (g_y.to(y.dtype), g_s.to(s.dtype)))
+        return y, s, x.grad, res.grad, w.grad
+
+    views = (wide[..., :n], res_t.transpose(0, 1), w_wide[::2], rs.t())
+    assert not any(v.is_contiguous() for v in views)
+    torch.manual_seed(1)
+    got = run(*views)
+    torch.manual_seed(1)  # the same dropout seeds
+    want = run(*(v.contiguous() for v in views))
+    for name, a, e in zip(("y", "s", "dx", "dresidual", "dweight"), got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert torch.equal(a, e), f"{name}: the strided inputs gave other values"
+
+
 class _Recorder:
     """A Triton kernel stand-in: records each launch by name and computes nothing."""
 

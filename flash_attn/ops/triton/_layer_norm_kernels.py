@@ -2,8 +2,10 @@
 
 This module imports Triton at the top: ``flash_attn.ops.triton.layer_norm`` imports it
 only when a kernel is about to run, so that module stays importable without Triton.
-The launchers take 2-D tensors that the caller has checked (row-major rows, unit stride
-along the hidden dimension) and allocate what the kernels write.
+The launchers take tensors that the caller has checked, each either contiguous (of any
+shape) or 2-D with unit stride along the hidden dimension: rows of ``hidden`` elements
+``_row_stride`` apart, so that no reshape is needed. They allocate what the kernels
+write, in the caller's shape.
 
 Forward, a tile of ``rows`` x ``block_n`` per program, everything in fp32 registers::
 
@@ -442,6 +444,12 @@ def _on_device(dev: torch.device) -> AbstractContextManager[object]:
     return nullcontext()
 
 
+def _row_stride(t: torch.Tensor) -> int:
+    """The distance between rows of a tensor as the launchers take it (contiguous, or
+    2-D with unit stride along the hidden dimension)."""
+    return t.stride(-2) if t.dim() >= 2 else t.shape[-1]
+
+
 @dataclass
 class ForwardResult:
     """What the forward kernel wrote; ``residual_out`` is None where no pre-norm sum was
@@ -475,12 +483,14 @@ def forward(
     y: torch.Tensor,
     residual_out: torch.Tensor | None,
 ) -> ForwardResult:
-    """Launch the forward over the rows of ``x`` (M, N); ``y`` and ``residual_out`` are
-    the caller's contiguous output buffers (``residual_out`` None: the pre-norm sum is
-    not stored)."""
-    m, n = x.shape
+    """Launch the forward over the rows of ``x`` (M rows of N); ``y`` and ``residual_out``
+    are the caller's contiguous output buffers of x's shape (``residual_out`` None: the
+    pre-norm sum is not stored)."""
+    n = x.shape[-1]
+    m = x.numel() // n if n else 0
+    shape = y.shape
     dev = x.device
-    y1 = torch.empty((m, n), dtype=y.dtype, device=dev) if weight1 is not None else None
+    y1 = torch.empty(shape, dtype=y.dtype, device=dev) if weight1 is not None else None
     stats = torch.empty((m,) if is_rms_norm else (2, m), dtype=torch.float32, device=dev)
     seeds = mask = mask1 = None
     if dropout_p > 0.0:
@@ -488,9 +498,9 @@ def forward(
         # repeats them; a CUDA graph replays a fresh draw)
         seeds = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=dev)
         if store_mask:
-            mask = torch.empty((m, n), dtype=torch.bool, device=dev)
+            mask = torch.empty(shape, dtype=torch.bool, device=dev)
             if x1 is not None:
-                mask1 = torch.empty((m, n), dtype=torch.bool, device=dev)
+                mask1 = torch.empty(shape, dtype=torch.bool, device=dev)
     if m == 0:
         return ForwardResult(y, y1, residual_out, stats, seeds, mask, mask1)
     cfg = forward_config(n)
@@ -511,9 +521,9 @@ def forward(
             mask,
             mask1,
             stats,
-            x.stride(0),
-            x1.stride(0) if x1 is not None else 0,
-            residual.stride(0) if residual is not None else 0,
+            _row_stride(x),
+            _row_stride(x1) if x1 is not None else 0,
+            _row_stride(residual) if residual is not None else 0,
             m,
             n,
             eps,
@@ -559,14 +569,17 @@ def backward(
     x_dtype: torch.dtype,
     residual_dtype: torch.dtype | None,
     want_dx1: bool,
+    shape: torch.Size,
 ) -> BackwardResult:
-    """Launch the backward. ``s`` is the saved pre-norm sum (M, N); ``residual_dtype`` None
-    means the forward had no residual input (no dresidual is written)."""
-    m, n = s.shape
+    """Launch the backward. ``s`` is the saved pre-norm sum (M rows of N); the gradients
+    of x, x1 and residual are allocated in ``shape`` (x's); ``residual_dtype`` None means
+    the forward had no residual input (no dresidual is written)."""
+    n = s.shape[-1]
+    m = s.numel() // n if n else 0
     dev = s.device
-    dx = torch.empty((m, n), dtype=x_dtype, device=dev)
-    dx1 = torch.empty((m, n), dtype=x_dtype, device=dev) if want_dx1 else None
-    dres = torch.empty((m, n), dtype=residual_dtype, device=dev) if residual_dtype else None
+    dx = torch.empty(shape, dtype=x_dtype, device=dev)
+    dx1 = torch.empty(shape, dtype=x_dtype, device=dev) if want_dx1 else None
+    dres = torch.empty(shape, dtype=residual_dtype, device=dev) if residual_dtype else None
     params = [p for p in (weight, bias, weight1, bias1) if p is not None]
     grads = [torch.empty((n,), dtype=p.dtype, device=dev) for p in params]
     if m == 0:
@@ -591,10 +604,10 @@ def backward(
                 dx1,
                 dres,
                 partials,
-                s.stride(0),
-                dy.stride(0),
-                dy1.stride(0) if dy1 is not None else 0,
-                dresidual_out.stride(0) if dresidual_out is not None else 0,
+                _row_stride(s),
+                _row_stride(dy),
+                _row_stride(dy1) if dy1 is not None else 0,
+                _row_stride(dresidual_out) if dresidual_out is not None else 0,
                 m,
                 n,
                 rows_per_program,

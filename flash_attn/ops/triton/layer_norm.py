@@ -339,12 +339,14 @@ def rms_norm_ref(
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
-    """``t`` as (rows, hidden) with unit stride along the hidden dimension (no copy
-    where it has that already)."""
+    """``t`` as the kernels take it: as it is where it is contiguous or 2-D with unit
+    stride along the hidden dimension (rows equally spaced), else (rows, hidden) with
+    unit stride along the hidden dimension (a view where one exists, else a copy)."""
     if t is None:
         return None
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
+    if t.is_contiguous() or (t.dim() == 2 and t.stride(-1) == 1):
+        return t
+    t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -424,11 +426,12 @@ def _norm_forward(
             f"{_KERNELS.triton.__version__}. Upgrade triton, or pass dropout_p=0.0"
         )
 
-    shape, n = x.shape, x.shape[-1]
-    flat = len(shape) == 2  # 2-D in and out: no reshapes
+    shape = x.shape
     x2 = _rows(x)
     assert x2 is not None
-    rowscale2 = rowscale.reshape(-1).contiguous() if rowscale is not None else None
+    rowscale2 = None
+    if rowscale is not None:  # one scale per row, read as a flat array
+        rowscale2 = rowscale if rowscale.is_contiguous() else rowscale.reshape(-1).contiguous()
     # the pre-norm sum is stored unless it is x itself
     store_sum = residual_out is not None or (
         residual is not None
@@ -437,14 +440,12 @@ def _norm_forward(
         or rowscale is not None
         or x1 is not None
     )
-    if out is not None:
-        y_buf = out if flat else out.view(-1, n)
-    else:
-        y_buf = torch.empty(x2.shape, dtype=y_dtype, device=x.device)
+    # outputs in x's shape, contiguous: the kernels write rows of n, no views needed
+    y_buf = out if out is not None else torch.empty(shape, dtype=y_dtype, device=x.device)
     if residual_out is not None:
-        sum_buf: Tensor | None = residual_out if flat else residual_out.view(-1, n)
+        sum_buf: Tensor | None = residual_out
     elif store_sum:
-        sum_buf = torch.empty(x2.shape, dtype=residual_dtype, device=x.device)
+        sum_buf = torch.empty(shape, dtype=residual_dtype, device=x.device)
     else:
         sum_buf = None
     weight, bias = weight.contiguous(), _dense(bias)
@@ -466,6 +467,7 @@ def _norm_forward(
         y=y_buf,
         residual_out=sum_buf,
     )
+    # the sum the backward reads: the stored one, or x (as the kernel read it)
     s = res.residual_out if res.residual_out is not None else x2
     if ctx is not None:
         ctx.save_for_backward(s, weight, bias, weight1, bias1, rowscale2, res.seeds, res.stats)
@@ -478,20 +480,16 @@ def _norm_forward(
         ctx.x_dtype = x.dtype
         ctx.residual_dtype = residual.dtype if residual is not None else None
 
-    def full(t: Tensor) -> Tensor:
-        return t if flat else t.view(shape)
-
-    y = out if out is not None else full(res.y)
+    y = res.y
     if weight1 is None and not prenorm and not return_dropout_mask:
         return y
     outs: list[Tensor | None] = [y]
     if weight1 is not None:
-        assert res.y1 is not None
-        outs.append(full(res.y1))
+        outs.append(res.y1)
     if prenorm:
-        outs.append(residual_out if residual_out is not None else full(s))
+        outs.append(res.residual_out if res.residual_out is not None else x)
     if return_dropout_mask:
-        masks = [full(m) if m is not None else None for m in (res.mask, res.mask1)]
+        masks = [res.mask, res.mask1]
         if ctx is not None:
             ctx.mark_non_differentiable(*[m for m in masks if m is not None])
         outs += masks
@@ -524,14 +522,9 @@ def _norm_backward(
         x_dtype=ctx.x_dtype,
         residual_dtype=ctx.residual_dtype,
         want_dx1=ctx.has_x1,
+        shape=ctx.shape,
     )
-    shape = ctx.shape
-    flat = len(shape) == 2
-
-    def full(t: Tensor | None) -> Tensor | None:
-        return t if t is None or flat else t.view(shape)
-
-    return (full(g.dx), g.dweight, g.dbias, full(g.dresidual), full(g.dx1), g.dweight1, g.dbias1)
+    return (g.dx, g.dweight, g.dbias, g.dresidual, g.dx1, g.dweight1, g.dbias1)
 
 
 class LayerNormFn(torch.autograd.Function):
