@@ -20,6 +20,10 @@ The dropout draws its two Philox keys from torch's generator of the tensors' dev
 ``torch.manual_seed`` makes the masks repeat; the backward recomputes the masks from
 those keys instead of storing them.
 
+Host cost: a call checks its arguments, allocates the outputs and launches one kernel
+(the backward two: the rows, then the weight/bias sums). Where no gradient is wanted
+(grad mode off, or no input requires grad) it runs without an autograd Function.
+
 The module imports without Triton or a GPU (the 2.x one does not); a call needs CUDA
 tensors and Triton, and says so where either is missing. With ``TRITON_INTERPRET=1``
 the kernels also run on CPU tensors (slowly, through Triton's interpreter).
