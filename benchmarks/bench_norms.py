@@ -562,7 +562,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30, help="synchronised calls per latency")
     ap.add_argument("--graph-calls", type=int, default=20, help="calls per CUDA graph")
     ap.add_argument("--replays", type=int, default=10, help="graph replays timed")
-    ap.add_argument("--sweep", action="store_true", help="ours under other launch configs")
+    ap.add_argument("--sweep", action="store_true",
+                    help="ours under other launch configs (GPU-bound; the first of --dtypes)")
     ap.add_argument("--host-stub", action="store_true",
                     help="CPU only: the wrapper's host cost with no-op kernels")  # fmt: skip
     ap.add_argument("--stub-hidden", type=int, default=1024)
