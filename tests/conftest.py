@@ -2,8 +2,9 @@
 from any test module.
 
 Tests marked ``@pytest.mark.gpu`` need a CUDA GPU and a built ``flash_attn._C``;
-they are skipped, with the reason, where either is missing. Everything else must
-run on a CPU-only machine.
+they are skipped, with the reason, where either is missing. ``gpu(extension=False)``
+marks a test that needs the GPU but not the extension (the Triton ops). Everything
+else must run on a CPU-only machine.
 
 Before every GPU test the free memory of PyTorch's CUDA caching allocator is filled
 with NaN (gpu_poison.py), so that an output element a kernel fails to write reads as
@@ -28,7 +29,9 @@ import gpu_poison  # noqa: E402  (from TESTS_DIR)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "gpu: needs a CUDA GPU and the compiled extension flash_attn._C"
+        "markers",
+        "gpu(extension=True): needs a CUDA GPU and (unless extension=False) the compiled "
+        "extension flash_attn._C",
     )
     try:
         gpu_poison.poison_enabled()
@@ -59,10 +62,15 @@ def gpu_skip_reason() -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items:
-        return
-    reason = gpu_skip_reason()
-    if reason:
-        for item in gpu_items:
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        if marker.kwargs.get("extension", True):
+            reason = gpu_skip_reason()
+        elif not torch.cuda.is_available():
+            reason = "no CUDA GPU (torch.cuda.is_available() is False)"
+        else:
+            reason = ""
+        if reason:
             item.add_marker(pytest.mark.skip(reason=reason))

@@ -5,12 +5,13 @@ CPU part (always runs): the argument checks, the errors without CUDA or Triton, 
 plain PyTorch references against formulas written out here, the module defaults.
 
 Kernel part: forward and backward against the reference, on CUDA with Triton (marked
-``gpu``; each kernel call runs on NaN-poisoned memory, gpu_poison.py, so an element the
-kernel does not write shows up). The same tests run on the CPU through Triton's
-interpreter with ``TRITON_INTERPRET=1`` (small sizes; a check of the kernels' logic on a
-machine without a GPU). Rule, as upstream: the error against the fp32 reference is at most
-2x (outputs) / 3x (gradients) the error of the same reference computed in the inputs'
-dtypes, plus a rounding term of the output dtype.
+``gpu(extension=False)``: they need the GPU, not flash_attn._C; each kernel call runs on
+NaN-poisoned memory, gpu_poison.py, so an element the kernel does not write shows up).
+The same tests run on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``
+(small sizes; a check of the kernels' logic on a machine without a GPU). Rule, as
+upstream: the error against the fp32 reference is at most 2x (outputs) / 3x (gradients)
+the error of the same reference computed in the inputs' dtypes, plus a rounding term of
+the output dtype.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ kernel_test = pytest.mark.skipif(
 
 
 def kernel(test):
-    """A kernel test: skipped without CUDA and Triton; marked ``gpu`` unless interpreted."""
+    """A kernel test: skipped without CUDA and Triton; marked ``gpu`` (it needs no
+    flash_attn._C) unless interpreted."""
     test = kernel_test(test)
-    return test if INTERPRET else pytest.mark.gpu(test)
+    return test if INTERPRET else pytest.mark.gpu(extension=False)(test)
 
 
 # the interpreter runs a program at a time in Python: keep its problems small
@@ -233,12 +235,15 @@ def run_case(
     rowscale=False,
     weight_dtype=None,
     zero_centered=False,
+    rows=ROWS,
 ):
-    """Ours vs the reference in the inputs' dtypes and in fp32, forward and backward."""
+    """Ours vs the reference in the inputs' dtypes and in fp32, forward and backward.
+    Returns the keep masks and our gradients (x, weight, bias, residual, x1, weight1,
+    bias1; None where there is no such input)."""
     dev = KERNEL_DEVICE
     torch.manual_seed(0)
     wdt = weight_dtype or dtype
-    shape = (2, ROWS // 2, hidden)
+    shape = (2, rows // 2, hidden) if rows % 2 == 0 else (rows, hidden)
     x = torch.randn(shape, device=dev, dtype=dtype)
     res = torch.randn(shape, device=dev, dtype=residual_dtype) if residual_dtype else None
     xx1 = torch.randn(shape, device=dev, dtype=dtype) if x1 else None
@@ -300,7 +305,7 @@ def run_case(
         assert a.grad is not None, f"{name}: no gradient"
         assert a.grad.dtype == a.dtype, f"{name}: dtype {a.grad.dtype}, expected {a.dtype}"
         assert_close_to_ref(name, a.grad, r_hi.grad, r_lo.grad, 3)
-    return mask, mask1
+    return mask, mask1, [a.grad if a is not None else None for a in ours_in]
 
 
 MODES = {
@@ -349,14 +354,23 @@ def _binomial_bound(p: float, n: int) -> float:
 @pytest.mark.parametrize("p", [0.1, 0.27, 0.5])
 def test_dropout_fraction_gradients_and_seed(p):
     hidden = 1024 if KERNEL_DEVICE == "cuda" else 256
-    mask, mask1 = run_case(dtype=torch.float16, hidden=hidden, is_rms=False,
-                           residual_dtype=torch.float16, x1=True, prenorm=True,
-                           dropout_p=p)  # fmt: skip
+    mask, mask1, _ = run_case(dtype=torch.float16, hidden=hidden, is_rms=False,
+                              residual_dtype=torch.float16, x1=True, prenorm=True,
+                              dropout_p=p)  # fmt: skip
     for m in (mask, mask1):
         assert m is not None and m.dtype == torch.bool
         dropped = 1.0 - m.float().mean().item()
         assert abs(dropped - p) < _binomial_bound(p, m.numel()), (dropped, p, m.numel())
     assert not torch.equal(mask, mask1), "the two branches drew the same mask"
+    # One Philox draw serves 4 neighbouring columns (one word each): neighbours must be
+    # independent, P(both kept) = (1 - p)^2, at every offset within a group of 4.
+    for m in (mask, mask1):
+        cols = m.reshape(-1, hidden)
+        for j in range(3):
+            both = (cols[:, j::4] & cols[:, j + 1 :: 4]).float().mean().item()
+            n_pairs = cols[:, j::4].numel()
+            want = (1 - p) ** 2
+            assert abs(both - want) < 6 * math.sqrt(want * (1 - want) / n_pairs), (j, both, want)
     # masks differ across rows (each row has its own Philox key)
     assert not torch.equal(mask.reshape(-1, hidden)[0], mask.reshape(-1, hidden)[1])
 
@@ -370,6 +384,131 @@ def test_dropout_fraction_gradients_and_seed(p):
     (y_a, m_a, _), (y_b, m_b, _), (_, m_c, _) = draw(7), draw(7), draw(8)
     assert torch.equal(m_a, m_b) and torch.equal(y_a, y_b), "same seed, different result"
     assert not torch.equal(m_a, m_c), "different seeds drew the same mask"
+
+
+# (rows per step, warps, programs per SM) of the backward: one row a step in one program
+# per SM, the default, and 4-row steps in 3 programs per SM
+SPLITS = [(1, 4, 1), None, (4, 8, 3)]
+
+
+@kernel
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
+def test_backward_split_keeps_results_and_bits(is_rms, monkeypatch):
+    """How the backward splits the rows among programs changes only the order of the
+    weight/bias sums: each split stays within the reference bound (dx, dresidual, dw,
+    db), and a split gives the same bits when run again (no atomics)."""
+    k = ln._kernels()
+    default = k.backward_config
+    hidden, rows = (1000, 1037) if KERNEL_DEVICE == "cuda" else (96, 37)
+    args = dict(dtype=torch.bfloat16, hidden=hidden, is_rms=is_rms, rows=rows,
+                residual_dtype=torch.bfloat16, prenorm=True, dropout_p=0.1)  # fmt: skip
+    for split in SPLITS:
+        if split is None:
+            monkeypatch.setattr(k, "backward_config", default)
+        else:
+            r, w, per_sm = split
+
+            def config(n, parallel=False, *, r=r, w=w, per_sm=per_sm):
+                return k.LaunchConfig(default(n).block_n, r, w, per_sm)
+
+            monkeypatch.setattr(k, "backward_config", config)
+        *_, grads = run_case(**args)
+        *_, again = run_case(**args)
+        for g, h in zip(grads, again):
+            assert (g is None) == (h is None)
+            if g is not None:
+                assert torch.equal(g, h), f"split {split}: a second run gave other bits"
+
+
+@kernel
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
+def test_strided_inputs_give_the_same_bits(is_rms):
+    """Inputs that are views (rows of a wider tensor, a transposed batch, a strided
+    weight, an expanded output gradient) give exactly what their contiguous copies give,
+    forward and backward: the kernels read rows with their stride, or the op copies."""
+    dev, n = KERNEL_DEVICE, (768 if KERNEL_DEVICE == "cuda" else 96)
+    torch.manual_seed(0)
+    b, t = (4, 64) if KERNEL_DEVICE == "cuda" else (2, 3)
+    wide = torch.randn(b, t, 2 * n, device=dev, dtype=torch.bfloat16)
+    res_t = torch.randn(t, b, n, device=dev, dtype=torch.float32)
+    w_wide = torch.randn(2 * n, device=dev, dtype=torch.bfloat16)
+    bias = None if is_rms else torch.randn(n, device=dev, dtype=torch.bfloat16)
+    rs = torch.rand(t, b, device=dev, dtype=torch.bfloat16) + 0.5
+    g_y = torch.randn(1, 1, n, device=dev).expand(b, t, n)  # an expanded gradient
+    g_s = torch.randn(b, t, n, device=dev)
+
+    def run(x, res, w, rowscale):
+        x, res, w = (v.detach().requires_grad_() for v in (x, res, w))
+        y, s = ln.layer_norm_fn(x, w, bias, residual=res, eps=1e-5, dropout_p=0.2,
+                                rowscale=rowscale, prenorm=True, is_rms_norm=is_rms)  # fmt: skip
+        torch.autograd.backward((y, s), (g_y.to(y.dtype), g_s.to(s.dtype)))
+        return y, s, x.grad, res.grad, w.grad
+
+    views = (wide[..., :n], res_t.transpose(0, 1), w_wide[::2], rs.t())
+    assert not any(v.is_contiguous() for v in views)
+    torch.manual_seed(1)
+    got = run(*views)
+    torch.manual_seed(1)  # the same dropout seeds
+    want = run(*(v.contiguous() for v in views))
+    for name, a, e in zip(("y", "s", "dx", "dresidual", "dweight"), got, want):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert torch.equal(a, e), f"{name}: the strided inputs gave other values"
+
+
+class _Recorder:
+    """A Triton kernel stand-in: records each launch by name and computes nothing."""
+
+    def __init__(self, name: str, launches: list[str]) -> None:
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(self.name)
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[str]:
+    """The kernels replaced by recorders, CPU tensors accepted: the launch sequence."""
+    seen: list[str] = []
+    k = ln._kernels()
+    for name in ("_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_partials_kernel"):
+        monkeypatch.setattr(k, name, _Recorder(name, seen))
+    monkeypatch.setattr(ln, "_interpreting", lambda: True)
+    return seen
+
+
+def test_one_launch_a_pass_and_no_graph_without_grad(launches):
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    res = torch.randn(2, 3, 64, requires_grad=True)
+    w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+    with torch.no_grad():
+        y, s = ln.layer_norm_fn(x, w, b, residual=res, prenorm=True)
+    assert y.grad_fn is None and s.grad_fn is None and y.shape == s.shape == x.shape
+    assert launches == ["_norm_fwd_kernel"]
+    y, s = ln.rms_norm_fn(x, w, None, residual=res, prenorm=True, dropout_p=0.1)
+    assert y.grad_fn is not None and s.grad_fn is not None
+    (y.float().sum() + s.float().sum()).backward()
+    assert launches == ["_norm_fwd_kernel"] * 2 + ["_norm_bwd_kernel", "_sum_partials_kernel"]
+    for t in (x, res, w):
+        assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == t.dtype
+    assert b.grad is None  # RMSNorm without bias here
+    # flash_attn 2.x's Function, with its 18 arguments, runs the same passes
+    launches.clear()
+    y = ln.LayerNormFn.apply(x, w, b, res, None, None, None, 1e-6, 0.0, None, False)
+    y.float().sum().backward()
+    assert launches == ["_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_partials_kernel"]
+    assert b.grad is not None and b.grad.shape == (64,)
+
+
+def test_zero_rows_launch_nothing(launches):
+    x = torch.randn(0, 32, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(32, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(32, dtype=torch.float32, requires_grad=True)
+    y = ln.layer_norm_fn(x, w, b)
+    assert y.shape == (0, 32) and y.dtype == torch.float16
+    y.float().sum().backward()
+    assert launches == []
+    assert torch.equal(w.grad, torch.zeros(32, dtype=torch.float16))
+    assert torch.equal(b.grad, torch.zeros(32))
 
 
 @kernel

@@ -20,6 +20,10 @@ The dropout draws its two Philox keys from torch's generator of the tensors' dev
 ``torch.manual_seed`` makes the masks repeat; the backward recomputes the masks from
 those keys instead of storing them.
 
+Host cost: a call checks its arguments, allocates the outputs and launches one kernel
+(the backward two: the rows, then the weight/bias sums). Where no gradient is wanted
+(grad mode off, or no input requires grad) it runs without an autograd Function.
+
 The module imports without Triton or a GPU (the 2.x one does not); a call needs CUDA
 tensors and Triton, and says so where either is missing. With ``TRITON_INTERPRET=1``
 the kernels also run on CPU tensors (slowly, through Triton's interpreter).
@@ -95,7 +99,7 @@ def _check_vector(fn: str, name: str, t: Tensor | None, n: int) -> None:
         return
     if not isinstance(t, Tensor):
         raise InputError(f"{fn}: {name} must be a tensor or None; got {type(t).__name__}")
-    if tuple(t.shape) != (n,):
+    if t.shape != (n,):  # torch.Size is a tuple
         raise InputError(
             f"{fn}: {name} has shape {tuple(t.shape)}; it must be ({n},), the hidden size "
             "(the last dimension of x)"
@@ -339,9 +343,13 @@ def rms_norm_ref(
 
 
 def _rows(t: Tensor | None) -> Tensor | None:
-    """``t`` as (rows, hidden) with unit stride along the hidden dimension."""
+    """``t`` as the kernels take it: as it is where it is contiguous or 2-D with unit
+    stride along the hidden dimension (rows equally spaced), else (rows, hidden) with
+    unit stride along the hidden dimension (a view where one exists, else a copy)."""
     if t is None:
         return None
+    if t.is_contiguous() or (t.dim() == 2 and t.stride(-1) == 1):
+        return t
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -350,8 +358,183 @@ def _dense(t: Tensor | None) -> Tensor | None:
     return t.contiguous() if t is not None else None
 
 
+def _devices_ok(x: Tensor, others: tuple[Tensor | None, ...]) -> bool:
+    """The fast path of :func:`check_norm_devices`: x on CUDA (or the CPU under
+    TRITON_INTERPRET=1) and every other tensor on x's device."""
+    dev = x.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+        return False
+    for t in others:
+        if t is not None and t.device != dev:
+            return False
+    return True
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call must record a graph: grad mode on and a differentiable input that
+    requires grad. Otherwise the op runs without the autograd Function, whose
+    bookkeeping (about 10 us a call) buys nothing there."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def _norm_forward(
+    ctx: Any,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    x1: Tensor | None,
+    weight1: Tensor | None,
+    bias1: Tensor | None,
+    eps: float,
+    dropout_p: float,
+    rowscale: Tensor | None,
+    prenorm: bool,
+    residual_in_fp32: bool,
+    zero_centered_weight: bool,
+    is_rms_norm: bool,
+    return_dropout_mask: bool,
+    out_dtype: torch.dtype | None,
+    out: Tensor | None,
+    residual_out: Tensor | None,
+) -> Outputs:
+    """The checks and the forward launch (2.x argument order); saves what the backward
+    needs on ``ctx`` (None: no backward will run)."""
+    fn = "rms_norm_fn" if is_rms_norm else "layer_norm_fn"
+    check_norm_args(
+        fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, out_dtype
+    )
+    if residual is not None:
+        residual_dtype = residual.dtype
+    else:
+        residual_dtype = torch.float32 if residual_in_fp32 else x.dtype
+    y_dtype = out_dtype if out_dtype is not None else x.dtype
+    _check_buffer(fn, "out", out, x, y_dtype)
+    _check_buffer(fn, "residual_out", residual_out, x, residual_dtype)
+    others = (weight, bias, residual, x1, weight1, bias1, rowscale, out, residual_out)
+    if not _devices_ok(x, others):  # the full check, for its error message
+        check_norm_devices(
+            fn,
+            dict(x=x, weight=weight, bias=bias, residual=residual, x1=x1, weight1=weight1,
+                 bias1=bias1, rowscale=rowscale, out=out, residual_out=residual_out),
+        )  # fmt: skip
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and not _KERNELS.HAS_INTERLEAVE:
+        raise TritonUnavailableError(
+            f"{fn}: dropout needs Triton 3.0 or newer (tl.interleave); this is Triton "
+            f"{_KERNELS.triton.__version__}. Upgrade triton, or pass dropout_p=0.0"
+        )
+
+    shape = x.shape
+    x2 = _rows(x)
+    assert x2 is not None
+    rowscale2 = None
+    if rowscale is not None:  # one scale per row, read as a flat array
+        rowscale2 = rowscale if rowscale.is_contiguous() else rowscale.reshape(-1).contiguous()
+    # the pre-norm sum is stored unless it is x itself
+    store_sum = residual_out is not None or (
+        residual is not None
+        or residual_dtype != x.dtype
+        or dropout_p > 0.0
+        or rowscale is not None
+        or x1 is not None
+    )
+    # outputs in x's shape, contiguous: the kernels write rows of n, no views needed
+    y_buf = out if out is not None else torch.empty(shape, dtype=y_dtype, device=x.device)
+    if residual_out is not None:
+        sum_buf: Tensor | None = residual_out
+    elif store_sum:
+        sum_buf = torch.empty(shape, dtype=residual_dtype, device=x.device)
+    else:
+        sum_buf = None
+    weight, bias = weight.contiguous(), _dense(bias)
+    weight1, bias1 = _dense(weight1), _dense(bias1)
+    res = _KERNELS.forward(
+        x2,
+        weight,
+        bias,
+        residual=_rows(residual),
+        x1=_rows(x1),
+        weight1=weight1,
+        bias1=bias1,
+        rowscale=rowscale2,
+        eps=float(eps),
+        dropout_p=dropout_p,
+        is_rms_norm=bool(is_rms_norm),
+        zero_centered_weight=bool(zero_centered_weight),
+        store_mask=bool(return_dropout_mask),
+        y=y_buf,
+        residual_out=sum_buf,
+    )
+    # the sum the backward reads: the stored one, or x (as the kernel read it)
+    s = res.residual_out if res.residual_out is not None else x2
+    if ctx is not None:
+        ctx.save_for_backward(s, weight, bias, weight1, bias1, rowscale2, res.seeds, res.stats)
+        ctx.shape = shape
+        ctx.dropout_p = dropout_p
+        ctx.is_rms_norm = bool(is_rms_norm)
+        ctx.zero_centered_weight = bool(zero_centered_weight)
+        ctx.prenorm = bool(prenorm)
+        ctx.has_x1 = x1 is not None
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = residual.dtype if residual is not None else None
+
+    y = res.y
+    if weight1 is None and not prenorm and not return_dropout_mask:
+        return y
+    outs: list[Tensor | None] = [y]
+    if weight1 is not None:
+        outs.append(res.y1)
+    if prenorm:
+        outs.append(res.residual_out if res.residual_out is not None else x)
+    if return_dropout_mask:
+        masks = [res.mask, res.mask1]
+        if ctx is not None:
+            ctx.mark_non_differentiable(*[m for m in masks if m is not None])
+        outs += masks
+    return tuple(outs)
+
+
+def _norm_backward(
+    ctx: Any, dy: Tensor, grads: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """The gradients of x, weight, bias, residual, x1, weight1, bias1."""
+    s, weight, bias, weight1, bias1, rowscale, seeds, stats = ctx.saved_tensors
+    rest = list(grads)
+    dy1 = rest.pop(0) if weight1 is not None else None
+    dres_out = rest.pop(0) if ctx.prenorm else None
+    g = _KERNELS.backward(
+        _rows(dy),
+        _rows(dy1),
+        _rows(dres_out),
+        s=s,
+        weight=weight,
+        bias=bias,
+        weight1=weight1,
+        bias1=bias1,
+        rowscale=rowscale,
+        seeds=seeds,
+        stats=stats,
+        dropout_p=ctx.dropout_p,
+        is_rms_norm=ctx.is_rms_norm,
+        zero_centered_weight=ctx.zero_centered_weight,
+        x_dtype=ctx.x_dtype,
+        residual_dtype=ctx.residual_dtype,
+        want_dx1=ctx.has_x1,
+        shape=ctx.shape,
+    )
+    return (g.dx, g.dweight, g.dbias, g.dresidual, g.dx1, g.dweight1, g.dbias1)
+
+
 class LayerNormFn(torch.autograd.Function):
-    """The autograd Function behind :func:`layer_norm_fn` (2.x argument order)."""
+    """flash_attn 2.x's autograd Function of the fused norm, with its argument order.
+    :func:`layer_norm_fn` runs the same forward and backward through a Function with
+    fewer arguments (``_NormFn``), or without one where no gradient is wanted."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -375,123 +558,82 @@ class LayerNormFn(torch.autograd.Function):
         out: Tensor | None = None,
         residual_out: Tensor | None = None,
     ) -> Outputs:
-        fn = "rms_norm_fn" if is_rms_norm else "layer_norm_fn"
-        check_norm_args(
-            fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, out_dtype
-        )
-        if residual is not None:
-            residual_dtype = residual.dtype
-        else:
-            residual_dtype = torch.float32 if residual_in_fp32 else x.dtype
-        y_dtype = out_dtype if out_dtype is not None else x.dtype
-        _check_buffer(fn, "out", out, x, y_dtype)
-        _check_buffer(fn, "residual_out", residual_out, x, residual_dtype)
-        check_norm_devices(
-            fn,
-            dict(x=x, weight=weight, bias=bias, residual=residual, x1=x1, weight1=weight1,
-                 bias1=bias1, rowscale=rowscale, out=out, residual_out=residual_out),
+        return _norm_forward(
+            ctx, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
+            prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask,
+            out_dtype, out, residual_out,
         )  # fmt: skip
-        kernels = _kernels()
-
-        shape, n = x.shape, x.shape[-1]
-        x2 = _rows(x)
-        assert x2 is not None
-        rowscale2 = rowscale.reshape(-1).contiguous() if rowscale is not None else None
-        # the pre-norm sum is stored unless it is x itself
-        store_sum = residual_out is not None or (
-            residual is not None
-            or residual_dtype != x.dtype
-            or dropout_p > 0.0
-            or rowscale is not None
-            or x1 is not None
-        )
-        y_buf = out.view(-1, n) if out is not None else torch.empty(
-            x2.shape, dtype=y_dtype, device=x.device
-        )
-        if residual_out is not None:
-            sum_buf: Tensor | None = residual_out.view(-1, n)
-        elif store_sum:
-            sum_buf = torch.empty(x2.shape, dtype=residual_dtype, device=x.device)
-        else:
-            sum_buf = None
-        weight, bias = weight.contiguous(), _dense(bias)
-        weight1, bias1 = _dense(weight1), _dense(bias1)
-        res = kernels.forward(
-            x2,
-            weight,
-            bias,
-            residual=_rows(residual),
-            x1=_rows(x1),
-            weight1=weight1,
-            bias1=bias1,
-            rowscale=rowscale2,
-            eps=float(eps),
-            dropout_p=float(dropout_p),
-            is_rms_norm=bool(is_rms_norm),
-            zero_centered_weight=bool(zero_centered_weight),
-            store_mask=bool(return_dropout_mask),
-            y=y_buf,
-            residual_out=sum_buf,
-        )
-        s = res.residual_out if res.residual_out is not None else x2
-        ctx.save_for_backward(s, weight, bias, weight1, bias1, rowscale2, res.seeds, res.mean,
-                              res.rstd)  # fmt: skip
-        ctx.shape = shape
-        ctx.eps = float(eps)
-        ctx.dropout_p = float(dropout_p)
-        ctx.is_rms_norm = bool(is_rms_norm)
-        ctx.zero_centered_weight = bool(zero_centered_weight)
-        ctx.prenorm = bool(prenorm)
-        ctx.has_x1 = x1 is not None
-        ctx.x_dtype = x.dtype
-        ctx.residual_dtype = residual.dtype if residual is not None else None
-
-        outs: list[Tensor | None] = [out if out is not None else res.y.view(shape)]
-        if weight1 is not None:
-            assert res.y1 is not None
-            outs.append(res.y1.view(shape))
-        if prenorm:
-            outs.append(residual_out if residual_out is not None else s.view(shape))
-        if return_dropout_mask:
-            masks = [m.view(shape) if m is not None else None for m in (res.mask, res.mask1)]
-            ctx.mark_non_differentiable(*[m for m in masks if m is not None])
-            outs += masks
-        return outs[0] if len(outs) == 1 else tuple(outs)  # type: ignore[return-value]
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        s, weight, bias, weight1, bias1, rowscale, seeds, mean, rstd = ctx.saved_tensors
-        rest = list(grads)
-        dy1 = rest.pop(0) if weight1 is not None else None
-        dres_out = rest.pop(0) if ctx.prenorm else None
-        kernels = _kernels()
-        g = kernels.backward(
-            _rows(dy),
-            _rows(dy1),
-            _rows(dres_out),
-            s=s,
-            weight=weight,
-            bias=bias,
-            weight1=weight1,
-            bias1=bias1,
-            rowscale=rowscale,
-            seeds=seeds,
-            mean=mean,
-            rstd=rstd,
-            dropout_p=ctx.dropout_p,
-            is_rms_norm=ctx.is_rms_norm,
-            zero_centered_weight=ctx.zero_centered_weight,
-            x_dtype=ctx.x_dtype,
-            residual_dtype=ctx.residual_dtype,
-            want_dx1=ctx.has_x1,
-        )
-        shape = ctx.shape
+        # no gradients for the 11 arguments from eps on
+        return _norm_backward(ctx, dy, grads) + (None,) * 11
 
-        def full(t: Tensor | None) -> Tensor | None:
-            return t.view(shape) if t is not None else None
 
-        return (full(g.dx), g.dweight, g.dbias, full(g.dresidual), full(g.dx1), g.dweight1,
-                g.dbias1) + (None,) * 11  # fmt: skip
+class _NormFn(torch.autograd.Function):
+    """:class:`LayerNormFn` with the non-tensor arguments in one tuple ``opts`` = (eps,
+    dropout_p, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
+    return_dropout_mask, out_dtype): what layer_norm_fn / rms_norm_fn apply.
+    ``Function.apply`` spends host time on every argument (about 0.3 us each)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        x1: Tensor | None,
+        weight1: Tensor | None,
+        bias1: Tensor | None,
+        rowscale: Tensor | None,
+        out: Tensor | None,
+        residual_out: Tensor | None,
+        opts: tuple[Any, ...],
+    ) -> Outputs:
+        eps, dropout_p, prenorm, in_fp32, zero_centered, is_rms, want_mask, out_dtype = opts
+        return _norm_forward(
+            ctx, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
+            prenorm, in_fp32, zero_centered, is_rms, want_mask, out_dtype, out, residual_out,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        # no gradients for rowscale, out, residual_out, opts
+        return _norm_backward(ctx, dy, grads) + (None,) * 4
+
+
+def _apply(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    x1: Tensor | None,
+    weight1: Tensor | None,
+    bias1: Tensor | None,
+    eps: float,
+    dropout_p: float,
+    rowscale: Tensor | None,
+    prenorm: bool,
+    residual_in_fp32: bool,
+    zero_centered_weight: bool,
+    is_rms_norm: bool,
+    return_dropout_mask: bool,
+    out_dtype: torch.dtype | None,
+    out: Tensor | None,
+    residual_out: Tensor | None,
+) -> Outputs:
+    if not _needs_autograd(x, weight, bias, residual, x1, weight1, bias1):
+        return _norm_forward(
+            None, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale,
+            prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask,
+            out_dtype, out, residual_out,
+        )  # fmt: skip
+    opts = (eps, dropout_p, prenorm, residual_in_fp32, zero_centered_weight, is_rms_norm,
+            return_dropout_mask, out_dtype)  # fmt: skip
+    return _NormFn.apply(  # type: ignore[no-any-return]
+        x, weight, bias, residual, x1, weight1, bias1, rowscale, out, residual_out, opts
+    )
 
 
 def layer_norm_fn(
@@ -520,7 +662,7 @@ def layer_norm_fn(
     ``weight1``, the pre-norm sum ``s`` with ``prenorm``, the keep-masks with
     ``return_dropout_mask``. ``out`` / ``residual_out``: contiguous buffers to write ``y`` /
     ``s`` into. ``is_rms_norm=True`` is :func:`rms_norm_fn`."""
-    return LayerNormFn.apply(  # type: ignore[no-any-return]
+    return _apply(
         x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
         residual_in_fp32, zero_centered_weight, is_rms_norm, return_dropout_mask, out_dtype,
         out, residual_out,
@@ -547,7 +689,7 @@ def rms_norm_fn(
     residual_out: Tensor | None = None,
 ) -> Outputs:
     """:func:`layer_norm_fn` with RMSNorm (no mean subtracted); same returns."""
-    return LayerNormFn.apply(  # type: ignore[no-any-return]
+    return _apply(
         x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, prenorm,
         residual_in_fp32, zero_centered_weight, True, return_dropout_mask, out_dtype, out,
         residual_out,
