@@ -52,9 +52,19 @@ ENV PATH=/opt/flash-attn/factory-venv/bin:${PATH}
 
 # Every wheel a toolchain needs lands in the wheelhouse, which stays in the image: the
 # smoke venvs of `make wheels` install the cell's torch from it without a network.
+# Two steps, two layers: the wheels (a few GB), then the toolchain made from them alone.
+# podman commits a layer through two temporary copies of it, so a layer's commit needs
+# about three times its size free on top of it: one ~12 GB layer did not fit in 39 GB.
+RUN if [ "${PIP_NO_INDEX}" != 1 ]; then \
+      python3 -m scripts.factory --work /opt/flash-attn wheelhouse \
+        --matrix "cuda=${CUDA} python=${PYTHONS} torch=${TORCH} binding=${BINDING}" \
+        --dest /opt/flash-attn/wheelhouse; \
+    fi \
+ && rm -rf /root/.cache/pip
 # /opt/flash-attn/cuda: the CUDA compiler of the (first) toolchain, found by the factory's
 # own code, for the stages that compile without a toolchain venv (objects, cache-key).
-RUN python3 -m scripts.factory --work /opt/flash-attn provision --toolchain hermetic \
+RUN PIP_NO_INDEX=1 python3 -m scripts.factory --work /opt/flash-attn provision \
+      --toolchain hermetic \
       --matrix "cuda=${CUDA} python=${PYTHONS} torch=${TORCH} binding=${BINDING}" \
       --wheelhouse /opt/flash-attn/wheelhouse \
  && ln -s "$(python3 -c "import glob, sys; from scripts.factory.provision import find_pip_cuda_home; \

@@ -59,7 +59,13 @@ from .paths import FactoryPaths
 from .pipeline import CellRunner, RunOptions, run_cells, smoke_cell_wheel
 from .plan import plan_cell
 from .probe import local_facts, probe_python
-from .provision import TOOLCHAINS, fill_wheelhouse, provision, toolchain_requirements
+from .provision import (
+    TOOLCHAINS,
+    fill_wheelhouse,
+    provision,
+    toolchain_index,
+    toolchain_requirements,
+)
 from .publish import Candidate, publish
 from .report import CellReport, load, print_report, save
 from .smoke import quarantine
@@ -252,7 +258,9 @@ def cmd_wheelhouse(args: argparse.Namespace, spec: MatrixSpec, paths: FactoryPat
         if args.dev:
             wanted = [*wanted, *DEV_REQUIREMENTS]
         log = paths.work / "wheelhouse.log"
-        fill_wheelhouse(python, wanted, dest, log)
+        # the index provision downloads from (PyTorch's per-CUDA one for a torch build
+        # that is not the package index's), so that an offline provision finds its torch
+        fill_wheelhouse(python, wanted, dest, log, toolchain_index(cell, spec))
         print(f"{cell.id}: {' '.join(wanted)} -> {dest} (log {log})")
     return 0
 

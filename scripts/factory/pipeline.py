@@ -25,7 +25,7 @@ from .progress import working
 from .provision import Toolchain, provision
 from .publish import Candidate, publish
 from .report import CellReport
-from .smoke import Check, SmokeResult, quarantine, smoke_wheel
+from .smoke import SmokeResult, build_torch_of_another_major, quarantine, smoke_wheel
 from .smoke_stable import stable_checks
 from .stage import stage_sources
 from .status import CellStatus
@@ -67,23 +67,15 @@ def smoke_cell_wheel(
     """The smoke gate for one wheel of `cell`, in the cell's fresh venv, logged per cell;
     a stable wheel also under every (torch, CPython) of `pairs` (smoke_stable.py)."""
     log = paths.log(cell.id, "smoke")
-    other_major = (
-        toolchain.torch_cuda and toolchain.torch_cuda.split(".")[0] != cell.cuda.split(".")[0]
+    skipped = build_torch_of_another_major(
+        cell, toolchain.torch, toolchain.torch_cuda, "tested under the [stable] smoke pairs"
     )
-    if cell.stable and other_major and pairs:
-        # the build torch (the floor's package-index build) is of another CUDA major: the
-        # wheel refuses it by design (flash_attn/_variant.py); the pairs' torches test it
+    if skipped is not None and pairs:
+        # the pairs' torches (of the cell's CUDA major) test the wheel instead
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"smoke {cell.id}: {wheel.name}\n")
         result = SmokeResult(cell.id, str(wheel), log=str(log))
-        result.checks.append(
-            Check(
-                "build-env",
-                None,
-                f"build torch {toolchain.torch} is CUDA {toolchain.torch_cuda}, not "
-                f"{cell.cuda.split('.')[0]}.x: tested under the [stable] smoke pairs",
-            )
-        )
+        result.checks.append(skipped)
     else:
         result = smoke_wheel(
             cell,

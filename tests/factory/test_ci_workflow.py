@@ -241,3 +241,56 @@ def test_ci_scripts_pass_shellcheck() -> None:
     assert len(scripts) >= 8
     done = subprocess.run([exe, *scripts], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("selection", "torch", "torch_cuda", "venv_smoke"),
+    [
+        # the builder image's one torch for a cu13 stable cell: the package index's 2.10
+        ("cuda=13.0 torch=2.10 python=3.11 kernels=ci binding=stable", "2.10.0+cu128", "12.8", 0),
+        # the smoke-gpu job's torch (torch-args: of the cell's CUDA major): imported as ever
+        ("cuda=13.0 torch=2.10 python=3.11 kernels=ci binding=stable", "2.14.0+cu130", "13.0", 1),
+        # a classic cell is never skipped: a wrong CUDA there is the torch check's to fail
+        ("cuda=13.0 torch=2.13 python=3.11 kernels=ci binding=classic", "2.13.0+cu128", "12.8", 1),
+    ],
+)
+def test_smoke_wheel_skips_the_import_under_a_stable_cells_build_torch_of_another_major(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    selection: str,
+    torch: str,
+    torch_cuda: str,
+    venv_smoke: int,
+) -> None:
+    """The build job's CPU smoke runs with the image's toolchain; a cu13 stable wheel
+    refuses its torch 2.10+cu128 by design (flash_attn/_torch_check.py), so, as make wheels
+    does, the import is left to the smoke-gpu job and said so, and the rest still runs."""
+    from scripts.factory import ci_cli, cli
+    from scripts.factory.paths import FactoryPaths
+    from scripts.factory.probe import PythonFacts
+    from scripts.factory.smoke import Check, SmokeResult
+
+    spec = load_spec()
+    here = LocalFacts(
+        python="3.11", torch="2.13", torch_cuda=None, torch_cxx11abi=True, nvcc="13.0"
+    )
+    cell = select_cells(selection, spec, here)[0]
+    facts = PythonFacts("3.11", "python3.11", torch, torch_cuda, True)
+    calls: list[str] = []
+
+    def fake_smoke(*args: object, **kw: object) -> SmokeResult:
+        calls.append("venv")
+        return SmokeResult(cell.id, "w.whl", [Check("import", True, "ok")])
+
+    monkeypatch.setattr(ci_cli, "cell_for_wheel", lambda *a: cell)
+    monkeypatch.setattr(ci_cli, "probe_python", lambda python: facts)
+    monkeypatch.setattr(ci_cli, "smoke_wheel", fake_smoke)
+    monkeypatch.setattr(ci_cli, "stable_checks", lambda *a, **k: [Check("abi3", True, "ok")])
+    args = cli.parser().parse_args(
+        ["smoke-wheel", "--matrix", selection, "--python", "python3.11", str(tmp_path / "w.whl")]
+    )
+    rc = ci_cli.cmd_smoke_wheel(args, spec, FactoryPaths.default(work=tmp_path))
+    said = capsys.readouterr().out
+    assert rc == 0 and len(calls) == venv_smoke, said
+    assert ("skipped: build-env" in said) == (not venv_smoke), said
