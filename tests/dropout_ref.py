@@ -26,11 +26,11 @@ from __future__ import annotations
 import ast
 import math
 import types
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from reference import alibi_bias, visible_keys
+from reference import attention_probs, attention_ref, attention_varlen_ref
 
 __all__ = [
     "attention_dropout_ref",
@@ -84,74 +84,18 @@ def stub_keep_mask(
 # --- attention with a given mask -------------------------------------------------
 
 
-def attention_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    causal: bool = False,
-    window_size: Sequence[int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probs (batch, nheads, sq, sk), lse (batch, nheads, sq) float32, scores) of
-    reference.py's attention: probs 0 where masked and in rows that see no key, lse
-    +inf there; scores -inf where masked (float32 when upcast, else q's dtype)."""
-    if upcast:
-        compute = torch.promote_types(q.dtype, torch.float32)
-        q, k = q.to(compute), k.to(compute)
-    seqlen_q, nheads, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    seqlen_k = k.shape[1]
-    k = k.repeat_interleave(nheads // k.shape[2], dim=2)
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k)
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
-    if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, seqlen_q, seqlen_k).to(scores.dtype)
-    visible = visible_keys(
-        seqlen_q, seqlen_k, causal=causal, window_size=window_size, device=q.device
-    )
-    any_visible = visible.any(dim=-1, keepdim=True)
-    scores = scores.masked_fill(~visible, float("-inf"))
-    safe = torch.where(any_visible, scores, torch.zeros_like(scores))
-    lse = torch.logsumexp(safe.float(), dim=-1)
-    lse = torch.where(any_visible.squeeze(-1), lse, torch.full_like(lse, float("inf")))
-    probs = torch.softmax(safe, dim=-1) * any_visible
-    return probs, lse, scores
-
-
 def attention_dropout_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     keep: torch.Tensor,
     dropout_p: float,
-    *,
-    causal: bool = False,
-    window_size: Sequence[int] = (-1, -1),
-    softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    upcast: bool = True,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention with dropout: keep (batch, nheads, seqlen_q, seqlen_k), bool or
-    0/1 (larger is cropped). Differentiable in q, k, v. Returns (out in q's dtype,
-    lse float32)."""
-    dtype = q.dtype
-    probs, lse, _ = attention_probs(
-        q, k, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, softmax_scale=softmax_scale, upcast=upcast,
-    )  # fmt: skip
-    if upcast:
-        v = v.to(torch.promote_types(dtype, torch.float32))
-    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    kept = keep[:, :, :seqlen_q, :seqlen_k].bool()
-    dropped = torch.where(kept, probs, torch.zeros_like(probs)) * (1.0 / (1.0 - dropout_p))
-    out = torch.einsum("bhqk,bkhd->bqhd", dropped.to(v.dtype), v)
-    return out.to(dtype), lse
+    """reference.attention_ref with dropout: keep (batch, nheads, seqlen_q, seqlen_k),
+    bool or 0/1 (larger is cropped). Differentiable in q, k, v. Returns (out in q's
+    dtype, lse float32)."""
+    return attention_ref(q, k, v, keep=keep, dropout_p=dropout_p, **kwargs)
 
 
 def attention_dropout_varlen_ref(
@@ -162,27 +106,14 @@ def attention_dropout_varlen_ref(
     cu_seqlens_k: torch.Tensor,
     keep: torch.Tensor,
     dropout_p: float,
-    *,
-    alibi_slopes: torch.Tensor | None = None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """attention_dropout_ref per sequence: keep (batch, nheads, max_seqlen_q,
+    """reference.attention_varlen_ref with dropout: keep (batch, nheads, max_seqlen_q,
     max_seqlen_k) indexed within each sequence. Returns (out (total_q, nheads, d),
     lse (nheads, total_q))."""
-    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for b in range(len(bounds_q) - 1):
-        rq, rk = slice(bounds_q[b], bounds_q[b + 1]), slice(bounds_k[b], bounds_k[b + 1])
-        slopes = alibi_slopes
-        if slopes is not None and slopes.dim() == 2:
-            slopes = slopes[b]
-        out, lse = attention_dropout_ref(
-            q[None, rq], k[None, rk], v[None, rk], keep[b : b + 1], dropout_p,
-            alibi_slopes=slopes, **kwargs,  # type: ignore[arg-type]
-        )  # fmt: skip
-        outs.append(out[0])
-        lses.append(lse[0])
-    return torch.cat(outs), torch.cat(lses, dim=-1)
+    return attention_varlen_ref(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, keep=keep, dropout_p=dropout_p, **kwargs
+    )
 
 
 # --- S_dmask ------------------------------------------------------------------------

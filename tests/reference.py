@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["alibi_bias", "attention_ref", "attention_varlen_ref", "visible_keys"]
+__all__ = ["alibi_bias", "attention_probs", "attention_ref", "attention_varlen_ref", "visible_keys"]
 
 
 def visible_keys(
@@ -64,10 +64,9 @@ def alibi_bias(alibi_slopes: torch.Tensor, seqlen_q: int, seqlen_k: int) -> torc
     return -slopes[:, :, None, None] * distance
 
 
-def attention_ref(
+def attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
     *,
     causal: bool = False,
     window_size: Sequence[int] = (-1, -1),
@@ -75,25 +74,17 @@ def attention_ref(
     alibi_slopes: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     upcast: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention.
-
-    q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k,
-    head_dim). upcast=True computes in float32, or float64 for float64 inputs
-    (the "fp32 reference");
-    upcast=False computes in the input dtype (the "reference in dtype").
-    Returns out (batch, seqlen_q, nheads, head_dim) in q.dtype and lse (batch,
-    nheads, seqlen_q) float32 (natural log).
-    """
-    dtype = q.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probs (batch, nheads, seqlen_q, seqlen_k), lse (batch, nheads, seqlen_q)
+    float32 (natural log), scores) of dense attention: probs 0 where masked and in
+    rows that see no key, lse +inf there; scores -inf where masked (in the compute
+    dtype: float32 when upcast, float64 for float64 inputs, else q's dtype)."""
     if upcast:  # to float32 (float64 inputs stay float64)
-        compute = torch.promote_types(dtype, torch.float32)
-        q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    group = nheads // nheads_k
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
+        compute = torch.promote_types(q.dtype, torch.float32)
+        q, k = q.to(compute), k.to(compute)
+    seqlen_q, nheads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    seqlen_k = k.shape[1]
+    k = k.repeat_interleave(nheads // k.shape[2], dim=2)
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
 
     scores = torch.einsum("bqhd,bkhd->bhqk", q * scale, k)
@@ -107,11 +98,51 @@ def attention_ref(
     any_visible = visible.any(dim=-1, keepdim=True)  # (sq, 1)
     # Fully masked rows get scores 0 instead of -inf so softmax (and its gradient)
     # stays finite; their probabilities are zeroed below.
-    masked = scores.masked_fill(~visible, float("-inf"))
-    safe = torch.where(any_visible, masked, torch.zeros_like(masked))
+    scores = scores.masked_fill(~visible, float("-inf"))
+    safe = torch.where(any_visible, scores, torch.zeros_like(scores))
     lse = torch.logsumexp(safe.float(), dim=-1)
     lse = torch.where(any_visible.squeeze(-1), lse, torch.full_like(lse, float("inf")))
     probs = torch.softmax(safe, dim=-1) * any_visible
+    return probs, lse, scores
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention.
+
+    q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k,
+    head_dim). upcast=True computes in float32, or float64 for float64 inputs
+    (the "fp32 reference");
+    upcast=False computes in the input dtype (the "reference in dtype").
+    keep (batch, nheads, >= seqlen_q, >= seqlen_k), bool or 0/1: attention dropout,
+    the probabilities not kept are 0 and the kept ones scaled by 1 / (1 - dropout_p)
+    (lse stays that of the scores).
+    Returns out (batch, seqlen_q, nheads, head_dim) in q.dtype and lse (batch,
+    nheads, seqlen_q) float32 (natural log).
+    """
+    dtype = q.dtype
+    probs, lse, _ = attention_probs(
+        q, k, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, softmax_scale=softmax_scale, upcast=upcast,
+    )  # fmt: skip
+    if upcast:
+        v = v.to(torch.promote_types(dtype, torch.float32))
+    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
+    if keep is not None:
+        kept = keep[:, :, : q.shape[1], : k.shape[1]].bool()
+        probs = torch.where(kept, probs, torch.zeros_like(probs)) * (1.0 / (1.0 - dropout_p))
     out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
     return out.to(dtype), lse
 
@@ -129,8 +160,11 @@ def attention_varlen_ref(
     alibi_slopes: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     upcast: bool = True,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen attention: attention_ref on each sequence.
+    """Varlen attention: attention_ref on each sequence (keep, with dropout: (batch,
+    nheads, max_seqlen_q, max_seqlen_k), indexed within each sequence).
 
     q (total_q, nheads, head_dim); k, v (total_k, nheads_k, head_dim); int
     cu_seqlens (batch + 1). Masks align per sequence (to its own seqlen_q and
@@ -156,6 +190,8 @@ def attention_varlen_ref(
             alibi_slopes=slopes,
             softmax_scale=softmax_scale,
             upcast=upcast,
+            keep=None if keep is None else keep[b : b + 1],
+            dropout_p=dropout_p,
         )
         outs.append(out[0])
         lses.append(lse[0])
