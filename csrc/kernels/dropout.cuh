@@ -103,41 +103,24 @@ __device__ __forceinline__ uint32_t word_of(const uint4 &r, int w) {
   return w == 0 ? r.x : (w == 1 ? r.y : (w == 2 ? r.z : r.w));
 }
 
-// Row layout: the keep bytes of NT tiles of 8 keys from n0 (n0 % 32 == 0) for queries i0
-// and i0 + 8 (i0 % 16 < 8): keep[c] holds tile c's entries e = 0..3 (0xFF kept). They
-// do not depend on the scores, so a kernel can make them while its MMAs run.
+// Row layout, P already packed to 16-bit pairs (pack_a): drops the entries of p_frag
+// (NT tiles of 8 keys from n0, n0 % 32 == 0; queries i0 and i0 + 8, i0 % 16 < 8).
 template <int NT>
-__device__ __forceinline__ void dropout_keep_rows(uint32_t (&keep)[NT], const Dropout &d, int i0, int n0,
-                                                  int lane) {
+__device__ __forceinline__ void dropout_packed_rows(uint32_t (&p_frag)[NT / 2][4], const Dropout &d, int i0,
+                                                    int n0, int lane) {
   static_assert(NT % 4 == 0, "whole 32-key chunks");
   const int t = lane % 4;
 #pragma unroll
   for (int q = 0; q < NT / 4; ++q) {
     const uint4 r = d.call(i0, n0 / 32 + q, t);
-    keep[4 * q] = d.keep_bytes(r.x);
-    keep[4 * q + 1] = d.keep_bytes(r.y);
-    keep[4 * q + 2] = d.keep_bytes(r.z);
-    keep[4 * q + 3] = d.keep_bytes(r.w);
-  }
-}
-
-// Drops entries of P packed to 16-bit pairs (pack_a) by the keep bytes of its tiles.
-template <int NT>
-__device__ __forceinline__ void dropout_apply_packed(uint32_t (&p_frag)[NT / 2][4], const uint32_t (&keep)[NT]) {
 #pragma unroll
-  for (int c = 0; c < NT; ++c) {  // tile c: bytes (row 0: e 0, 1; row 8: e 0, 1)
-    p_frag[c / 2][2 * (c % 2)] &= __byte_perm(keep[c], 0, 0x1100);
-    p_frag[c / 2][2 * (c % 2) + 1] &= __byte_perm(keep[c], 0, 0x3322);
+    for (int w = 0; w < 4; ++w) {
+      const int c = 4 * q + w;  // tile c: bytes (row 0: e 0, 1; row 8: e 0, 1)
+      const uint32_t keep = d.keep_bytes(word_of(r, w));
+      p_frag[c / 2][2 * (c % 2)] &= __byte_perm(keep, 0, 0x1100);
+      p_frag[c / 2][2 * (c % 2) + 1] &= __byte_perm(keep, 0, 0x3322);
+    }
   }
-}
-
-// Both at once.
-template <int NT>
-__device__ __forceinline__ void dropout_packed_rows(uint32_t (&p_frag)[NT / 2][4], const Dropout &d, int i0,
-                                                    int n0, int lane) {
-  uint32_t keep[NT];
-  dropout_keep_rows<NT>(keep, d, i0, n0, lane);
-  dropout_apply_packed<NT>(p_frag, keep);
 }
 
 // Row layout, float fragments x[c][e] (query i0 + (e / 2) * 8, key n0 + 8c + 2t + e % 2):
