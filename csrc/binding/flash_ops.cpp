@@ -82,20 +82,29 @@ void set_alibi(FlashAttnParams &p, const OptTensor &alibi, const Tensor &q, int6
   p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
 }
 
-// Attention dropout: dropout_p in [0, 1); with dropout_p > 0 rng_state is the (seed,
-// offset) pair, two int64 on q's device (flash_api.h).
-void set_dropout(FlashAttnParams &p, double dropout_p, const OptTensor &rng_state, const Tensor &q) {
+void check_dropout_p(double dropout_p) {
   FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+// The (seed, offset) pair of attention dropout: a contiguous int64 CUDA tensor of 2 elements.
+const int64_t *rng_state_ptr(const Tensor &r) {
+  FA_CHECK(fa::is_cuda(r) && fa::dtype(r) == ScalarType::Long && r.numel() == 2 && r.is_contiguous(),
+           "rng_state must be a contiguous int64 CUDA tensor of 2 elements (seed, offset), got ",
+           fa::dtype_name(fa::dtype(r)), " ", fa::shape_text(fa::shape(r)), " on ", fa::device_text(r));
+  return static_cast<const int64_t *>(r.data_ptr());
+}
+
+// Attention dropout: dropout_p in [0, 1); with dropout_p > 0 rng_state is the (seed,
+// offset) pair on q's device (flash_api.h).
+void set_dropout(FlashAttnParams &p, double dropout_p, const OptTensor &rng_state, const Tensor &q) {
+  check_dropout_p(dropout_p);
   p.dropout_p = static_cast<float>(dropout_p);
   if (dropout_p == 0.0) return;
   FA_CHECK(rng_state.has_value(), "dropout_p = ", dropout_p,
            " needs rng_state, an int64 tensor of 2 elements (seed, offset) on q's device");
-  const Tensor &r = *rng_state;
-  FA_CHECK(same_device(r, q) && fa::dtype(r) == ScalarType::Long && r.numel() == 2 && r.is_contiguous(),
-           "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset) on q's device ",
-           fa::device_text(q), ", got ", fa::dtype_name(fa::dtype(r)), " ", fa::shape_text(fa::shape(r)),
-           " on ", fa::device_text(r));
-  p.rng_state = static_cast<const int64_t *>(r.data_ptr());
+  p.rng_state = rng_state_ptr(*rng_state);
+  FA_CHECK(same_device(*rng_state, q), "rng_state is on ", fa::device_text(*rng_state), " but q is on ",
+           fa::device_text(q));
 }
 
 // An int32 (batch,) index tensor on q's device.
@@ -351,12 +360,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout_in, Tensor q_in, Tensor k_in,
 // seqlen_q, seqlen_k), 1 = kept.
 Tensor dropout_mask(Tensor rng_state, int64_t batch, int64_t nheads, int64_t seqlen_q, int64_t seqlen_k,
                     double dropout_p) {
-  FA_CHECK(fa::is_cuda(rng_state) && fa::dtype(rng_state) == ScalarType::Long && rng_state.numel() == 2 &&
-               rng_state.is_contiguous(),
-           "rng_state must be a contiguous int64 CUDA tensor of 2 elements (seed, offset), got ",
-           fa::dtype_name(fa::dtype(rng_state)), " ", fa::shape_text(fa::shape(rng_state)), " on ",
-           fa::device_text(rng_state));
-  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  const int64_t *rng = rng_state_ptr(rng_state);
+  check_dropout_p(dropout_p);
   FA_CHECK(batch >= 0 && nheads > 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= INT32_MAX &&
                nheads <= INT32_MAX && seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX,
            "dropout_mask needs batch >= 0, nheads > 0, seqlen_q >= 0, seqlen_k >= 0 (int32), got ", batch,
@@ -364,7 +369,7 @@ Tensor dropout_mask(Tensor rng_state, int64_t batch, int64_t nheads, int64_t seq
   const fa::DeviceGuard guard(rng_state);
   Tensor mask = fa::empty_like_device(rng_state, {batch, nheads, seqlen_q, seqlen_k}, ScalarType::Byte);
   const int status = flash_attn_dropout_mask(
-      static_cast<const int64_t *>(rng_state.data_ptr()), static_cast<float>(dropout_p), static_cast<int>(batch),
+      rng, static_cast<float>(dropout_p), static_cast<int>(batch),
       static_cast<int>(nheads), static_cast<int>(seqlen_q), static_cast<int>(seqlen_k),
       static_cast<uint8_t *>(mask.data_ptr()), fa::current_stream(rng_state));
   FA_CHECK(status == FLASH_OK, "dropout_mask failed: ", flash_last_cuda_error());
