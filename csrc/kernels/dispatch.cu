@@ -136,11 +136,11 @@ __global__ void dropout_mask_kernel(const int64_t *rng_state, float p, int nhead
     const uint4 r = d.call(16 * i16 + low, j32, t);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      const uint32_t keep = d.keep_bytes(word_of(r, w));
+      const uint32_t keep = d.keep_msb(word_of(r, w));
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = 16 * i16 + low + 8 * (e / 2), j = 32 * j32 + 8 * w + 2 * t + e % 2;
-        if (i < sq && j < sk) mask[(bh * sq + i) * sk + j] = (keep >> (8 * e)) & 1u;
+        if (i < sq && j < sk) mask[(bh * sq + i) * sk + j] = (keep >> (8 * e + 7)) & 1u;
       }
     }
   }

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "flash_api.h"
+#include "ptx.cuh"
 
 namespace flash {
 
@@ -61,6 +62,7 @@ struct Dropout {
   bool on;          // p > 0 (uniform across the grid)
   float rp;         // 1 / (1 - p): the scale of kept entries
   uint32_t thr4;    // the threshold in each byte
+  uint32_t low4;    // its low 7 bits in each byte
   uint32_t k0, k1;  // the seed
   uint32_t head;    // h
   uint32_t boff;    // the offset (its two halves xor-folded) + b
@@ -69,6 +71,7 @@ struct Dropout {
     on = p > 0.f;
     rp = on ? 1.f / (1.f - p) : 1.f;
     thr4 = dropout_threshold(p) * 0x01010101u;
+    low4 = thr4 & 0x7F7F7F7Fu;
     k0 = k1 = 0;
     head = static_cast<uint32_t>(h);
     boff = static_cast<uint32_t>(b);
@@ -95,8 +98,15 @@ struct Dropout {
     return philox4x32(static_cast<uint32_t>(j32 * 4 + t), static_cast<uint32_t>((i >> 4) * 8 + (i & 7)), head,
                       boff, k0, k1);
   }
-  // 0xFF in each byte of w that keeps its entry, 0x00 in each that drops it.
-  __device__ __forceinline__ uint32_t keep_bytes(uint32_t w) const { return __vcmpgeu4(w, thr4); }
+  // Bit 7 of each byte of the result: whether that byte of w keeps its entry (byte >=
+  // threshold); the other bits are not defined. Three instructions where __vcmpgeu4 takes
+  // five: d's bit 7 says low7(byte) >= low7(threshold) (no borrow crosses bytes: the
+  // minuend byte is >= 128 and the subtrahend <= 127), and the top bits decide where
+  // they differ.
+  __device__ __forceinline__ uint32_t keep_msb(uint32_t w) const {
+    const uint32_t d = (w | 0x80808080u) - low4;
+    return (w & ~thr4) | (~(w ^ thr4) & d);
+  }
 };
 
 __device__ __forceinline__ uint32_t word_of(const uint4 &r, int w) {
@@ -116,9 +126,9 @@ __device__ __forceinline__ void dropout_packed_rows(uint32_t (&p_frag)[NT / 2][4
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const int c = 4 * q + w;  // tile c: bytes (row 0: e 0, 1; row 8: e 0, 1)
-      const uint32_t keep = d.keep_bytes(word_of(r, w));
-      p_frag[c / 2][2 * (c % 2)] &= __byte_perm(keep, 0, 0x1100);
-      p_frag[c / 2][2 * (c % 2) + 1] &= __byte_perm(keep, 0, 0x3322);
+      const uint32_t keep = d.keep_msb(word_of(r, w));
+      p_frag[c / 2][2 * (c % 2)] &= prmt<0x9988>(keep, 0);  // bytes 0, 1 -> two 16-bit masks
+      p_frag[c / 2][2 * (c % 2) + 1] &= prmt<0xBBAA>(keep, 0);
     }
   }
 }
@@ -135,20 +145,20 @@ __device__ __forceinline__ void dropout_rows(float (&x)[NT][4], const Dropout &d
     const uint4 r = d.call(i0, n0 / 32 + q, t);
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
-      const uint32_t keep = d.keep_bytes(word_of(r, w));
+      const uint32_t keep = d.keep_msb(word_of(r, w));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) x[4 * q + w][e] = (keep >> (8 * e)) & 1u ? x[4 * q + w][e] * scale : 0.f;
+      for (int e = 0; e < 4; ++e) x[4 * q + w][e] = (keep >> (8 * e + 7)) & 1u ? x[4 * q + w][e] * scale : 0.f;
     }
   }
 }
 
-// Column layout (transposed tiles of dK/dV): keep bytes for x[c][e] (key jb + g +
+// Column layout (transposed tiles of dK/dV): keep flags (keep_msb) for x[c][e] (key jb + g +
 // (e / 2) * 8, query m0 + 8c + 2t + e % 2; jb % 16 == 0, m0 % 16 == 0), MT tiles of 8
 // queries. The whole warp must build it (shuffles).
 template <int MT>
 struct ColKeep {
   static_assert(MT % 2 == 0, "16-query blocks");
-  // Keep bytes of words (jb % 32) / 8 + r (r = 0, 1) of the calls for query tiles 2u,
+  // Keep flags of words (jb % 32) / 8 + r (r = 0, 1) of the calls for query tiles 2u,
   // 2u + 1: own[u][r] for column e' = g % 2 (computed here), other[u][r] for e' = 1 - g % 2
   // (computed by thread g ^ 1). No array is indexed by a lane-dependent value.
   uint32_t own[MT / 2][2], other[MT / 2][2];
@@ -164,8 +174,8 @@ struct ColKeep {
     for (int u = 0; u < MT / 2; ++u) {
       const uint4 r = d.call(m0 + 16 * u + 2 * t + mine, jb / 32, g >> 1);
       const uint32_t a = word_of(r, w0), b = word_of(r, w0 + 1);
-      own[u][0] = d.keep_bytes(a);
-      own[u][1] = d.keep_bytes(b);
+      own[u][0] = d.keep_msb(a);
+      own[u][1] = d.keep_msb(b);
       other[u][0] = __shfl_xor_sync(0xffffffffu, own[u][0], 4);
       other[u][1] = __shfl_xor_sync(0xffffffffu, own[u][1], 4);
     }
@@ -173,7 +183,7 @@ struct ColKeep {
   __device__ __forceinline__ bool kept(int c, int e) const {
     // byte 2 * (c % 2) + key parity of word e / 2 of the call for (c / 2, column e % 2)
     const uint32_t w = (e % 2) == mine ? own[c / 2][e / 2] : other[c / 2][e / 2];
-    return (w >> (16 * (c % 2) + shift)) & 1u;
+    return (w >> (16 * (c % 2) + shift + 7)) & 1u;
   }
 };
 

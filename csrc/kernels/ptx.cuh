@@ -9,6 +9,17 @@
 
 namespace flash {
 
+// prmt.b32 in its default mode: byte n of the result is the byte of {b, a} that selector
+// nibble n names (low 3 bits), or, with the nibble's bit 3 set, that byte's sign bit
+// copied into all 8 bits (so 0x9988 widens the sign bits of bytes 0 and 1 into two
+// 16-bit masks).
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "n"(kSel));
+  return r;
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void *p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
