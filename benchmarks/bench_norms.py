@@ -369,8 +369,8 @@ def sweep_configs(hidden: int) -> tuple[list[Any], list[Any]]:
     """Launch configurations to try at one hidden size, the default first. Forward: one
     row with 4, 8 or 16 elements a thread, two rows with 8. Backward: the launch before
     issue 14 (one row, 8 a thread, 4 programs per SM), one row with 8 a thread and as
-    many programs as 32 warps per SM, the default with twice its programs, and a tile of
-    4 rows at 16 a thread where rows are short."""
+    many programs as 32 warps per SM, the default with twice its programs, two rows a step
+    at 8 a thread, and a tile of 4 rows at 16 a thread where rows are short."""
     k = ln._kernels()
     fwd0, bwd0 = k.forward_config(hidden), k.backward_config(hidden)
     block = fwd0.block_n
@@ -380,6 +380,7 @@ def sweep_configs(hidden: int) -> tuple[list[Any], list[Any]]:
     bwd = [bwd0, replace(one8, programs_per_sm=4),
            replace(one8, programs_per_sm=max(1, 32 // one8.warps)),
            replace(bwd0, programs_per_sm=2 * k._programs_per_sm(bwd0))]  # fmt: skip
+    bwd.append(k._tile(hidden, 2 * block, 8))  # two rows a step, 8 a thread
     if block <= 1024:
         bwd.append(k._tile(hidden, 4 * block, 16))
 
