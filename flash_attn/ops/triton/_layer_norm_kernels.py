@@ -579,7 +579,13 @@ def backward(
     dev = s.device
     dx = torch.empty(shape, dtype=x_dtype, device=dev)
     dx1 = torch.empty(shape, dtype=x_dtype, device=dev) if want_dx1 else None
-    dres = torch.empty(shape, dtype=residual_dtype, device=dev) if residual_dtype else None
+    # Without dropout and rowscale the residual's gradient is dx itself (ds): one tensor,
+    # written once, serves both (as upstream, which returns dx as dresidual then). A
+    # second copy would be a whole extra tensor of writes in a memory-bound kernel.
+    dres_is_dx = residual_dtype == x_dtype and seeds is None and rowscale is None
+    dres = None
+    if residual_dtype and not dres_is_dx:
+        dres = torch.empty(shape, dtype=residual_dtype, device=dev)
     params = [p for p in (weight, bias, weight1, bias1) if p is not None]
     grads = [torch.empty((n,), dtype=p.dtype, device=dev) for p in params]
     if m == 0:
@@ -638,7 +644,7 @@ def backward(
     return BackwardResult(
         dx=dx,
         dx1=dx1,
-        dresidual=dres,
+        dresidual=dx if residual_dtype and dres_is_dx else dres,
         dweight=next(it),
         dbias=next(it) if bias is not None else None,
         dweight1=next(it) if weight1 is not None else None,
