@@ -366,15 +366,17 @@ def run_bench(args, hiddens: list[int], dtypes: list[str]) -> None:
 
 
 def sweep_configs(hidden: int) -> tuple[list[Any], list[Any]]:
-    """Launch configurations to try at one hidden size, the default first. Forward: one
-    row with 4, 8 or 16 elements a thread, two rows with 8. Backward: the launch before
+    """Launch configurations to try at one hidden size, the defaults first. Forward: one
+    row with 4, 8 or 16 elements a thread (8 the default without dropout, 16 with it),
+    two rows with 8. Backward: the launch before
     issue 14 (one row, 8 a thread, 4 programs per SM), one row with 8 a thread and as
     many programs as 32 warps per SM, the default with twice its programs, two rows a step
     at 8 a thread, and a tile of 4 rows at 16 a thread where rows are short."""
     k = ln._kernels()
     fwd0, bwd0 = k.forward_config(hidden), k.backward_config(hidden)
+    fwd_drop = k.forward_config(hidden, True)
     block = fwd0.block_n
-    fwd = [fwd0, k._tile(hidden, block, 4), k._tile(hidden, block, 16)]
+    fwd = [fwd0, fwd_drop, k._tile(hidden, block, 4), k._tile(hidden, block, 16)]
     fwd.append(k._tile(hidden, 2 * block, 8))
     one8 = k._tile(hidden, block, 8)
     bwd = [bwd0, replace(one8, programs_per_sm=4),
@@ -406,14 +408,15 @@ def run_sweep(args, hiddens: list[int], dtypes: list[str]) -> None:
         for hidden in hiddens:
             case = Case.make(args.tokens, hidden, DTYPES[d])
             fwd_cfgs, bwd_cfgs = sweep_configs(hidden)
+            fwd_default = {0.0: orig_f(hidden), args.dropout: orig_f(hidden, True)}
             for p in (0.0, args.dropout):
                 forward, forward_backward = closures(fused, case, p)
                 for cfg in fwd_cfgs:
-                    k.forward_config = lambda n, c=cfg: c
+                    k.forward_config = lambda n, dropout=False, c=cfg: c
                     forward()
                     ms, _ = gpu_ms(forward, args.graph_calls, args.replays)
                     gbps = 4 * case.bytes_one() / ms / 1e6
-                    star = "*" if cfg == fwd_cfgs[0] else ""
+                    star = "*" if cfg == fwd_default[p] else ""
                     lines.append(f"| {hidden} | {d} | {p:g} | fwd{star} | {cfg.rows} x "
                                  f"{cfg.block_n} | {cfg.warps} | - | {ms:.3f} | "
                                  f"{gbps:.0f} |")  # fmt: skip
