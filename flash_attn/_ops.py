@@ -39,11 +39,11 @@ DROPOUT_MASK_SCHEMA = (
     "float dropout_p) -> Tensor"
 )
 FWD_KV_SCHEMA = (
-    "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "fwd_kv(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits) "
-    "-> (Tensor out, Tensor softmax_lse)"
+    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, "
+    "Tensor? k_new=None, Tensor? v_new=None) -> (Tensor out, Tensor softmax_lse)"
 )
 BUILD_INFO_SCHEMA = "build_info() -> str"
 
@@ -201,6 +201,8 @@ def fwd_kv(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     num_splits: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward over a KV cache (inference only, no backward): (out, softmax_lse).
 
@@ -220,6 +222,13 @@ def fwd_kv(
     key count (dense: seqlen_cache; paged: pages_per_seq * page_size).
     num_splits: 0 lets the kernels choose, 1 never splits the keys, n > 1 splits
     them n ways (at most 128). The index tensors are int32 on q's device.
+
+    k_new, v_new (batch, seqlen_new, nheads_k, d), both or neither, dense q, the caches'
+    dtype: written into k and v in place (one kernel, before the attention) as the last
+    seqlen_new keys of each entry: row i of entry b at key seqused_k[b] - seqlen_new + i
+    (seqused_k absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
+    through block_table. A row whose key, cache row or page is out of range is skipped,
+    whatever the values: nothing outside the caches is written.
     """
     return getattr(torch.ops, _EXTENSION.namespace).fwd_kv(
         q,
@@ -239,6 +248,8 @@ def fwd_kv(
         softcap,
         alibi_slopes,
         num_splits,
+        k_new,
+        v_new,
     )
 
 
@@ -357,8 +368,10 @@ def fwd_kv_fake(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     num_splits: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same outputs as fwd's."""
+    """The same outputs as fwd's (the append writes into k and v: no new tensor)."""
     return fwd_fake(
         q,
         k,
