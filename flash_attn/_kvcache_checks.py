@@ -253,7 +253,7 @@ def check_kvcache(
 
     rotary_rows = _check_rotary(rotary_cos, rotary_sin, seqlen_new > 0, head_dim, q.dtype)
     _check_alibi(alibi_slopes, batch, nheads)
-    return CacheShape(
+    shape = CacheShape(
         batch=batch,
         seqlen_q=seqlen_q,
         nheads=nheads,
@@ -267,6 +267,11 @@ def check_kvcache(
         rotary_rows=rotary_rows,
         dtype=q.dtype,
     )
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        # a plain value: checked whatever FLASH_ATTN_KVCACHE_CHECKS says (no device sync)
+        n = operator.index(cache_seqlens)
+        _check_seqlens_range(shape, n, n, "cache_seqlens")
+    return shape
 
 
 def check_varlen_paged(
@@ -349,7 +354,8 @@ def check_cache_values(
     """Check the index values; return the largest key count of a sequence.
 
     seqused_k: the keys each sequence has after the append (cache_seqlens +
-    seqlen_new), or None (every sequence fills its cache row). q_positions: how far
+    seqlen_new), or None (an int cache_seqlens says them; without cache_seqlens
+    every sequence fills its cache row). q_positions: how far
     past cache_seqlens the rotary tables are read (seqlen_q for causal/local
     rotary, else 1). Reads the values of the tensors in one copy to the host (none
     when cache_seqlens is an int and there is no other index tensor).
@@ -362,7 +368,11 @@ def check_cache_values(
     if cache_batch_idx is not None:
         stats += [cache_batch_idx.min(), cache_batch_idx.max()]
     if cache_leftpad is not None:
-        upper = shape.capacity if seqused_k is None else seqused_k
+        upper: torch.Tensor | int = shape.capacity
+        if seqused_k is not None:
+            upper = seqused_k
+        elif cache_seqlens is not None:
+            upper = operator.index(cache_seqlens) + shape.seqlen_new  # type: ignore[arg-type]
         stats.append(((cache_leftpad < 0) | (cache_leftpad > upper)).any())
     if block_table is not None:
         stats.append(_bad_pages(shape, seqused_k, block_table).any())
