@@ -371,7 +371,9 @@ def fwd_kv_fake(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same outputs as fwd's (the append writes into k and v: no new tensor)."""
+    """The same outputs as fwd's (the append writes into k and v: no new tensor),
+    after the binding's checks of k_new and v_new (a traced call fails as a real one)."""
+    check_new_rows(q, k, v, cu_seqlens_q, k_new, v_new)
     return fwd_fake(
         q,
         k,
@@ -388,6 +390,50 @@ def fwd_kv_fake(
         0.0,
         None,
     )
+
+
+def check_new_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+) -> None:
+    """fwd_kv's checks of k_new and v_new as the binding makes them (csrc/binding/
+    flash_ops.cpp, append_new_rows), with its messages: RuntimeError."""
+    if k_new is None and v_new is None:
+        return
+    if k_new is None or v_new is None:
+        raise RuntimeError("flash_attn: k_new and v_new go together: give both or neither")
+    if cu_seqlens_q is not None:
+        raise RuntimeError(
+            "flash_attn: k_new and v_new need a dense q and a dense or paged cache (no "
+            "cu_seqlens_q / cu_seqlens_k)"
+        )
+    if k_new.dim() != 4:
+        raise RuntimeError(
+            "flash_attn: k_new must have shape (batch, seqlen_new, nheads_k, head_dim), got "
+            f"{list(k_new.shape)}"
+        )
+    batch, seqlen_new, nheads_k, head_dim = q.shape[0], k_new.shape[1], k.shape[-2], q.shape[-1]
+    for name, t, cache, cache_name in (("k_new", k_new, k, "k"), ("v_new", v_new, v, "v")):
+        if t.device != cache.device:
+            raise RuntimeError(
+                f"flash_attn: {name} is on {t.device} but the cache {cache_name} is on "
+                f"{cache.device}"
+            )
+        if t.dtype != cache.dtype:
+            raise RuntimeError(
+                f"flash_attn: {name} has dtype {str(t.dtype).removeprefix('torch.')} but the "
+                f"cache {cache_name} has {str(cache.dtype).removeprefix('torch.')}"
+            )
+        if tuple(t.shape) != (batch, seqlen_new, nheads_k, head_dim):
+            raise RuntimeError(
+                f"flash_attn: {name} must have shape (batch, seqlen_new, nheads_k, head_dim) = "
+                f"({batch}, {seqlen_new}, {nheads_k}, {head_dim}) (seqlen_new: dim 1 of k_new), "
+                f"got {list(t.shape)}"
+            )
 
 
 def bwd_fake(

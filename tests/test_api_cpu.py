@@ -30,6 +30,7 @@ from dropout_ref import (
     attention_dropout_varlen_ref,
     stub_keep_mask,
 )
+from kvcache_ref import append_ref
 from reference import alibi_bias, attention_ref, attention_varlen_ref, visible_keys
 
 import flash_attn
@@ -545,7 +546,7 @@ def _stub_fwd_kv(
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     if k_new is not None or v_new is not None:
         assert k_new is not None and v_new is not None and cu_seqlens_q is None
-        stub_append(k, v, k_new, v_new, seqused_k, kv_batch_idx, block_table)
+        append_ref(k, v, k_new, v_new, seqused_k, kv_batch_idx, block_table)
     index = {
         "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k,
         "kv_batch_idx": kv_batch_idx, "leftpad_k": leftpad_k, "block_table": block_table,
@@ -616,36 +617,6 @@ def _stub_fwd_kv(
     if varlen_q:
         return torch.cat(outs).contiguous(), torch.cat(lses, dim=-1).contiguous()
     return torch.stack(outs).contiguous(), torch.stack(lses).contiguous()
-
-
-def stub_append(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    seqused_k: torch.Tensor | None,
-    kv_batch_idx: torch.Tensor | None,
-    block_table: torch.Tensor | None,
-) -> None:
-    """fwd_kv's append (flash_api.h, FlashAppendKvParams) row by row: row i of entry b
-    at key keys(b) - seqlen_new + i; a row whose key, cache row or page is out of range
-    is skipped."""
-    batch, seqlen_new = k_new.shape[0], k_new.shape[1]
-    paged = block_table is not None
-    capacity = block_table.shape[1] * k.shape[1] if paged else k.shape[1]
-    for b in range(batch):
-        keys = capacity if seqused_k is None else int(seqused_k[b])
-        for i in range(seqlen_new):
-            pos = keys - seqlen_new + i
-            if not 0 <= pos < capacity:
-                continue
-            if paged:
-                row, slot = int(block_table[b, pos // k.shape[1]]), pos % k.shape[1]
-            else:
-                row, slot = b if kv_batch_idx is None else int(kv_batch_idx[b]), pos
-            if 0 <= row < k.shape[0]:
-                k[row, slot] = k_new[b, i]
-                v[row, slot] = v_new[b, i]
 
 
 def _stub_bwd(
