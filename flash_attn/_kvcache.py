@@ -8,7 +8,10 @@ flash_attn_with_kvcache (flash_attn_interface.py) validates its arguments
    local, else every query at cache_seqlens (flash_attn 2.x's rule);
 2. writes the new k and v into k_cache and v_cache in place, at rows
    cache_seqlens .. cache_seqlens + seqlen_new - 1 of each sequence's cache row
-   (dense: row cache_batch_idx[b], or b; paged: through block_table);
+   (dense: row cache_batch_idx[b], or b; paged: through block_table): the fwd_kv op
+   does it (k_new, v_new: one kernel before the attention) when it reads the caches
+   themselves; where it reads a copy (a head_dim that is not a multiple of 8 is
+   padded; a paged prefill gathers its pages) ``append_`` writes them first;
 3. runs the fwd_kv op over the first cache_seqlens + seqlen_new keys of each row.
 
 Inference only: everything runs without autograd.
