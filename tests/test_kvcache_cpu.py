@@ -213,6 +213,19 @@ def test_the_op_appends_unless_it_reads_a_copy(
     assert python_appends == ([] if fused else [1])
 
 
+def test_k_and_v_of_no_rows_append_nothing(kv: StubKernels) -> None:
+    c = Case(seqlen_new=0, seqlen_q=2)
+    inp = make_inputs(c)
+    empty = torch.zeros(c.batch, 0, c.nheads_k, c.head_dim, dtype=DT)
+    k_before = inp.k_cache.clone()
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, empty, empty, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close(out, expected(c, inp).out)
+    assert torch.equal(inp.k_cache, k_before)
+
+
 @pytest.mark.parametrize("seqlen_new", [0, 2])
 def test_an_int_cache_seqlens_cuts_a_dense_cache_to_its_keys(
     kv: StubKernels, seqlen_new: int

@@ -422,6 +422,22 @@ def test_fused_append_through_flash_attn_with_kvcache_matches_the_python_append(
     assert torch.equal(out, out_py)
 
 
+def test_k_and_v_of_no_rows_append_nothing() -> None:
+    c = Case(batch=3, seqlen_q=2, seqlen_new=0, seqlen_cache=64, head_dim=128, page_size=16)
+    inp = make_inputs(c, device="cuda", dtype=torch.bfloat16)
+    empty = torch.zeros(3, 0, c.nheads_k, 128, device="cuda", dtype=torch.bfloat16)
+    k_before, v_before = inp.k_cache.clone(), inp.v_cache.clone()
+    out = fa().flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, empty, empty, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
+    out_none = fa().flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, cache_seqlens=inp.cache_seqlens, **inp.kwargs
+    )
+    assert torch.equal(out, out_none)
+
+
 def guarded(t: torch.Tensor, guard: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(buffer, view): a copy of t inside a buffer with `guard` random elements on each side."""
     buffer = torch.randn(guard + t.numel() + guard, device=t.device).to(t.dtype)

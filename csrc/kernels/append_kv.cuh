@@ -81,18 +81,20 @@ inline bool append_vectorizable(const FlashAppendKvParams &p) {
   return p.head_dim % 8 == 0;
 }
 
-inline bool append_arguments_valid(const FlashAppendKvParams &p) {
-  return p.k_new != nullptr && p.v_new != nullptr && p.k_cache != nullptr && p.v_cache != nullptr &&
-         p.batch >= 0 && p.seqlen_new >= 0 && p.nheads_k > 0 && p.head_dim > 0 && p.cache_rows >= 0 &&
+inline bool append_sizes_valid(const FlashAppendKvParams &p) {
+  return p.batch >= 0 && p.seqlen_new >= 0 && p.nheads_k > 0 && p.head_dim > 0 && p.cache_rows >= 0 &&
          p.capacity >= 0 && (p.block_table == nullptr || (p.page_size > 0 && p.kv_batch_idx == nullptr)) &&
          int64_t(p.batch) * p.seqlen_new <= INT32_MAX && int64_t(p.nheads_k) * p.head_dim <= INT32_MAX / 2;
 }
 
 // Launch on stream; a FlashStatus (errors recorded for flash_last_cuda_error()).
 inline int launch_append_kv(const FlashAppendKvParams &p, cudaStream_t stream) {
-  if (!append_arguments_valid(p)) return FLASH_ERR_BAD_ARGUMENT;
+  if (!append_sizes_valid(p)) return FLASH_ERR_BAD_ARGUMENT;
   const int64_t rows = int64_t(p.batch) * p.seqlen_new;
-  if (rows == 0) return FLASH_OK;
+  // no new row, or no slot to put one in (the pointers of empty tensors may be null)
+  if (rows == 0 || p.capacity == 0 || p.cache_rows == 0) return FLASH_OK;
+  if (p.k_new == nullptr || p.v_new == nullptr || p.k_cache == nullptr || p.v_cache == nullptr)
+    return FLASH_ERR_BAD_ARGUMENT;
   const bool vec = append_vectorizable(p);
   const int64_t units = 2 * int64_t(p.nheads_k) * (vec ? p.head_dim / 8 : p.head_dim);
   const int threads = int(units >= 256 ? 256 : (units + 31) / 32 * 32);
