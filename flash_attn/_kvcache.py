@@ -8,7 +8,10 @@ flash_attn_with_kvcache (flash_attn_interface.py) validates its arguments
    local, else every query at cache_seqlens (flash_attn 2.x's rule);
 2. writes the new k and v into k_cache and v_cache in place, at rows
    cache_seqlens .. cache_seqlens + seqlen_new - 1 of each sequence's cache row
-   (dense: row cache_batch_idx[b], or b; paged: through block_table);
+   (dense: row cache_batch_idx[b], or b; paged: through block_table): the fwd_kv op
+   does it (k_new, v_new: one kernel before the attention) when it reads the caches
+   themselves; where it reads a copy (a head_dim that is not a multiple of 8 is
+   padded; a paged prefill gathers its pages) ``append_`` writes them first;
 3. runs the fwd_kv op over the first cache_seqlens + seqlen_new keys of each row.
 
 Inference only: everything runs without autograd.
@@ -23,7 +26,7 @@ import torch
 from flash_attn import _ops
 from flash_attn._checks import AttnOptions
 from flash_attn._kvcache_checks import CacheShape, check_cache_values
-from flash_attn._layout import kernel_layout, pad_head_dim
+from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim
 
 # Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
 # nheads_k: a prefill or a long chunk) copy the pages they read into a contiguous
@@ -106,6 +109,13 @@ def _kernel_cache(cache: torch.Tensor) -> torch.Tensor:
     return pad_head_dim(cache)
 
 
+def _fused_append(shape: CacheShape, paged_gather: bool) -> bool:
+    """Whether the op appends k and v itself (one kernel before the attention): it
+    writes into the caches it reads, so not when the op gets a copy of them (a padded
+    head_dim, or a paged prefill's gathered pages)."""
+    return shape.head_dim % HEAD_DIM_MULTIPLE == 0 and not paged_gather
+
+
 def kvcache_forward(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -125,13 +135,20 @@ def kvcache_forward(
     check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of the module docstring; returns (out, softmax_lse)."""
-    batch, device = shape.batch, q.device
+    batch, seqlen_new = shape.batch, shape.seqlen_new
+    paged = block_table is not None
+    # Each sequence's key count after the append: seqused_k, or for a dense cache and
+    # an int cache_seqlens the cache cut to its first `cut` keys (a view, no tensor made).
     seqused_k = None
+    keys = cut = None  # int cache_seqlens: every sequence's key count
     if isinstance(cache_seqlens, torch.Tensor):
-        seqused_k = cache_seqlens + shape.seqlen_new if shape.seqlen_new else cache_seqlens
+        seqused_k = cache_seqlens + seqlen_new if seqlen_new else cache_seqlens
     elif cache_seqlens is not None:
-        seqused_k = torch.full((batch,), operator.index(cache_seqlens) + shape.seqlen_new,
-                               dtype=torch.int32, device=device)  # fmt: skip
+        keys = operator.index(cache_seqlens) + seqlen_new
+        if paged or keys == 0:
+            seqused_k = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
+        else:
+            cut = keys
     positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
     most_keys = shape.capacity
     if check_values:
@@ -139,19 +156,31 @@ def kvcache_forward(
             shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
             q_positions=shape.seqlen_q if positional_q else 1,
         )  # fmt: skip
+    elif keys is not None:
+        most_keys = keys
 
+    paged_gather = paged and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
+        PAGED_PREFILL_ROWS
+    )
+    k_new = v_new = None
     if k is not None and v is not None:
-        assert cache_seqlens is not None and seqused_k is not None
+        assert cache_seqlens is not None
         if rotary is not None:
             q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
-        starts = seqused_k - shape.seqlen_new if shape.seqlen_new else seqused_k
-        append_(k_cache, v_cache, k, v, starts, cache_batch_idx, block_table)
+        if _fused_append(shape, paged_gather):
+            k_new, v_new = k, v
+        else:
+            starts = cache_seqlens
+            if not isinstance(starts, torch.Tensor):
+                starts = torch.full((batch,), starts, dtype=torch.int32, device=q.device)
+            append_(k_cache, v_cache, k, v, starts, cache_batch_idx, block_table)
 
-    if block_table is None and cache_batch_idx is None and k_cache.shape[0] > batch:
-        k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # the rows the batch uses
-    if block_table is not None and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
-        PAGED_PREFILL_ROWS
-    ):
+    if not paged:
+        if cache_batch_idx is None and k_cache.shape[0] > batch:
+            k_cache, v_cache = k_cache[:batch], v_cache[:batch]  # the rows the batch uses
+        if cut is not None and cut < k_cache.shape[1]:
+            k_cache, v_cache = k_cache[:, :cut], v_cache[:, :cut]  # the keys used
+    elif paged_gather:
         num_pages = -(-most_keys // shape.page_size)
         k_cache = gather_pages(k_cache, block_table, num_pages)
         v_cache = gather_pages(v_cache, block_table, num_pages)
@@ -165,19 +194,26 @@ def kvcache_forward(
         None,
         None,
         seqused_k,
-        None if cache_batch_idx is None else cache_batch_idx.contiguous(),
-        None if cache_leftpad is None else cache_leftpad.contiguous(),
-        None if block_table is None else block_table.contiguous(),
+        _contiguous(cache_batch_idx),
+        _contiguous(cache_leftpad),
+        _contiguous(block_table),
         shape.seqlen_q,
         most_keys,
         opts.scale_for(shape.head_dim),
         window_left,
         window_right,
         opts.softcap,
-        None if alibi_slopes is None else alibi_slopes.contiguous(),
+        _contiguous(alibi_slopes),
         num_splits,
+        k_new,
+        v_new,
     )
-    return out[..., : shape.head_dim], lse
+    return (out if out.shape[-1] == shape.head_dim else out[..., : shape.head_dim]), lse
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a contiguous copy of it where it is not (an index tensor for the op)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def varlen_paged_forward(

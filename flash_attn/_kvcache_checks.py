@@ -41,9 +41,10 @@ CACHE_LAYOUT = "(batch_cache, seqlen_cache, nheads_k, head_dim)"
 PAGED_LAYOUT = "(num_pages, page_size, nheads_k, head_dim)"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CacheShape:
-    """Sizes of one KV-cache call."""
+    """Sizes of one KV-cache call (made by the checks, read-only after: not frozen
+    because a frozen dataclass costs 2-3 us more to make, on every call)."""
 
     batch: int
     seqlen_q: int
@@ -172,7 +173,7 @@ def check_kvcache(
     nheads, nheads_k, head_dim = _check_heads(q, k_cache, v_cache, layout)
     _check_cache_layout("k_cache", k_cache)
     _check_cache_layout("v_cache", v_cache)
-    batch, seqlen_q = q.shape[0], q.shape[1]
+    batch, seqlen_q = q.shape[:2]
     if batch <= 0:
         raise InputError(f"batch size must be positive; got {batch}")
 
@@ -188,12 +189,13 @@ def check_kvcache(
             raise InputError(
                 f"k and v must have q's dtype ({q.dtype}); got k {k.dtype}, v {v.dtype}"
             )
-        if _shape(k) != _shape(v) or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+        k_shape = k.shape
+        if k_shape != v.shape or k_shape[0] != batch or k_shape[2:] != (nheads_k, head_dim):
             raise InputError(
                 f"k and v must have shape {new_layout} = ({batch}, seqlen_new, {nheads_k}, "
                 f"{head_dim}); got k {_shape(k)} and v {_shape(v)}"
             )
-        seqlen_new = k.shape[1]
+        seqlen_new = k_shape[1]
         if cache_seqlens is None:
             raise InputError(
                 "k and v are appended at cache_seqlens: pass cache_seqlens (an int, or an "
@@ -253,7 +255,7 @@ def check_kvcache(
 
     rotary_rows = _check_rotary(rotary_cos, rotary_sin, seqlen_new > 0, head_dim, q.dtype)
     _check_alibi(alibi_slopes, batch, nheads)
-    return CacheShape(
+    shape = CacheShape(
         batch=batch,
         seqlen_q=seqlen_q,
         nheads=nheads,
@@ -267,6 +269,11 @@ def check_kvcache(
         rotary_rows=rotary_rows,
         dtype=q.dtype,
     )
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        # a plain value: checked whatever FLASH_ATTN_KVCACHE_CHECKS says (no device sync)
+        n = operator.index(cache_seqlens)
+        _check_seqlens_range(shape, n, n, "cache_seqlens")
+    return shape
 
 
 def check_varlen_paged(
@@ -349,30 +356,40 @@ def check_cache_values(
     """Check the index values; return the largest key count of a sequence.
 
     seqused_k: the keys each sequence has after the append (cache_seqlens +
-    seqlen_new), or None (every sequence fills its cache row). q_positions: how far
+    seqlen_new), or None (an int cache_seqlens says them; without cache_seqlens
+    every sequence fills its cache row). q_positions: how far
     past cache_seqlens the rotary tables are read (seqlen_q for causal/local
     rotary, else 1). Reads the values of the tensors in one copy to the host (none
     when cache_seqlens is an int and there is no other index tensor).
     """
-    stats: list[torch.Tensor] = []
+    # Everything read comes back in one copy: the (batch,) index tensors whole (their
+    # min and max taken here: one device op fewer than reducing them there), a flag per
+    # other check.
+    parts: list[torch.Tensor] = []
     seqlens_is_tensor = isinstance(cache_seqlens, torch.Tensor)
     if seqlens_is_tensor:
-        assert seqused_k is not None
-        stats += [seqused_k.min(), seqused_k.max()]
+        parts.append(cache_seqlens)  # type: ignore[arg-type]
     if cache_batch_idx is not None:
-        stats += [cache_batch_idx.min(), cache_batch_idx.max()]
+        parts.append(cache_batch_idx)
     if cache_leftpad is not None:
-        upper = shape.capacity if seqused_k is None else seqused_k
-        stats.append(((cache_leftpad < 0) | (cache_leftpad > upper)).any())
+        upper: torch.Tensor | int = shape.capacity
+        if seqused_k is not None:
+            upper = seqused_k
+        elif cache_seqlens is not None:
+            upper = operator.index(cache_seqlens) + shape.seqlen_new  # type: ignore[arg-type]
+        parts.append(((cache_leftpad < 0) | (cache_leftpad > upper)).any().view(1))
     if block_table is not None:
-        stats.append(_bad_pages(shape, seqused_k, block_table).any())
-    values = [int(x) for x in torch.stack([s.long() for s in stats]).tolist()] if stats else []
+        parts.append(_bad_pages(shape, seqused_k, block_table).any().view(1))
+    values: list[int] = []
+    if parts:
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+    batch = shape.batch
 
     most = shape.capacity
     if cache_seqlens is not None:
         if seqlens_is_tensor:
-            lo, hi = values[0] - shape.seqlen_new, values[1] - shape.seqlen_new
-            values = values[2:]
+            lo, hi = min(values[:batch]), max(values[:batch])
+            values = values[batch:]
         else:
             lo = hi = operator.index(cache_seqlens)  # type: ignore[arg-type]
         _check_seqlens_range(shape, lo, hi, seqlens_name)
@@ -380,8 +397,8 @@ def check_cache_values(
             _check_rotary_rows(shape, hi, q_positions)
         most = hi + shape.seqlen_new
     if cache_batch_idx is not None:
-        lo, hi = values[0], values[1]
-        values = values[2:]
+        lo, hi = min(values[:batch]), max(values[:batch])
+        values = values[batch:]
         if lo < 0 or hi >= shape.cache_rows:
             raise InputError(
                 f"cache_batch_idx holds {lo if lo < 0 else hi}: each entry must index a row "

@@ -39,11 +39,11 @@ DROPOUT_MASK_SCHEMA = (
     "float dropout_p) -> Tensor"
 )
 FWD_KV_SCHEMA = (
-    "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "fwd_kv(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits) "
-    "-> (Tensor out, Tensor softmax_lse)"
+    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, "
+    "Tensor? k_new=None, Tensor? v_new=None) -> (Tensor out, Tensor softmax_lse)"
 )
 BUILD_INFO_SCHEMA = "build_info() -> str"
 
@@ -201,6 +201,8 @@ def fwd_kv(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     num_splits: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward over a KV cache (inference only, no backward): (out, softmax_lse).
 
@@ -220,6 +222,13 @@ def fwd_kv(
     key count (dense: seqlen_cache; paged: pages_per_seq * page_size).
     num_splits: 0 lets the kernels choose, 1 never splits the keys, n > 1 splits
     them n ways (at most 128). The index tensors are int32 on q's device.
+
+    k_new, v_new (batch, seqlen_new, nheads_k, d), both or neither, dense q, the caches'
+    dtype: written into k and v in place (one kernel, before the attention) as the last
+    seqlen_new keys of each entry: row i of entry b at key seqused_k[b] - seqlen_new + i
+    (seqused_k absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
+    through block_table. A row whose key, cache row or page is out of range is skipped,
+    whatever the values: nothing outside the caches is written.
     """
     return getattr(torch.ops, _EXTENSION.namespace).fwd_kv(
         q,
@@ -239,6 +248,8 @@ def fwd_kv(
         softcap,
         alibi_slopes,
         num_splits,
+        k_new,
+        v_new,
     )
 
 
@@ -357,8 +368,12 @@ def fwd_kv_fake(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     num_splits: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same outputs as fwd's."""
+    """The same outputs as fwd's (the append writes into k and v: no new tensor),
+    after the binding's checks of k_new and v_new (a traced call fails as a real one)."""
+    check_new_rows(q, k, v, cu_seqlens_q, k_new, v_new)
     return fwd_fake(
         q,
         k,
@@ -375,6 +390,50 @@ def fwd_kv_fake(
         0.0,
         None,
     )
+
+
+def check_new_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+) -> None:
+    """fwd_kv's checks of k_new and v_new as the binding makes them (csrc/binding/
+    flash_ops.cpp, append_new_rows), with its messages: RuntimeError."""
+    if k_new is None and v_new is None:
+        return
+    if k_new is None or v_new is None:
+        raise RuntimeError("flash_attn: k_new and v_new go together: give both or neither")
+    if cu_seqlens_q is not None:
+        raise RuntimeError(
+            "flash_attn: k_new and v_new need a dense q and a dense or paged cache (no "
+            "cu_seqlens_q / cu_seqlens_k)"
+        )
+    if k_new.dim() != 4:
+        raise RuntimeError(
+            "flash_attn: k_new must have shape (batch, seqlen_new, nheads_k, head_dim), got "
+            f"{list(k_new.shape)}"
+        )
+    batch, seqlen_new, nheads_k, head_dim = q.shape[0], k_new.shape[1], k.shape[-2], q.shape[-1]
+    for name, t, cache, cache_name in (("k_new", k_new, k, "k"), ("v_new", v_new, v, "v")):
+        if t.device != cache.device:
+            raise RuntimeError(
+                f"flash_attn: {name} is on {t.device} but the cache {cache_name} is on "
+                f"{cache.device}"
+            )
+        if t.dtype != cache.dtype:
+            raise RuntimeError(
+                f"flash_attn: {name} has dtype {str(t.dtype).removeprefix('torch.')} but the "
+                f"cache {cache_name} has {str(cache.dtype).removeprefix('torch.')}"
+            )
+        if tuple(t.shape) != (batch, seqlen_new, nheads_k, head_dim):
+            raise RuntimeError(
+                f"flash_attn: {name} must have shape (batch, seqlen_new, nheads_k, head_dim) = "
+                f"({batch}, {seqlen_new}, {nheads_k}, {head_dim}) (seqlen_new: dim 1 of k_new), "
+                f"got {list(t.shape)}"
+            )
 
 
 def bwd_fake(

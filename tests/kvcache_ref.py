@@ -212,3 +212,35 @@ def expected(c: Case, inp: Inputs, upcast: bool = True) -> Expected:
         outs.append(out)
         lses.append(lse)
     return Expected(torch.cat(outs), torch.cat(lses), k_cache, v_cache, written)
+
+
+def append_ref(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    seqused_k: torch.Tensor | None,
+    kv_batch_idx: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+) -> None:
+    """fwd_kv's append (flash_api.h, FlashAppendKvParams) written out row by row, in
+    place: row i of entry b goes to key keys(b) - seqlen_new + i of its cache row
+    (keys(b): seqused_k[b], else the row's capacity); a row whose key, cache row or page
+    is out of range is skipped."""
+    batch, seqlen_new = k_new.shape[0], k_new.shape[1]
+    page_size = k_cache.shape[1]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * page_size if paged else page_size
+    for b in range(batch):
+        keys = capacity if seqused_k is None else int(seqused_k[b])
+        for i in range(seqlen_new):
+            pos = keys - seqlen_new + i
+            if not 0 <= pos < capacity:
+                continue
+            if paged:
+                row, slot = int(block_table[b, pos // page_size]), pos % page_size
+            else:
+                row, slot = b if kv_batch_idx is None else int(kv_batch_idx[b]), pos
+            if 0 <= row < k_cache.shape[0]:
+                k_cache[row, slot] = k_new[b, i]
+                v_cache[row, slot] = v_new[b, i]

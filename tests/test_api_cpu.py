@@ -30,6 +30,7 @@ from dropout_ref import (
     attention_dropout_varlen_ref,
     stub_keep_mask,
 )
+from kvcache_ref import append_ref
 from reference import alibi_bias, attention_ref, attention_varlen_ref, visible_keys
 
 import flash_attn
@@ -536,10 +537,16 @@ def _stub_fwd_kv(
     softcap: float,
     alibi_slopes: torch.Tensor | None,
     num_splits: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fwd_kv contract (flash_attn/_ops.py) written out: each sequence's keys
-    gathered one by one, then the reference attention over them."""
+    """The fwd_kv contract (flash_attn/_ops.py) written out: k_new and v_new written
+    into the caches row by row, then each sequence's keys gathered one by one, then the
+    reference attention over them."""
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    if k_new is not None or v_new is not None:
+        assert k_new is not None and v_new is not None and cu_seqlens_q is None
+        append_ref(k, v, k_new, v_new, seqused_k, kv_batch_idx, block_table)
     index = {
         "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_k": seqused_k,
         "kv_batch_idx": kv_batch_idx, "leftpad_k": leftpad_k, "block_table": block_table,
@@ -560,6 +567,7 @@ def _stub_fwd_kv(
                 "num_splits": num_splits,
                 "paged": block_table is not None,
                 "k_shape": tuple(k.shape),
+                "appended": k_new is not None,
             },
         )
     )

@@ -249,6 +249,7 @@ def test_the_classic_binding_still_builds_and_registers_the_same_ops(tmp_path: P
         "ops = torch.ops.flash_attn\n"
         "print(str(ops.fwd.default._schema)); print(str(ops.bwd.default._schema))\n"
         "print(str(ops.dropout_mask.default._schema))\n"
+        "print(str(ops.fwd_kv.default._schema))\n"
         "print(ops.build_info())\n"
     )
     run = subprocess.run(
@@ -260,10 +261,11 @@ def test_the_classic_binding_still_builds_and_registers_the_same_ops(tmp_path: P
         check=False,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    fwd, bwd, mask, info = run.stdout.splitlines()[:4]
-    from flash_attn._ops import BWD_SCHEMA, DROPOUT_MASK_SCHEMA, FWD_SCHEMA
+    fwd, bwd, mask, fwd_kv, info = run.stdout.splitlines()[:5]
+    from flash_attn._ops import BWD_SCHEMA, DROPOUT_MASK_SCHEMA, FWD_KV_SCHEMA, FWD_SCHEMA
 
     assert fwd == "flash_attn::" + FWD_SCHEMA and bwd == "flash_attn::" + BWD_SCHEMA
     assert mask == "flash_attn::" + DROPOUT_MASK_SCHEMA
+    assert fwd_kv == "flash_attn::" + FWD_KV_SCHEMA
     assert json.loads(info)["head_dims"] == [64]
     assert any("c10" in s for s in _undefined(module))  # the C++ API: one torch only

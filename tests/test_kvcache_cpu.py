@@ -18,10 +18,10 @@ import pytest
 import torch
 from kvcache_ref import Case, Inputs, expected, make_inputs, rotate_ref
 from reference import attention_ref
-from test_api_cpu import StubKernels, stub  # noqa: F401  (the stand-in fixture)
+from test_api_cpu import STUB_NAMESPACE, StubKernels, define_stub_ops, stub  # noqa: F401
 
 import flash_attn
-from flash_attn import _kvcache
+from flash_attn import _kvcache, _ops
 from flash_attn.errors import InputError
 
 DT = torch.float16
@@ -106,7 +106,10 @@ def test_kvcache_matches_the_reference(kv: StubKernels, c: Case) -> None:
     assert call["num_splits"] == c.num_splits
     assert call["head_dim"] % 8 == 0
     group_rows = c.seqlen_q * c.nheads // c.nheads_k
-    assert call["paged"] == (c.page_size > 0 and group_rows < _kvcache.PAGED_PREFILL_ROWS)
+    gathered = c.page_size > 0 and group_rows >= _kvcache.PAGED_PREFILL_ROWS
+    assert call["paged"] == (c.page_size > 0 and not gathered)
+    # the op appends (fused) unless it gets a copy of the caches
+    assert call["appended"] == (c.seqlen_new > 0 and c.head_dim % 8 == 0 and not gathered)
 
 
 def test_out_only_without_return_softmax_lse(kv: StubKernels) -> None:
@@ -172,6 +175,87 @@ def test_paged_entries_past_the_last_page_are_not_read(kv: StubKernels) -> None:
     )
     assert_close(out, out_ref)
     assert torch.equal(inp.k_cache, k_ref)
+
+
+@pytest.mark.parametrize(
+    ("c", "fused"),
+    [
+        (Case(seqlen_q=2, seqlen_new=2), True),
+        (Case(batch_idx=True, seqlen_new=3, seqlen_q=3), True),
+        (Case(page_size=16, seqlen_cache=48, seqlen_new=2, seqlen_q=2), True),
+        (Case(rotary="neox", seqlen_q=2, seqlen_new=2), True),  # the rotated k is appended
+        (Case(head_dim=20, seqlen_q=2, seqlen_new=2), False),  # padded: the op gets a copy
+        (Case(page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2),
+         False),  # a paged prefill reads gathered pages: the real pages are written first
+    ],
+)  # fmt: skip
+def test_the_op_appends_unless_it_reads_a_copy(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch, c: Case, fused: bool
+) -> None:
+    python_appends: list[int] = []
+    python_append = _kvcache.append_
+
+    def recording_append(*args: Any) -> None:
+        python_appends.append(1)
+        python_append(*args)
+
+    monkeypatch.setattr(_kvcache, "append_", recording_append)
+    inp = make_inputs(c)
+    ref = expected(c, inp)
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close(out, ref.out)
+    assert torch.equal(inp.k_cache, ref.k_cache) and torch.equal(inp.v_cache, ref.v_cache)
+    ((_, call),) = kv.calls
+    assert call["appended"] == fused
+    assert python_appends == ([] if fused else [1])
+
+
+def test_k_and_v_of_no_rows_append_nothing(kv: StubKernels) -> None:
+    c = Case(seqlen_new=0, seqlen_q=2)
+    inp = make_inputs(c)
+    empty = torch.zeros(c.batch, 0, c.nheads_k, c.head_dim, dtype=DT)
+    k_before = inp.k_cache.clone()
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, empty, empty, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close(out, expected(c, inp).out)
+    assert torch.equal(inp.k_cache, k_before)
+
+
+@pytest.mark.parametrize("seqlen_new", [0, 2])
+def test_an_int_cache_seqlens_cuts_a_dense_cache_to_its_keys(
+    kv: StubKernels, seqlen_new: int
+) -> None:
+    """No seqused_k tensor is made: the op gets the first cache_seqlens + seqlen_new keys."""
+    c = Case(seqlens_int=True, seqlen_q=2, seqlen_new=seqlen_new, batch_idx=True)
+    inp = make_inputs(c)
+    ref = expected(c, inp)
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close(out, ref.out)
+    assert torch.equal(inp.k_cache, ref.k_cache) and torch.equal(inp.v_cache, ref.v_cache)
+    ((_, call),) = kv.calls
+    assert isinstance(inp.cache_seqlens, int)
+    assert call["k_shape"][1] == inp.cache_seqlens + seqlen_new
+    assert call["max_seqlen_k"] == inp.cache_seqlens + seqlen_new
+
+
+def test_an_int_cache_seqlens_is_checked_with_the_value_checks_off(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int is a plain value: checking it costs no device sync, so it is always done."""
+    monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
+    inp, args = _bad(Case(seqlens_int=True), cache_seqlens=40)
+    before = inp.k_cache.clone()
+    with pytest.raises(InputError, match="exceeds the cache"):
+        flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, **args)
+    assert torch.equal(inp.k_cache, before) and kv.calls == []
 
 
 def test_gather_pages_orders_keys_as_the_block_table() -> None:
@@ -405,3 +489,120 @@ def test_varlen_block_table_bad_input(kv: StubKernels, change: str, message: str
     with pytest.raises(InputError, match=message):
         flash_attn.flash_attn_varlen_func(q, k_pool, v_pool, cu_q, cu_k, 1, 17, block_table=table)
     assert kv.calls == []
+
+
+# --- fwd_kv's k_new and v_new: the schema, the fake, the contract --------------------
+
+
+def fwd_kv_args(
+    device: str = "meta", paged: bool = False, seqlen_new: int = 3
+) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+    """(the op's 19 arguments, k_new, v_new) for batch 2, 4/2 heads, head_dim 32."""
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
+
+    def i32(*values: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    q = tensor(2, seqlen_new, 4, 32)
+    k_new, v_new = tensor(2, seqlen_new, 2, 32), tensor(2, seqlen_new, 2, 32)
+    if paged:
+        k, v, table, max_k = tensor(5, 16, 2, 32), tensor(5, 16, 2, 32), i32(3, 1, 0, 4), 32
+        table = table.view(2, 2)
+    else:
+        k, v, table, max_k = tensor(2, 24, 2, 32), tensor(2, 24, 2, 32), None, 24
+    seqused_k = i32(7, 20)
+    args = [q, k, v, None, None, seqused_k, None, None, table, seqlen_new, max_k, 0.2, -1, 0,
+            0.0, None, 0, k_new, v_new]  # fmt: skip
+    return args, k_new, v_new
+
+
+def test_the_schema_ends_with_optional_k_new_and_v_new() -> None:
+    schema = torch._C.parse_schema(f"flash_attn::{_ops.FWD_KV_SCHEMA}")
+    *_, k_new, v_new = schema.arguments
+    assert (k_new.name, v_new.name) == ("k_new", "v_new")
+    assert k_new.default_value is None and v_new.default_value is None
+    k, v = schema.arguments[1], schema.arguments[2]
+    assert k.alias_info is not None and k.alias_info.is_write  # the caches are written
+    assert v.alias_info is not None and v.alias_info.is_write
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_fake_fwd_kv_shapes_with_k_new(paged: bool) -> None:
+    args, _, _ = fwd_kv_args(paged=paged)
+    out, lse = _ops.fwd_kv_fake(*args)
+    assert out.shape == (2, 3, 4, 32) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    without, _ = _ops.fwd_kv_fake(*args[:17])  # old callers: 17 arguments
+    assert without.shape == out.shape
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("v_new_only", "k_new and v_new go together"),
+        ("varlen", "need a dense q"),
+        ("rank", r"k_new must have shape \(batch, seqlen_new, .*\), got \[2, 3, 64\]"),
+        ("heads", r"v_new must have shape .* = \(2, 3, 2, 32\) .*got \[2, 3, 1, 32\]"),
+        ("seqlen", r"v_new must have shape .* = \(2, 3, 2, 32\) .*got \[2, 2, 2, 32\]"),
+        ("batch", r"k_new must have shape .* = \(2, 3, 2, 32\) .*got \[1, 3, 2, 32\]"),
+        ("dtype", "k_new has dtype float16 but the cache k has bfloat16"),
+    ],
+)  # fmt: skip
+def test_fake_fwd_kv_refuses_bad_k_new(change: str, message: str) -> None:
+    args, k_new, v_new = fwd_kv_args()
+    if change == "v_new_only":
+        args[17] = None
+    elif change == "varlen":
+        args[3] = args[4] = torch.zeros(3, dtype=torch.int32, device="meta")
+    elif change == "rank":
+        args[17] = k_new.flatten(2)
+    elif change == "heads":
+        args[18] = v_new[:, :, :1]
+    elif change == "seqlen":
+        args[18] = v_new[:, :2]
+    elif change == "batch":
+        args[17] = k_new[:1]
+    else:
+        args[17] = k_new.half()
+    with pytest.raises(RuntimeError, match=message):
+        _ops.fwd_kv_fake(*args)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_fwd_kv_with_k_new_is_opcheck_clean(paged: bool) -> None:
+    """The stand-in writes k_new and v_new into k and v: the schema must say so (a
+    mutation the schema does not declare fails test_schema), and the fake must agree."""
+    define_stub_ops()
+    _ops.register_fakes(STUB_NAMESPACE)
+    op = getattr(torch.ops, STUB_NAMESPACE).fwd_kv.default
+    args, _, _ = fwd_kv_args(device="cpu", paged=paged)
+    torch.library.opcheck(op, tuple(args), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_the_append_contract_skips_rows_out_of_range(paged: bool) -> None:
+    """kvcache_ref.append_ref (what the stand-in and the GPU tests take as the contract):
+    any index values, nothing written outside the cache."""
+    from kvcache_ref import append_ref
+
+    args, k_new, v_new = fwd_kv_args(device="cpu", paged=paged, seqlen_new=4)
+    k, v, table = args[1], args[2], args[8]
+    capacity = 32 if paged else 24
+    # entry 0: keys 0..1 of its 4 new rows are at negative positions; entry 1: past the end
+    seqused_k = torch.tensor([2, capacity + 2], dtype=torch.int32)
+    batch_idx = None if paged else torch.tensor([1, 0], dtype=torch.int32)
+    k_ref, v_ref = k.clone(), v.clone()
+    append_ref(k_ref, v_ref, k_new, v_new, seqused_k, batch_idx, table)
+    changed = (k_ref != k).flatten(2).any(-1)  # (rows, keys)
+    # (cache row or page, key in it) -> (entry, new row)
+    if paged:
+        expected_slots = {(3, 0): (0, 2), (3, 1): (0, 3), (4, 14): (1, 0), (4, 15): (1, 1)}
+    else:
+        expected_slots = {(1, 0): (0, 2), (1, 1): (0, 3), (0, 22): (1, 0), (0, 23): (1, 1)}
+    assert {(int(r), int(j)) for r, j in changed.nonzero()} == set(expected_slots)
+    for (r, j), (b, i) in expected_slots.items():
+        assert torch.equal(k_ref[r, j], k_new[b, i]) and torch.equal(v_ref[r, j], v_new[b, i])
+    assert torch.equal(k_ref[~changed], k[~changed]) and torch.equal(v_ref[~changed], v[~changed])

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 from gpu_poison import poison_cuda_cache, poison_enabled
-from kvcache_ref import Case, Inputs, expected, make_inputs
+from kvcache_ref import Case, Inputs, append_ref, expected, make_inputs
 from reference import attention_ref
 
 pytestmark = pytest.mark.gpu
@@ -299,3 +299,259 @@ def test_bad_values_raise_before_any_write(changes: dict[str, str], message: str
         )
     torch.cuda.synchronize()
     assert torch.equal(inp.k_cache, before[0]) and torch.equal(inp.v_cache, before[1])
+
+
+# --- the fused append: fwd_kv with k_new and v_new, against its contract -------------
+#
+# kvcache_ref.append_ref is the contract written out (row i of entry b at key
+# seqused_k[b] - seqlen_new + i; rows out of range skipped). The caches after the op must
+# equal it bit for bit, and the op's output must be that of the op over those caches
+# without k_new (bit for bit: the append lands before the attention reads).
+
+
+def make_append_case(
+    layout: str, page_size: int, seqlen_new: int, odd_layouts: bool, dtype: torch.dtype,
+    capacity: int = 512, batch: int = 3, nheads: int = 8, nheads_k: int = 2, head_dim: int = 128,
+    seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """The op's inputs. odd_layouts: k_new and v_new transposed views, and caches that
+    are views at a 2-byte offset with a head stride of head_dim + 1 (no 16-byte copies:
+    the element path of the append, and a copy of the caches for the attention)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = "cuda"
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype).to(dev)
+
+    if page_size:
+        pages_per_seq = capacity // page_size
+        rows, keys = batch * pages_per_seq + 3, page_size
+        perm = torch.randperm(rows, generator=g)[: batch * pages_per_seq]
+        table = perm.view(batch, pages_per_seq).to(torch.int32).to(dev)
+    else:
+        rows, keys, table = batch + (2 if layout == "batch_idx" else 0), capacity, None
+    if odd_layouts:
+        k_cache = randn(rows, keys, nheads_k, head_dim + 1)[..., 1:]
+        v_cache = randn(rows, keys, nheads_k, head_dim + 1)[..., 1:]
+        k_new = randn(batch, nheads_k, seqlen_new, head_dim).transpose(1, 2)
+        v_new = randn(batch, nheads_k, seqlen_new, head_dim).transpose(1, 2)
+    else:
+        k_cache = randn(rows, keys, nheads_k, head_dim)
+        v_cache = randn(rows, keys, nheads_k, head_dim)
+        k_new, v_new = randn(batch, seqlen_new, nheads_k, head_dim), randn(
+            batch, seqlen_new, nheads_k, head_dim)  # fmt: skip
+    batch_idx = None
+    if layout == "batch_idx":
+        batch_idx = torch.randperm(rows, generator=g)[:batch].to(torch.int32).to(dev)
+    seqused = torch.randint(seqlen_new, capacity + 1, (batch,), generator=g)
+    seqused[0] = capacity  # one entry fills its row
+    return {
+        "q": randn(batch, seqlen_new, nheads, head_dim), "k_cache": k_cache, "v_cache": v_cache,
+        "k_new": k_new, "v_new": v_new, "seqused_k": seqused.to(torch.int32).to(dev),
+        "batch_idx": batch_idx, "table": table, "capacity": capacity,
+    }  # fmt: skip
+
+
+def fwd_kv_call(
+    c: dict[str, Any], k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor | None = None,
+    appends: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from flash_attn import _ops
+
+    q = c["q"] if q is None else q
+    return _ops.fwd_kv(
+        q, k_cache, v_cache, None, None, c["seqused_k"], c["batch_idx"], None, c["table"],
+        q.shape[1], c["capacity"], q.shape[-1] ** -0.5, -1, 0, 0.0, None, 0,
+        c["k_new"] if appends else None, c["v_new"] if appends else None,
+    )  # fmt: skip
+
+
+def reference_caches(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caches after the contract's append (computed on the CPU, moved back)."""
+    k_ref, v_ref = c["k_cache"].cpu().clone(), c["v_cache"].cpu().clone()
+    to_cpu = [None if c[n] is None else c[n].cpu() for n in ("seqused_k", "batch_idx", "table")]
+    append_ref(k_ref, v_ref, c["k_new"].cpu(), c["v_new"].cpu(), *to_cpu)
+    return k_ref.cuda(), v_ref.cuda()
+
+
+APPEND_LAYOUTS = [("dense", 0), ("batch_idx", 0), ("paged", 16), ("paged", 256)]
+
+
+@pytest.mark.parametrize("odd_layouts", [False, True], ids=["aligned", "odd-layouts"])
+@pytest.mark.parametrize("seqlen_new", [1, 7, 300])
+@pytest.mark.parametrize(("layout", "page_size"), APPEND_LAYOUTS,
+                         ids=[f"{n}{p or ''}" for n, p in APPEND_LAYOUTS])  # fmt: skip
+def test_fused_append_matches_the_contract(
+    layout: str, page_size: int, seqlen_new: int, odd_layouts: bool
+) -> None:
+    dtype = torch.float16 if odd_layouts else torch.bfloat16
+    c = make_append_case(layout, page_size, seqlen_new, odd_layouts, dtype)
+    k_ref, v_ref = reference_caches(c)
+    k_before = c["k_cache"].clone()
+    repoison()
+    out, lse = fwd_kv_call(c, c["k_cache"], c["v_cache"])
+    torch.cuda.synchronize()
+    assert not torch.equal(c["k_cache"], k_before), "nothing was appended"
+    assert torch.equal(c["k_cache"], k_ref), "k_cache differs from the contract's append"
+    assert torch.equal(c["v_cache"], v_ref), "v_cache differs from the contract's append"
+    out_ref, lse_ref = fwd_kv_call(c, k_ref.clone(), v_ref.clone(), appends=False)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, out_ref), "the attention did not see the appended keys"
+    assert torch.equal(lse, lse_ref)
+
+
+def test_fused_append_through_flash_attn_with_kvcache_matches_the_python_append() -> None:
+    """The prefill shape of issue 13 (batch 1, 32/8 heads, head_dim 128, 2048 new keys):
+    the fused path leaves the caches the Python append_ leaves, and the same output."""
+    from flash_attn import _kvcache
+
+    torch.manual_seed(0)
+    dt, dev = torch.bfloat16, "cuda"
+    q = torch.randn(1, 2048, 32, 128, device=dev, dtype=dt)
+    k, v = torch.randn(1, 2048, 8, 128, device=dev, dtype=dt), torch.randn(1, 2048, 8, 128,
+                                                                           device=dev, dtype=dt)
+    k_cache = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt)
+    v_cache = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt)
+    k_py, v_py = k_cache.clone(), v_cache.clone()
+    seqlens = torch.tensor([100], dtype=torch.int32, device=dev)
+    out = fa().flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                       causal=True)  # fmt: skip
+    _kvcache.append_(k_py, v_py, k, v, seqlens, None, None)
+    assert torch.equal(k_cache, k_py) and torch.equal(v_cache, v_py)
+    out_py = fa().flash_attn_with_kvcache(q, k_py, v_py, cache_seqlens=seqlens + 2048, causal=True)
+    assert torch.equal(out, out_py)
+
+
+def test_k_and_v_of_no_rows_append_nothing() -> None:
+    c = Case(batch=3, seqlen_q=2, seqlen_new=0, seqlen_cache=64, head_dim=128, page_size=16)
+    inp = make_inputs(c, device="cuda", dtype=torch.bfloat16)
+    empty = torch.zeros(3, 0, c.nheads_k, 128, device="cuda", dtype=torch.bfloat16)
+    k_before, v_before = inp.k_cache.clone(), inp.v_cache.clone()
+    out = fa().flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, empty, empty, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
+    out_none = fa().flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, cache_seqlens=inp.cache_seqlens, **inp.kwargs
+    )
+    assert torch.equal(out, out_none)
+
+
+def guarded(t: torch.Tensor, guard: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(buffer, view): a copy of t inside a buffer with `guard` random elements on each side."""
+    buffer = torch.randn(guard + t.numel() + guard, device=t.device).to(t.dtype)
+    view = buffer[guard : guard + t.numel()].view(t.shape)
+    view.copy_(t)
+    return buffer, view
+
+
+BAD_VALUES = {
+    # name: (layout, page_size, seqused_k or cache_seqlens + seqlen_new, batch_idx, table edits)
+    "keys-negative": ("dense", 0, [-5, 2, 3], None, None),
+    "keys-past-the-end": ("dense", 0, [512 + 3, 512 + 4, 2**31 - 1], None, None),
+    "rows-out-of-range": ("batch_idx", 0, [9, 9, 9], [-1, 5, 4], None),  # 5 rows: 0..4
+    "pages-out-of-range": ("paged", 16, [40, 40, 34], None, [-1, 9999, 2**31 - 1]),
+    "paged-keys-out-of-range": ("paged", 256, [-3, 512 + 2, -(2**31)], None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_fused_append_writes_nothing_outside_the_cache(name: str) -> None:
+    """Any index values, the value checks off: the rows out of range are skipped, the
+    rest written, and the memory around the caches stays bit-identical. The op runs
+    with 0 queries, so only the append reads the indices."""
+    layout, page_size, seqused, batch_idx, table_edit = BAD_VALUES[name]
+    c = make_append_case(layout, page_size, 4, False, torch.bfloat16)
+    dev = "cuda"
+    c["seqused_k"] = torch.tensor(seqused, dtype=torch.int32, device=dev)
+    if batch_idx is not None:
+        c["batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device=dev)
+    if table_edit is not None:
+        c["table"][:, 2] = torch.tensor(table_edit, dtype=torch.int32, device=dev)
+    row = c["k_cache"][0].numel()  # one cache row (or page): row -1 or row n lands in a guard
+    k_buffer, c["k_cache"] = guarded(c["k_cache"], 2 * row)
+    v_buffer, c["v_cache"] = guarded(c["v_cache"], 2 * row)
+    k_before, v_before = k_buffer.clone(), v_buffer.clone()
+    k_ref, v_ref = reference_caches(c)
+    no_queries = c["q"][:, :0]
+    out, lse = fwd_kv_call(c, c["k_cache"], c["v_cache"], q=no_queries)
+    torch.cuda.synchronize()
+    assert out.shape == no_queries.shape and lse.shape == (3, 8, 0)
+    assert torch.equal(c["k_cache"], k_ref) and torch.equal(c["v_cache"], v_ref)
+    for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
+        n = buffer.numel() - 4 * row
+        assert torch.equal(buffer[: 2 * row], before[: 2 * row]), "written before the cache"
+        assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
+
+
+def test_flash_attn_with_kvcache_checks_off_writes_nothing_outside_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through the API with FLASH_ATTN_KVCACHE_CHECKS=0 (0 queries: the append alone)."""
+    monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
+    for name in ("keys-past-the-end", "rows-out-of-range", "pages-out-of-range"):
+        layout, page_size, seqused, batch_idx, table_edit = BAD_VALUES[name]
+        c = make_append_case(layout, page_size, 4, False, torch.bfloat16)
+        row = c["k_cache"][0].numel()
+        k_buffer, k_cache = guarded(c["k_cache"], 2 * row)
+        v_buffer, v_cache = guarded(c["v_cache"], 2 * row)
+        k_before, v_before = k_buffer.clone(), v_buffer.clone()
+        kwargs: dict[str, Any] = {}
+        if batch_idx is not None:
+            kwargs["cache_batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device="cuda")
+        if page_size:
+            table = c["table"]
+            if table_edit is not None:
+                table[:, 2] = torch.tensor(table_edit, dtype=torch.int32, device="cuda")
+            kwargs["block_table"] = table
+        seqlens = torch.tensor(seqused, dtype=torch.int64) - 4
+        seqlens = seqlens.clamp(-(2**31), 2**31 - 1).to(torch.int32).cuda()
+        fa().flash_attn_with_kvcache(
+            c["q"][:, :0], k_cache, v_cache, c["k_new"], c["v_new"], cache_seqlens=seqlens,
+            **kwargs,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
+            n = buffer.numel() - 4 * row
+            assert torch.equal(buffer[: 2 * row], before[: 2 * row]), name
+            assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("v_new_only", "k_new and v_new go together"),
+        ("shape", r"v_new must have shape \(batch, seqlen_new, .*\) = \(3, 4, 2, 128\)"),
+        ("dtype", "k_new has dtype float16 but the cache k has bfloat16"),
+        ("device", "k_new is on cpu but the cache k is on cuda"),
+        ("varlen", "need a dense q"),
+        ("cache_stride", "last dimension must be contiguous"),
+    ],
+)  # fmt: skip
+def test_the_binding_refuses_bad_k_new(change: str, message: str) -> None:
+    from flash_attn import _ops
+
+    c = make_append_case("dense", 0, 4, False, torch.bfloat16)
+    k_before = c["k_cache"].clone()
+    args = [c["q"], c["k_cache"], c["v_cache"], None, None, c["seqused_k"], None, None, None, 4,
+            512, 0.1, -1, 0, 0.0, None, 0, c["k_new"], c["v_new"]]  # fmt: skip
+    if change == "v_new_only":
+        args[17] = None
+    elif change == "shape":
+        args[18] = c["v_new"][:, :, :1]
+    elif change == "dtype":
+        args[17] = c["k_new"].half()
+    elif change == "device":
+        args[17] = c["k_new"].cpu()
+    elif change == "varlen":
+        q = c["q"].flatten(0, 1)
+        cu = torch.tensor([0, 4, 8, 12], dtype=torch.int32, device="cuda")
+        args[0], args[1], args[2] = q, c["k_cache"].flatten(0, 1), c["v_cache"].flatten(0, 1)
+        args[3], args[4], args[5] = cu, cu * 128, None
+    else:
+        args[1] = c["k_cache"].transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(RuntimeError, match=message):
+        _ops.fwd_kv(*args)
+    torch.cuda.synchronize()
+    assert torch.equal(c["k_cache"], k_before)

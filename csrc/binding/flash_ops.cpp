@@ -120,10 +120,13 @@ const int *index_tensor(const OptTensor &t, const char *name, const Tensor &q, i
   return static_cast<const int *>(t->data_ptr());
 }
 
-// Where the keys of a forward over a KV cache live (fwd_kv); none for fwd and bwd.
+// Where the keys of a forward over a KV cache live (fwd_kv), and the new keys and
+// values it appends first (k_new, v_new); none for fwd and bwd.
 struct KvCache {
   OptTensor seqused_k, kv_batch_idx, leftpad_k, block_table;
+  OptTensor k_new, v_new;
   bool paged() const { return block_table.has_value(); }
+  bool appends() const { return k_new.has_value() || v_new.has_value(); }
 };
 
 // Shapes and the fields shared by forward and backward. k and v are laid out like q
@@ -227,6 +230,67 @@ std::vector<int64_t> lse_shape(const Tensor &q, const FlashAttnParams &p, bool v
   return {p.batch, p.nheads, p.seqlen_q};
 }
 
+// k_new or v_new as the append takes it: the cache's dtype and device, shape
+// (batch, seqlen_new, nheads_k, head_dim), last dim contiguous (else copied once).
+Tensor new_rows(const Tensor &t, const char *name, const Tensor &cache, const char *cache_name,
+                const FlashAttnParams &p, int64_t seqlen_new) {
+  FA_CHECK(same_device(t, cache), name, " is on ", fa::device_text(t), " but the cache ", cache_name,
+           " is on ", fa::device_text(cache));
+  FA_CHECK(fa::dtype(t) == fa::dtype(cache), name, " has dtype ", fa::dtype_name(fa::dtype(t)),
+           " but the cache ", cache_name, " has ", fa::dtype_name(fa::dtype(cache)));
+  const std::vector<int64_t> expected = {p.batch, seqlen_new, p.nheads_k, p.head_dim};
+  FA_CHECK(fa::shape(t) == expected, name, " must have shape (batch, seqlen_new, nheads_k, head_dim) = (",
+           p.batch, ", ", seqlen_new, ", ", p.nheads_k, ", ", p.head_dim, ") (seqlen_new: dim 1 of k_new), got ",
+           fa::shape_text(fa::shape(t)));
+  return t.stride(-1) == 1 ? t : fa::contiguous(t);
+}
+
+// Copies k_new and v_new into the caches k and v in place, on the current stream, before
+// the attention kernel reads them (flash_api.h, flash_attn_append_kv). p is the forward's
+// (checked) parameters; k and v are the caches as given (never a copy: the append must
+// land in them).
+void append_new_rows(const FlashAttnParams &p, const Tensor &q, const Tensor &k, const Tensor &v,
+                     const OptTensor &cu_q, const KvCache &cache) {
+  FA_CHECK(cache.k_new.has_value() && cache.v_new.has_value(),
+           "k_new and v_new go together: give both or neither");
+  FA_CHECK(!cu_q.has_value(), "k_new and v_new need a dense q and a dense or paged cache "
+           "(no cu_seqlens_q / cu_seqlens_k)");
+  FA_CHECK(k.stride(-1) == 1 && v.stride(-1) == 1,
+           "with k_new and v_new the caches k and v are written in place: their last dimension must "
+           "be contiguous (stride 1)");
+  FA_CHECK(cache.k_new->dim() == 4, "k_new must have shape (batch, seqlen_new, nheads_k, head_dim), got ",
+           fa::shape_text(fa::shape(*cache.k_new)));
+  const int64_t seqlen_new = cache.k_new->size(1);
+  FA_CHECK(p.batch * seqlen_new <= INT32_MAX, "k_new has too many rows (batch x seqlen_new must fit in "
+           "int32), got ", p.batch, " x ", seqlen_new);
+  const Tensor kn = new_rows(*cache.k_new, "k_new", k, "k", p, seqlen_new);
+  const Tensor vn = new_rows(*cache.v_new, "v_new", v, "v", p, seqlen_new);
+  FlashAppendKvParams a{};
+  a.k_new = kn.data_ptr();
+  a.v_new = vn.data_ptr();
+  a.k_new_batch_stride = kn.stride(0), a.k_new_row_stride = kn.stride(1), a.k_new_head_stride = kn.stride(2);
+  a.v_new_batch_stride = vn.stride(0), a.v_new_row_stride = vn.stride(1), a.v_new_head_stride = vn.stride(2);
+  a.k_cache = k.data_ptr();
+  a.v_cache = v.data_ptr();
+  a.k_cache_batch_stride = k.stride(0), a.k_cache_row_stride = k.stride(1), a.k_cache_head_stride = k.stride(2);
+  a.v_cache_batch_stride = v.stride(0), a.v_cache_row_stride = v.stride(1), a.v_cache_head_stride = v.stride(2);
+  a.batch = p.batch;
+  a.seqlen_new = static_cast<int>(seqlen_new);
+  a.nheads_k = p.nheads_k;
+  a.head_dim = p.head_dim;
+  a.cache_rows = k.size(0);
+  a.capacity = p.seqlen_k;  // dense: seqlen_cache; paged: pages_per_seq * page_size
+  a.seqused_k = p.seqused_k;
+  a.kv_batch_idx = p.kv_batch_idx;
+  a.block_table = p.block_table;
+  a.block_table_batch_stride = p.block_table_batch_stride;
+  a.page_size = p.page_size;
+  const int status = flash_attn_append_kv(&a, fa::current_stream(q));
+  FA_CHECK(status != FLASH_ERR_BAD_ARGUMENT, "invalid arguments for the KV-cache append (batch ", p.batch,
+           ", seqlen_new ", seqlen_new, ", nheads_k ", p.nheads_k, ", head_dim ", p.head_dim, ")");
+  FA_CHECK(status == FLASH_OK, "CUDA error in the KV-cache append: ", flash_last_cuda_error());
+}
+
 // Plans the launch (split kernel or not, how many splits), allocates the split
 // workspace it asks for and runs the forward.
 void run_forward(FlashAttnParams &p, const Tensor &q) {
@@ -254,11 +318,15 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
            FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
   const fa::DeviceGuard guard(q_in);
-  const Tensor q = kernel_ready(q_in), k = kernel_ready(k_in), v = kernel_ready(v_in);
+  const Tensor q = kernel_ready(q_in);
+  // checked on k and v as given: the append writes into them, and a copy for the
+  // kernels (kernel_ready) is made after it
   FlashAttnParams p =
-      make_params(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
+      make_params(q, k_in, v_in, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
   p.num_splits = static_cast<int>(num_splits);
   set_dropout(p, dropout_p, rng_state, q);
+  if (cache.appends()) append_new_rows(p, q, k_in, v_in, cu_q, cache);
+  const Tensor k = kernel_ready(k_in), v = kernel_ready(v_in);
   const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
   Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
@@ -290,13 +358,16 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, OptTensor cu_q, Opt
 }
 
 // The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
-// varlen, or paged through block_table; seqused_k gives each entry's key count.
+// varlen, or paged through block_table; seqused_k gives each entry's key count. With
+// k_new and v_new (batch, seqlen_new, nheads_k, head_dim) it first writes them into the
+// caches k and v in place, as the last seqlen_new of each entry's keys.
 std::tuple<Tensor, Tensor> fwd_kv(Tensor q, Tensor k, Tensor v, OptTensor cu_q, OptTensor cu_k,
                                   OptTensor seqused_k, OptTensor kv_batch_idx, OptTensor leftpad_k,
                                   OptTensor block_table, int64_t max_sq, int64_t max_sk,
                                   double scale, int64_t left, int64_t right, double softcap,
-                                  OptTensor alibi, int64_t num_splits) {
-  const KvCache cache{seqused_k, kv_batch_idx, leftpad_k, block_table};
+                                  OptTensor alibi, int64_t num_splits, OptTensor k_new,
+                                  OptTensor v_new) {
+  const KvCache cache{seqused_k, kv_batch_idx, leftpad_k, block_table, k_new, v_new};
   return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache,
                  num_splits, 0.0, std::nullopt);
 }
@@ -384,11 +455,11 @@ constexpr const char *FWD_SCHEMA =
     "int window_right, float softcap, Tensor? alibi_slopes, float dropout_p, Tensor? rng_state) "
     "-> (Tensor out, Tensor softmax_lse)";
 constexpr const char *FWD_KV_SCHEMA =
-    "fwd_kv(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+    "fwd_kv(Tensor q, Tensor(a!) k, Tensor(b!) v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
-    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits) "
-    "-> (Tensor out, Tensor softmax_lse)";
+    "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, "
+    "Tensor? k_new=None, Tensor? v_new=None) -> (Tensor out, Tensor softmax_lse)";
 constexpr const char *BWD_SCHEMA =
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "append_kv.cuh"
 #include "dropout.cuh"
 #include "registry.cuh"
 #include "split_plan.h"
@@ -190,6 +191,11 @@ int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch
     return FLASH_ERR_CUDA;
   }
   return FLASH_OK;
+}
+
+int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream) {
+  if (params == nullptr) return FLASH_ERR_BAD_ARGUMENT;
+  return flash::launch_append_kv(*params, static_cast<cudaStream_t>(cuda_stream));
 }
 
 int flash_attn_has_kernel(int head_dim, int dtype, int direction) {

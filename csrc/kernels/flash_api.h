@@ -117,6 +117,39 @@ int flash_attn_bwd(const FlashAttnParams *params, void *cuda_stream);
 int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch, int nheads,
                             int seqlen_q, int seqlen_k, uint8_t *mask, void *cuda_stream);
 
+/* The append of a KV-cache forward (fwd_kv with k_new / v_new): row i of entry b of
+ * k_new and v_new (batch, seqlen_new, nheads_k, head_dim) is copied to key position
+ * pos = keys(b) - seqlen_new + i of entry b's cache row, where keys(b) is seqused_k[b]
+ * (or capacity when seqused_k is NULL). Dense caches (cache_rows, capacity, nheads_k,
+ * head_dim): row kv_batch_idx[b] (or b), key pos. Paged caches (cache_rows = num_pages,
+ * page_size, nheads_k, head_dim): row pos % page_size of page
+ * block_table[b * block_table_batch_stride + pos / page_size], capacity being
+ * pages_per_seq * page_size. Whatever the index values, nothing outside the caches is
+ * written: a row whose pos is outside [0, capacity), whose cache row is outside
+ * [0, cache_rows) or whose page is outside [0, num_pages) is skipped.
+ * Elements are 2 bytes (fp16 or bf16); strides in elements; last dims contiguous. */
+typedef struct FlashAppendKvParams {
+  const void *k_new, *v_new;
+  int64_t k_new_batch_stride, k_new_row_stride, k_new_head_stride;
+  int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride;
+  void *k_cache, *v_cache;          /* batch strides: the row (dense) or page (paged) strides */
+  int64_t k_cache_batch_stride, k_cache_row_stride, k_cache_head_stride;
+  int64_t v_cache_batch_stride, v_cache_row_stride, v_cache_head_stride;
+  int batch, seqlen_new, nheads_k, head_dim;
+  int64_t cache_rows;               /* dim 0 of the caches: rows (dense) or pages (paged) */
+  int64_t capacity;                 /* keys a cache row holds */
+  const int *seqused_k;             /* (batch) int32, or NULL */
+  const int *kv_batch_idx;          /* dense: (batch) int32, or NULL */
+  const int *block_table;           /* paged: int32, or NULL for a dense cache */
+  int64_t block_table_batch_stride;
+  int page_size;                    /* paged: > 0 */
+} FlashAppendKvParams;
+
+/* Copies k_new and v_new into the caches (one kernel, 16-byte copies where the pointers
+ * and strides allow) on the stream; a kernel launched after it on the same stream (not
+ * as a programmatic dependent launch) sees the new keys. */
+int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream);
+
 /* Whether an instantiation exists (direction 0 = forward, 1 = backward). */
 int flash_attn_has_kernel(int head_dim, int dtype, int direction);
 /* JSON text describing the build: head_dims, dtypes, backward, cuda_archs. */

@@ -53,6 +53,8 @@ if "import_error" not in out:
     out["schemas"] = {
         "fwd": [str(ops.fwd.default._schema), "flash_attn::" + _ops.FWD_SCHEMA],
         "bwd": [str(ops.bwd.default._schema), "flash_attn::" + _ops.BWD_SCHEMA],
+        "fwd_kv": [str(ops.fwd_kv.default._schema) if hasattr(ops, "fwd_kv") else None,
+                   "flash_attn::" + _ops.FWD_KV_SCHEMA],
         "dropout_mask": [
             str(ops.dropout_mask.default._schema) if hasattr(ops, "dropout_mask") else None,
             "flash_attn::" + _ops.DROPOUT_MASK_SCHEMA,

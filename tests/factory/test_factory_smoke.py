@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from factory_wheels import make_wheel
 
-from flash_attn._ops import BWD_SCHEMA, DROPOUT_MASK_SCHEMA, FWD_SCHEMA
+from flash_attn._ops import BWD_SCHEMA, DROPOUT_MASK_SCHEMA, FWD_KV_SCHEMA, FWD_SCHEMA
 from scripts.factory.matrix import LocalFacts, load_spec, select_cells
 from scripts.factory.plan import CellPlan
 from scripts.factory.smoke import (
@@ -34,6 +34,7 @@ GOOD: dict[str, Any] = {
     "schemas": {
         "fwd": ["flash_attn::" + FWD_SCHEMA, "flash_attn::" + FWD_SCHEMA],
         "bwd": ["flash_attn::" + BWD_SCHEMA, "flash_attn::" + BWD_SCHEMA],
+        "fwd_kv": ["flash_attn::" + FWD_KV_SCHEMA] * 2,
         "dropout_mask": ["flash_attn::" + DROPOUT_MASK_SCHEMA] * 2,
     },
     "input_check": "InputError: q must have 4 dimensions (batch, seqlen_q, nheads, head_dim); "
@@ -60,6 +61,11 @@ def test_ops_input_checks_and_the_launch_are_judged() -> None:
     assert "ops" in judge(schemas={}).summary()  # nothing registered
     older = {**GOOD["schemas"], "dropout_mask": [None, "flash_attn::" + DROPOUT_MASK_SCHEMA]}
     assert "dropout_mask: None" in judge(schemas=older).summary()  # a binding without dropout
+    no_append = FWD_KV_SCHEMA.replace(", Tensor? k_new=None, Tensor? v_new=None", "")
+    assert no_append != FWD_KV_SCHEMA
+    want = GOOD["schemas"]["fwd_kv"][1]
+    older = {**GOOD["schemas"], "fwd_kv": ["flash_attn::" + no_append, want]}
+    assert "fwd_kv" in judge(schemas=older).summary()  # a binding without the fused append
     assert "input_check" in judge(input_check=None).summary()  # rank 3 q accepted
     assert "input_check" in judge(input_check="RuntimeError: boom").summary()
     assert "launch" in judge(launch_api=None).summary()  # a CPU call that ran
