@@ -13,9 +13,10 @@
 
 #include <cstdint>
 #include <optional>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "flash_api.h"
@@ -37,17 +38,31 @@
 namespace fa {
 
 // ---- errors: one message format for both bindings (a RuntimeError in Python) ----
-inline void append(std::ostringstream &) {}
+// Messages are built with std::string, std::to_string and snprintf, never a C++ stream:
+// formatting a number through an ostream (num_put, looked up in the global locale)
+// crashed the stable-ABI module on the H200 machine (SIGSEGV in _M_insert<long>, a facet
+// of another type found under num_put's id), so no error message may reach a stream.
+inline void append(std::string &) {}
 template <typename T, typename... Rest>
-void append(std::ostringstream &os, const T &first, const Rest &...rest) {
-  os << first;
-  append(os, rest...);
+void append(std::string &s, const T &first, const Rest &...rest) {
+  if constexpr (std::is_same_v<T, bool>) {
+    s += first ? "true" : "false";
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(first));
+    s += buf;
+  } else if constexpr (std::is_integral_v<T> && !std::is_same_v<T, char>) {
+    s += std::to_string(first);
+  } else {
+    s += first;  // const char *, a string literal, std::string, char
+  }
+  append(s, rest...);
 }
 template <typename... Args>
 [[noreturn]] void fail(const Args &...args) {
-  std::ostringstream os;
-  append(os, "flash_attn: ", args...);
-  throw std::runtime_error(os.str());
+  std::string s = "flash_attn: ";
+  append(s, args...);
+  throw std::runtime_error(s);
 }
 #define FA_CHECK(cond, ...)             \
   do {                                  \
@@ -56,11 +71,12 @@ template <typename... Args>
 
 // A shape as "[2, 128, 8, 64]", for messages.
 inline std::string shape_text(const std::vector<int64_t> &shape) {
-  std::ostringstream os;
-  os << '[';
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << ']';
-  return os.str();
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
 }
 
 #if FLASH_ATTN_STABLE_ABI
