@@ -177,6 +177,20 @@ def test_paged_entries_past_the_last_page_are_not_read(kv: StubKernels) -> None:
     assert torch.equal(inp.k_cache, k_ref)
 
 
+def _run_against_reference(kv: StubKernels, c: Case, inp: Inputs) -> dict[str, Any]:
+    """flash_attn_with_kvcache on inp: its output and both caches against the reference
+    (bit for bit for the caches); returns what the one fwd_kv call was given."""
+    ref = expected(c, inp)
+    out = flash_attn.flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close(out, ref.out)
+    assert torch.equal(inp.k_cache, ref.k_cache) and torch.equal(inp.v_cache, ref.v_cache)
+    ((_, call),) = kv.calls
+    return call
+
+
 @pytest.mark.parametrize(
     ("c", "fused"),
     [
@@ -201,14 +215,7 @@ def test_the_op_appends_unless_it_reads_a_copy(
 
     monkeypatch.setattr(_kvcache, "append_", recording_append)
     inp = make_inputs(c)
-    ref = expected(c, inp)
-    out = flash_attn.flash_attn_with_kvcache(
-        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
-        **inp.kwargs,
-    )  # fmt: skip
-    assert_close(out, ref.out)
-    assert torch.equal(inp.k_cache, ref.k_cache) and torch.equal(inp.v_cache, ref.v_cache)
-    ((_, call),) = kv.calls
+    call = _run_against_reference(kv, c, inp)
     assert call["appended"] == fused
     assert python_appends == ([] if fused else [1])
 
@@ -233,14 +240,7 @@ def test_an_int_cache_seqlens_cuts_a_dense_cache_to_its_keys(
     """No seqused_k tensor is made: the op gets the first cache_seqlens + seqlen_new keys."""
     c = Case(seqlens_int=True, seqlen_q=2, seqlen_new=seqlen_new, batch_idx=True)
     inp = make_inputs(c)
-    ref = expected(c, inp)
-    out = flash_attn.flash_attn_with_kvcache(
-        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
-        **inp.kwargs,
-    )  # fmt: skip
-    assert_close(out, ref.out)
-    assert torch.equal(inp.k_cache, ref.k_cache) and torch.equal(inp.v_cache, ref.v_cache)
-    ((_, call),) = kv.calls
+    call = _run_against_reference(kv, c, inp)
     assert isinstance(inp.cache_seqlens, int)
     assert call["k_shape"][1] == inp.cache_seqlens + seqlen_new
     assert call["max_seqlen_k"] == inp.cache_seqlens + seqlen_new
