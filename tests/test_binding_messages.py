@@ -44,12 +44,16 @@ EXPECTED = (
 )
 
 
-def _torch_paths() -> tuple[list[str], str]:
+def _torch_paths() -> tuple[list[str], str, str]:
+    """Include flags, library folder and C++ standard (the build's, build_tools.request)."""
     torch = pytest.importorskip("torch")
     from torch.utils import cpp_extension
 
+    from build_tools.request import cxx_std_for
+
     lib = str(Path(torch.__file__).parent / "lib")
-    return [f"-I{p}" for p in cpp_extension.include_paths()], lib
+    std = cxx_std_for(torch.__version__)
+    return [f"-I{p}" for p in cpp_extension.include_paths()], lib, std
 
 
 @pytest.mark.parametrize("stable", [1, 0], ids=["stable", "classic"])
@@ -57,11 +61,11 @@ def test_messages_format_numbers_without_a_stream(stable: int, tmp_path: Path) -
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    includes, lib = _torch_paths()
+    includes, lib, std = _torch_paths()
     src = tmp_path / "messages.cpp"
     src.write_text(PROGRAM)
     exe = tmp_path / "messages"
-    cmd = [cxx, "-std=c++17", "-w", f"-DFLASH_ATTN_STABLE_ABI={stable}", f"-I{BINDING}",
+    cmd = [cxx, f"-std={std}", "-w", f"-DFLASH_ATTN_STABLE_ABI={stable}", f"-I{BINDING}",
            f"-I{ROOT / 'csrc' / 'kernels'}", *includes, str(src), "-o", str(exe), f"-L{lib}",
            "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]  # fmt: skip
     built = subprocess.run(cmd, capture_output=True, text=True)
