@@ -230,28 +230,19 @@ std::vector<int64_t> lse_shape(const Tensor &q, const FlashAttnParams &p, bool v
   return {p.batch, p.nheads, p.seqlen_q};
 }
 
-// The checks of k_new or v_new: the cache's dtype and device, shape (batch, seqlen_new,
-// nheads_k, head_dim). Both are checked before either is used (no tensor made on the way).
-void check_new_rows(const Tensor &t, const char *name, const Tensor &cache, const char *cache_name,
-                    const FlashAttnParams &p, int64_t seqlen_new) {
+// k_new or v_new as the append takes it: the cache's dtype and device, shape
+// (batch, seqlen_new, nheads_k, head_dim), last dim contiguous (else copied once).
+Tensor new_rows(const Tensor &t, const char *name, const Tensor &cache, const char *cache_name,
+                const FlashAttnParams &p, int64_t seqlen_new) {
   FA_CHECK(same_device(t, cache), name, " is on ", fa::device_text(t), " but the cache ", cache_name,
            " is on ", fa::device_text(cache));
   FA_CHECK(fa::dtype(t) == fa::dtype(cache), name, " has dtype ", fa::dtype_name(fa::dtype(t)),
            " but the cache ", cache_name, " has ", fa::dtype_name(fa::dtype(cache)));
-  const std::vector<int64_t> got = fa::shape(t);
-  const bool ok = got.size() == 4 && got[0] == p.batch && got[1] == seqlen_new && got[2] == p.nheads_k &&
-                  got[3] == p.head_dim;
-  if (!ok) {
-    const std::string text = fa::shape_text(got);
-    fa::fail(name, " must have shape (batch, seqlen_new, nheads_k, head_dim) = (", p.batch, ", ", seqlen_new,
-             ", ", p.nheads_k, ", ", p.head_dim, ") (seqlen_new: dim 1 of k_new), got ", text);
-  }
-}
-
-// k_new or v_new as the append reads it: last dim contiguous (else copied once).
-Tensor last_dim_contiguous(const Tensor &t) {
-  if (t.stride(-1) == 1) return t;
-  return fa::contiguous(t);
+  const std::vector<int64_t> expected = {p.batch, seqlen_new, p.nheads_k, p.head_dim};
+  FA_CHECK(fa::shape(t) == expected, name, " must have shape (batch, seqlen_new, nheads_k, head_dim) = (",
+           p.batch, ", ", seqlen_new, ", ", p.nheads_k, ", ", p.head_dim, ") (seqlen_new: dim 1 of k_new), got ",
+           fa::shape_text(fa::shape(t)));
+  return t.stride(-1) == 1 ? t : fa::contiguous(t);
 }
 
 // Copies k_new and v_new into the caches k and v in place, on the current stream, before
@@ -272,10 +263,8 @@ void append_new_rows(const FlashAttnParams &p, const Tensor &q, const Tensor &k,
   const int64_t seqlen_new = cache.k_new->size(1);
   FA_CHECK(p.batch * seqlen_new <= INT32_MAX, "k_new has too many rows (batch x seqlen_new must fit in "
            "int32), got ", p.batch, " x ", seqlen_new);
-  check_new_rows(*cache.k_new, "k_new", k, "k", p, seqlen_new);
-  check_new_rows(*cache.v_new, "v_new", v, "v", p, seqlen_new);
-  const Tensor kn = last_dim_contiguous(*cache.k_new);
-  const Tensor vn = last_dim_contiguous(*cache.v_new);
+  const Tensor kn = new_rows(*cache.k_new, "k_new", k, "k", p, seqlen_new);
+  const Tensor vn = new_rows(*cache.v_new, "v_new", v, "v", p, seqlen_new);
   FlashAppendKvParams a{};
   a.k_new = kn.data_ptr();
   a.v_new = vn.data_ptr();

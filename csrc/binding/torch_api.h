@@ -39,9 +39,9 @@ namespace fa {
 
 // ---- errors: one message format for both bindings (a RuntimeError in Python) ----
 // Messages are built with std::string, std::to_string and snprintf, never a C++ stream:
-// formatting a number through an ostream (num_put, looked up in the global locale)
-// crashed the stable-ABI module on the H200 machine (SIGSEGV in _M_insert<long>, a facet
-// of another type found under num_put's id), so no error message may reach a stream.
+// formatting a number through an ostream crashed the stable-ABI module on the H200
+// machine (SIGSEGV inside std::ostream::_M_insert<long>, called from shape_text; the
+// root cause in the toolchain was not pinned down), so no error message goes through one.
 inline void append(std::string &) {}
 template <typename T, typename... Rest>
 void append(std::string &s, const T &first, const Rest &...rest) {

@@ -647,7 +647,7 @@ def backward(
     return BackwardResult(
         dx=dx,
         dx1=dx1,
-        dresidual=dx if residual_dtype and dres_is_dx else dres,
+        dresidual=dx if dres_is_dx else dres,
         dweight=next(it),
         dbias=next(it) if bias is not None else None,
         dweight1=next(it) if weight1 is not None else None,
