@@ -250,17 +250,15 @@ def measure_client(args: argparse.Namespace) -> list[ClientRow]:
 # --- main --------------------------------------------------------------------------------
 
 
-def decode_cases() -> list[tuple[tuple[int, int, int, int], int]]:
-    cases = [(shape, 128) for shape in DECODE_SHAPES]
-    cases += [(shape, hdim) for hdim in DECODE_HDIMS[1:] for shape in DECODE_SHAPES]
-    return cases
+def decode_cases(hdims: list[int]) -> list[tuple[tuple[int, int, int, int], int]]:
+    return [(shape, hdim) for hdim in hdims for shape in DECODE_SHAPES]
 
 
 def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
     copy = max(copy_gbps() for _ in range(args.rounds))
     best: dict[tuple, DecodeRow] = {}
     for _ in range(args.rounds):
-        for shape, hdim in decode_cases():
+        for shape, hdim in decode_cases(args.hdims):
             for backend in args.backends.split(","):
                 try:
                     r = measure_decode(backend, shape, hdim)
@@ -276,7 +274,7 @@ def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
     backends = [b for b in args.backends.split(",")]
     print("| batch x seqlen_k, q/kv heads | hdim | " + " | ".join(backends) + " | ours/copy |")
     print("|---|---|" + "---|" * len(backends) + "---|")
-    for shape, hdim in decode_cases():
+    for shape, hdim in decode_cases(args.hdims):
         b, s, h, hk = shape
         cells = []
         for backend in backends:
@@ -314,6 +312,11 @@ def main() -> None:
     ap.add_argument("--backends", default=",".join(BACKENDS))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument(
+        "--hdims",
+        default=",".join(map(str, DECODE_HDIMS)),
+        help="decode head dims, comma-separated (default %(default)s)",
+    )
     ap.add_argument("--client", action="store_true", help="the transformers tokens/s only")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
@@ -325,6 +328,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    try:
+        args.hdims = [int(h) for h in args.hdims.split(",")]
+    except ValueError:
+        ap.error(f"--hdims {args.hdims!r}: give head dims as integers, e.g. 64,128")
+    if bad := [h for h in args.hdims if h not in DECODE_HDIMS]:
+        ap.error(f"--hdims: {bad} not measured here; valid: {DECODE_HDIMS}")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds}  # fmt: skip
     print(f"# {meta['gpu']}, torch {meta['torch']}, bf16, {meta['date']}")
