@@ -45,28 +45,54 @@ struct KeyRows {
 
 // K and V rows [n0, n0 + BN) into one pipeline stage; rows past sk and columns past
 // head_dim read as zero (a zero V row keeps 0 * garbage out of P V). The lanes first
-// put each row's offsets in sOff (lane l: rows l, l + 32, ...), then copy 16-byte
-// chunks, reading the offsets of the chunk's row from there.
+// put the addresses of each row of K and V in sRow (lane l: rows l, l + 32, ...; a
+// row past sk gets the first row's, never read), then copy 16-byte chunks. Where a
+// row is a whole number of chunks per 32 lanes (head dims 32, 64, 128, 256), each
+// lane keeps one column chunk and walks the rows: a copy costs a shared load of the
+// two row addresses (for K and V), an add and a compare. The warp issues these copies
+// for every key; with the generic index arithmetic (the other branch) they took half
+// its instructions (SASS at head dim 128: ~20 a copy, against ~5).
+// The addresses of one key row of K and of V (read together: one 16-byte shared load).
+template <typename T>
+struct alignas(16) RowPair {
+  const T *k, *v;
+};
+
 template <int D, int BN, typename T>
-__device__ __forceinline__ void load_kv_stage(T *sK, T *sV, int64_t *sOff, const T *kbase,
+__device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, const T *kbase,
                                               const T *vbase, const KeyRows &rows, int n0, int sk,
                                               int hd, int lane) {
   constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh;
-  __syncwarp();  // every lane is done reading the previous offsets
+  __syncwarp();  // every lane is done reading the previous addresses
   for (int r = lane; r < BN; r += 32) {
     int64_t ko = 0, vo = 0;
     if (n0 + r < sk) rows.offsets(n0 + r, ko, vo);
-    sOff[2 * r] = ko;
-    sOff[2 * r + 1] = vo;
+    sRow[r] = RowPair<T>{kbase + ko, vbase + vo};
   }
   __syncwarp();
+  if constexpr (32 % kCh == 0) {
+    constexpr int kRowsPerPass = 32 / kCh;
+    const int c = (lane % kCh) * 8, r0 = lane / kCh;
+    const bool col_ok = c < hd;
+    T *dk = sK + r0 * LD + c, *dv = sV + r0 * LD + c;
+#pragma unroll 4
+    for (int r = r0; r < BN; r += kRowsPerPass) {
+      const bool valid = col_ok && n0 + r < sk;
+      const RowPair<T> row = sRow[r];
+      cp_async_16_stream(dk, row.k + c, valid);
+      cp_async_16_stream(dv, row.v + c, valid);
+      dk += kRowsPerPass * LD;
+      dv += kRowsPerPass * LD;
+    }
+  } else {
 #pragma unroll 2  // more unrolling hoists every address into registers the MMAs need
-  for (int idx = lane; idx < kTotal; idx += 32) {
-    const int r = idx / kCh, c = (idx % kCh) * 8;
-    const bool valid = n0 + r < sk && c < hd;
-    const int64_t kr = sOff[2 * r], vr = sOff[2 * r + 1];
-    cp_async_16_stream(sK + r * LD + c, valid ? kbase + kr + c : kbase, valid);
-    cp_async_16_stream(sV + r * LD + c, valid ? vbase + vr + c : vbase, valid);
+    for (int idx = lane; idx < kTotal; idx += 32) {
+      const int r = idx / kCh, c = (idx % kCh) * 8;
+      const bool valid = n0 + r < sk && c < hd;
+      const RowPair<T> row = sRow[r];
+      cp_async_16_stream(sK + r * LD + c, row.k + c, valid);
+      cp_async_16_stream(sV + r * LD + c, row.v + c, valid);
+    }
   }
 }
 
@@ -79,7 +105,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
   T *sQ = reinterpret_cast<T *>(smem);
   T *sK = sQ + R * LD;       // S stages
   T *sV = sK + S * BN * LD;  // S stages
-  int64_t *sOff = reinterpret_cast<int64_t *>(sV + S * BN * LD);  // BN (k, v) row offsets
+  RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);  // BN (k, v) row addresses
 
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
   const int nsplit = p.num_splits, split = blockIdx.x % nsplit, r0 = blockIdx.x / nsplit * R;
@@ -105,6 +131,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
   }
   const bool modded = p.softcap > 0.f || p.alibi_slopes != nullptr;
   const float scale_log2 = p.scale * kLog2e;
+  const int lo_all = max(lo[0], lo[1]), hi_all = min(hi[0], hi[1]);  // keys both rows see
 
   // This split's key blocks: an even share of the blocks the tile's queries see.
   int nb_lo, nb_hi;
@@ -135,7 +162,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
     if (st < nblk)
-      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sOff, kbase, vbase, krows, (blk_lo + st) * BN,
+      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows, (blk_lo + st) * BN,
                           seq.sk, hd, lane);
     cp_async_commit();
   }
@@ -153,7 +180,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
     __syncwarp();            // and every lane is done with the stage the next load reuses
     if (i + S - 1 < nblk) {
       const int st = (i + S - 1) % S;
-      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sOff, kbase, vbase, krows,
+      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
                           (blk_lo + i + S - 1) * BN, seq.sk, hd, lane);
     }
     cp_async_commit();
@@ -166,32 +193,45 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
     if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T>(s, q_frag, sKi, lane);
     else gemm_ss_nt<1, NT, KS, LD, T>(s, sQ, sKi, lane);
 
-    // Scores in log2 units, invisible keys -inf; then the online softmax.
+    // Scores in log2 units, invisible keys -inf; then the online softmax. A block whose
+    // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
+    // decode), only scales: no per-key test. The output is rescaled only where a row's
+    // maximum grew.
+    const bool plain = !modded && n0 >= lo_all && n0 + BN <= hi_all;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
+      if (plain) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = n0 + j * 8 + 2 * t + e;
-          float x = s[0][j][2 * r + e];
-          if (modded) {
-            x *= p.scale;
-            if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-            x -= slope[r] * fabsf(static_cast<float>(qi[r] + vis.off() - key));
-            x *= kLog2e;
-          } else {
-            x *= scale_log2;
+          for (int e = 0; e < 2; ++e) {
+            const float x = s[0][j][2 * r + e] * scale_log2;
+            s[0][j][2 * r + e] = x;
+            mx = fmaxf(mx, x);
           }
-          x = (key < lo[r] || key >= hi[r]) ? -INFINITY : x;
-          s[0][j][2 * r + e] = x;
-          mx = fmaxf(mx, x);
-        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = n0 + j * 8 + 2 * t + e;
+            float x = s[0][j][2 * r + e];
+            if (modded) {
+              x *= p.scale;
+              if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+              x -= slope[r] * fabsf(static_cast<float>(qi[r] + vis.off() - key));
+              x *= kLog2e;
+            } else {
+              x *= scale_log2;
+            }
+            x = (key < lo[r] || key >= hi[r]) ? -INFINITY : x;
+            s[0][j][2 * r + e] = x;
+            mx = fmaxf(mx, x);
+          }
+      }
       mx = quad_max(mx);
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2_approx(row_max[r] - base);
-      row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -201,12 +241,17 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
           s[0][j][2 * r + e] = pe;
           sum += pe;
         }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      if (mx != row_max[r]) {  // (a row that saw only -inf keeps a zero output and sum)
+        const float alpha = exp2_approx(row_max[r] - base);
+        row_sum[r] *= alpha;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) {
-        acc_o[0][j][2 * r] *= alpha;
-        acc_o[0][j][2 * r + 1] *= alpha;
+        for (int j = 0; j < DT; ++j) {
+          acc_o[0][j][2 * r] *= alpha;
+          acc_o[0][j][2 * r + 1] *= alpha;
+        }
       }
+      row_max[r] = mx;
+      row_sum[r] += sum;
     }
     uint32_t p_frag[1][BN / 16][4];
     pack_a<BN / 16, T>(p_frag[0], s[0]);
