@@ -71,7 +71,7 @@ int plan(FlashAttnParams *p, int64_t *oaccum_floats, int64_t *lse_accum_floats) 
       set_cuda_error(err);
       return FLASH_ERR_CUDA;
     }
-    p->num_splits = split::choose_splits(*p, e->head_dim, sms);
+    p->num_splits = split::choose_splits(*p, e->head_dim, sms, split::warps(*p, e->head_dim));
     p->num_sms = sms;
   }
   if (p->num_splits > 1) {

@@ -1,14 +1,18 @@
 // Split-KV forward, for decode-shaped calls and paged KV caches.
 //
-// One warp per CTA. A CTA takes 16 packed query rows of one (entry, kv head) and
-// one split of that pair's keys: the query heads that share a kv head are packed
-// into the rows (row r is query r / group of head hk * group + r % group), so each
-// K/V byte is read once per split however many query heads use it. Keys stream
-// through a cp.async pipeline of kStages tiles of 32 rows; each lane computes the
-// address of one key row (from the block table when the cache is paged) and the
-// warp shares them by shuffle. With one split the CTA writes O and the LSE; with
-// more, each split writes its normalised partial O and LSE (float32 workspace) and
-// combine_kernel merges them.
+// A CTA takes 16 packed query rows of one (entry, kv head) and one split of that
+// pair's keys: the query heads that share a kv head are packed into the rows (row r
+// is query r / group of head hk * group + r % group), so each K/V byte is read once
+// per split however many query heads use it. Keys stream through a cp.async pipeline
+// of kStages stages; the CTA's W warps share each stage, warp w taking its w-th slice
+// of BNW keys, and merge their partial softmax states through shared memory at the
+// end. W = 1 (one warp a CTA, several CTAs an SM) is the portable shape; on sm_90,
+// W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
+// cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: each
+// thread computes the addresses of one key row (from the block table when the cache
+// is paged) into shared memory, and the threads read them from there. With one split
+// the CTA writes O and the LSE; with more, each split writes its normalised partial O
+// and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
 
 #include "split_plan.h"
@@ -16,13 +20,23 @@
 
 namespace flash {
 
-template <int D>
+template <int D, int W>
 struct SplitConfig {
-  static constexpr int BN = split::bn(D), kStages = split::stages(D), LD = split::ld(D);
+  static constexpr int kWarps = W, kThreads = 32 * W;
+  static constexpr int BNW = split::bn(D);  // keys a warp takes from each stage
+  static constexpr int BN = W * BNW;        // keys a stage
+  static constexpr int kStages = split::stages(D, W), LD = split::ld(D);
   static constexpr int kRows = split::kRows;
   static constexpr bool kQInRegs = D <= 128;  // above, Q's fragments stay in shared memory
-  static constexpr size_t kSmem = split::smem_bytes(D);
+  static constexpr size_t kSmem = split::smem_bytes(D, W);
 };
+
+// A barrier over the CTA (a warp's when it is one warp).
+template <int W>
+__device__ __forceinline__ void cta_sync() {
+  if constexpr (W == 1) __syncwarp();
+  else __syncthreads();
+}
 
 // The rows of k and v of one (entry, kv head), relative to its base pointers.
 struct KeyRows {
@@ -30,12 +44,15 @@ struct KeyRows {
   int page_size;
   int64_t k_page, v_page, k_row, v_row;  // strides (elements)
 
-  __device__ __forceinline__ void offsets(int j, int64_t &ko, int64_t &vo) const {
+  // The block-table entry of key j (0 when contiguous). The kernel reads it a stage
+  // ahead of its use, so filling a stage's row addresses never waits on the table.
+  __device__ __forceinline__ int page_of(int j) const { return pages != nullptr ? pages[j / page_size] : 0; }
+  // Key j's offsets in k and v, given page_of(j).
+  __device__ __forceinline__ void offsets(int j, int page, int64_t &ko, int64_t &vo) const {
     if (pages != nullptr) {
-      const int pi = j / page_size, r = j - pi * page_size;
-      const int64_t page = pages[pi];
-      ko = page * k_page + r * k_row;
-      vo = page * v_page + r * v_row;
+      const int r = j % page_size;
+      ko = int64_t(page) * k_page + r * k_row;
+      vo = int64_t(page) * v_page + r * v_row;
     } else {
       ko = int64_t(j) * k_row;
       vo = int64_t(j) * v_row;
@@ -43,36 +60,37 @@ struct KeyRows {
   }
 };
 
-// K and V rows [n0, n0 + BN) into one pipeline stage; rows past sk and columns past
-// head_dim read as zero (a zero V row keeps 0 * garbage out of P V). The lanes first
-// put the addresses of each row of K and V in sRow (lane l: rows l, l + 32, ...; a
-// row past sk gets the first row's, never read), then copy 16-byte chunks. Where a
-// row is a whole number of chunks per 32 lanes (head dims 32, 64, 128, 256), each
-// lane keeps one column chunk and walks the rows: a copy costs a shared load of the
-// two row addresses (for K and V), an add and a compare. The warp issues these copies
-// for every key; with the generic index arithmetic (the other branch) they took half
-// its instructions (SASS at head dim 128: ~20 a copy, against ~5).
 // The addresses of one key row of K and of V (read together: one 16-byte shared load).
 template <typename T>
 struct alignas(16) RowPair {
   const T *k, *v;
 };
 
-template <int D, int BN, typename T>
+// K and V rows [n0, n0 + BN) into one pipeline stage by the CTA's W warps; rows past
+// sk and columns past head_dim read as zero (a zero V row keeps 0 * garbage out of
+// P V). The threads first put the addresses of each row of K and V in sRow (thread i:
+// row i; a row past sk gets the first row's, never read), then copy
+// 16-byte chunks. Where a row is a whole number of chunks per 32 W threads (head dims
+// 32, 64, 128, 256), each thread keeps one column chunk and walks the rows: a copy
+// costs a shared load of the two row addresses, an add and a compare. The warps issue
+// these copies for every key; with the generic index arithmetic (the other branch)
+// they took half of a warp's instructions (SASS at head dim 128: ~20 a copy, ~7 now).
+template <int D, int BN, int W, typename T>
 __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, const T *kbase,
                                               const T *vbase, const KeyRows &rows, int n0, int sk,
-                                              int hd, int lane) {
-  constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh;
-  __syncwarp();  // every lane is done reading the previous addresses
-  for (int r = lane; r < BN; r += 32) {
+                                              int hd, int tid, int page) {
+  constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh, NTHR = 32 * W;
+  static_assert(BN <= NTHR, "one row address a thread");
+  cta_sync<W>();  // every thread is done reading the previous addresses
+  if (tid < BN) {  // page: rows.page_of(n0 + tid)
     int64_t ko = 0, vo = 0;
-    if (n0 + r < sk) rows.offsets(n0 + r, ko, vo);
-    sRow[r] = RowPair<T>{kbase + ko, vbase + vo};
+    if (n0 + tid < sk) rows.offsets(n0 + tid, page, ko, vo);
+    sRow[tid] = RowPair<T>{kbase + ko, vbase + vo};
   }
-  __syncwarp();
-  if constexpr (32 % kCh == 0) {
-    constexpr int kRowsPerPass = 32 / kCh;
-    const int c = (lane % kCh) * 8, r0 = lane / kCh;
+  cta_sync<W>();
+  if constexpr (NTHR % kCh == 0) {
+    constexpr int kRowsPerPass = NTHR / kCh;
+    const int c = (tid % kCh) * 8, r0 = tid / kCh;
     const bool col_ok = c < hd;
     T *dk = sK + r0 * LD + c, *dv = sV + r0 * LD + c;
 #pragma unroll 4
@@ -86,7 +104,7 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
     }
   } else {
 #pragma unroll 2  // more unrolling hoists every address into registers the MMAs need
-    for (int idx = lane; idx < kTotal; idx += 32) {
+    for (int idx = tid; idx < kTotal; idx += NTHR) {
       const int r = idx / kCh, c = (idx % kCh) * 8;
       const bool valid = n0 + r < sk && c < hd;
       const RowPair<T> row = sRow[r];
@@ -96,18 +114,18 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
   }
 }
 
-template <int D, typename T>
-__global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) {
-  using C = SplitConfig<D>;
-  constexpr int BN = C::BN, LD = C::LD, S = C::kStages, KS = D / 16, DT = D / 8, NT = BN / 8;
-  constexpr int R = C::kRows;
+template <int D, int W, typename T>
+__global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
+  using C = SplitConfig<D, W>;
+  constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, S = C::kStages, KS = D / 16, DT = D / 8;
+  constexpr int NT = BNW / 8, R = C::kRows, NTHR = C::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
   T *sK = sQ + R * LD;       // S stages
   T *sV = sK + S * BN * LD;  // S stages
   RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);  // BN (k, v) row addresses
 
-  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int nsplit = p.num_splits, split = blockIdx.x % nsplit, r0 = blockIdx.x / nsplit * R;
   const int hk = blockIdx.y, b = blockIdx.z, group = p.nheads / p.nheads_k;
   const SeqInfo seq(p, b);
@@ -143,7 +161,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
   // Queries: packed rows of the q tensor.
   {
     constexpr int kCh = D / 8;
-    for (int idx = lane; idx < R * kCh; idx += 32) {
+    for (int idx = tid; idx < R * kCh; idx += NTHR) {
       const int r = idx / kCh, c = (idx % kCh) * 8, pr = r0 + r;
       const bool valid = pr < rows && c < hd;
       const T *src = static_cast<const T *>(p.q);
@@ -159,12 +177,19 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
                       p.k_batch_stride, p.v_batch_stride, p.k_row_stride, p.v_row_stride};
   const T *kbase = paged ? static_cast<const T *>(p.k) + hk * p.k_head_stride : seq.k_ptr<T>(p, b, hk);
   const T *vbase = paged ? static_cast<const T *>(p.v) + hk * p.v_head_stride : seq.v_ptr<T>(p, b, hk);
+  // The page of this thread's row in a block (read a stage before the block is loaded).
+  const auto page_for = [&](int blk) {
+    const int j = blk * BN + tid;
+    return tid < BN && blk < blk_hi && j < seq.sk ? krows.page_of(j) : 0;
+  };
+  int page = page_for(blk_lo);
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
     if (st < nblk)
-      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows, (blk_lo + st) * BN,
-                          seq.sk, hd, lane);
+      load_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
+                                 (blk_lo + st) * BN, seq.sk, hd, tid, page);
     cp_async_commit();
+    page = page_for(blk_lo + st + 1);
   }
 
   float acc_o[1][DT][4];
@@ -172,21 +197,23 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   uint32_t q_frag[1][C::kQInRegs ? KS : 1][4];
   cp_async_wait<S - 1>();  // the queries' group
-  __syncwarp();
+  cta_sync<W>();
   if constexpr (C::kQInRegs) load_a<KS, LD>(q_frag[0], sQ, lane);
 
   for (int i = 0; i < nblk; ++i) {
     cp_async_wait<S - 2>();  // block i landed
-    __syncwarp();            // and every lane is done with the stage the next load reuses
+    cta_sync<W>();           // for every thread, and all are done with the stage the next load reuses
     if (i + S - 1 < nblk) {
       const int st = (i + S - 1) % S;
-      load_kv_stage<D, BN, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
-                          (blk_lo + i + S - 1) * BN, seq.sk, hd, lane);
+      load_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
+                                 (blk_lo + i + S - 1) * BN, seq.sk, hd, tid, page);
+      page = page_for(blk_lo + i + S);
     }
     cp_async_commit();
-    const T *sKi = sK + (i % S) * BN * LD;
-    const T *sVi = sV + (i % S) * BN * LD;
-    const int n0 = (blk_lo + i) * BN;
+    // This warp's slice of the stage: keys n0 .. n0 + BNW.
+    const T *sKi = sK + (i % S) * BN * LD + warp * BNW * LD;
+    const T *sVi = sV + (i % S) * BN * LD + warp * BNW * LD;
+    const int n0 = (blk_lo + i) * BN + warp * BNW;
 
     float s[1][NT][4];
     zero(s[0]);
@@ -197,7 +224,7 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
     // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
     // decode), only scales: no per-key test. The output is rescaled only where a row's
     // maximum grew.
-    const bool plain = !modded && n0 >= lo_all && n0 + BN <= hi_all;
+    const bool plain = !modded && n0 >= lo_all && n0 + BNW <= hi_all;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -253,9 +280,9 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
       row_max[r] = mx;
       row_sum[r] += sum;
     }
-    uint32_t p_frag[1][BN / 16][4];
-    pack_a<BN / 16, T>(p_frag[0], s[0]);
-    gemm_rs_nn<1, DT, BN / 16, LD, T>(acc_o, p_frag, sVi, lane);
+    uint32_t p_frag[1][BNW / 16][4];
+    pack_a<BNW / 16, T>(p_frag[0], s[0]);
+    gemm_rs_nn<1, DT, BNW / 16, LD, T>(acc_o, p_frag, sVi, lane);
   }
   cp_async_wait_all();
 
@@ -264,33 +291,102 @@ __global__ void __launch_bounds__(32) fwd_split_kernel(const FlashAttnParams p) 
   // for this grid to finish and its writes to land: cudaGridDependencySynchronize.)
   const bool partial = nsplit > 1;
   const int64_t plane = int64_t(p.nheads) * p.total_q;
+  if constexpr (W == 1) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    if (!live[r]) continue;
-    const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : (partial ? -INFINITY : INFINITY);
-    if (partial) {
-      const int grow = seq.varlen ? seq.q_start + qi[r] : b * p.seqlen_q + qi[r];
-      const int64_t row = split * plane + int64_t(hq[r]) * p.total_q + grow;
-      if (t == 0) p.lse_accum[row] = lse;
-      float *dst = p.oaccum + row * hd;
+    for (int r = 0; r < 2; ++r) {
+      const float l = quad_sum(row_sum[r]);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      if (!live[r]) continue;
+      const float lse = l > 0.f ? row_max[r] * kLn2 + logf(l) : (partial ? -INFINITY : INFINITY);
+      if (partial) {
+        const int grow = seq.varlen ? seq.q_start + qi[r] : b * p.seqlen_q + qi[r];
+        const int64_t row = split * plane + int64_t(hq[r]) * p.total_q + grow;
+        if (t == 0) p.lse_accum[row] = lse;
+        float *dst = p.oaccum + row * hd;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) {
-        const int c = j * 8 + 2 * t;
-        if (c < hd)
-          *reinterpret_cast<float2 *>(dst + c) =
-              make_float2(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+        for (int j = 0; j < DT; ++j) {
+          const int c = j * 8 + 2 * t;
+          if (c < hd)
+            *reinterpret_cast<float2 *>(dst + c) =
+                make_float2(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+        }
+      } else {
+        if (t == 0) p.lse[seq.lse_off(p, b, hq[r]) + qi[r]] = lse;
+        T *dst = seq.o_ptr<T>(p, b, hq[r]) + int64_t(qi[r]) * p.o_row_stride;
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+          const int c = j * 8 + 2 * t;
+          if (c < hd)
+            *reinterpret_cast<uint32_t *>(dst + c) =
+                pack2<T>(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+        }
       }
-    } else {
-      if (t == 0) p.lse[seq.lse_off(p, b, hq[r]) + qi[r]] = lse;
-      T *dst = seq.o_ptr<T>(p, b, hq[r]) + int64_t(qi[r]) * p.o_row_stride;
+    }
+  } else {
+    // The warps' states (max, sum, unnormalised output of each row) meet in shared
+    // memory, over the stages: weights exp2(m_w - M) / L per warp and row, then each
+    // thread writes 4 columns of a row.
+    __syncthreads();  // every warp is done with the stages
+    float *sO = reinterpret_cast<float *>(sK);  // W x R x D
+    float *sM = sO + W * R * D, *sL = sM + W * R, *sWt = sL + W * R, *sLse = sWt + W * R;
 #pragma unroll
-      for (int j = 0; j < DT; ++j) {
-        const int c = j * 8 + 2 * t;
-        if (c < hd)
-          *reinterpret_cast<uint32_t *>(dst + c) =
-              pack2<T>(acc_o[0][j][2 * r] * inv, acc_o[0][j][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * R + g + 8 * r;
+      const float l = quad_sum(row_sum[r]);
+      if (t == 0) {
+        sM[row] = row_max[r];
+        sL[row] = l;
+      }
+#pragma unroll
+      for (int j = 0; j < DT; ++j)
+        *reinterpret_cast<float2 *>(sO + row * D + j * 8 + 2 * t) =
+            make_float2(acc_o[0][j][2 * r], acc_o[0][j][2 * r + 1]);
+    }
+    __syncthreads();
+    if (tid < R) {
+      float mx = -INFINITY, l = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) mx = fmaxf(mx, sM[w * R + tid]);
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const float m = sM[w * R + tid];
+        const float e = m == -INFINITY ? 0.f : exp2_approx(m - mx);
+        sWt[w * R + tid] = e;
+        l += e * sL[w * R + tid];
+      }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) sWt[w * R + tid] *= inv;
+      sLse[tid] = l > 0.f ? mx * kLn2 + logf(l) : (partial ? -INFINITY : INFINITY);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < R * (D / 4); idx += NTHR) {
+      const int r = idx / (D / 4), c = (idx % (D / 4)) * 4, pr = r0 + r;
+      if (pr >= rows || c >= hd) continue;
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int w = 0; w < W; ++w) {
+        const float wt = sWt[w * R + r];
+        const float4 v = *reinterpret_cast<const float4 *>(sO + (w * R + r) * D + c);
+        o.x += wt * v.x;
+        o.y += wt * v.y;
+        o.z += wt * v.z;
+        o.w += wt * v.w;
+      }
+      const int q = pr / group, h = hk * group + pr % group;
+      const float lse = sLse[r];
+      if (partial) {
+        const int grow = seq.varlen ? seq.q_start + q : b * p.seqlen_q + q;
+        const int64_t row = split * plane + int64_t(h) * p.total_q + grow;
+        if (c == 0) p.lse_accum[row] = lse;
+        *reinterpret_cast<float4 *>(p.oaccum + row * hd + c) = o;
+      } else {
+        if (c == 0) p.lse[seq.lse_off(p, b, h) + q] = lse;
+        T *dst = seq.o_ptr<T>(p, b, h) + int64_t(q) * p.o_row_stride + c;
+        uint2 packed;
+        packed.x = pack2<T>(o.x, o.y);
+        packed.y = pack2<T>(o.z, o.w);
+        *reinterpret_cast<uint2 *>(dst) = packed;
       }
     }
   }
@@ -380,12 +476,18 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
 
 template <int D, typename T>
 int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
-  using C = SplitConfig<D>;
   if (p.num_splits < 1 || p.num_splits > FLASH_MAX_SPLITS ||
       (p.num_splits > 1 && (p.oaccum == nullptr || p.lse_accum == nullptr)))
     return FLASH_ERR_BAD_ARGUMENT;
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
-  int status = launch(fwd_split_kernel<D, T>, grid, 32, C::kSmem, stream, p);
+  int status;
+#if defined(FLASH_HAS_SM90A)
+  if (split::warps(p, D) == split::kWideWarps) {
+    constexpr int W = split::kWideWarps;
+    status = launch(fwd_split_kernel<D, W, T>, grid, 32 * W, SplitConfig<D, W>::kSmem, stream, p);
+  } else
+#endif
+    status = launch(fwd_split_kernel<D, 1, T>, grid, 32, SplitConfig<D, 1>::kSmem, stream, p);
   if (status != FLASH_OK || p.num_splits == 1) return status;
   const int64_t pairs = int64_t(p.total_q) * p.nheads;
   return launch_dependent(combine_kernel<T>, dim3(unsigned(pairs)), 128, stream, p);

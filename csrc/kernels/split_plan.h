@@ -9,20 +9,44 @@
 #include "flash_api.h"
 
 namespace flash {
+bool use_sm90_kernels();  // dispatch.cu
+
 namespace split {
 
 constexpr int kRows = 16;  // packed query rows per CTA: one m16 tile, one warp
 
-// Keys per pipeline stage (8 KB of K and V at head dim 64, 16 KB at 128 and 256)
-// and the stages. Measured on an H200 (benchmarks/RESULTS.md): more resident one-warp
-// CTAs beat deeper pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages,
-// 3 CTAs, by 10%); 64 keys a stage at 64 lost 15% to 32.
+// Keys a warp takes from each pipeline stage (8 KB of K and V at head dim 64, 16 KB
+// at 128 and 256) and the stages. A CTA has W warps sharing each stage: W = 1 (several
+// CTAs an SM) everywhere, W = kWideWarps on sm_90 (wide()). Measured on an H200
+// (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
+// pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages, 3 CTAs, by 10%);
+// 64 keys a stage at 64 lost 15% to 32.
+constexpr int kWideWarps = 4;
 constexpr int bn(int d) { return d <= 128 ? 32 : 16; }
-constexpr int stages(int d) { return d <= 128 ? 3 : 2; }
+constexpr int stages(int d, int w) { return w == 1 ? (d <= 128 ? 3 : 2) : 3; }
 constexpr int ld(int d) { return d + 8; }
-// Q, the K and V stages, and one table of (k, v) row offsets.
-constexpr size_t smem_bytes(int d) {
-  return size_t(kRows + 2 * stages(d) * bn(d)) * ld(d) * 2 + size_t(bn(d)) * 16;
+// Q, the K and V stages, and one table of (k, v) row addresses. (The wide kernel's
+// end, where the warps merge their states, reuses the stages: W x 16 x d floats and
+// four W x 16 tables, which always fit.)
+constexpr size_t smem_bytes(int d, int w) {
+  return size_t(kRows + 2 * stages(d, w) * w * bn(d)) * ld(d) * 2 + size_t(w * bn(d)) * 16;
+}
+static_assert(size_t(kWideWarps) * kRows * 256 * 4 + 4 * kWideWarps * kRows * 4 <=
+                  size_t(2 * stages(256, kWideWarps) * kWideWarps * bn(256)) * ld(256) * 2,
+              "the wide kernel's merge fits in its stages");
+static_assert(smem_bytes(256, kWideWarps) <= 227 * 1024 && smem_bytes(128, kWideWarps) <= 227 * 1024,
+              "the wide kernel fits an sm_90 CTA's shared memory");
+// The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
+// planner and the launch ask the same question. Wide where the sm_90 kernels run
+// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
+// for paged caches whose pages are shorter than a wide stage at head dims 65-128: there
+// the one-warp kernel measured 9-12% faster (H200, pages of 16, hdim 128, 16 x 8192 and
+// 64 x 4096: 3840 vs 3510 GB/s; benchmarks/RESULTS.md), while at 64 and 256 the wide
+// one was as fast or faster.
+inline int warps(const FlashAttnParams &p, int d) {
+  if (!use_sm90_kernels()) return 1;
+  if (p.block_table != nullptr && p.page_size < kWideWarps * bn(d) && d > 64 && d <= 128) return 1;
+  return kWideWarps;
 }
 
 // Query rows of one (entry, kv head) once the heads of a group are packed:
@@ -43,11 +67,12 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
 
 // The number of splits: enough CTAs to fill every SM's slots in whole waves, with
 // at least 128 keys per split.
-inline int choose_splits(const FlashAttnParams &p, int d, int num_sms) {
+inline int choose_splits(const FlashAttnParams &p, int d, int num_sms, int w) {
   const int64_t units = int64_t(p.batch) * p.nheads_k * row_blocks(p);
-  // CTAs an SM: shared memory, and at most 10 (about 170 registers a lane)
-  int per_sm = int((228 * 1024) / (smem_bytes(d) + 1024));
-  per_sm = per_sm < 1 ? 1 : (per_sm > 10 ? 10 : per_sm);
+  // CTAs an SM: shared memory, and at most 10 warps (about 170 registers a lane)
+  int per_sm = int((228 * 1024) / (smem_bytes(d, w) + 1024));
+  const int most = 10 / w;
+  per_sm = per_sm < 1 ? 1 : (per_sm > most ? most : per_sm);
   const int64_t slots = int64_t(num_sms) * per_sm;
   if (units >= slots) return 1;
   int max_splits = p.seqlen_k / 128;
