@@ -217,10 +217,11 @@ def kvcache_forward(
         v_cache = gather_pages(v_cache, block_table, num_pages)
         most_keys = min(most_keys, k_cache.shape[1])
         block_table = None
+    if shape.head_dim % HEAD_DIM_MULTIPLE:
+        k_cache, v_cache = _kernel_cache(k_cache), _kernel_cache(v_cache)
     args = (
-        q, _kernel_cache(k_cache), _kernel_cache(v_cache), None, None, seqused_k,
-        _contiguous(cache_batch_idx), _contiguous(cache_leftpad), _contiguous(block_table),
-        shape.seqlen_q,
+        q, k_cache, v_cache, None, None, seqused_k, _contiguous(cache_batch_idx),
+        _contiguous(cache_leftpad), _contiguous(block_table), shape.seqlen_q,
     )  # fmt: skip
     scale, alibi = opts.scale_for(shape.head_dim), _contiguous(alibi_slopes)
     k_new, v_new = (k, v) if fused else (None, None)

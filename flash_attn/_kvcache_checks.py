@@ -353,6 +353,9 @@ class ValueRead:
         return self.tensor.tolist()
 
 
+NOTHING_TO_READ = ValueRead(None, None)
+
+
 def _read_parts(
     shape: CacheShape,
     seqused_k: torch.Tensor | None,
@@ -396,7 +399,9 @@ def start_value_read(
     (non_blocking) and an event marks its end. On the CPU, or where pinned memory
     cannot be had, the values are read (blocking) when asked for."""
     t = _read_parts(shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    if t is None or t.device.type != "cuda":
+    if t is None:
+        return NOTHING_TO_READ
+    if not t.is_cuda:
         return ValueRead(t, None)
     try:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
