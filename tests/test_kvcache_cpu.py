@@ -21,7 +21,7 @@ from reference import attention_ref
 from test_api_cpu import STUB_NAMESPACE, StubKernels, define_stub_ops, stub  # noqa: F401
 
 import flash_attn
-from flash_attn import _kvcache, _ops
+from flash_attn import _kvcache, _kvcache_checks, _ops
 from flash_attn.errors import InputError
 
 DT = torch.float16
@@ -35,11 +35,15 @@ def _rotary_stand_in(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: int | torch.Tensor,
     interleaved: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i."""
+    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i; a row
+    whose position is outside the tables is left unrotated (the kernel reads no table
+    row outside [0, seqlen_ro): kvcache_forward rotates before the values are checked)."""
     batch, seqlen = x.shape[0], x.shape[1]
     start = offsets if isinstance(offsets, torch.Tensor) else torch.full((batch,), offsets)
     positions = start.long()[:, None] + torch.arange(seqlen)
-    return rotate_ref(x, cos, sin, positions, interleaved)
+    inside = (positions >= 0) & (positions < cos.shape[0])
+    rotated = rotate_ref(x, cos, sin, positions.where(inside, 0), interleaved)
+    return rotated.where(inside[:, :, None, None], x)
 
 
 @pytest.fixture
@@ -337,6 +341,127 @@ def test_bad_input_is_refused_before_anything_is_written(
         flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, **args)
     assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
     assert kv.calls == []
+
+
+# Every way the cache is written: the op's fused append (dense, paged), the Python
+# append_ before the op reads a copy (a padded head_dim; a paged prefill's gathered
+# pages), each with and without rotary (run before the values are checked).
+WRITE_PATHS = {
+    "fused dense": Case(seqlen_q=2, seqlen_new=2),
+    "fused dense rotary": Case(seqlen_q=2, seqlen_new=2, rotary="neox"),
+    "fused dense batch_idx leftpad": Case(seqlen_q=2, seqlen_new=2, batch_idx=True, leftpad=True),
+    "python append padded": Case(head_dim=20, seqlen_q=2, seqlen_new=2),
+    "python append padded rotary": Case(
+        head_dim=20, seqlen_q=2, seqlen_new=2, rotary="interleaved", rotary_dim=12
+    ),
+    "fused paged": Case(page_size=16, seqlen_cache=48, seqlen_q=2, seqlen_new=2),
+    "fused paged rotary": Case(page_size=16, seqlen_cache=48, seqlen_q=2, seqlen_new=2,
+                               rotary="neox"),
+    "python append gathered pages": Case(
+        page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2
+    ),
+    "python append gathered pages rotary": Case(
+        page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2,
+        rotary="neox",
+    ),
+}  # fmt: skip
+
+
+def _too_long(c: Case) -> tuple[dict[str, Any], str]:
+    """cache_seqlens one key past the cache for sequence 1, and the message it gets."""
+    seqlens = make_inputs(c).seqlens.clone()
+    seqlens[1] = c.seqlen_cache - c.seqlen_new + 1
+    hi = int(seqlens.max())
+    where = (
+        f"block_table's capacity: pages_per_seq ({c.seqlen_cache // c.page_size}) x page_size "
+        f"({c.page_size}) = {c.seqlen_cache} keys"
+        if c.page_size
+        else f"the cache: seqlen_cache (dim 1 of k_cache) is {c.seqlen_cache}"
+    )
+    message = (
+        f"cache_seqlens + seqlen_new = {hi} + {c.seqlen_new} = {hi + c.seqlen_new} keys for a "
+        f"sequence exceeds {where}; valid: cache_seqlens + seqlen_new <= {c.seqlen_cache}"
+    )
+    return {"cache_seqlens": seqlens}, message
+
+
+def _negative(c: Case) -> tuple[dict[str, Any], str]:
+    seqlens = make_inputs(c).seqlens.clone()
+    seqlens[2] = -3
+    return {"cache_seqlens": seqlens}, "cache_seqlens must be >= 0 for every sequence; got -3"
+
+
+def _bad_page(c: Case) -> tuple[dict[str, Any], str]:
+    """Sequence 1's first page (always read: it holds the new keys or those before them)
+    out of the pool."""
+    inp = make_inputs(c)
+    table = inp.kwargs["block_table"].clone()
+    pool = inp.k_cache.shape[0]
+    table[1, 0] = pool
+    message = (
+        f"block_table[1, 0] = {pool} is not a page of the pool: the paged k_cache has {pool} "
+        f"pages, so the entries a sequence uses (its first ceil(keys / page_size) columns) "
+        f"must be in 0..{pool - 1}"
+    )
+    return {"block_table": table}, message
+
+
+BAD_VALUES = [
+    (path, bad)
+    for path, c in WRITE_PATHS.items()
+    for bad in (_too_long, _negative, *((_bad_page,) if c.page_size else ()))
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "bad"), BAD_VALUES, ids=[f"{p}-{b.__name__[1:]}" for p, b in BAD_VALUES]
+)
+def test_bad_index_values_leave_the_cache_unchanged_on_every_path(
+    kv: StubKernels, path: str, bad: Any
+) -> None:
+    """The values are checked after the work that does not need them is queued, but
+    before anything writes the cache: the same message as an early check, the caches
+    unchanged bit for bit, nothing launched."""
+    c = WRITE_PATHS[path]
+    changes, message = bad(c)
+    inp, args = _bad(c, **changes)
+    k_before, v_before = inp.k_cache.clone(), inp.v_cache.clone()
+    with pytest.raises(InputError) as raised:
+        flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, **args)
+    assert str(raised.value) == message
+    assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
+    assert kv.calls == []
+
+
+@pytest.mark.parametrize("path", list(WRITE_PATHS))
+def test_the_values_are_waited_for_after_the_work_that_does_not_need_them(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The order of one call: the copy of the values started, the rotary queued, then
+    the wait for the values (their checks), then the Python append where there is
+    one, then the op."""
+    c = WRITE_PATHS[path]
+    steps: list[str] = []
+
+    def recorded(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            steps.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(_kvcache, "start_value_read",
+                        recorded("start read", _kvcache.start_value_read))  # fmt: skip
+    monkeypatch.setattr(_kvcache_checks.ValueRead, "values",
+                        recorded("wait for values", _kvcache_checks.ValueRead.values))  # fmt: skip
+    monkeypatch.setattr(_kvcache, "rotate", recorded("rotary", _kvcache.rotate))
+    monkeypatch.setattr(_kvcache, "append_", recorded("python append", _kvcache.append_))
+    monkeypatch.setattr(_ops, "fwd_kv", recorded("op", _ops.fwd_kv))
+    inp = make_inputs(c)
+    call = _run_against_reference(kv, c, inp)
+    expected_steps = ["start read", *(["rotary"] if c.rotary else []), "wait for values",
+                      *([] if call["appended"] else ["python append"]), "op"]  # fmt: skip
+    assert steps == expected_steps
 
 
 @pytest.mark.parametrize(
