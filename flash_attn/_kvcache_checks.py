@@ -258,11 +258,20 @@ def check_kvcache(
 
     rotary_rows = _check_rotary(rotary_cos, rotary_sin, seqlen_new > 0, head_dim, q.dtype)
     _check_alibi(alibi_slopes, batch, nheads)
-    # positional: a third of the cost of naming the fields, on every call (field order)
     shape = CacheShape(
-        batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_new, cache_rows, page_size,
-        pages_per_seq, capacity, rotary_rows, q.dtype,
-    )  # fmt: skip
+        batch=batch,
+        seqlen_q=seqlen_q,
+        nheads=nheads,
+        nheads_k=nheads_k,
+        head_dim=head_dim,
+        seqlen_new=seqlen_new,
+        cache_rows=cache_rows,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        capacity=capacity,
+        rotary_rows=rotary_rows,
+        dtype=q.dtype,
+    )
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         # a plain value: checked whatever FLASH_ATTN_KVCACHE_CHECKS says (no device sync)
         n = operator.index(cache_seqlens)
