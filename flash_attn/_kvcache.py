@@ -25,7 +25,7 @@ import torch
 
 from flash_attn import _ops
 from flash_attn._checks import AttnOptions
-from flash_attn._kvcache_checks import CacheShape, check_cache_values, start_value_read
+from flash_attn._kvcache_checks import CacheShape, ValueRead, check_cache_values, start_value_read
 from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim
 
 # Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
@@ -167,16 +167,21 @@ def kvcache_forward(
     positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
     q_positions = shape.seqlen_q if positional_q else 1
     most_keys = shape.capacity
+
+    def checked(read: ValueRead) -> int:
+        """Wait for the values, check them; the most keys a sequence has."""
+        return check_cache_values(
+            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            q_positions, read=read,
+        )  # fmt: skip
+
     if check_values:
         if read is None:
             read = start_value_read(
                 shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table
             )
         if read.tensor is None:  # nothing to read (an int cache_seqlens): checked now
-            most_keys = check_cache_values(
-                shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-                q_positions, read=read,
-            )  # fmt: skip
+            most_keys = checked(read)
             read = None
     elif keys is not None:
         most_keys = keys
@@ -193,10 +198,7 @@ def kvcache_forward(
         q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
     q = kernel_layout(q)
     if read is not None and (paged_gather or (appends and not fused)):
-        most_keys = check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-            q_positions, read=read,
-        )  # fmt: skip
+        most_keys = checked(read)
         read = None
     if appends and not fused:
         assert cache_seqlens is not None and k is not None and v is not None
@@ -226,10 +228,7 @@ def kvcache_forward(
     scale, alibi = opts.scale_for(shape.head_dim), _contiguous(alibi_slopes)
     k_new, v_new = (k, v) if fused else (None, None)
     if read is not None:
-        most_keys = check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-            q_positions, read=read,
-        )  # fmt: skip
+        most_keys = checked(read)
     window_left, window_right = opts.window_for(shape.seqlen_q, max(most_keys, 1))
     out, lse = _ops.fwd_kv(
         *args, most_keys, scale, window_left, window_right, opts.softcap, alibi, num_splits,
