@@ -25,7 +25,7 @@ import torch
 
 from flash_attn import _ops
 from flash_attn._checks import AttnOptions
-from flash_attn._kvcache_checks import CacheShape, ValueRead, check_cache_values, start_value_read
+from flash_attn._kvcache_checks import CacheShape, check_cache_values
 from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim
 
 # Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
@@ -134,24 +134,9 @@ def kvcache_forward(
     num_splits: int,
     check_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Steps 1-3 of the module docstring; returns (out, softmax_lse).
-
-    With check_values, the index values are read (check_cache_values) as late as
-    possible: their copy to the host is queued first (start_value_read), then
-    everything that does not depend on them and writes no cache (the rotary of q and
-    k into new tensors, views and layout copies, the op's arguments); only then does
-    the host wait for them, check them and launch the op, so that the device idles
-    only while the host checks and launches. Where the cache is written here
-    (append_) or its pages gathered (a count taken from the values), the host waits
-    before that: nothing is written and nothing sized from unchecked values.
-    """
+    """Steps 1-3 of the module docstring; returns (out, softmax_lse)."""
     batch, seqlen_new = shape.batch, shape.seqlen_new
     paged = block_table is not None
-    read = None
-    if check_values and cache_leftpad is None and block_table is None:
-        # the copy needs nothing computed here: first on the stream, so that what is
-        # queued below runs while the host waits for it
-        read = start_value_read(shape, None, cache_seqlens, cache_batch_idx, None, None)
     # Each sequence's key count after the append: seqused_k, or for a dense cache and
     # an int cache_seqlens the cache cut to its first `cut` keys (a view, no tensor made).
     seqused_k = None
@@ -165,47 +150,30 @@ def kvcache_forward(
         else:
             cut = keys
     positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
-    q_positions = shape.seqlen_q if positional_q else 1
     most_keys = shape.capacity
-
-    def checked(read: ValueRead) -> int:
-        """Wait for the values, check them; the most keys a sequence has."""
-        return check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-            q_positions, read=read,
-        )  # fmt: skip
-
     if check_values:
-        if read is None:
-            read = start_value_read(
-                shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table
-            )
-        if read.tensor is None:  # nothing to read (an int cache_seqlens): checked now
-            most_keys = checked(read)
-            read = None
+        most_keys = check_cache_values(
+            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            q_positions=shape.seqlen_q if positional_q else 1,
+        )  # fmt: skip
     elif keys is not None:
         most_keys = keys
 
     paged_gather = paged and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
         PAGED_PREFILL_ROWS
     )
-    appends = k is not None and v is not None
-    fused = appends and _fused_append(shape, paged_gather)
-    if appends and rotary is not None:
-        # before the checks whatever the values: it writes new tensors, and reads no
-        # table row outside [0, seqlen_ro) (those positions are left unrotated)
-        assert cache_seqlens is not None and k is not None
-        q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
-    q = kernel_layout(q)
-    if read is not None and (paged_gather or (appends and not fused)):
-        most_keys = checked(read)
-        read = None
-    if appends and not fused:
-        assert cache_seqlens is not None and k is not None and v is not None
-        starts = cache_seqlens
-        if not isinstance(starts, torch.Tensor):
-            starts = torch.full((batch,), starts, dtype=torch.int32, device=q.device)
-        append_(k_cache, v_cache, k, v, starts, cache_batch_idx, block_table)
+    k_new = v_new = None
+    if k is not None and v is not None:
+        assert cache_seqlens is not None
+        if rotary is not None:
+            q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
+        if _fused_append(shape, paged_gather):
+            k_new, v_new = k, v
+        else:
+            starts = cache_seqlens
+            if not isinstance(starts, torch.Tensor):
+                starts = torch.full((batch,), starts, dtype=torch.int32, device=q.device)
+            append_(k_cache, v_cache, k, v, starts, cache_batch_idx, block_table)
 
     if not paged:
         if cache_batch_idx is None and k_cache.shape[0] > batch:
@@ -213,27 +181,33 @@ def kvcache_forward(
         if cut is not None and cut < k_cache.shape[1]:
             k_cache, v_cache = k_cache[:, :cut], v_cache[:, :cut]  # the keys used
     elif paged_gather:
-        assert block_table is not None
         num_pages = -(-most_keys // shape.page_size)
         k_cache = gather_pages(k_cache, block_table, num_pages)
         v_cache = gather_pages(v_cache, block_table, num_pages)
         most_keys = min(most_keys, k_cache.shape[1])
         block_table = None
-    if shape.head_dim % HEAD_DIM_MULTIPLE:
-        k_cache, v_cache = _kernel_cache(k_cache), _kernel_cache(v_cache)
-    args = (
-        q, k_cache, v_cache, None, None, seqused_k, _contiguous(cache_batch_idx),
-        _contiguous(cache_leftpad), _contiguous(block_table), shape.seqlen_q,
-    )  # fmt: skip
-    scale, alibi = opts.scale_for(shape.head_dim), _contiguous(alibi_slopes)
-    k_new, v_new = (k, v) if fused else (None, None)
-    if read is not None:
-        most_keys = checked(read)
     window_left, window_right = opts.window_for(shape.seqlen_q, max(most_keys, 1))
     out, lse = _ops.fwd_kv(
-        *args, most_keys, scale, window_left, window_right, opts.softcap, alibi, num_splits,
-        k_new, v_new,
-    )  # fmt: skip
+        kernel_layout(q),
+        _kernel_cache(k_cache),
+        _kernel_cache(v_cache),
+        None,
+        None,
+        seqused_k,
+        _contiguous(cache_batch_idx),
+        _contiguous(cache_leftpad),
+        _contiguous(block_table),
+        shape.seqlen_q,
+        most_keys,
+        opts.scale_for(shape.head_dim),
+        window_left,
+        window_right,
+        opts.softcap,
+        _contiguous(alibi_slopes),
+        num_splits,
+        k_new,
+        v_new,
+    )
     return (out if out.shape[-1] == shape.head_dim else out[..., : shape.head_dim]), lse
 
 

@@ -8,9 +8,7 @@ Two stages, like flash_attn._checks:
 2. ``check_cache_values``: the values of the index tensors (cache_seqlens,
    cache_batch_idx, cache_leftpad, block_table). Reading them waits for the GPU (one
    device-to-host copy of a few integers); it is what guarantees that nothing is
-   read or written outside the cache. ``start_value_read`` starts that copy early
-   (into pinned memory, without waiting) so that a caller can queue the work that
-   does not depend on the values before ``check_cache_values`` waits for them.
+   read or written outside the cache.
 
 Each message names the value seen and what is valid.
 """
@@ -175,8 +173,7 @@ def check_kvcache(
     nheads, nheads_k, head_dim = _check_heads(q, k_cache, v_cache, layout)
     _check_cache_layout("k_cache", k_cache)
     _check_cache_layout("v_cache", v_cache)
-    batch, seqlen_q, _, _ = q.shape
-    cache_rows, cache_len, _, _ = k_cache.shape
+    batch, seqlen_q = q.shape[:2]
     if batch <= 0:
         raise InputError(f"batch size must be positive; got {batch}")
 
@@ -229,7 +226,7 @@ def check_kvcache(
             )
         _check_index("block_table", block_table, (batch, block_table.shape[1]),
                      "(batch, pages_per_seq)")  # fmt: skip
-        page_size = cache_len
+        page_size = k_cache.shape[1]
         _check_page_size(page_size)
         pages_per_seq = block_table.shape[1]
         capacity = pages_per_seq * page_size
@@ -245,12 +242,12 @@ def check_kvcache(
             )
     else:
         page_size = pages_per_seq = 0
-        capacity = cache_len
+        capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
             _check_index("cache_batch_idx", cache_batch_idx, (batch,), "(batch,)")
-        elif cache_rows < batch:
+        elif k_cache.shape[0] < batch:
             raise InputError(
-                f"k_cache has {cache_rows} rows (dim 0 of {CACHE_LAYOUT}), fewer than "
+                f"k_cache has {k_cache.shape[0]} rows (dim 0 of {CACHE_LAYOUT}), fewer than "
                 f"q's batch size {batch}; pass cache_batch_idx to map sequences to rows"
             )
         if cache_leftpad is not None:
@@ -265,7 +262,7 @@ def check_kvcache(
         nheads_k=nheads_k,
         head_dim=head_dim,
         seqlen_new=seqlen_new,
-        cache_rows=cache_rows,
+        cache_rows=k_cache.shape[0],
         page_size=page_size,
         pages_per_seq=pages_per_seq,
         capacity=capacity,
@@ -346,39 +343,32 @@ def values_checkable(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-@dataclass(slots=True)
-class ValueRead:
-    """The index values of one call on their way to the host (start_value_read)."""
-
-    tensor: torch.Tensor | None  # the values (a pinned copy while ready is pending); None: none
-    ready: torch.cuda.Event | None  # recorded after the copy to the pinned tensor
-
-    def values(self) -> list[int]:
-        """The values, once there: waits for the copy (the device sync of the call)."""
-        if self.tensor is None:
-            return []
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.tensor.tolist()
-
-
-NOTHING_TO_READ = ValueRead(None, None)
-
-
-def _read_parts(
+def check_cache_values(
     shape: CacheShape,
     seqused_k: torch.Tensor | None,
     cache_seqlens: int | torch.Tensor | None,
     cache_batch_idx: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None,
     block_table: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Everything check_cache_values reads, as one tensor (None: nothing): the (batch,)
-    index tensors whole (their min and max taken on the host: one device op fewer than
-    reducing them on the device), then a flag per other check."""
+    q_positions: int,
+    seqlens_name: str = "cache_seqlens",
+) -> int:
+    """Check the index values; return the largest key count of a sequence.
+
+    seqused_k: the keys each sequence has after the append (cache_seqlens +
+    seqlen_new), or None (an int cache_seqlens says them; without cache_seqlens
+    every sequence fills its cache row). q_positions: how far
+    past cache_seqlens the rotary tables are read (seqlen_q for causal/local
+    rotary, else 1). Reads the values of the tensors in one copy to the host (none
+    when cache_seqlens is an int and there is no other index tensor).
+    """
+    # Everything read comes back in one copy: the (batch,) index tensors whole (their
+    # min and max taken here: one device op fewer than reducing them there), a flag per
+    # other check.
     parts: list[torch.Tensor] = []
-    if isinstance(cache_seqlens, torch.Tensor):
-        parts.append(cache_seqlens)
+    seqlens_is_tensor = isinstance(cache_seqlens, torch.Tensor)
+    if seqlens_is_tensor:
+        parts.append(cache_seqlens)  # type: ignore[arg-type]
     if cache_batch_idx is not None:
         parts.append(cache_batch_idx)
     if cache_leftpad is not None:
@@ -390,73 +380,18 @@ def _read_parts(
         parts.append(((cache_leftpad < 0) | (cache_leftpad > upper)).any().view(1))
     if block_table is not None:
         parts.append(_bad_pages(shape, seqused_k, block_table).any().view(1))
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def start_value_read(
-    shape: CacheShape,
-    seqused_k: torch.Tensor | None,
-    cache_seqlens: int | torch.Tensor | None,
-    cache_batch_idx: torch.Tensor | None,
-    cache_leftpad: torch.Tensor | None,
-    block_table: torch.Tensor | None,
-) -> ValueRead:
-    """Queue what check_cache_values reads (check_cache_values' arguments) and its copy
-    to the host, without waiting: on a GPU the copy goes to pinned memory
-    (non_blocking) and an event marks its end. On the CPU, or where pinned memory
-    cannot be had, the values are read (blocking) when asked for."""
-    t = _read_parts(shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
-    if t is None:
-        return NOTHING_TO_READ
-    if not t.is_cuda:
-        return ValueRead(t, None)
-    try:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    except RuntimeError:  # no pinned memory here: read it (blocking) later
-        return ValueRead(t, None)
-    host.copy_(t, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(t.device))
-    return ValueRead(host, ready)
-
-
-def check_cache_values(
-    shape: CacheShape,
-    seqused_k: torch.Tensor | None,
-    cache_seqlens: int | torch.Tensor | None,
-    cache_batch_idx: torch.Tensor | None,
-    cache_leftpad: torch.Tensor | None,
-    block_table: torch.Tensor | None,
-    q_positions: int,
-    seqlens_name: str = "cache_seqlens",
-    read: ValueRead | None = None,
-) -> int:
-    """Check the index values; return the largest key count of a sequence.
-
-    seqused_k: the keys each sequence has after the append (cache_seqlens +
-    seqlen_new), or None (an int cache_seqlens says them; without cache_seqlens
-    every sequence fills its cache row). q_positions: how far
-    past cache_seqlens the rotary tables are read (seqlen_q for causal/local
-    rotary, else 1). read: the values, from start_value_read with the same
-    arguments; None: read them now. Reading them waits for the device (one copy to
-    the host; none when cache_seqlens is an int and there is no other index tensor).
-    """
-    if read is None:
-        read = start_value_read(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table
-        )
-    values = read.values()
+    values: list[int] = []
+    if parts:
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
     batch = shape.batch
 
     most = shape.capacity
     if cache_seqlens is not None:
-        if isinstance(cache_seqlens, torch.Tensor):
+        if seqlens_is_tensor:
             lo, hi = min(values[:batch]), max(values[:batch])
             values = values[batch:]
         else:
-            lo = hi = operator.index(cache_seqlens)
+            lo = hi = operator.index(cache_seqlens)  # type: ignore[arg-type]
         _check_seqlens_range(shape, lo, hi, seqlens_name)
         if shape.rotary_rows:
             _check_rotary_rows(shape, hi, q_positions)

@@ -543,11 +543,9 @@ def flash_attn_with_kvcache(
     read lies in the cache, every page used is in the pool, the rotary tables cover
     every position rotated). Checking tensor values reads them on the host: one device
     sync per call (none when cache_seqlens is an int and no other index tensor is
-    given), waited for only once the work that does not need the values is queued, so
-    that the device idles only while the values are checked and the op launched. While
-    a CUDA graph is being captured that sync is impossible and the value checks are
-    skipped. A head_dim that is not a multiple of 8 makes a padded copy of the cache
-    for the kernel on every call.
+    given). While a CUDA graph is being captured that sync is impossible and the value
+    checks are skipped. A head_dim that is not a multiple of 8 makes a padded copy of
+    the cache for the kernel on every call.
     """
     opts = _options(0.0, softmax_scale, causal, window_size, softcap)
     num_splits = _kvcache_checks.check_num_splits(num_splits)

@@ -21,7 +21,7 @@ from reference import attention_ref
 from test_api_cpu import STUB_NAMESPACE, StubKernels, define_stub_ops, stub  # noqa: F401
 
 import flash_attn
-from flash_attn import _kvcache, _kvcache_checks, _ops
+from flash_attn import _kvcache, _ops
 from flash_attn.errors import InputError
 
 DT = torch.float16
@@ -35,15 +35,11 @@ def _rotary_stand_in(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: int | torch.Tensor,
     interleaved: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i; a row
-    whose position is outside the tables is left unrotated (the kernel reads no table
-    row outside [0, seqlen_ro): kvcache_forward rotates before the values are checked)."""
+    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i."""
     batch, seqlen = x.shape[0], x.shape[1]
     start = offsets if isinstance(offsets, torch.Tensor) else torch.full((batch,), offsets)
     positions = start.long()[:, None] + torch.arange(seqlen)
-    inside = (positions >= 0) & (positions < cos.shape[0])
-    rotated = rotate_ref(x, cos, sin, positions.where(inside, 0), interleaved)
-    return rotated.where(inside[:, :, None, None], x)
+    return rotate_ref(x, cos, sin, positions, interleaved)
 
 
 @pytest.fixture
@@ -345,7 +341,7 @@ def test_bad_input_is_refused_before_anything_is_written(
 
 # Every way the cache is written: the op's fused append (dense, paged), the Python
 # append_ before the op reads a copy (a padded head_dim; a paged prefill's gathered
-# pages), each with and without rotary (run before the values are checked).
+# pages), each with and without rotary.
 WRITE_PATHS = {
     "fused dense": Case(seqlen_q=2, seqlen_new=2),
     "fused dense rotary": Case(seqlen_q=2, seqlen_new=2, rotary="neox"),
@@ -419,9 +415,8 @@ BAD_VALUES = [
 def test_bad_index_values_leave_the_cache_unchanged_on_every_path(
     kv: StubKernels, path: str, bad: Any
 ) -> None:
-    """The values are checked after the work that does not need them is queued, but
-    before anything writes the cache: the same message as an early check, the caches
-    unchanged bit for bit, nothing launched."""
+    """The values are checked before anything writes the cache: the exact message, the
+    caches unchanged bit for bit, nothing launched."""
     c = WRITE_PATHS[path]
     changes, message = bad(c)
     inp, args = _bad(c, **changes)
@@ -431,37 +426,6 @@ def test_bad_index_values_leave_the_cache_unchanged_on_every_path(
     assert str(raised.value) == message
     assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
     assert kv.calls == []
-
-
-@pytest.mark.parametrize("path", list(WRITE_PATHS))
-def test_the_values_are_waited_for_after_the_work_that_does_not_need_them(
-    kv: StubKernels, monkeypatch: pytest.MonkeyPatch, path: str
-) -> None:
-    """The order of one call: the copy of the values started, the rotary queued, then
-    the wait for the values (their checks), then the Python append where there is
-    one, then the op."""
-    c = WRITE_PATHS[path]
-    steps: list[str] = []
-
-    def recorded(name: str, fn: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            steps.append(name)
-            return fn(*args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(_kvcache, "start_value_read",
-                        recorded("start read", _kvcache.start_value_read))  # fmt: skip
-    monkeypatch.setattr(_kvcache_checks.ValueRead, "values",
-                        recorded("wait for values", _kvcache_checks.ValueRead.values))  # fmt: skip
-    monkeypatch.setattr(_kvcache, "rotate", recorded("rotary", _kvcache.rotate))
-    monkeypatch.setattr(_kvcache, "append_", recorded("python append", _kvcache.append_))
-    monkeypatch.setattr(_ops, "fwd_kv", recorded("op", _ops.fwd_kv))
-    inp = make_inputs(c)
-    call = _run_against_reference(kv, c, inp)
-    expected_steps = ["start read", *(["rotary"] if c.rotary else []), "wait for values",
-                      *([] if call["appended"] else ["python append"]), "op"]  # fmt: skip
-    assert steps == expected_steps
 
 
 @pytest.mark.parametrize(
