@@ -25,8 +25,15 @@ import torch
 
 from flash_attn import _ops
 from flash_attn._checks import AttnOptions
-from flash_attn._kvcache_checks import CacheShape, check_cache_values
+from flash_attn._kvcache_checks import (
+    CacheShape,
+    check_cache_values,
+    check_rotary_rows,
+    device_check_bound,
+    verdict_buffer,
+)
 from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim
+from flash_attn.errors import InputError
 
 # Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
 # nheads_k: a prefill or a long chunk) copy the pages they read into a contiguous
@@ -150,18 +157,30 @@ def kvcache_forward(
         else:
             cut = keys
     positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
-    most_keys = shape.capacity
-    if check_values:
-        most_keys = check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
-            q_positions=shape.seqlen_q if positional_q else 1,
-        )  # fmt: skip
-    elif keys is not None:
-        most_keys = keys
-
+    q_positions = shape.seqlen_q if positional_q else 1
     paged_gather = paged and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
         PAGED_PREFILL_ROWS
     )
+    # The index values: checked by the op on the device where it reads and writes the
+    # caches itself (nothing waits for them before the launch), else here first.
+    max_keys = None
+    if check_values and (
+        isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None
+        or cache_leftpad is not None or block_table is not None
+    ) and not paged_gather and (k is None or _fused_append(shape, paged_gather)):  # fmt: skip
+        max_keys = device_check_bound(shape, cache_seqlens is not None, q_positions)
+    if max_keys is not None and keys is not None and shape.rotary_rows:
+        # an int cache_seqlens: what the device check would refuse is known here (and
+        # the rotary's own check of an int offset would come first, with its message)
+        check_rotary_rows(shape, operator.index(cache_seqlens), q_positions)  # type: ignore[arg-type]
+    most_keys = shape.capacity
+    if check_values and max_keys is None:
+        most_keys = check_cache_values(
+            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            q_positions=q_positions,
+        )  # fmt: skip
+    elif keys is not None:
+        most_keys = keys
     k_new = v_new = None
     if k is not None and v is not None:
         assert cache_seqlens is not None
@@ -187,6 +206,7 @@ def kvcache_forward(
         most_keys = min(most_keys, k_cache.shape[1])
         block_table = None
     window_left, window_right = opts.window_for(shape.seqlen_q, max(most_keys, 1))
+    verdict = None if max_keys is None else verdict_buffer(q.device)
     out, lse = _ops.fwd_kv(
         kernel_layout(q),
         _kernel_cache(k_cache),
@@ -207,8 +227,32 @@ def kvcache_forward(
         num_splits,
         k_new,
         v_new,
+        verdict,
+        -1 if max_keys is None else max_keys,
     )
+    if verdict is not None and (bad := int(verdict.item())) != 0:
+        # nothing was written: the values, read here, say which is wrong
+        check_cache_values(
+            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            q_positions=q_positions,
+        )  # fmt: skip
+        _refused(bad)
     return (out if out.shape[-1] == shape.head_dim else out[..., : shape.head_dim]), lse
+
+
+def _refused(verdict: int) -> None:
+    """A device check's refusal that the host check of the same values let pass (they
+    apply one rule, so this is a bug of ours): say what the device saw."""
+    what = [name for bit, name in (
+        (_ops.KV_BAD_KEYS, "a key count (cache_seqlens + seqlen_new) out of range"),
+        (_ops.KV_BAD_ROW, "a cache_batch_idx out of range"),
+        (_ops.KV_BAD_LEFTPAD, "a cache_leftpad out of range"),
+        (_ops.KV_BAD_PAGE, "a block_table entry that is not a page of the pool"),
+    ) if verdict & bit]  # fmt: skip
+    raise InputError(
+        f"the KV-cache index values were refused on the device ({', '.join(what) or verdict}) "
+        "but pass the host check: please report this; nothing was written"
+    )
 
 
 def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -235,28 +279,37 @@ def varlen_paged_forward(
     (max_seqlen_q x nheads / nheads_k >= PAGED_PREFILL_ROWS) packs the keys it reads
     (gather_varlen) and runs the ordinary varlen forward."""
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    lengths = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
-    if check_values:
+
+    def check_lengths() -> None:
+        lengths = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
         check_cache_values(
             shape, lengths, lengths, None, None, block_table, q_positions=0,
             seqlens_name="cu_seqlens_k[b + 1] - cu_seqlens_k[b]",
         )  # fmt: skip
+
+    gather = max_seqlen_q * (shape.nheads // shape.nheads_k) >= PAGED_PREFILL_ROWS
+    if check_values and gather:  # the gather reads the pages: checked before it
+        check_lengths()
     window_left, window_right = opts.window_for(max_seqlen_q, max(max_seqlen_k, 1))
     args = (max_seqlen_q, max_seqlen_k, opts.scale_for(shape.head_dim), window_left,
             window_right, opts.softcap)  # fmt: skip
     alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
-    if max_seqlen_q * (shape.nheads // shape.nheads_k) >= PAGED_PREFILL_ROWS:
+    if gather:
         k_packed = gather_varlen(k_cache, block_table, cu_k)
         v_packed = gather_varlen(v_cache, block_table, cu_k)
         out, lse = _ops.fwd(
             kernel_layout(q), kernel_layout(k_packed), kernel_layout(v_packed), cu_q, cu_k,
             *args, alibi,
         )  # fmt: skip
-    else:
+    else:  # checked by the op on the device (kvcache_forward)
+        verdict = verdict_buffer(q.device) if check_values else None
         out, lse = _ops.fwd_kv(
             kernel_layout(q), _kernel_cache(k_cache), _kernel_cache(v_cache), cu_q, cu_k,
-            None, None, None, block_table.contiguous(), *args, alibi, 0,
+            None, None, None, block_table.contiguous(), *args, alibi, 0, None, None, verdict, -1,
         )  # fmt: skip
+        if verdict is not None and (bad := int(verdict.item())) != 0:
+            check_lengths()
+            _refused(bad)
     return out[..., : shape.head_dim], lse
 
 

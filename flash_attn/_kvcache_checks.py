@@ -5,10 +5,15 @@ Two stages, like flash_attn._checks:
 
 1. ``check_kvcache`` / ``check_varlen_paged``: shapes, ranks, dtypes and plain
    values (tensor metadata only);
-2. ``check_cache_values``: the values of the index tensors (cache_seqlens,
-   cache_batch_idx, cache_leftpad, block_table). Reading them waits for the GPU (one
-   device-to-host copy of a few integers); it is what guarantees that nothing is
-   read or written outside the cache.
+2. the values of the index tensors (cache_seqlens, cache_batch_idx, cache_leftpad,
+   block_table), which guarantee that nothing is read or written outside the cache.
+   Where the fwd_kv op reads and writes the caches itself (most calls), the op checks
+   them on the device (``device_check_bound``, ``verdict_buffer``): it launches the
+   check before the rest of the call, every kernel of the call writes nothing on a bad
+   value, and the op returns once the verdict is in; only a refused call then reads
+   the values on the host (``check_cache_values``), for the message. Elsewhere
+   ``check_cache_values`` reads them before anything is launched (one device-to-host
+   copy of a few integers: a wait for the GPU).
 
 Each message names the value seen and what is valid.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import operator
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -343,6 +349,38 @@ def values_checkable(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
+def device_check_bound(
+    shape: CacheShape, cache_seqlens_given: bool, q_positions: int
+) -> int | None:
+    """The largest valid key count of a sequence (cache_seqlens + seqlen_new) for the
+    op's device check (fwd_kv's max_keys), or None when no count is valid (then the
+    host check gives the message). The capacity, and where rotary tables are given,
+    what they cover (check_cache_values' rule: cache_seqlens + max(seqlen_new,
+    q_positions) <= their rows)."""
+    bound = shape.capacity
+    if shape.rotary_rows and cache_seqlens_given:
+        reach = max(shape.seqlen_new, q_positions) - shape.seqlen_new  # past the last key
+        bound = min(bound, shape.rotary_rows - reach)
+    return bound if bound >= shape.seqlen_new else None
+
+
+_VERDICTS = threading.local()
+
+
+def verdict_buffer(device: torch.device) -> torch.Tensor:
+    """This thread's int32 cell in page-locked memory (for a CUDA call) that fwd_kv's
+    device check writes its verdict to. One a thread is enough: the op returns only once
+    the verdict is in, and the caller reads it before the next call."""
+    pinned = device.type == "cuda"
+    cells: dict[bool, torch.Tensor] | None = getattr(_VERDICTS, "cells", None)
+    if cells is None:
+        cells = _VERDICTS.cells = {}
+    cell = cells.get(pinned)
+    if cell is None:
+        cell = cells[pinned] = torch.empty(1, dtype=torch.int32, pin_memory=pinned)
+    return cell
+
+
 def check_cache_values(
     shape: CacheShape,
     seqused_k: torch.Tensor | None,
@@ -394,7 +432,7 @@ def check_cache_values(
             lo = hi = operator.index(cache_seqlens)  # type: ignore[arg-type]
         _check_seqlens_range(shape, lo, hi, seqlens_name)
         if shape.rotary_rows:
-            _check_rotary_rows(shape, hi, q_positions)
+            check_rotary_rows(shape, hi, q_positions)
         most = hi + shape.seqlen_new
     if cache_batch_idx is not None:
         lo, hi = min(values[:batch]), max(values[:batch])
@@ -440,7 +478,7 @@ def _check_seqlens_range(shape: CacheShape, lo: int, hi: int, name: str) -> None
         )
 
 
-def _check_rotary_rows(shape: CacheShape, hi: int, q_positions: int) -> None:
+def check_rotary_rows(shape: CacheShape, hi: int, q_positions: int) -> None:
     needed = hi + max(shape.seqlen_new, q_positions)
     if needed > shape.rotary_rows:
         raise InputError(

@@ -43,9 +43,13 @@ FWD_KV_SCHEMA = (
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
     "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, "
-    "Tensor? k_new=None, Tensor? v_new=None) -> (Tensor out, Tensor softmax_lse)"
+    "Tensor? k_new=None, Tensor? v_new=None, Tensor(c!)? verdict=None, int max_keys=-1) "
+    "-> (Tensor out, Tensor softmax_lse)"
 )
 BUILD_INFO_SCHEMA = "build_info() -> str"
+
+# fwd_kv's verdict bits (flash_api.h, FLASH_KV_BAD_*): which index values failed.
+KV_BAD_KEYS, KV_BAD_ROW, KV_BAD_LEFTPAD, KV_BAD_PAGE = 1, 2, 4, 8
 
 # The ops the extension must register (an extension without one of them is refused).
 REQUIRED_OPS = ("fwd", "fwd_kv", "bwd", "dropout_mask", "build_info")
@@ -203,6 +207,8 @@ def fwd_kv(
     num_splits: int,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    verdict: torch.Tensor | None = None,
+    max_keys: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward over a KV cache (inference only, no backward): (out, softmax_lse).
 
@@ -229,6 +235,15 @@ def fwd_kv(
     (seqused_k absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
     through block_table. A row whose key, cache row or page is out of range is skipped,
     whatever the values: nothing outside the caches is written.
+
+    verdict (one int32 element in page-locked CPU memory): the index values are checked
+    on the device before anything is written, and the call returns once that check is
+    done (not the attention). Valid: every entry's keys (seqused_k, else the lengths of
+    cu_seqlens_k, else the capacity) in [seqlen_new if seqused_k is given else 0,
+    max_keys] (max_keys < 0 or above the capacity: the capacity); kv_batch_idx in
+    [0, dim 0 of k); leftpad_k in [0, keys]; the block_table entries of the pages the
+    keys use in [0, num_pages). verdict[0] is then 0, or else nonzero (KV_BAD_* bits) and
+    nothing was written: not the caches, not out or softmax_lse (undefined).
     """
     return getattr(torch.ops, _EXTENSION.namespace).fwd_kv(
         q,
@@ -250,6 +265,8 @@ def fwd_kv(
         num_splits,
         k_new,
         v_new,
+        verdict,
+        max_keys,
     )
 
 
@@ -370,9 +387,12 @@ def fwd_kv_fake(
     num_splits: int,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    verdict: torch.Tensor | None = None,
+    max_keys: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same outputs as fwd's (the append writes into k and v: no new tensor),
-    after the binding's checks of k_new and v_new (a traced call fails as a real one)."""
+    """The same outputs as fwd's (the append writes into k and v, the check into
+    verdict: no new tensor), after the binding's checks of k_new and v_new (a traced call
+    fails as a real one)."""
     check_new_rows(q, k, v, cu_seqlens_q, k_new, v_new)
     return fwd_fake(
         q,

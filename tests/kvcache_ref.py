@@ -244,3 +244,47 @@ def append_ref(
             if 0 <= row < k_cache.shape[0]:
                 k_cache[row, slot] = k_new[b, i]
                 v_cache[row, slot] = v_new[b, i]
+
+
+def index_verdict_ref(
+    k_cache: torch.Tensor,
+    capacity: int,
+    seqlen_new: int,
+    max_keys: int,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    kv_batch_idx: torch.Tensor | None,
+    leftpad_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    batch: int,
+) -> int:
+    """fwd_kv's device index check (flash_api.h, flash_attn_kv_check) written out: the
+    KV_BAD_* bits of the values that fail. capacity: the keys a cache row holds (paged:
+    pages_per_seq x page_size; varlen: max_seqlen_k). Entry b's keys: seqused_k[b], else
+    the length cu_seqlens_k gives, else the capacity; valid in [seqlen_new if seqused_k
+    is given else 0, max_keys] (max_keys < 0 or past the capacity: the capacity)."""
+    from flash_attn import _ops
+
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    bound = capacity if max_keys < 0 or max_keys > capacity else max_keys
+    low = seqlen_new if seqused_k is not None else 0
+    bad = 0
+    for b in range(batch):
+        if seqused_k is not None:
+            keys = int(seqused_k[b])
+        elif cu_seqlens_k is not None:
+            keys = int(cu_seqlens_k[b + 1] - cu_seqlens_k[b])
+        else:
+            keys = capacity
+        if not low <= keys <= bound:
+            bad |= _ops.KV_BAD_KEYS
+        if kv_batch_idx is not None and not 0 <= int(kv_batch_idx[b]) < k_cache.shape[0]:
+            bad |= _ops.KV_BAD_ROW
+        if leftpad_k is not None and not 0 <= int(leftpad_k[b]) <= keys:
+            bad |= _ops.KV_BAD_LEFTPAD
+        if paged:
+            used = block_table[b, : max(0, -(-keys // page_size))]
+            if bool(((used < 0) | (used >= k_cache.shape[0])).any()):
+                bad |= _ops.KV_BAD_PAGE
+    return bad

@@ -30,7 +30,7 @@ from dropout_ref import (
     attention_dropout_varlen_ref,
     stub_keep_mask,
 )
-from kvcache_ref import append_ref
+from kvcache_ref import append_ref, index_verdict_ref
 from reference import alibi_bias, attention_ref, attention_varlen_ref, visible_keys
 
 import flash_attn
@@ -405,6 +405,8 @@ class StubKernels:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.build = dict(FULL_BUILD)
+        self.device_checks = 0  # fwd_kv calls given a verdict (the device index check)
+        self.refused = 0  # of those, refused: nothing written, not recorded in calls
 
 
 STUB = StubKernels()
@@ -539,11 +541,31 @@ def _stub_fwd_kv(
     num_splits: int,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    verdict: torch.Tensor | None = None,
+    max_keys: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fwd_kv contract (flash_attn/_ops.py) written out: k_new and v_new written
-    into the caches row by row, then each sequence's keys gathered one by one, then the
+    """The fwd_kv contract (flash_attn/_ops.py) written out: with a verdict, the index
+    check first (nothing written on a bad value); k_new and v_new written into the
+    caches row by row, then each sequence's keys gathered one by one, then the
     reference attention over them."""
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    if verdict is not None:
+        STUB.device_checks += 1
+        assert verdict.dtype == torch.int32 and verdict.numel() == 1 and not verdict.is_cuda
+        batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+        seqlen_new = 0 if k_new is None else k_new.shape[1]
+        capacity = (block_table.shape[1] * k.shape[1] if block_table is not None
+                    else max_seqlen_k if cu_seqlens_k is not None else k.shape[1])  # fmt: skip
+        verdict[0] = index_verdict_ref(
+            k, capacity, seqlen_new, max_keys, cu_seqlens_k, seqused_k, kv_batch_idx, leftpad_k,
+            block_table, batch,
+        )  # fmt: skip
+        if int(verdict[0]) != 0:
+            STUB.refused += 1
+            return _ops.fwd_kv_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, kv_batch_idx,
+                                    leftpad_k, block_table, max_seqlen_q, max_seqlen_k,
+                                    softmax_scale, window_left, window_right, softcap,
+                                    alibi_slopes, num_splits)  # fmt: skip
     if k_new is not None or v_new is not None:
         assert k_new is not None and v_new is not None and cu_seqlens_q is None
         append_ref(k, v, k_new, v_new, seqused_k, kv_batch_idx, block_table)
@@ -767,6 +789,7 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubKernels]:
     """Route flash_attn's ops to the CPU stand-in and let CPU tensors through."""
     STUB.calls.clear()
     STUB.build = dict(FULL_BUILD)
+    STUB.device_checks = STUB.refused = 0
     ext = _ops.Extension(namespace=STUB_NAMESPACE, importer=define_stub_ops)
     monkeypatch.setattr(_ops, "_EXTENSION", ext)
     monkeypatch.setattr(_checks, "DEVICE_TYPES", ("cuda", "cpu"))

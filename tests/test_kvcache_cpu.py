@@ -35,11 +35,14 @@ def _rotary_stand_in(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: int | torch.Tensor,
     interleaved: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i."""
+    """The Triton rotary's semantics on CPU: row i of sequence b at offsets[b] + i; a
+    row whose position is outside the tables is left as it is."""
     batch, seqlen = x.shape[0], x.shape[1]
     start = offsets if isinstance(offsets, torch.Tensor) else torch.full((batch,), offsets)
     positions = start.long()[:, None] + torch.arange(seqlen)
-    return rotate_ref(x, cos, sin, positions, interleaved)
+    inside = (positions >= 0) & (positions < cos.shape[0])
+    rotated = rotate_ref(x, cos, sin, positions.clamp(0, cos.shape[0] - 1), interleaved)
+    return torch.where(inside[:, :, None, None], rotated, x)
 
 
 @pytest.fixture
@@ -218,6 +221,114 @@ def test_the_op_appends_unless_it_reads_a_copy(
     call = _run_against_reference(kv, c, inp)
     assert call["appended"] == fused
     assert python_appends == ([] if fused else [1])
+
+
+# --- where the index values are checked: on the device by the op, or on the host ------
+
+
+def _no_host_read(*args: Any, **kwargs: Any) -> int:
+    raise AssertionError("the index values were read on the host")
+
+
+@pytest.mark.parametrize(
+    ("c", "on_device"),
+    [
+        (Case(seqlen_q=2, seqlen_new=2), True),
+        (Case(seqlen_new=0, seqlen_q=3), True),  # no append: the attention alone
+        (Case(batch_idx=True, leftpad=True, seqlen_new=3, seqlen_q=3), True),
+        (Case(page_size=16, seqlen_cache=48, seqlen_new=2, seqlen_q=2), True),
+        (Case(rotary="neox", seqlen_q=2, seqlen_new=2), True),
+        (Case(seqlens_int=True, batch_idx=True, seqlen_q=2, seqlen_new=2), True),
+        (Case(seqlens_int=True, seqlen_q=2, seqlen_new=2), False),  # no index tensor
+        (Case(head_dim=20, seqlen_q=2, seqlen_new=2), False),  # the Python append writes
+        (Case(page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2),
+         False),  # a paged prefill gathers the pages it reads
+    ],
+)  # fmt: skip
+def test_valid_values_are_checked_on_the_device_where_the_op_writes(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch, c: Case, on_device: bool
+) -> None:
+    """A checked call whose caches the op reads and writes itself hands the index check
+    to the op (a verdict) and never reads the values on the host, so nothing waits for
+    the GPU before the launch; the results are those of the reference."""
+    if on_device:
+        monkeypatch.setattr(_kvcache, "check_cache_values", _no_host_read)
+    inp = make_inputs(c)
+    _run_against_reference(kv, c, inp)
+    assert (kv.device_checks, kv.refused) == ((1, 0) if on_device else (0, 0))
+
+
+def test_no_device_check_with_the_checks_off(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
+    c = Case(seqlen_q=2, seqlen_new=2)
+    _run_against_reference(kv, c, make_inputs(c))
+    assert kv.device_checks == 0
+
+
+def test_the_device_check_covers_the_rotary_tables(kv: StubKernels) -> None:
+    """Rotary tables one row short for sequence 1's new keys: refused on the device
+    (the Triton rotary leaves such rows unrotated, so the op must say no), with the host
+    check's message, the caches unchanged."""
+    c = Case(rotary="neox", seqlen_q=2, seqlen_new=2)
+    inp = make_inputs(c)
+    rows = c.seqlen_cache - 8
+    seqlens = torch.zeros(c.batch, dtype=torch.int32)
+    seqlens[1] = rows - c.seqlen_new + 1  # its keys fit the cache, not the tables
+    args = {**inp.kwargs, "cache_seqlens": seqlens}
+    args["rotary_cos"], args["rotary_sin"] = args["rotary_cos"][:rows], args["rotary_sin"][:rows]
+    k_before = inp.k_cache.clone()
+    with pytest.raises(InputError, match=f"rotary_cos and rotary_sin have {rows} rows"):
+        flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, **args)
+    assert torch.equal(inp.k_cache, k_before)
+    assert (kv.device_checks, kv.refused) == (1, 1)
+
+
+def test_an_int_cache_seqlens_has_its_rotary_rows_checked_on_the_host(kv: StubKernels) -> None:
+    c = Case(rotary="neox", seqlens_int=True, page_size=16, seqlen_cache=48, seqlen_q=2,
+             seqlen_new=2)  # fmt: skip
+    inp = make_inputs(c)
+    rows = 20
+    args = {**inp.kwargs, "cache_seqlens": rows - 1}  # + 2 new keys: inside the cache
+    args["rotary_cos"], args["rotary_sin"] = args["rotary_cos"][:rows], args["rotary_sin"][:rows]
+    with pytest.raises(InputError, match=f"rotary_cos and rotary_sin have {rows} rows"):
+        flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, **args)
+    assert kv.device_checks == 0 and kv.calls == []
+
+
+def test_a_device_refusal_the_host_check_passes_is_reported(
+    kv: StubKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The two checks apply one rule; should they disagree, the call still fails, saying
+    what the device saw (nothing was written)."""
+    import test_api_cpu
+
+    monkeypatch.setattr(test_api_cpu, "index_verdict_ref", lambda *a: _ops.KV_BAD_PAGE)
+    c = Case(page_size=16, seqlen_cache=48, seqlen_new=2, seqlen_q=2)
+    inp = make_inputs(c)
+    k_before = inp.k_cache.clone()
+    with pytest.raises(InputError, match="refused on the device .a block_table entry"):
+        flash_attn.flash_attn_with_kvcache(
+            inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+            **inp.kwargs,
+        )  # fmt: skip
+    assert torch.equal(inp.k_cache, k_before)
+
+
+def test_verdict_cells_are_per_thread() -> None:
+    import threading
+
+    from flash_attn._kvcache_checks import verdict_buffer
+
+    mine = verdict_buffer(torch.device("cpu"))
+    assert verdict_buffer(torch.device("cpu")) is mine
+    assert mine.dtype == torch.int32 and mine.numel() == 1 and not mine.is_pinned()
+    theirs: list[torch.Tensor] = []
+    t = threading.Thread(target=lambda: theirs.append(verdict_buffer(torch.device("cpu"))))
+    t.start()
+    t.join()
+    assert theirs[0] is not mine
 
 
 def test_k_and_v_of_no_rows_append_nothing(kv: StubKernels) -> None:
@@ -416,7 +527,9 @@ def test_bad_index_values_leave_the_cache_unchanged_on_every_path(
     kv: StubKernels, path: str, bad: Any
 ) -> None:
     """The values are checked before anything writes the cache: the exact message, the
-    caches unchanged bit for bit, nothing launched."""
+    caches unchanged bit for bit. Where the op writes the caches itself (fused) it checks
+    them on the device and refuses the call; elsewhere the host check comes first and
+    nothing is launched."""
     c = WRITE_PATHS[path]
     changes, message = bad(c)
     inp, args = _bad(c, **changes)
@@ -426,6 +539,8 @@ def test_bad_index_values_leave_the_cache_unchanged_on_every_path(
     assert str(raised.value) == message
     assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
     assert kv.calls == []
+    fused = path.startswith("fused")
+    assert (kv.device_checks, kv.refused) == ((1, 1) if fused else (0, 0))
 
 
 @pytest.mark.parametrize(
@@ -608,11 +723,14 @@ def fwd_kv_args(
     return args, k_new, v_new
 
 
-def test_the_schema_ends_with_optional_k_new_and_v_new() -> None:
+def test_the_schema_ends_with_optional_k_new_v_new_and_the_check() -> None:
     schema = torch._C.parse_schema(f"flash_attn::{_ops.FWD_KV_SCHEMA}")
-    *_, k_new, v_new = schema.arguments
+    *_, k_new, v_new, verdict, max_keys = schema.arguments
     assert (k_new.name, v_new.name) == ("k_new", "v_new")
     assert k_new.default_value is None and v_new.default_value is None
+    assert (verdict.name, verdict.default_value) == ("verdict", None)
+    assert verdict.alias_info is not None and verdict.alias_info.is_write  # the check writes it
+    assert (max_keys.name, max_keys.default_value) == ("max_keys", -1)
     k, v = schema.arguments[1], schema.arguments[2]
     assert k.alias_info is not None and k.alias_info.is_write  # the caches are written
     assert v.alias_info is not None and v.alias_info.is_write
@@ -660,14 +778,18 @@ def test_fake_fwd_kv_refuses_bad_k_new(change: str, message: str) -> None:
         _ops.fwd_kv_fake(*args)
 
 
+@pytest.mark.parametrize("verdict", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
-def test_fwd_kv_with_k_new_is_opcheck_clean(paged: bool) -> None:
-    """The stand-in writes k_new and v_new into k and v: the schema must say so (a
-    mutation the schema does not declare fails test_schema), and the fake must agree."""
+def test_fwd_kv_with_k_new_is_opcheck_clean(paged: bool, verdict: bool) -> None:
+    """The stand-in writes k_new and v_new into k and v, and the check's verdict: the
+    schema must say so (a mutation the schema does not declare fails test_schema), and
+    the fake must agree."""
     define_stub_ops()
     _ops.register_fakes(STUB_NAMESPACE)
     op = getattr(torch.ops, STUB_NAMESPACE).fwd_kv.default
     args, _, _ = fwd_kv_args(device="cpu", paged=paged)
+    if verdict:
+        args += [torch.full((1,), -1, dtype=torch.int32), -1]
     torch.library.opcheck(op, tuple(args), test_utils=("test_schema", "test_faketensor"))
 
 

@@ -245,12 +245,17 @@ Tensor new_rows(const Tensor &t, const char *name, const Tensor &cache, const ch
   return t.stride(-1) == 1 ? t : fa::contiguous(t);
 }
 
-// Copies k_new and v_new into the caches k and v in place, on the current stream, before
-// the attention kernel reads them (flash_api.h, flash_attn_append_kv). p is the forward's
-// (checked) parameters; k and v are the caches as given (never a copy: the append must
-// land in them).
-void append_new_rows(const FlashAttnParams &p, const Tensor &q, const Tensor &k, const Tensor &v,
-                     const OptTensor &cu_q, const KvCache &cache) {
+// The append of k_new and v_new into the caches k and v in place (flash_api.h,
+// flash_attn_append_kv), checked and laid out; launched by launch_append before the
+// attention reads the caches. p is the forward's (checked) parameters; k and v are the
+// caches as given (never a copy: the append must land in them).
+struct AppendRows {
+  FlashAppendKvParams a;
+  Tensor k_new, v_new;  // as the kernel reads them (kept alive until it is launched)
+};
+
+AppendRows prepare_append(const FlashAttnParams &p, const Tensor &k, const Tensor &v,
+                          const OptTensor &cu_q, const KvCache &cache) {
   FA_CHECK(cache.k_new.has_value() && cache.v_new.has_value(),
            "k_new and v_new go together: give both or neither");
   FA_CHECK(!cu_q.has_value(), "k_new and v_new need a dense q and a dense or paged cache "
@@ -263,9 +268,10 @@ void append_new_rows(const FlashAttnParams &p, const Tensor &q, const Tensor &k,
   const int64_t seqlen_new = cache.k_new->size(1);
   FA_CHECK(p.batch * seqlen_new <= INT32_MAX, "k_new has too many rows (batch x seqlen_new must fit in "
            "int32), got ", p.batch, " x ", seqlen_new);
-  const Tensor kn = new_rows(*cache.k_new, "k_new", k, "k", p, seqlen_new);
-  const Tensor vn = new_rows(*cache.v_new, "v_new", v, "v", p, seqlen_new);
-  FlashAppendKvParams a{};
+  AppendRows r{FlashAppendKvParams{}, new_rows(*cache.k_new, "k_new", k, "k", p, seqlen_new),
+               new_rows(*cache.v_new, "v_new", v, "v", p, seqlen_new)};
+  FlashAppendKvParams &a = r.a;
+  const Tensor &kn = r.k_new, &vn = r.v_new;
   a.k_new = kn.data_ptr();
   a.v_new = vn.data_ptr();
   a.k_new_batch_stride = kn.stride(0), a.k_new_row_stride = kn.stride(1), a.k_new_head_stride = kn.stride(2);
@@ -285,11 +291,63 @@ void append_new_rows(const FlashAttnParams &p, const Tensor &q, const Tensor &k,
   a.block_table = p.block_table;
   a.block_table_batch_stride = p.block_table_batch_stride;
   a.page_size = p.page_size;
-  const int status = flash_attn_append_kv(&a, fa::current_stream(q));
-  FA_CHECK(status != FLASH_ERR_BAD_ARGUMENT, "invalid arguments for the KV-cache append (batch ", p.batch,
-           ", seqlen_new ", seqlen_new, ", nheads_k ", p.nheads_k, ", head_dim ", p.head_dim, ")");
+  return r;
+}
+
+void launch_append(AppendRows &r, const Tensor &q, const int *abort_flag) {
+  r.a.abort_flag = abort_flag;
+  const int status = flash_attn_append_kv(&r.a, fa::current_stream(q));
+  FA_CHECK(status != FLASH_ERR_BAD_ARGUMENT, "invalid arguments for the KV-cache append (batch ", r.a.batch,
+           ", seqlen_new ", r.a.seqlen_new, ", nheads_k ", r.a.nheads_k, ", head_dim ", r.a.head_dim, ")");
   FA_CHECK(status == FLASH_OK, "CUDA error in the KV-cache append: ", flash_last_cuda_error());
 }
+
+// The index check on the device (flash_api.h, flash_attn_kv_check) of a fwd_kv given a
+// verdict: launched before anything of the call, waited for after all of it is launched
+// (wait()), or, when the call fails on the host in between, when this goes out of scope
+// (so that a check kernel still in flight never writes a later call's verdict).
+class DeviceCheck {
+ public:
+  DeviceCheck(const FlashAttnParams &p, const Tensor &q, const Tensor &k, const Tensor &verdict,
+              int64_t max_keys, int64_t seqlen_new)
+      : stream_(fa::current_stream(q)) {
+    FA_CHECK(!fa::is_cuda(verdict) && fa::dtype(verdict) == ScalarType::Int && verdict.numel() == 1 &&
+                 verdict.is_contiguous(),
+             "verdict must be a one-element int32 CPU tensor in page-locked memory "
+             "(torch.empty(1, dtype=torch.int32, pin_memory=True)), got ",
+             fa::dtype_name(fa::dtype(verdict)), " ", fa::shape_text(fa::shape(verdict)), " on ",
+             fa::device_text(verdict));
+    flag_ = fa::empty_like_device(q, {1}, ScalarType::Int);
+    FlashKvCheck c{};
+    c.flag = static_cast<int *>(flag_->data_ptr());
+    c.verdict = static_cast<volatile int *>(verdict.data_ptr());
+    c.min_keys = p.seqused_k != nullptr ? seqlen_new : 0;  // cache_seqlens >= 0
+    c.max_keys = max_keys < 0 || max_keys > p.seqlen_k ? p.seqlen_k : max_keys;
+    c.cache_rows = k.size(0);
+    const int status = flash_attn_kv_check(&p, &c, stream_);
+    FA_CHECK(status != FLASH_ERR_BAD_ARGUMENT,
+             "verdict must be page-locked host memory the GPU can write (pin_memory=True)");
+    FA_CHECK(status == FLASH_OK, "CUDA error in the KV-cache index check: ", flash_last_cuda_error());
+    verdict_ = c.verdict;
+  }
+  DeviceCheck(const DeviceCheck &) = delete;
+  DeviceCheck &operator=(const DeviceCheck &) = delete;
+  ~DeviceCheck() {
+    if (verdict_ != nullptr) flash_attn_wait_verdict(verdict_, stream_);
+  }
+  const int *flag() const { return static_cast<const int *>(flag_->data_ptr()); }
+  void wait() {
+    const volatile int *v = verdict_;
+    verdict_ = nullptr;
+    FA_CHECK(flash_attn_wait_verdict(v, stream_) == FLASH_OK,
+             "CUDA error while waiting for the KV-cache index check: ", flash_last_cuda_error());
+  }
+
+ private:
+  void *stream_;
+  std::optional<Tensor> flag_;
+  const volatile int *verdict_ = nullptr;
+};
 
 // Plans the launch (split kernel or not, how many splits), allocates the split
 // workspace it asks for and runs the forward.
@@ -313,7 +371,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
                                    const OptTensor &cu_q, const OptTensor &cu_k, int64_t max_sq,
                                    int64_t max_sk, double scale, int64_t left, int64_t right,
                                    double softcap, const OptTensor &alibi, const KvCache &cache,
-                                   int64_t num_splits, double dropout_p, const OptTensor &rng_state) {
+                                   int64_t num_splits, double dropout_p, const OptTensor &rng_state,
+                                   const OptTensor &verdict = std::nullopt, int64_t max_keys = -1) {
   FA_CHECK(fa::is_cuda(q_in), "q must be a CUDA tensor, got device ", fa::device_text(q_in));
   FA_CHECK(num_splits >= 0 && num_splits <= FLASH_MAX_SPLITS, "num_splits must be in [0, ",
            FLASH_MAX_SPLITS, "] (0 = chosen by the kernels), got ", num_splits);
@@ -325,7 +384,14 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
       make_params(q, k_in, v_in, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
   p.num_splits = static_cast<int>(num_splits);
   set_dropout(p, dropout_p, rng_state, q);
-  if (cache.appends()) append_new_rows(p, q, k_in, v_in, cu_q, cache);
+  std::optional<AppendRows> append;
+  if (cache.appends()) append.emplace(prepare_append(p, k_in, v_in, cu_q, cache));
+  std::optional<DeviceCheck> check;
+  if (verdict.has_value()) {
+    check.emplace(p, q, k_in, *verdict, max_keys, append ? int64_t(append->a.seqlen_new) : 0);
+    p.abort_flag = check->flag();
+  }
+  if (append) launch_append(*append, q, p.abort_flag);
   const Tensor k = kernel_ready(k_in), v = kernel_ready(v_in);
   const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
@@ -343,9 +409,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
   if (q.numel() == 0) {
     fa::fill(lse, INFINITY);
-    return {out, lse};
+  } else {
+    run_forward(p, q);
   }
-  run_forward(p, q);
+  if (check) check->wait();
   return {out, lse};
 }
 
@@ -360,16 +427,21 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, OptTensor cu_q, Opt
 // The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
 // varlen, or paged through block_table; seqused_k gives each entry's key count. With
 // k_new and v_new (batch, seqlen_new, nheads_k, head_dim) it first writes them into the
-// caches k and v in place, as the last seqlen_new of each entry's keys.
+// caches k and v in place, as the last seqlen_new of each entry's keys. With verdict (a
+// page-locked int32 CPU tensor of one element) the index values are checked on the device
+// first, every key count against [seqlen_new if seqused_k is given else 0, max_keys]
+// (max_keys < 0: the capacity); on a bad value nothing is written (out and softmax_lse
+// are then undefined) and verdict[0] gets FLASH_KV_BAD_* bits, else 0. The call returns
+// once the verdict is in, without waiting for the attention.
 std::tuple<Tensor, Tensor> fwd_kv(Tensor q, Tensor k, Tensor v, OptTensor cu_q, OptTensor cu_k,
                                   OptTensor seqused_k, OptTensor kv_batch_idx, OptTensor leftpad_k,
                                   OptTensor block_table, int64_t max_sq, int64_t max_sk,
                                   double scale, int64_t left, int64_t right, double softcap,
                                   OptTensor alibi, int64_t num_splits, OptTensor k_new,
-                                  OptTensor v_new) {
+                                  OptTensor v_new, OptTensor verdict, int64_t max_keys) {
   const KvCache cache{seqused_k, kv_batch_idx, leftpad_k, block_table, k_new, v_new};
   return forward(q, k, v, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache,
-                 num_splits, 0.0, std::nullopt);
+                 num_splits, 0.0, std::nullopt, verdict, max_keys);
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd(Tensor dout_in, Tensor q_in, Tensor k_in, Tensor v_in,
@@ -459,7 +531,8 @@ constexpr const char *FWD_KV_SCHEMA =
     "Tensor? seqused_k, Tensor? kv_batch_idx, Tensor? leftpad_k, Tensor? block_table, "
     "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
     "int window_right, float softcap, Tensor? alibi_slopes, int num_splits, "
-    "Tensor? k_new=None, Tensor? v_new=None) -> (Tensor out, Tensor softmax_lse)";
+    "Tensor? k_new=None, Tensor? v_new=None, Tensor(c!)? verdict=None, int max_keys=-1) "
+    "-> (Tensor out, Tensor softmax_lse)";
 constexpr const char *BWD_SCHEMA =
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
     "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

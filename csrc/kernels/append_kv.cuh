@@ -11,10 +11,9 @@
 #include <stdint.h>
 
 #include "flash_api.h"
+#include "tile.cuh"
 
 namespace flash {
-
-void set_cuda_error(cudaError_t e);  // dispatch.cu: recorded for flash_last_cuda_error()
 
 // Where a new row lands: (dim 0, dim 1) of the cache, or skip.
 struct AppendSlot {
@@ -38,6 +37,7 @@ __device__ __forceinline__ AppendSlot append_slot(const FlashAppendKvParams &p, 
 // Copy one (entry, row) of k_new and v_new: Unit is uint4 (8 elements) or uint16_t (1).
 template <typename Unit>
 __global__ void append_kv_kernel(const FlashAppendKvParams p) {
+  if (call_aborted(p.abort_flag)) return;
   const int b = int(blockIdx.x / unsigned(p.seqlen_new));
   const int i = int(blockIdx.x % unsigned(p.seqlen_new));
   const AppendSlot slot = append_slot(p, b, i);

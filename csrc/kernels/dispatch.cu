@@ -8,6 +8,7 @@
 
 #include "append_kv.cuh"
 #include "dropout.cuh"
+#include "kv_check.cuh"
 #include "registry.cuh"
 #include "split_plan.h"
 #include "tile.cuh"
@@ -191,6 +192,16 @@ int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch
     return FLASH_ERR_CUDA;
   }
   return FLASH_OK;
+}
+
+int flash_attn_kv_check(const FlashAttnParams *params, const FlashKvCheck *check, void *cuda_stream) {
+  if (params == nullptr || check == nullptr) return FLASH_ERR_BAD_ARGUMENT;
+  return flash::launch_kv_check(*params, *check, static_cast<cudaStream_t>(cuda_stream));
+}
+
+int flash_attn_wait_verdict(const volatile int *verdict, void *cuda_stream) {
+  if (verdict == nullptr) return FLASH_ERR_BAD_ARGUMENT;
+  return flash::wait_verdict(verdict, static_cast<cudaStream_t>(cuda_stream));
 }
 
 int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream) {

@@ -97,6 +97,10 @@ typedef struct FlashAttnParams {
      the device, (seed, offset); read only when dropout_p > 0. */
   float dropout_p;
   const int64_t *rng_state;
+
+  /* NULL, or a device int32 that flash_attn_kv_check wrote earlier on the stream: when it
+     is nonzero, every kernel of the call returns before writing anything. */
+  const int *abort_flag;
 } FlashAttnParams;
 
 /* Decides how the forward runs: resolves params->num_splits (0 = chosen from the
@@ -143,12 +147,40 @@ typedef struct FlashAppendKvParams {
   const int *block_table;           /* paged: int32, or NULL for a dense cache */
   int64_t block_table_batch_stride;
   int page_size;                    /* paged: > 0 */
+  const int *abort_flag;            /* as FlashAttnParams.abort_flag: nonzero, nothing is written */
 } FlashAppendKvParams;
 
 /* Copies k_new and v_new into the caches (one kernel, 16-byte copies where the pointers
  * and strides allow) on the stream; a kernel launched after it on the same stream (not
  * as a programmatic dependent launch) sees the new keys. */
 int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream);
+
+/* The index check of a KV-cache forward, made on the device so that the caller need not
+ * wait for the values before launching (flash_attn_with_kvcache's checked call):
+ * flash_attn_kv_check launches one small kernel that reads every index value of params
+ * (seqused_k, or the lengths of cu_seqlens_k, else seqlen_k for every entry: the keys;
+ * kv_batch_idx, leftpad_k, and the block_table entries of the pages the keys use) and
+ * writes the verdict, 0 or FLASH_KV_BAD_* bits, to *flag (device) and *verdict (host).
+ * Valid: keys in [min_keys, max_keys]; kv_batch_idx in [0, cache_rows); leftpad_k in
+ * [0, keys]; block_table[b][j] in [0, cache_rows) for j < ceil(keys / page_size).
+ * Give params->abort_flag = flag (and the append's) to the kernels launched after it on
+ * the same stream: with a nonzero verdict they write nothing. *verdict is host memory
+ * the device can write (page-locked, mapped: any cudaHostAlloc / cudaMallocHost memory
+ * under unified addressing); it is set to -1 here, then the kernel writes it.
+ * flash_attn_wait_verdict waits (on the host) until it is written; FLASH_ERR_CUDA if the
+ * stream fails or finishes without writing it. */
+typedef struct FlashKvCheck {
+  int *flag;                        /* device int32 */
+  volatile int *verdict;            /* host int32 */
+  int64_t min_keys, max_keys;       /* valid keys of an entry */
+  int64_t cache_rows;               /* dim 0 of k: rows (dense) or pages (paged) */
+} FlashKvCheck;
+#define FLASH_KV_BAD_KEYS 1
+#define FLASH_KV_BAD_ROW 2
+#define FLASH_KV_BAD_LEFTPAD 4
+#define FLASH_KV_BAD_PAGE 8
+int flash_attn_kv_check(const FlashAttnParams *params, const FlashKvCheck *check, void *cuda_stream);
+int flash_attn_wait_verdict(const volatile int *verdict, void *cuda_stream);
 
 /* Whether an instantiation exists (direction 0 = forward, 1 = backward). */
 int flash_attn_has_kernel(int head_dim, int dtype, int direction);

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
   T *sK = sQ + BM * LD;
   T *sV = sK + BN * LD;
 
+  if (call_aborted(p.abort_flag)) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int m_block = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(p, b);

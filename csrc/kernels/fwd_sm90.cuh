@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   uint64_t *q_full = bars, *k_full = bars + 1, *v_full = bars + 1 + S, *k_empty = bars + 1 + 2 * S,
            *v_empty = bars + 1 + 3 * S;
 
+  if (call_aborted(p.abort_flag)) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int wg = warp / 4;
   const TileCoords tc = tile_coords(true);

@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   T *sV = sK + S * BN * LD;  // S stages
   RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);  // BN (k, v) row addresses
 
+  if (call_aborted(p.abort_flag)) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
   const int nsplit = p.num_splits, split = blockIdx.x % nsplit, r0 = blockIdx.x / nsplit * R;
   const int hk = blockIdx.y, b = blockIdx.z, group = p.nheads / p.nheads_k;
@@ -416,6 +417,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cudaGridDependencySynchronize();  // a no-op unless launched as a dependent grid
 #endif
+  if (call_aborted(p.abort_flag)) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
   const int ns = p.num_splits, hd = p.head_dim;

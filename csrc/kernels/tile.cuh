@@ -400,6 +400,12 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // Records a CUDA error for flash_last_cuda_error() (dispatch.cu).
 void set_cuda_error(cudaError_t e);
 
+// Whether an index check earlier on the stream (kv_check.cuh) refused this call's values:
+// then every kernel of the call returns before writing anything.
+__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+  return abort_flag != nullptr && *abort_flag != 0;
+}
+
 // Whether to launch the sm_90a kernels (where a build has them): the current
 // device is compute capability 9.0 and FLASH_ATTN_DISABLE_SM90 is unset or 0.
 bool use_sm90_kernels();
