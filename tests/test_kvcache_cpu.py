@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from kvcache_ref import Case, Inputs, expected, make_inputs, rotate_ref
+from kvcache_ref import BAD_VALUES, WRITE_PATHS, Case, Inputs, expected, make_inputs, rotate_ref
 from reference import attention_ref
 from test_api_cpu import STUB_NAMESPACE, StubKernels, define_stub_ops, stub  # noqa: F401
 
@@ -448,76 +448,6 @@ def test_bad_input_is_refused_before_anything_is_written(
         flash_attn.flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, **args)
     assert torch.equal(inp.k_cache, k_before) and torch.equal(inp.v_cache, v_before)
     assert kv.calls == []
-
-
-# Every way the cache is written: the op's fused append (dense, paged), the Python
-# append_ before the op reads a copy (a padded head_dim; a paged prefill's gathered
-# pages), each with and without rotary.
-WRITE_PATHS = {
-    "fused dense": Case(seqlen_q=2, seqlen_new=2),
-    "fused dense rotary": Case(seqlen_q=2, seqlen_new=2, rotary="neox"),
-    "fused dense batch_idx leftpad": Case(seqlen_q=2, seqlen_new=2, batch_idx=True, leftpad=True),
-    "python append padded": Case(head_dim=20, seqlen_q=2, seqlen_new=2),
-    "python append padded rotary": Case(
-        head_dim=20, seqlen_q=2, seqlen_new=2, rotary="interleaved", rotary_dim=12
-    ),
-    "fused paged": Case(page_size=16, seqlen_cache=48, seqlen_q=2, seqlen_new=2),
-    "fused paged rotary": Case(page_size=16, seqlen_cache=48, seqlen_q=2, seqlen_new=2,
-                               rotary="neox"),
-    "python append gathered pages": Case(
-        page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2
-    ),
-    "python append gathered pages rotary": Case(
-        page_size=16, seqlen_q=40, seqlen_new=40, seqlen_cache=64, nheads=8, nheads_k=2,
-        rotary="neox",
-    ),
-}  # fmt: skip
-
-
-def _too_long(c: Case) -> tuple[dict[str, Any], str]:
-    """cache_seqlens one key past the cache for sequence 1, and the message it gets."""
-    seqlens = make_inputs(c).seqlens.clone()
-    seqlens[1] = c.seqlen_cache - c.seqlen_new + 1
-    hi = int(seqlens.max())
-    where = (
-        f"block_table's capacity: pages_per_seq ({c.seqlen_cache // c.page_size}) x page_size "
-        f"({c.page_size}) = {c.seqlen_cache} keys"
-        if c.page_size
-        else f"the cache: seqlen_cache (dim 1 of k_cache) is {c.seqlen_cache}"
-    )
-    message = (
-        f"cache_seqlens + seqlen_new = {hi} + {c.seqlen_new} = {hi + c.seqlen_new} keys for a "
-        f"sequence exceeds {where}; valid: cache_seqlens + seqlen_new <= {c.seqlen_cache}"
-    )
-    return {"cache_seqlens": seqlens}, message
-
-
-def _negative(c: Case) -> tuple[dict[str, Any], str]:
-    seqlens = make_inputs(c).seqlens.clone()
-    seqlens[2] = -3
-    return {"cache_seqlens": seqlens}, "cache_seqlens must be >= 0 for every sequence; got -3"
-
-
-def _bad_page(c: Case) -> tuple[dict[str, Any], str]:
-    """Sequence 1's first page (always read: it holds the new keys or those before them)
-    out of the pool."""
-    inp = make_inputs(c)
-    table = inp.kwargs["block_table"].clone()
-    pool = inp.k_cache.shape[0]
-    table[1, 0] = pool
-    message = (
-        f"block_table[1, 0] = {pool} is not a page of the pool: the paged k_cache has {pool} "
-        f"pages, so the entries a sequence uses (its first ceil(keys / page_size) columns) "
-        f"must be in 0..{pool - 1}"
-    )
-    return {"block_table": table}, message
-
-
-BAD_VALUES = [
-    (path, bad)
-    for path, c in WRITE_PATHS.items()
-    for bad in (_too_long, _negative, *((_bad_page,) if c.page_size else ()))
-]
 
 
 @pytest.mark.parametrize(

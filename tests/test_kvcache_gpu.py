@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import torch
 from gpu_poison import poison_cuda_cache, poison_enabled
-from kvcache_ref import Case, Inputs, append_ref, expected, make_inputs
+from kvcache_ref import BAD_VALUES as BAD_INDEX_VALUES
+from kvcache_ref import WRITE_PATHS, Case, Inputs, append_ref, expected, make_inputs
 from reference import attention_ref
 
 pytestmark = pytest.mark.gpu
@@ -299,6 +300,111 @@ def test_bad_values_raise_before_any_write(changes: dict[str, str], message: str
         )
     torch.cuda.synchronize()
     assert torch.equal(inp.k_cache, before[0]) and torch.equal(inp.v_cache, before[1])
+
+
+# --- the index check on the device (the checked call's default where the op writes) ---
+
+
+@pytest.mark.parametrize(
+    ("path", "bad"), BAD_INDEX_VALUES, ids=[f"{p}-{b.__name__[1:]}" for p, b in BAD_INDEX_VALUES]
+)
+def test_bad_index_values_leave_the_cache_unchanged_on_every_path(path: str, bad: Any) -> None:
+    """kvcache_ref's write paths and bad values on the GPU (the fused ones refused by the
+    op's device check, the others by the host check first): the CPU tests' exact
+    message, the caches bit-identical; then the same caches with good values give the
+    reference (no verdict of the refused call lingers)."""
+    from flash_attn.errors import InputError
+
+    c = WRITE_PATHS[path]
+    if c.rotary and not HAS_TRITON:
+        pytest.skip("rotary needs Triton")
+    changes, message = bad(c)
+    inp = make_inputs(c, device="cuda", dtype=torch.bfloat16)
+    args = {"cache_seqlens": inp.cache_seqlens, **inp.kwargs}
+    args.update({k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in changes.items()})
+    before = (inp.k_cache.clone(), inp.v_cache.clone())
+    ref, lo = expected(c, inp.to("cpu")), expected(c, inp.to("cpu"), upcast=False)
+    repoison()
+    with pytest.raises(InputError) as raised:
+        fa().flash_attn_with_kvcache(inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, **args)
+    assert str(raised.value) == message
+    torch.cuda.synchronize()
+    assert torch.equal(inp.k_cache, before[0]) and torch.equal(inp.v_cache, before[1])
+    out = fa().flash_attn_with_kvcache(
+        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=inp.cache_seqlens,
+        **inp.kwargs,
+    )  # fmt: skip
+    assert_close_to_ref("out after a refusal", out.cpu(), ref.out, lo.out)
+
+
+@pytest.mark.parametrize("side_stream", [False, True], ids=["current-stream", "side-stream"])
+def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool) -> None:
+    """The GPU held back (a 20 ms spin), cache_seqlens made bad, good, bad by kernels
+    queued just before each call: the host launches each call long before the GPU reaches
+    it, and must still refuse exactly the bad ones (the verdict of that call, not an
+    earlier one), write nothing for them, and give the reference for the good one."""
+    from flash_attn.errors import InputError
+
+    c = Case(batch=3, seqlen_cache=64, seqlen_q=2, seqlen_new=2, head_dim=128)
+    inp = make_inputs(c, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    good = inp.seqlens.cuda()
+    before = (inp.k_cache.clone(), inp.v_cache.clone())
+    ref, lo = expected(c, inp.to("cpu")), expected(c, inp.to("cpu"), upcast=False)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        for step, shift in enumerate((1000, 0, -1000)):
+            torch.cuda._sleep(20_000_000)
+            seqlens = good + shift  # queued behind the spin
+            if shift:
+                with pytest.raises(InputError, match=">= 0" if shift < 0 else "exceeds"):
+                    fa().flash_attn_with_kvcache(
+                        inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=seqlens,
+                        **inp.kwargs,
+                    )  # fmt: skip
+                stream.synchronize()
+                assert torch.equal(inp.k_cache, before[0]), step
+                assert torch.equal(inp.v_cache, before[1]), step
+            else:
+                out = fa().flash_attn_with_kvcache(
+                    inp.q, inp.k_cache, inp.v_cache, inp.k, inp.v, cache_seqlens=seqlens,
+                    **inp.kwargs,
+                )  # fmt: skip
+                stream.synchronize()
+                assert_close_to_ref("out", out.cpu(), ref.out, lo.out)
+                assert torch.equal(inp.k_cache.cpu(), ref.k_cache)
+                before = (inp.k_cache.clone(), inp.v_cache.clone())
+
+
+def test_checked_calls_with_the_checks_on_write_nothing_anywhere() -> None:
+    """fused_append's bad values through the API with the checks on: refused, and not a
+    byte written, inside the caches or around them."""
+    from flash_attn.errors import InputError
+
+    for name in ("keys-past-the-end", "rows-out-of-range", "pages-out-of-range"):
+        layout, page_size, seqused, batch_idx, table_edit = BAD_VALUES[name]
+        c = make_append_case(layout, page_size, 4, False, torch.bfloat16)
+        row = c["k_cache"][0].numel()
+        k_buffer, k_cache = guarded(c["k_cache"], 2 * row)
+        v_buffer, v_cache = guarded(c["v_cache"], 2 * row)
+        k_before, v_before = k_buffer.clone(), v_buffer.clone()
+        kwargs: dict[str, Any] = {}
+        if batch_idx is not None:
+            kwargs["cache_batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device="cuda")
+        if page_size:
+            table = c["table"]
+            if table_edit is not None:
+                table[:, 2] = torch.tensor(table_edit, dtype=torch.int32, device="cuda")
+            kwargs["block_table"] = table
+        seqlens = torch.tensor(seqused, dtype=torch.int64) - 4
+        seqlens = seqlens.clamp(-(2**31), 2**31 - 1).to(torch.int32).cuda()
+        with pytest.raises(InputError):
+            fa().flash_attn_with_kvcache(
+                c["q"], k_cache, v_cache, c["k_new"], c["v_new"], cache_seqlens=seqlens,
+                **kwargs,
+            )  # fmt: skip
+        torch.cuda.synchronize()
+        assert torch.equal(k_buffer, k_before) and torch.equal(v_buffer, v_before), name
 
 
 # --- the fused append: fwd_kv with k_new and v_new, against its contract -------------
