@@ -23,7 +23,7 @@ namespace flash {
 template <int D, int W>
 struct SplitConfig {
   static constexpr int kWarps = W, kThreads = 32 * W;
-  static constexpr int BNW = split::bn(D);  // keys a warp takes from each stage
+  static constexpr int BNW = split::bn(D, W);  // keys a warp takes from each stage
   static constexpr int BN = W * BNW;        // keys a stage
   static constexpr int kStages = split::stages(D, W), LD = split::ld(D);
   static constexpr int kRows = split::kRows;
@@ -484,8 +484,8 @@ int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
   int status;
 #if defined(FLASH_HAS_SM90A)
-  if (split::warps(p, D) == split::kWideWarps) {
-    constexpr int W = split::kWideWarps;
+  if (split::warps(p, D) != 1) {
+    constexpr int W = split::wide_warps(D);
     status = launch(fwd_split_kernel<D, W, T>, grid, 32 * W, SplitConfig<D, W>::kSmem, stream, p);
   } else
 #endif

@@ -17,25 +17,32 @@ constexpr int kRows = 16;  // packed query rows per CTA: one m16 tile, one warp
 
 // Keys a warp takes from each pipeline stage (8 KB of K and V at head dim 64, 16 KB
 // at 128 and 256) and the stages. A CTA has W warps sharing each stage: W = 1 (several
-// CTAs an SM) everywhere, W = kWideWarps on sm_90 (wide()). Measured on an H200
+// CTAs an SM) everywhere, W = wide_warps(d) on sm_90 (warps()). Measured on an H200
 // (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
 // pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages, 3 CTAs, by 10%);
 // 64 keys a stage at 64 lost 15% to 32.
-constexpr int kWideWarps = 4;
-constexpr int bn(int d) { return d <= 128 ? 32 : 16; }
+constexpr int wide_warps(int /*d*/) { return 4; }
+constexpr int bn(int d, int /*w*/) { return d <= 128 ? 32 : 16; }
 constexpr int stages(int d, int w) { return w == 1 ? (d <= 128 ? 3 : 2) : 3; }
 constexpr int ld(int d) { return d + 8; }
 // Q, the K and V stages, and one table of (k, v) row addresses. (The wide kernel's
 // end, where the warps merge their states, reuses the stages: W x 16 x d floats and
 // four W x 16 tables, which always fit.)
 constexpr size_t smem_bytes(int d, int w) {
-  return size_t(kRows + 2 * stages(d, w) * w * bn(d)) * ld(d) * 2 + size_t(w * bn(d)) * 16;
+  return size_t(kRows + 2 * stages(d, w) * w * bn(d, w)) * ld(d) * 2 + size_t(w * bn(d, w)) * 16;
 }
-static_assert(size_t(kWideWarps) * kRows * 256 * 4 + 4 * kWideWarps * kRows * 4 <=
-                  size_t(2 * stages(256, kWideWarps) * kWideWarps * bn(256)) * ld(256) * 2,
-              "the wide kernel's merge fits in its stages");
-static_assert(smem_bytes(256, kWideWarps) <= 227 * 1024 && smem_bytes(128, kWideWarps) <= 227 * 1024,
-              "the wide kernel fits an sm_90 CTA's shared memory");
+constexpr bool wide_fits(int d) {
+  const int w = wide_warps(d);
+  return size_t(w) * kRows * d * 4 + 4 * w * kRows * 4 <= size_t(2 * stages(d, w) * w * bn(d, w)) * ld(d) * 2 &&
+         smem_bytes(d, w) <= 227 * 1024;
+}
+constexpr bool wide_fits_every_bucket() {
+  for (int d = 32; d <= 256; d += 32)
+    if (!wide_fits(d)) return false;
+  return true;
+}
+static_assert(wide_fits_every_bucket(),
+              "the wide kernel fits an sm_90 CTA's shared memory, and its merge fits in its stages");
 // The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
 // planner and the launch ask the same question. Wide where the sm_90 kernels run
 // (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
@@ -45,8 +52,9 @@ static_assert(smem_bytes(256, kWideWarps) <= 227 * 1024 && smem_bytes(128, kWide
 // one was as fast or faster.
 inline int warps(const FlashAttnParams &p, int d) {
   if (!use_sm90_kernels()) return 1;
-  if (p.block_table != nullptr && p.page_size < kWideWarps * bn(d) && d > 64 && d <= 128) return 1;
-  return kWideWarps;
+  const int w = wide_warps(d);
+  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d > 64 && d <= 128) return 1;
+  return w;
 }
 
 // Query rows of one (entry, kv head) once the heads of a group are packed:
