@@ -25,7 +25,8 @@ struct SplitConfig {
   static constexpr int kWarps = W, kThreads = 32 * W;
   static constexpr int BNW = split::bn(D, W);  // keys a warp takes from each stage
   static constexpr int BN = W * BNW;        // keys a stage
-  static constexpr int kStages = split::stages(D, W), LD = split::ld(D);
+  static constexpr int kStages = split::stages(D, W), LD = split::ld(D), LDQ = split::ldq(D);
+  static constexpr bool kSwz = split::swizzled(D);  // K and V stage rows (tile.cuh, tile_at)
   static constexpr int kRows = split::kRows;
   static constexpr bool kQInRegs = D <= 128;  // above, Q's fragments stay in shared memory
   static constexpr size_t kSmem = split::smem_bytes(D, W);
@@ -80,6 +81,7 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
                                               const T *vbase, const KeyRows &rows, int n0, int sk,
                                               int hd, int tid, int page) {
   constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh, NTHR = 32 * W;
+  constexpr bool kSwz = split::swizzled(D);
   static_assert(BN <= NTHR, "one row address a thread");
   cta_sync<W>();  // every thread is done reading the previous addresses
   if (tid < BN) {  // page: rows.page_of(n0 + tid)
@@ -92,15 +94,23 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
     constexpr int kRowsPerPass = NTHR / kCh;
     const int c = (tid % kCh) * 8, r0 = tid / kCh;
     const bool col_ok = c < hd;
-    T *dk = sK + r0 * LD + c, *dv = sV + r0 * LD + c;
+    // (the swizzled chunk depends on r % 8, the same for every row a thread takes when
+    // it moves 8 or more rows a pass; else it is found per row)
+    constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;
+    T *dk = sK + tile_at<LD, kSwz>(r0, c), *dv = sV + tile_at<LD, kSwz>(r0, c);
 #pragma unroll 4
     for (int r = r0; r < BN; r += kRowsPerPass) {
       const bool valid = col_ok && n0 + r < sk;
       const RowPair<T> row = sRow[r];
-      cp_async_16_stream(dk, row.k + c, valid);
-      cp_async_16_stream(dv, row.v + c, valid);
-      dk += kRowsPerPass * LD;
-      dv += kRowsPerPass * LD;
+      if constexpr (kFixedChunk) {
+        cp_async_16_stream(dk, row.k + c, valid);
+        cp_async_16_stream(dv, row.v + c, valid);
+        dk += kRowsPerPass * LD;
+        dv += kRowsPerPass * LD;
+      } else {
+        cp_async_16_stream(sK + tile_at<LD, kSwz>(r, c), row.k + c, valid);
+        cp_async_16_stream(sV + tile_at<LD, kSwz>(r, c), row.v + c, valid);
+      }
     }
   } else {
 #pragma unroll 2  // more unrolling hoists every address into registers the MMAs need
@@ -108,8 +118,8 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
       const int r = idx / kCh, c = (idx % kCh) * 8;
       const bool valid = n0 + r < sk && c < hd;
       const RowPair<T> row = sRow[r];
-      cp_async_16_stream(sK + r * LD + c, row.k + c, valid);
-      cp_async_16_stream(sV + r * LD + c, row.v + c, valid);
+      cp_async_16_stream(sK + tile_at<LD, kSwz>(r, c), row.k + c, valid);
+      cp_async_16_stream(sV + tile_at<LD, kSwz>(r, c), row.v + c, valid);
     }
   }
 }
@@ -117,11 +127,13 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
 template <int D, int W, typename T>
 __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
   using C = SplitConfig<D, W>;
-  constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, S = C::kStages, KS = D / 16, DT = D / 8;
+  constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, LDQ = C::LDQ, S = C::kStages, KS = D / 16,
+                DT = D / 8;
+  constexpr bool kSwz = C::kSwz;
   constexpr int NT = BNW / 8, R = C::kRows, NTHR = C::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
   T *sQ = reinterpret_cast<T *>(smem);
-  T *sK = sQ + R * LD;       // S stages
+  T *sK = sQ + R * LDQ;      // S stages
   T *sV = sK + S * BN * LD;  // S stages
   RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);  // BN (k, v) row addresses
 
@@ -168,7 +180,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
       const T *src = static_cast<const T *>(p.q);
       if (valid)
         src = seq.q_ptr<T>(p, b, hk * group + pr % group) + int64_t(pr / group) * p.q_row_stride + c;
-      cp_async_16(sQ + r * LD + c, src, valid);
+      cp_async_16(sQ + r * LDQ + c, src, valid);
     }
     cp_async_commit();
   }
@@ -199,7 +211,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   uint32_t q_frag[1][C::kQInRegs ? KS : 1][4];
   cp_async_wait<S - 1>();  // the queries' group
   cta_sync<W>();
-  if constexpr (C::kQInRegs) load_a<KS, LD>(q_frag[0], sQ, lane);
+  if constexpr (C::kQInRegs) load_a<KS, LDQ>(q_frag[0], sQ, lane);
 
   for (int i = 0; i < nblk; ++i) {
     cp_async_wait<S - 2>();  // block i landed
@@ -218,8 +230,8 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
 
     float s[1][NT][4];
     zero(s[0]);
-    if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T>(s, q_frag, sKi, lane);
-    else gemm_ss_nt<1, NT, KS, LD, T>(s, sQ, sKi, lane);
+    if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T, kSwz>(s, q_frag, sKi, lane);
+    else gemm_ss_nt<1, NT, KS, LD, T, kSwz, LDQ>(s, sQ, sKi, lane);
 
     // Scores in log2 units, invisible keys -inf; then the online softmax. A block whose
     // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
@@ -283,7 +295,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
     }
     uint32_t p_frag[1][BNW / 16][4];
     pack_a<BNW / 16, T>(p_frag[0], s[0]);
-    gemm_rs_nn<1, DT, BNW / 16, LD, T>(acc_o, p_frag, sVi, lane);
+    gemm_rs_nn<1, DT, BNW / 16, LD, T, kSwz>(acc_o, p_frag, sVi, lane);
   }
   cp_async_wait_all();
 

@@ -291,20 +291,31 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[KS][4], const T *s, int lan
   for (int k = 0; k < KS; ++k) ldmatrix_x4(a[k], s + (lane % 16) * LD + k * 16 + (lane / 16) * 8);
 }
 
+// Element (row, col) of a row-major shared tile of LD elements a row, col a multiple of 8.
+// kSwz: the tile is unpadded (LD a multiple of 64 elements) and 16-byte chunk c of row r
+// sits at chunk c ^ (r % 8), so that the 8 rows an ldmatrix phase reads, and the 8 chunks
+// a 128-byte copy writes, fall in distinct banks without padding the rows.
+template <int LD, bool kSwz>
+__device__ __forceinline__ int tile_at(int row, int col) {
+  static_assert(!kSwz || LD % 64 == 0, "a swizzled row is a whole number of 8-chunk groups");
+  if constexpr (kSwz) return row * LD + (((col / 8) ^ (row % 8)) * 8);
+  return row * LD + col;
+}
+
 // B fragments (two n-tiles) of k-step k, n-tiles n, n+1, from rows stored [n][k].
-template <int LD, typename T>
+template <int LD, typename T, bool kSwz = false>
 __device__ __forceinline__ void load_b_nt(uint32_t (&b)[4], const T *sB, int n, int k, int lane) {
-  ldmatrix_x4(b, sB + (n * 8 + (lane % 8) + (lane / 16) * 8) * LD + k * 16 + ((lane / 8) % 2) * 8);
+  ldmatrix_x4(b, sB + tile_at<LD, kSwz>(n * 8 + (lane % 8) + (lane / 16) * 8, k * 16 + ((lane / 8) % 2) * 8));
 }
 // The same from rows stored [k][n] (transposing load).
-template <int LD, typename T>
+template <int LD, typename T, bool kSwz = false>
 __device__ __forceinline__ void load_b_nn(uint32_t (&b)[4], const T *sB, int n, int k, int lane) {
-  ldmatrix_x4_trans(b, sB + (k * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + n * 8 + (lane / 16) * 8);
+  ldmatrix_x4_trans(b, sB + tile_at<LD, kSwz>(k * 16 + (lane % 8) + ((lane / 8) % 2) * 8, n * 8 + (lane / 16) * 8));
 }
 
 // acc(16MT x 8NT) += A(16MT x 16KS) * B^T, B stored as rows [n][k] (like K in
 // Q K^T); A from registers. Each B fragment feeds MT m-tiles.
-template <int MT, int NT, int KS, int LD, typename T>
+template <int MT, int NT, int KS, int LD, typename T, bool kSwz = false>
 __device__ __forceinline__ void gemm_rs_nt(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
                                            const T *sB, int lane) {
   static_assert(NT % 2 == 0, "n-tiles come in pairs");
@@ -313,7 +324,7 @@ __device__ __forceinline__ void gemm_rs_nt(float (&acc)[MT][NT][4], const uint32
 #pragma unroll
     for (int n = 0; n < NT; n += 2) {
       uint32_t b[4];
-      load_b_nt<LD>(b, sB, n, k, lane);
+      load_b_nt<LD, T, kSwz>(b, sB, n, k, lane);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         mma_16816<T>(acc[m][n], a[m][k], b[0], b[1]);
@@ -323,8 +334,9 @@ __device__ __forceinline__ void gemm_rs_nt(float (&acc)[MT][NT][4], const uint32
   }
 }
 
-// Same, A from a (16MT)-row shared tile, one k-step at a time (fewer registers).
-template <int MT, int NT, int KS, int LD, typename T>
+// Same, A from a (16MT)-row shared tile of LDA elements a row (unswizzled), one k-step
+// at a time (fewer registers).
+template <int MT, int NT, int KS, int LD, typename T, bool kSwz = false, int LDA = LD>
 __device__ __forceinline__ void gemm_ss_nt(float (&acc)[MT][NT][4], const T *sA, const T *sB,
                                            int lane) {
 #pragma unroll
@@ -332,11 +344,11 @@ __device__ __forceinline__ void gemm_ss_nt(float (&acc)[MT][NT][4], const T *sA,
     uint32_t a[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
-      ldmatrix_x4(a[m], sA + (m * 16 + lane % 16) * LD + k * 16 + (lane / 16) * 8);
+      ldmatrix_x4(a[m], sA + (m * 16 + lane % 16) * LDA + k * 16 + (lane / 16) * 8);
 #pragma unroll
     for (int n = 0; n < NT; n += 2) {
       uint32_t b[4];
-      load_b_nt<LD>(b, sB, n, k, lane);
+      load_b_nt<LD, T, kSwz>(b, sB, n, k, lane);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         mma_16816<T>(acc[m][n], a[m], b[0], b[1]);
@@ -347,7 +359,7 @@ __device__ __forceinline__ void gemm_ss_nt(float (&acc)[MT][NT][4], const T *sA,
 }
 
 // acc(16MT x 8NT) += A(16MT x 16KS) * B, B stored row-major as [k][n] (like V in P V).
-template <int MT, int NT, int KS, int LD, typename T>
+template <int MT, int NT, int KS, int LD, typename T, bool kSwz = false>
 __device__ __forceinline__ void gemm_rs_nn(float (&acc)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
                                            const T *sB, int lane) {
   static_assert(NT % 2 == 0, "n-tiles come in pairs");
@@ -356,7 +368,7 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[MT][NT][4], const uint32
 #pragma unroll
     for (int n = 0; n < NT; n += 2) {
       uint32_t b[4];
-      load_b_nn<LD>(b, sB, n, k, lane);
+      load_b_nn<LD, T, kSwz>(b, sB, n, k, lane);
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         mma_16816<T>(acc[m][n], a[m][k], b[0], b[1]);
