@@ -7,8 +7,9 @@ backends, side by side in one run, with the GPU's own copy bandwidth as the yard
 Decode (one query token per sequence, bf16, causal): GB/s of K+V read, i.e.
 batch * seqlen_k * nheads_k * head_dim * 2 (K and V) * 2 bytes / median time, for
 - ours-kvcache: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=...), which
-  checks the index values (one device sync a call); "-unchecked" variants run with
-  FLASH_ATTN_KVCACHE_CHECKS=0 (no checks, no sync: what a trusted decode loop runs);
+  checks the index values (on the GPU, the call returning once the check is done:
+  one call in flight at a time); "-unchecked" variants run with
+  FLASH_ATTN_KVCACHE_CHECKS=0 (no checks: what a trusted decode loop runs);
 - ours-paged16 / ours-paged256: the same over a paged cache (page size 16 / 256);
 - ours-func: flash_attn_func(q, k, v, causal=True) (what transformers' FA2 path calls);
 - sdpa-flash / sdpa-cudnn: F.scaled_dot_product_attention(..., enable_gqa=True).

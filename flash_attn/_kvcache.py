@@ -14,6 +14,10 @@ flash_attn_with_kvcache (flash_attn_interface.py) validates its arguments
    padded; a paged prefill gathers its pages) ``append_`` writes them first;
 3. runs the fwd_kv op over the first cache_seqlens + seqlen_new keys of each row.
 
+The index values are checked (_kvcache_checks.py) before anything is written: by the
+op on the GPU (a verdict) where it reads and writes the caches itself, else here, on
+the host, before step 1.
+
 Inference only: everything runs without autograd.
 """
 

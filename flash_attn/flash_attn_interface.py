@@ -445,8 +445,9 @@ def flash_attn_varlen_func(
     of 16, and sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b]
     keys of its pages (key j in page block_table[b, j // page_size]). No gradient:
     with block_table, inputs that require grad (under grad mode) raise. The lengths and
-    the page entries used are checked (one device sync), as flash_attn_with_kvcache
-    checks them.
+    the page entries used are checked as flash_attn_with_kvcache checks them (on the GPU;
+    a prefill-sized call, which gathers its pages first, reads them on the host: one
+    device sync).
     """
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap)
     if block_table is not None:
@@ -541,11 +542,16 @@ def flash_attn_with_kvcache(
     Checked before anything is written: shapes, dtypes and devices; and the values of
     cache_seqlens, cache_batch_idx, cache_leftpad and block_table (every key written or
     read lies in the cache, every page used is in the pool, the rotary tables cover
-    every position rotated). Checking tensor values reads them on the host: one device
-    sync per call (none when cache_seqlens is an int and no other index tensor is
-    given). While a CUDA graph is being captured that sync is impossible and the value
-    checks are skipped. A head_dim that is not a multiple of 8 makes a padded copy of
-    the cache for the kernel on every call.
+    every position rotated); a bad value raises InputError and nothing is written.
+    Tensor values are checked on the GPU by a kernel launched before the others of the
+    call (which write nothing on a bad value), the call returning once its verdict is
+    in: one call in flight at a time, no wait before the launch. Where the cache is
+    written before the op (a head_dim that is not a multiple of 8; a paged call large
+    enough to gather its pages) they are read on the host first: one device sync. An
+    int cache_seqlens with no other index tensor needs neither. While a CUDA graph is
+    being captured the value checks are skipped; FLASH_ATTN_KVCACHE_CHECKS=0 skips them
+    always. A head_dim that is not a multiple of 8 makes a padded copy of the cache for
+    the kernel on every call.
     """
     opts = _options(0.0, softmax_scale, causal, window_size, softcap)
     num_splits = _kvcache_checks.check_num_splits(num_splits)
