@@ -376,37 +376,6 @@ def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool) -
                 before = (inp.k_cache.clone(), inp.v_cache.clone())
 
 
-def test_checked_calls_with_the_checks_on_write_nothing_anywhere() -> None:
-    """fused_append's bad values through the API with the checks on: refused, and not a
-    byte written, inside the caches or around them."""
-    from flash_attn.errors import InputError
-
-    for name in ("keys-past-the-end", "rows-out-of-range", "pages-out-of-range"):
-        layout, page_size, seqused, batch_idx, table_edit = BAD_VALUES[name]
-        c = make_append_case(layout, page_size, 4, False, torch.bfloat16)
-        row = c["k_cache"][0].numel()
-        k_buffer, k_cache = guarded(c["k_cache"], 2 * row)
-        v_buffer, v_cache = guarded(c["v_cache"], 2 * row)
-        k_before, v_before = k_buffer.clone(), v_buffer.clone()
-        kwargs: dict[str, Any] = {}
-        if batch_idx is not None:
-            kwargs["cache_batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device="cuda")
-        if page_size:
-            table = c["table"]
-            if table_edit is not None:
-                table[:, 2] = torch.tensor(table_edit, dtype=torch.int32, device="cuda")
-            kwargs["block_table"] = table
-        seqlens = torch.tensor(seqused, dtype=torch.int64) - 4
-        seqlens = seqlens.clamp(-(2**31), 2**31 - 1).to(torch.int32).cuda()
-        with pytest.raises(InputError):
-            fa().flash_attn_with_kvcache(
-                c["q"], k_cache, v_cache, c["k_new"], c["v_new"], cache_seqlens=seqlens,
-                **kwargs,
-            )  # fmt: skip
-        torch.cuda.synchronize()
-        assert torch.equal(k_buffer, k_before) and torch.equal(v_buffer, v_before), name
-
-
 # --- the fused append: fwd_kv with k_new and v_new, against its contract -------------
 #
 # kvcache_ref.append_ref is the contract written out (row i of entry b at key
@@ -591,11 +560,18 @@ def test_fused_append_writes_nothing_outside_the_cache(name: str) -> None:
         assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
 
 
-def test_flash_attn_with_kvcache_checks_off_writes_nothing_outside_the_cache(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("checks", ["off", "on"])
+def test_flash_attn_with_kvcache_writes_nothing_outside_the_cache(
+    monkeypatch: pytest.MonkeyPatch, checks: str
 ) -> None:
-    """Through the API with FLASH_ATTN_KVCACHE_CHECKS=0 (0 queries: the append alone)."""
-    monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
+    """The bad values above through the API. With FLASH_ATTN_KVCACHE_CHECKS=0 (0 queries:
+    the append alone) the memory around the caches stays bit-identical; with the checks
+    on (the op's device check) the call is refused and not a byte is written, inside the
+    caches or around them."""
+    from flash_attn.errors import InputError
+
+    if checks == "off":
+        monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
     for name in ("keys-past-the-end", "rows-out-of-range", "pages-out-of-range"):
         layout, page_size, seqused, batch_idx, table_edit = BAD_VALUES[name]
         c = make_append_case(layout, page_size, 4, False, torch.bfloat16)
@@ -613,10 +589,15 @@ def test_flash_attn_with_kvcache_checks_off_writes_nothing_outside_the_cache(
             kwargs["block_table"] = table
         seqlens = torch.tensor(seqused, dtype=torch.int64) - 4
         seqlens = seqlens.clamp(-(2**31), 2**31 - 1).to(torch.int32).cuda()
-        fa().flash_attn_with_kvcache(
-            c["q"][:, :0], k_cache, v_cache, c["k_new"], c["v_new"], cache_seqlens=seqlens,
-            **kwargs,
-        )  # fmt: skip
+        q = c["q"][:, :0] if checks == "off" else c["q"]
+        args = (q, k_cache, v_cache, c["k_new"], c["v_new"])
+        if checks == "on":
+            with pytest.raises(InputError):
+                fa().flash_attn_with_kvcache(*args, cache_seqlens=seqlens, **kwargs)
+            torch.cuda.synchronize()
+            assert torch.equal(k_buffer, k_before) and torch.equal(v_buffer, v_before), name
+            continue
+        fa().flash_attn_with_kvcache(*args, cache_seqlens=seqlens, **kwargs)
         torch.cuda.synchronize()
         for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
             n = buffer.numel() - 4 * row
