@@ -324,6 +324,8 @@ class DeviceCheck {
     c.min_keys = p.seqused_k != nullptr ? seqlen_new : 0;  // cache_seqlens >= 0
     c.max_keys = max_keys < 0 || max_keys > p.seqlen_k ? p.seqlen_k : max_keys;
     c.cache_rows = k.size(0);
+    FA_CHECK(c.min_keys <= c.max_keys, "no key count is valid: k_new has ", seqlen_new,
+             " rows but a sequence holds at most ", c.max_keys, " keys (max_keys, or the capacity)");
     const int status = flash_attn_kv_check(&p, &c, stream_);
     FA_CHECK(status != FLASH_ERR_BAD_ARGUMENT,
              "verdict must be page-locked host memory the GPU can write (pin_memory=True)");
