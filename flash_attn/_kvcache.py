@@ -172,11 +172,11 @@ def kvcache_forward(
         isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None
         or cache_leftpad is not None or block_table is not None
     ) and not paged_gather and (k is None or _fused_append(shape, paged_gather)):  # fmt: skip
-        max_keys = device_check_bound(shape, cache_seqlens is not None, q_positions)
-    if max_keys is not None and keys is not None and shape.rotary_rows:
-        # an int cache_seqlens: what the device check would refuse is known here (and
-        # the rotary's own check of an int offset would come first, with its message)
-        check_rotary_rows(shape, operator.index(cache_seqlens), q_positions)  # type: ignore[arg-type]
+        max_keys = device_check_bound(shape, q_positions)
+    if keys is not None and shape.rotary_rows:
+        # an int cache_seqlens is a plain value: its rotary rows are checked here, always
+        # (as its range is), before the rotary reads the tables
+        check_rotary_rows(shape, keys - seqlen_new, q_positions)
     most_keys = shape.capacity
     if check_values and max_keys is None:
         most_keys = check_cache_values(

@@ -349,16 +349,14 @@ def values_checkable(device: torch.device) -> bool:
     return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def device_check_bound(
-    shape: CacheShape, cache_seqlens_given: bool, q_positions: int
-) -> int | None:
+def device_check_bound(shape: CacheShape, q_positions: int) -> int | None:
     """The largest valid key count of a sequence (cache_seqlens + seqlen_new) for the
     op's device check (fwd_kv's max_keys), or None when no count is valid (then the
-    host check gives the message). The capacity, and where rotary tables are given,
-    what they cover (check_cache_values' rule: cache_seqlens + max(seqlen_new,
-    q_positions) <= their rows)."""
+    host check gives the message). The capacity, and where rotary tables are given
+    (they come with k, so with cache_seqlens), what they cover (check_cache_values'
+    rule: cache_seqlens + max(seqlen_new, q_positions) <= their rows)."""
     bound = shape.capacity
-    if shape.rotary_rows and cache_seqlens_given:
+    if shape.rotary_rows:
         reach = max(shape.seqlen_new, q_positions) - shape.seqlen_new  # past the last key
         bound = min(bound, shape.rotary_rows - reach)
     return bound if bound >= shape.seqlen_new else None
