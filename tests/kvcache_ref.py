@@ -297,6 +297,15 @@ WRITE_PATHS = {
     "fused dense": Case(seqlen_q=2, seqlen_new=2),
     "fused dense rotary": Case(seqlen_q=2, seqlen_new=2, rotary="neox"),
     "fused dense batch_idx leftpad": Case(seqlen_q=2, seqlen_new=2, batch_idx=True, leftpad=True),
+    # prefill-sized (10 row tiles a KV head): the check and the append before the main
+    # kernel rather than the split kernel
+    "fused dense prefill": Case(
+        seqlen_q=40, seqlen_new=40, seqlen_cache=128, nheads=8, head_dim=64
+    ),
+    "fused dense prefill batch_idx leftpad rotary": Case(
+        seqlen_q=40, seqlen_new=40, seqlen_cache=128, nheads=8, head_dim=128, batch_idx=True,
+        leftpad=True, rotary="neox",
+    ),
     "python append padded": Case(head_dim=20, seqlen_q=2, seqlen_new=2),
     "python append padded rotary": Case(
         head_dim=20, seqlen_q=2, seqlen_new=2, rotary="interleaved", rotary_dim=12

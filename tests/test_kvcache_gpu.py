@@ -192,12 +192,35 @@ def test_kvcache_features_fp16(c: Case) -> None:
              head_dim=128, page_size=16, rotary="neox", rotary_dim=64),
         Case(batch=2, seqlen_q=64, seqlen_new=64, seqlen_cache=768, nheads=8, nheads_k=2,
              head_dim=64, page_size=256, window=(100, 0)),
+        # dense prefills (the main kernel after the append; with leftpad, batch_idx,
+        # rotary, local windows, ALiBi, softcap, an int cache_seqlens, and q and k_new of
+        # different lengths)
+        Case(batch=3, seqlen_q=200, seqlen_new=200, seqlen_cache=640, nheads=8, nheads_k=2,
+             head_dim=128, leftpad=True, batch_idx=True, rotary="neox", rotary_dim=64),
+        Case(batch=2, seqlen_q=150, seqlen_new=150, seqlen_cache=512, nheads=8, nheads_k=1,
+             head_dim=64, window=(100, 0), alibi=True),
+        Case(batch=2, seqlen_q=129, seqlen_new=129, seqlen_cache=400, nheads=4, nheads_k=4,
+             head_dim=256, seqlens_int=True, softcap=5.0),
+        Case(batch=2, seqlen_q=200, seqlen_new=77, seqlen_cache=500, nheads=8, nheads_k=2,
+             head_dim=128),
+        Case(batch=2, seqlen_q=130, seqlen_new=300, seqlen_cache=700, nheads=8, nheads_k=2,
+             head_dim=128, causal=False),
     ],
     ids=["split0", "split16", "paged256-mqa", "paged16-split3", "prefill-dense",
-         "prefill-paged16-rotary", "prefill-paged256-local"],
+         "prefill-paged16-rotary", "prefill-paged256-local", "prefill-leftpad-batch_idx-rotary",
+         "prefill-d64-mqa-local-alibi", "prefill-d256-int-softcap", "prefill-q200-new77",
+         "prefill-q130-new300"],
 )  # fmt: skip
 def test_kvcache_long_and_prefill(c: Case) -> None:
     run_case(c)
+
+
+def test_prefill_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense prefill with the value checks off (FLASH_ATTN_KVCACHE_CHECKS=0): the op's
+    append without a verdict."""
+    monkeypatch.setenv("FLASH_ATTN_KVCACHE_CHECKS", "0")
+    run_case(Case(batch=3, seqlen_q=150, seqlen_new=150, seqlen_cache=512, nheads=8, nheads_k=2,
+                  head_dim=128, batch_idx=True))  # fmt: skip
 
 
 def test_decode_steps_equal_one_call() -> None:
@@ -337,15 +360,23 @@ def test_bad_index_values_leave_the_cache_unchanged_on_every_path(path: str, bad
     assert_close_to_ref("out after a refusal", out.cpu(), ref.out, lo.out)
 
 
+CHECKED_SHAPES = {  # the check before the split kernel (decode) and before the main one (prefill)
+    "decode": Case(batch=3, seqlen_cache=64, seqlen_q=2, seqlen_new=2, head_dim=128),
+    "prefill": Case(batch=3, seqlen_cache=128, seqlen_q=40, seqlen_new=40, nheads=8, nheads_k=2,
+                    head_dim=128),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", list(CHECKED_SHAPES))
 @pytest.mark.parametrize("side_stream", [False, True], ids=["current-stream", "side-stream"])
-def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool) -> None:
+def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool, shape: str) -> None:
     """The GPU held back (a 20 ms spin), cache_seqlens made bad, good, bad by kernels
     queued just before each call: the host launches each call long before the GPU reaches
     it, and must still refuse exactly the bad ones (the verdict of that call, not an
     earlier one), write nothing for them, and give the reference for the good one."""
     from flash_attn.errors import InputError
 
-    c = Case(batch=3, seqlen_cache=64, seqlen_q=2, seqlen_new=2, head_dim=128)
+    c = CHECKED_SHAPES[shape]
     inp = make_inputs(c, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     good = inp.seqlens.cuda()
