@@ -28,10 +28,12 @@
 
 namespace flash {
 
-// Rounds of Philox4x32: 10, as torch's and cuRAND's Philox. Seven (the fewest its authors
-// found to pass BigCrush) measured 3-5% faster in the forward on H200
-// (benchmarks/RESULTS.md); the safety margin was kept.
-constexpr int kPhiloxRounds = 10;
+// Rounds of Philox4x32: 7, as upstream flash-attention 2's dropout (its philox() runs six
+// rounds and a final one), and the fewest the generator's authors found to pass BigCrush
+// (torch's and cuRAND's take 10). Each round is four issue slots a call of 16 entries,
+// and the forward with dropout is bound by issue slots at head dim 64: 7 rounds measured
+// 3-5% faster than 10 on H200 (benchmarks/RESULTS.md).
+constexpr int kPhiloxRounds = 7;
 
 // Philox4x32 with kPhiloxRounds rounds: the counter c0..c3 under the key (k0, k1).
 __device__ __forceinline__ uint4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
