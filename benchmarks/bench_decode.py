@@ -1,7 +1,7 @@
 """Decode and KV-cache prefill speed of our kernels against torch SDPA's flash and cuDNN
 backends, side by side in one run, with the GPU's own copy bandwidth as the yardstick.
 
-    python benchmarks/bench_decode.py [--json out.json] [--rounds 3] [--skip-prefill]
+    python benchmarks/bench_decode.py [--json out.json] [--rounds 3] [--skip-prefill] [--graphs]
     python benchmarks/bench_decode.py --client [--json out.json]   # transformers tokens/s
 
 Decode (one query token per sequence, bf16, causal): GB/s of K+V read, i.e.
@@ -25,6 +25,9 @@ attention) against flash_attn_func on the same keys.
 greedy generate(); decode tokens/s with attn_implementation flash_attention_2 and sdpa.
 
 Times are medians of CUDA-event timings after warm-up; --rounds keeps each cell's best.
+Eager calls back to back include whatever host time the GPU waits for (a slow host makes
+the small shapes host-bound, for SDPA as for us); --graphs replays 10 captured calls
+instead: the kernels' own time, as a decode step under CUDA graphs runs them.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ DECODE_HDIMS = [128, 64, 256]
 BACKENDS = ["ours-kvcache", "ours-kvcache-unchecked", "ours-paged16", "ours-paged16-unchecked",
             "ours-paged256-unchecked", "ours-func", "sdpa-flash", "sdpa-cudnn"]  # fmt: skip
 UNCHECKED = "-unchecked"  # FLASH_ATTN_KVCACHE_CHECKS=0: no value checks, no device sync
+CHECKED = {"ours-kvcache", "ours-paged16"}  # not measured with --graphs (capture skips checks)
 PREFILL_SEQLENS = [2048, 4096, 8192, 16384]
 DT = torch.bfloat16
 CHECKS_ENV = "FLASH_ATTN_KVCACHE_CHECKS"
@@ -70,6 +74,35 @@ def time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def time_graph_ms(fn: Callable[[], object], calls: int = 10, reps: int = 15) -> float:
+    """The GPU time of one call with no host in the way: `calls` calls captured in a CUDA
+    graph (as a serving engine's decode step), the median replay over `calls`. Under
+    capture flash_attn_with_kvcache skips its value checks (it cannot read them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch advises
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / calls
 
 
 def copy_gbps(gib: float = 1.5) -> float:
@@ -129,7 +162,9 @@ def decode_fn(backend: str, batch: int, seqlen_k: int, nheads: int, nheads_k: in
     return sdpa
 
 
-def measure_decode(backend: str, shape: tuple[int, int, int, int], hdim: int) -> DecodeRow:
+def measure_decode(
+    backend: str, shape: tuple[int, int, int, int], hdim: int, graphs: bool = False
+) -> DecodeRow:
     batch, seqlen_k, nheads, nheads_k = shape
     unchecked = backend.endswith(UNCHECKED)
     saved = os.environ.get(CHECKS_ENV)
@@ -138,7 +173,7 @@ def measure_decode(backend: str, shape: tuple[int, int, int, int], hdim: int) ->
             os.environ[CHECKS_ENV] = "0"
         with torch.no_grad():
             fn = decode_fn(backend.removesuffix(UNCHECKED), batch, seqlen_k, nheads, nheads_k, hdim)
-            ms = time_ms(fn)
+            ms = time_graph_ms(fn) if graphs else time_ms(fn)
     finally:
         if saved is None:
             os.environ.pop(CHECKS_ENV, None)
@@ -261,8 +296,10 @@ def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
     for _ in range(args.rounds):
         for shape, hdim in decode_cases(args.hdims):
             for backend in args.backends.split(","):
+                if args.graphs and backend in CHECKED:
+                    continue  # a captured call skips the checks: the unchecked column
                 try:
-                    r = measure_decode(backend, shape, hdim)
+                    r = measure_decode(backend, shape, hdim, args.graphs)
                 except (RuntimeError, NotImplementedError) as e:
                     print(f"  {backend} {shape} hdim {hdim}: {str(e)[:100]}")
                     continue
@@ -272,7 +309,9 @@ def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
                 if key not in best or r.gbps > best[key].gbps:
                     best[key] = r
     print(f"\ncopy bandwidth (read + write): {copy:.0f} GB/s\n")
-    backends = [b for b in args.backends.split(",")]
+    if args.graphs:
+        print("(--graphs: each call's GPU time from CUDA graph replays, no host in the way)\n")
+    backends = [b for b in args.backends.split(",") if not (args.graphs and b in CHECKED)]
     print("| batch x seqlen_k, q/kv heads | hdim | " + " | ".join(backends) + " | ours/copy |")
     print("|---|---|" + "---|" * len(backends) + "---|")
     for shape, hdim in decode_cases(args.hdims):
@@ -314,6 +353,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument(
+        "--graphs",
+        action="store_true",
+        help="time decode calls as CUDA graph replays (the GPU time, as a serving engine "
+        "runs decode) instead of back-to-back eager calls; the checked columns are left out",
+    )
+    ap.add_argument(
         "--hdims",
         default=",".join(map(str, DECODE_HDIMS)),
         help="decode head dims, comma-separated (default %(default)s)",
@@ -336,7 +381,8 @@ def main() -> None:
     if bad := [h for h in args.hdims if h not in DECODE_HDIMS]:
         ap.error(f"--hdims: {bad} not measured here; valid: {DECODE_HDIMS}")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds}  # fmt: skip
+            "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
+            "timing": "cuda-graph replay" if args.graphs else "eager, back to back"}  # fmt: skip
     print(f"# {meta['gpu']}, torch {meta['torch']}, bf16, {meta['date']}")
     result: dict[str, object] = dict(meta)
     if args.client:
