@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from _timing import graph_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # (batch, seqlen_k, nheads, nheads_k), from issue 13
@@ -74,35 +75,6 @@ def time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
-
-
-def time_graph_ms(fn: Callable[[], object], calls: int = 10, reps: int = 15) -> float:
-    """The GPU time of one call with no host in the way: `calls` calls captured in a CUDA
-    graph (as a serving engine's decode step), the median replay over `calls`. Under
-    capture flash_attn_with_kvcache skips its value checks (it cannot read them)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch advises
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(reps)
-    ]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events) / calls
 
 
 def copy_gbps(gib: float = 1.5) -> float:
@@ -173,7 +145,8 @@ def measure_decode(
             os.environ[CHECKS_ENV] = "0"
         with torch.no_grad():
             fn = decode_fn(backend.removesuffix(UNCHECKED), batch, seqlen_k, nheads, nheads_k, hdim)
-            ms = time_graph_ms(fn) if graphs else time_ms(fn)
+            # 10 calls captured (a decode step under CUDA graphs); capture skips the checks
+            ms = graph_ms(fn, calls=10, replays=15) if graphs else time_ms(fn)
     finally:
         if saved is None:
             os.environ.pop(CHECKS_ENV, None)

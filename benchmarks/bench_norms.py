@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _timing import graph_ms
 
 from flash_attn.ops.triton import layer_norm as ln
 
@@ -119,32 +120,6 @@ def host_us(fn: Callable[[], object], rounds: int = 5) -> float:
             fn()
         times.append((time.perf_counter() - t0) / HOST_ISSUE_CALLS * 1e6)
         torch.cuda.synchronize()
-    return statistics.median(times)
-
-
-def graph_ms(fn: Callable[[], object], calls: int, replays: int) -> float:
-    """Per-call time of ``calls`` calls captured in a CUDA graph, median over replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # capture wants a warm-up on a side stream first
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
     return statistics.median(times)
 
 
