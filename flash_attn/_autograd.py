@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from flash_attn import _ops
-from flash_attn._layout import kernel_layout
+from flash_attn._layout import kernel_layout, unpad_head_dim
 
 # The non-tensor arguments every Function takes after its tensors, in op order.
 # (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap)
@@ -92,8 +92,7 @@ def forward_no_grad(
         kernel_layout(q), kernel_layout(k), kernel_layout(v), cu_seqlens_q, cu_seqlens_k,
         *args, alibi_slopes, dropout_p, rng_state,
     )  # fmt: skip
-    # the slice is a view op of its own (~1.5 us a call): only when head_dim was padded
-    return (out_padded if out_padded.shape[-1] == head_dim else out_padded[..., :head_dim]), lse
+    return unpad_head_dim(out_padded, head_dim), lse
 
 
 def _backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

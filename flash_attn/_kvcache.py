@@ -36,7 +36,7 @@ from flash_attn._kvcache_checks import (
     device_check_bound,
     verdict_buffer,
 )
-from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim
+from flash_attn._layout import HEAD_DIM_MULTIPLE, kernel_layout, pad_head_dim, unpad_head_dim
 from flash_attn.errors import InputError
 
 # Paged calls with at least this many query rows per KV head (seqlen_q x nheads /
@@ -241,7 +241,7 @@ def kvcache_forward(
             q_positions=q_positions,
         )  # fmt: skip
         _refused(bad)
-    return (out if out.shape[-1] == shape.head_dim else out[..., : shape.head_dim]), lse
+    return unpad_head_dim(out, shape.head_dim), lse
 
 
 def _refused(verdict: int) -> None:
@@ -314,7 +314,7 @@ def varlen_paged_forward(
         if verdict is not None and (bad := int(verdict.item())) != 0:
             check_lengths()
             _refused(bad)
-    return out[..., : shape.head_dim], lse
+    return unpad_head_dim(out, shape.head_dim), lse
 
 
 def gather_varlen(

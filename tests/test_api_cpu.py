@@ -39,6 +39,7 @@ from flash_attn._layout import (
     last_dim_contiguous,
     pad_head_dim,
     padded_head_dim,
+    unpad_head_dim,
 )
 from flash_attn.errors import BuildError, InputError
 
@@ -193,6 +194,13 @@ def test_pad_head_dim_appends_zeros() -> None:
 def test_pad_head_dim_leaves_multiples_of_8_alone() -> None:
     x = torch.randn(2, 3, 4, 32)
     assert pad_head_dim(x) is x
+
+
+def test_unpad_head_dim_undoes_the_padding_and_leaves_unpadded_alone() -> None:
+    x = torch.randn(2, 3, 4, 20)
+    assert torch.equal(unpad_head_dim(pad_head_dim(x), 20), x)
+    y = torch.randn(2, 3, 4, 32)
+    assert unpad_head_dim(y, 32) is y
 
 
 def test_last_dim_contiguous_copies_only_when_needed() -> None:
