@@ -14,7 +14,7 @@ ARG TOOLCHAIN_VENV=cp311-torch2.14-cu130
 # 1: install the tools from the builder's wheelhouse only (it must hold them:
 # python3 -m scripts.factory wheelhouse --dev ...; the factory passes 1 with --offline)
 ARG DEV_PIP_NO_INDEX=0
-ARG DEV_REQUIREMENTS="pytest ruff==0.17.6 numpy psutil packaging rich"
+ARG DEV_REQUIREMENTS="pytest ruff==0.17.6 vermin numpy psutil packaging rich"
 
 RUN ln -s /opt/flash-attn/toolchains/${TOOLCHAIN_VENV} /opt/flash-attn/dev \
  && PIP_NO_INDEX=${DEV_PIP_NO_INDEX} /opt/flash-attn/dev/bin/python -m pip install \

@@ -47,10 +47,11 @@ CACHE_LAYOUT = "(batch_cache, seqlen_cache, nheads_k, head_dim)"
 PAGED_LAYOUT = "(num_pages, page_size, nheads_k, head_dim)"
 
 
-@dataclass(slots=True)
+@dataclass
 class CacheShape:
     """Sizes of one KV-cache call (made by the checks, read-only after: not frozen
-    because a frozen dataclass costs 2-3 us more to make, on every call)."""
+    because a frozen dataclass costs 2-3 us more to make, on every call; no slots,
+    which Python 3.9's dataclass does not take)."""
 
     batch: int
     seqlen_q: int

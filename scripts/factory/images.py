@@ -107,6 +107,7 @@ def factory_requirements(path: Path = FACTORY_REQUIREMENTS) -> list[str]:
 DEV_REQUIREMENTS: tuple[str, ...] = (
     "pytest",
     "ruff==0.17.6",
+    "vermin",
     "numpy",
     "psutil",
     "packaging",
