@@ -27,7 +27,7 @@ def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
 def unpad_head_dim(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """x cut back to head_dim in its last dim (pad_head_dim undone); x itself when it was
     not padded (the slice is a view op of its own, ~1.5 us a decode call)."""
-    return x if x.shape[-1] == head_dim else x[..., :head_dim]
+    return x if x.size(-1) == head_dim else x[..., :head_dim]
 
 
 def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -37,4 +37,6 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels take it: last dim contiguous and padded to a multiple of 8."""
+    if x.stride(-1) == 1 and x.size(-1) % HEAD_DIM_MULTIPLE == 0:
+        return x  # already so (every call of a model with head_dim 64, 128, ...)
     return pad_head_dim(last_dim_contiguous(x))

@@ -59,12 +59,13 @@ def _import_compiled() -> object:
     return importlib.import_module(EXTENSION_MODULE)
 
 
-@dataclass
+@dataclass(eq=False)
 class Extension:
     """Where the ops live and what importing them gave.
 
     ``importer`` imports the module that registers the ops in ``namespace``. Tests
-    swap in a CPU stand-in by replacing the module-level instance.
+    swap in a CPU stand-in by replacing the module-level instance. Compared and hashed
+    by identity (each instance is one load of the ops; _checks keys verdicts by it).
     """
 
     namespace: str = NAMESPACE

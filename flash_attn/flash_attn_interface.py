@@ -567,14 +567,9 @@ def flash_attn_with_kvcache(
         "block_table": block_table, "alibi_slopes": alibi_slopes,
     }  # fmt: skip
     attn_shape = AttnShape(
-        batch=shape.batch,
-        seqlen_q=shape.seqlen_q,
-        seqlen_k=shape.capacity,
-        nheads=shape.nheads,
-        nheads_k=shape.nheads_k,
-        head_dim=shape.head_dim,
-        dtype=shape.dtype,
-    )
+        shape.batch, shape.seqlen_q, shape.capacity, shape.nheads, shape.nheads_k,
+        shape.head_dim, shape.dtype,
+    )  # fmt: skip
     _checks.check_launch(tensors, attn_shape, False)
     rotary = None if rotary_cos is None or rotary_sin is None else (rotary_cos, rotary_sin)
     # no_grad costs about 2.5 us a call; inference loops have grad off already

@@ -48,6 +48,16 @@ def _nan_poisoned_cuda_cache(request: pytest.FixtureRequest) -> None:
         gpu_poison.poison_cuda_cache()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_environment_verdicts() -> None:
+    """Every test sees the environment checked anew: flash_attn._checks keeps the
+    positive verdicts of a process (its GPU and build do not change), and tests pretend
+    other GPUs, builds and extensions."""
+    checks = sys.modules.get("flash_attn._checks")
+    if checks is not None:
+        checks.forget_environment()
+
+
 @cache
 def gpu_skip_reason() -> str:
     """Why GPU tests cannot run here ("" when they can)."""

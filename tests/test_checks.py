@@ -671,3 +671,37 @@ def test_check_launch_raises_the_environment_error(
     _checks.check_launch({"q": q}, shape, needs_backward=False)
     with pytest.raises(BuildError, match="FLASH_ATTN_BACKWARD=0"):
         _checks.check_launch({"q": q}, shape, needs_backward=True)
+
+
+def test_check_launch_keeps_a_passing_environment_only(
+    monkeypatch: pytest.MonkeyPatch, gpu: dict[str, object]
+) -> None:
+    """The GPU's capability is asked once per (extension, device, dtype, direction) once
+    it passed; a failing environment is asked again on every call."""
+    asked: list[object] = []
+    monkeypatch.setattr(_checks, "check_devices", lambda tensors: torch.device("cuda", 0))
+    monkeypatch.setattr(_ops, "require", lambda: None)
+    monkeypatch.setattr(_ops, "build_info", lambda: build(head_dims=[64]))
+    def capability(device: object = None) -> object:
+        asked.append(device)
+        return gpu["capability"]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    shape = _checks.check_dense(*qkv(head_dim=64), None)
+    gpu["capability"] = (7, 5)
+    for _ in range(2):
+        with pytest.raises(DeviceError, match="found sm75"):
+            _checks.check_launch({"q": None}, shape, needs_backward=False)
+    failing = len(asked)
+    assert failing >= 2  # not kept: asked on each call
+    gpu["capability"] = (9, 0)
+    for _ in range(3):
+        _checks.check_launch({"q": None}, shape, needs_backward=False)
+    assert len(asked) == failing + 1  # kept after the first pass
+    # a head_dim past the build's buckets still raises, from the kept verdict
+    with pytest.raises(BuildError, match="no kernel for head_dim 96"):
+        _checks.check_launch({"q": None}, _checks.check_dense(*qkv(head_dim=96), None), False)
+    before = len(asked)
+    _checks.forget_environment()
+    _checks.check_launch({"q": None}, shape, needs_backward=False)
+    assert len(asked) == before + 1  # asked again after forget_environment
