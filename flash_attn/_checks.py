@@ -286,6 +286,13 @@ def check_dense(
         shape = _dense_fast(q, k, v)
         if shape is not None:
             return shape
+    return _dense_one_by_one(q, k, v, alibi_slopes)
+
+
+def _dense_one_by_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None
+) -> AttnShape:
+    """check_dense's checks in turn, raising at the first that fails."""
     _check_rank("q", q, 4, "(batch, seqlen_q, nheads, head_dim)")
     _check_rank("k", k, 4, "(batch, seqlen_k, nheads_k, head_dim)")
     _check_rank("v", v, 4, "(batch, seqlen_k, nheads_k, head_dim)")
@@ -335,6 +342,45 @@ def _check_max_seqlen(name: str, value: object) -> int:
     return n
 
 
+def _varlen_fast(
+    q: object, k: object, v: object, cu_q: object, cu_k: object, max_q: object, max_k: object
+) -> AttnShape | None:
+    """check_varlen's verdict in a few attribute reads where every check passes (no
+    alibi_slopes); None where any might fail (check_varlen then runs them one by one)."""
+    if not (
+        isinstance(q, torch.Tensor)
+        and isinstance(k, torch.Tensor)
+        and isinstance(v, torch.Tensor)
+        and isinstance(cu_q, torch.Tensor)
+        and isinstance(cu_k, torch.Tensor)
+        and type(max_q) is int
+        and type(max_k) is int
+    ):
+        return None
+    qs, ks, cqs = q.shape, k.shape, cu_q.shape
+    if len(qs) != 3 or len(ks) != 3 or ks != v.shape or len(cqs) != 1 or cu_k.shape != cqs:
+        return None
+    nheads, head_dim = qs[1], qs[2]
+    dtype = q.dtype
+    if not (
+        dtype is k.dtype
+        and dtype is v.dtype
+        and dtype in DTYPE_NAMES
+        and cu_q.dtype is torch.int32
+        and cu_k.dtype is torch.int32
+        and cqs[0] >= 2
+        and ks[2] == head_dim
+        and 0 < head_dim <= MAX_HEAD_DIM
+        and nheads > 0
+        and ks[1] > 0
+        and nheads % ks[1] == 0
+        and max_q >= 0
+        and max_k >= 0
+    ):
+        return None
+    return AttnShape(cqs[0] - 1, max_q, max_k, nheads, ks[1], head_dim, dtype)
+
+
 def check_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -346,6 +392,26 @@ def check_varlen(
     alibi_slopes: torch.Tensor | None,
 ) -> AttnShape:
     """Validate q (total_q, nheads, d), k, v (total_k, nheads_k, d) and cu_seqlens."""
+    if alibi_slopes is None:
+        shape = _varlen_fast(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        if shape is not None:
+            return shape
+    return _varlen_one_by_one(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
+    )
+
+
+def _varlen_one_by_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    alibi_slopes: torch.Tensor | None,
+) -> AttnShape:
+    """check_varlen's checks in turn, raising at the first that fails."""
     _check_rank("q", q, 3, "(total_q, nheads, head_dim)")
     _check_rank("k", k, 3, "(total_k, nheads_k, head_dim)")
     _check_rank("v", v, 3, "(total_k, nheads_k, head_dim)")

@@ -458,6 +458,7 @@ def flash_attn_varlen_func(
     shape = _checks.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
     )
+    grad = _needs_backward(q, k, v)
     _checks.check_launch(
         {
             "q": q,
@@ -468,12 +469,12 @@ def flash_attn_varlen_func(
             "alibi_slopes": alibi_slopes,
         },
         shape,
-        _needs_backward(q, k, v),
+        grad,
     )
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     args, alibi = _op_args(shape, opts), _alibi(alibi_slopes)
     rng_state = draw_rng_state(opts.dropout_p, q.device)
-    if not _needs_backward(q, k, v):
+    if not grad:
         out, lse = forward_no_grad(q, k, v, cu_q, cu_k, alibi, args, opts.dropout_p, rng_state)
     else:
         out, lse = FlashAttnFunc.apply(

@@ -23,6 +23,7 @@ from flash_attn.errors import (
 )
 
 FP16 = torch.float16
+BF16 = torch.bfloat16
 
 
 def qkv(
@@ -705,3 +706,86 @@ def test_check_launch_keeps_a_passing_environment_only(
     _checks.forget_environment()
     _checks.check_launch({"q": None}, shape, needs_backward=False)
     assert len(asked) == before + 1  # asked again after forget_environment
+
+
+# --- the fast paths agree with the checks one by one --------------------------------
+
+
+def _dense_variants() -> list[tuple[object, object, object]]:
+    """Valid and invalid (q, k, v) of every kind the dense checks look at (meta tensors)."""
+    m = "meta"
+
+    def t(*shape: int, dtype: torch.dtype = FP16) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=m)
+
+    return [
+        (t(2, 5, 4, 32), t(2, 7, 2, 32), t(2, 7, 2, 32)),  # valid GQA
+        (t(2, 1, 8, 128, dtype=BF16), t(2, 9, 8, 128, dtype=BF16), t(2, 9, 8, 128, dtype=BF16)),
+        (t(1, 3, 3, 256), t(1, 3, 1, 256), t(1, 3, 1, 256)),  # MQA, largest head_dim
+        (t(2, 5, 4, 32), t(2, 7, 2, 32), t(2, 7, 2, 32, dtype=BF16)),  # dtypes differ
+        (t(2, 5, 4, 32, dtype=torch.float32),) * 3,  # fp32
+        (t(2, 5, 4, 32), t(3, 7, 2, 32), t(3, 7, 2, 32)),  # batch differs
+        (t(0, 5, 4, 32), t(0, 7, 2, 32), t(0, 7, 2, 32)),  # batch 0
+        (t(2, 5, 4, 32), t(2, 7, 3, 32), t(2, 7, 3, 32)),  # heads not a multiple
+        (t(2, 5, 4, 32), t(2, 7, 0, 32), t(2, 7, 0, 32)),  # no kv heads
+        (t(2, 5, 0, 32), t(2, 7, 2, 32), t(2, 7, 2, 32)),  # no q heads
+        (t(2, 5, 4, 32), t(2, 7, 2, 64), t(2, 7, 2, 64)),  # head_dim differs
+        (t(2, 5, 4, 32), t(2, 7, 2, 32), t(2, 6, 2, 32)),  # k and v differ
+        (t(2, 5, 4, 264), t(2, 7, 2, 264), t(2, 7, 2, 264)),  # head_dim too large
+        (t(2, 5, 4, 0), t(2, 7, 2, 0), t(2, 7, 2, 0)),  # head_dim 0
+        (t(5, 4, 32), t(7, 2, 32), t(7, 2, 32)),  # rank 3
+        (t(2, 5, 4, 32), "k", t(2, 7, 2, 32)),  # not a tensor
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_dense_variants())))
+def test_dense_fast_path_agrees_with_the_checks(case: int) -> None:
+    q, k, v = _dense_variants()[case]
+    fast = _checks._dense_fast(q, k, v)
+    try:
+        slow = _checks._dense_one_by_one(q, k, v, None)  # type: ignore[arg-type]
+    except InputError:
+        assert fast is None  # never accepts what the checks refuse
+        return
+    assert fast == slow  # and takes every valid case here
+
+
+def _varlen_variants() -> list[tuple[object, ...]]:
+    m = "meta"
+
+    def t(*shape: int, dtype: torch.dtype = FP16) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=m)
+
+    def cu(n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.empty((n,), dtype=dtype, device=m)
+
+    q, kv = t(10, 4, 64), t(12, 2, 64)
+    return [
+        (q, kv, kv, cu(3), cu(3), 5, 6),  # valid
+        (t(10, 6, 64, dtype=BF16), t(9, 3, 64, dtype=BF16), t(9, 3, 64, dtype=BF16), cu(2),
+         cu(2), 10, 9),  # fmt: skip
+        (q, kv, kv, cu(3), cu(4), 5, 6),  # lengths differ
+        (q, kv, kv, cu(1), cu(1), 5, 6),  # no sequence
+        (q, kv, kv, cu(3, torch.int64), cu(3), 5, 6),  # int64 cu_seqlens
+        (q, kv, kv, torch.empty((3, 1), dtype=torch.int32, device=m), cu(3), 5, 6),  # 2-D
+        (q, kv, kv, cu(3), cu(3), -1, 6),  # negative max_seqlen
+        (q, kv, kv, cu(3), cu(3), 5.0, 6),  # float max_seqlen
+        (q, kv, kv, cu(3), cu(3), True, 6),  # bool max_seqlen
+        (q, t(12, 3, 64), t(12, 3, 64), cu(3), cu(3), 5, 6),  # heads not a multiple
+        (q, kv, t(12, 2, 32), cu(3), cu(3), 5, 6),  # v's head_dim differs
+        (t(10, 4, 64, dtype=torch.float32), kv, kv, cu(3), cu(3), 5, 6),  # dtypes
+        (t(2, 10, 4, 64), kv, kv, cu(3), cu(3), 5, 6),  # rank 4
+        (q, kv, kv, [0, 5, 10], cu(3), 5, 6),  # a list for cu_seqlens
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_varlen_variants())))
+def test_varlen_fast_path_agrees_with_the_checks(case: int) -> None:
+    args = _varlen_variants()[case]
+    fast = _checks._varlen_fast(*args)
+    try:
+        slow = _checks._varlen_one_by_one(*args, None)  # type: ignore[arg-type]
+    except InputError:
+        assert fast is None
+        return
+    assert fast == slow  # and takes every valid case here
