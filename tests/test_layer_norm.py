@@ -98,6 +98,48 @@ def test_bad_arguments_are_named(kwargs, words):
         assert word in str(info.value), str(info.value)
 
 
+_COMMON_CASES = [
+    dict(),  # x, weight
+    dict(bias=meta(64), residual=meta(3, 64)),
+    dict(residual=meta(3, 64, dtype=torch.float32), dropout_p=0.1, eps=0.0),
+    dict(weight=meta(64, dtype=torch.bfloat16)),  # the weight's dtype is its own
+    dict(weight=meta(63)),
+    dict(weight=meta(64, dtype=torch.float64)),
+    dict(bias=meta(65)),
+    dict(bias="b"),
+    dict(residual=meta(3, 65)),
+    dict(residual=meta(3, 64, dtype=torch.int32)),
+    dict(dropout_p=1.0),
+    dict(dropout_p=-0.1),
+    dict(dropout_p=float("nan")),
+    dict(dropout_p=True),
+    dict(eps=-1e-5),
+    dict(eps=float("inf")),
+    dict(eps=float("nan")),
+    dict(x=meta(3, 64, dtype=torch.float64)),
+    dict(x=meta(3, ln.MAX_HIDDEN + 1), weight=meta(ln.MAX_HIDDEN + 1)),
+    dict(x=torch.empty((), device="meta"), weight=meta(1)),  # 0-d x
+]
+
+
+@pytest.mark.parametrize("case", range(len(_COMMON_CASES)))
+def test_common_call_fast_path_agrees_with_the_checks(case):
+    """The fast test of the common call never accepts what check_norm_args refuses, and
+    accepts the valid common calls."""
+    args = dict(x=meta(3, 64), weight=meta(64), bias=None, residual=None, eps=1e-6, dropout_p=0.0)
+    args.update(_COMMON_CASES[case])
+    fast = ln._common_args_ok(
+        args["x"], args["weight"], args["bias"], args["residual"], (None,) * 5, args["eps"],
+        args["dropout_p"],
+    )  # fmt: skip
+    try:
+        ln.check_norm_args("layer_norm_fn", **args)
+    except InputError:
+        assert not fast
+        return
+    assert fast  # every valid case here is a common one
+
+
 def test_hidden_size_limit_is_named():
     n = ln.MAX_HIDDEN + 1
     with pytest.raises(InputError, match=f"hidden size .* is {n}; supported: 1 to {ln.MAX_HIDDEN}"):

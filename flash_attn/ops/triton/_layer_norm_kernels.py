@@ -493,8 +493,13 @@ def forward(
     m = x.numel() // n if n else 0
     shape = y.shape
     dev = x.device
-    y1 = torch.empty(shape, dtype=y.dtype, device=dev) if weight1 is not None else None
-    stats = torch.empty((m,) if is_rms_norm else (2, m), dtype=torch.float32, device=dev)
+    y1 = torch.empty_like(y) if weight1 is not None else None
+    # sizes as ints: torch.empty parses them faster than a tuple or torch.Size
+    stats = (
+        torch.empty(m, dtype=torch.float32, device=dev)
+        if is_rms_norm
+        else torch.empty(2, m, dtype=torch.float32, device=dev)
+    )
     seeds = mask = mask1 = None
     if dropout_p > 0.0:
         # two Philox keys from torch's generator of this device (torch.manual_seed
@@ -580,24 +585,24 @@ def backward(
     n = s.shape[-1]
     m = s.numel() // n if n else 0
     dev = s.device
-    dx = torch.empty(shape, dtype=x_dtype, device=dev)
-    dx1 = torch.empty(shape, dtype=x_dtype, device=dev) if want_dx1 else None
+    dx = torch.empty(*shape, dtype=x_dtype, device=dev)
+    dx1 = torch.empty(*shape, dtype=x_dtype, device=dev) if want_dx1 else None
     # Without dropout and rowscale the residual's gradient is dx itself (ds): one tensor,
     # written once, serves both (as upstream, which returns dx as dresidual then). A
     # second copy would be a whole extra tensor of writes in a memory-bound kernel.
     dres_is_dx = residual_dtype == x_dtype and seeds is None and rowscale is None
     dres = None
     if residual_dtype and not dres_is_dx:
-        dres = torch.empty(shape, dtype=residual_dtype, device=dev)
+        dres = torch.empty(*shape, dtype=residual_dtype, device=dev)
     params = [p for p in (weight, bias, weight1, bias1) if p is not None]
-    grads = [torch.empty((n,), dtype=p.dtype, device=dev) for p in params]
+    grads = [torch.empty(n, dtype=p.dtype, device=dev) for p in params]
     if m == 0:
         for g in grads:
             g.zero_()
     else:
         cfg = backward_config(n, weight1 is not None)
         programs, rows_per_program = backward_programs(dev, m, cfg)
-        partials = torch.empty((len(params), programs, n), dtype=torch.float32, device=dev)
+        partials = torch.empty(len(params), programs, n, dtype=torch.float32, device=dev)
         with _on_device(dev):
             _norm_bwd_kernel[(programs,)](
                 s,

@@ -119,6 +119,47 @@ def _check_like_x(fn: str, name: str, t: Tensor | None, x: Tensor) -> None:
     _check_dtype(fn, name, t.dtype)
 
 
+def _common_args_ok(
+    x: object,
+    weight: object,
+    bias: object,
+    residual: object,
+    others: tuple[object, ...],
+    eps: object,
+    dropout_p: object,
+) -> bool:
+    """Whether a call passes check_norm_args for sure, read in a few attribute lookups:
+    the common call (x, weight, optional bias and residual, float eps and dropout_p; no
+    second branch, rowscale or out_dtype). False sends it through every check, which
+    then names what is wrong. (A decode step calls the norms twice a layer.)"""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)) or any(
+        o is not None for o in others
+    ):
+        return False
+    shape = x.shape
+    if not shape or not 1 <= shape[-1] <= MAX_HIDDEN or x.dtype not in SUPPORTED_DTYPES:
+        return False
+    n = shape[-1]
+    if weight.shape != (n,) or weight.dtype not in SUPPORTED_DTYPES:
+        return False
+    if bias is not None and (
+        not isinstance(bias, Tensor) or bias.shape != (n,) or bias.dtype not in SUPPORTED_DTYPES
+    ):
+        return False
+    if residual is not None and (
+        not isinstance(residual, Tensor)
+        or residual.shape != shape
+        or residual.dtype not in SUPPORTED_DTYPES
+    ):
+        return False
+    return (
+        type(dropout_p) is float
+        and 0.0 <= dropout_p < 1.0
+        and type(eps) is float
+        and 0.0 <= eps < math.inf
+    )
+
+
 def check_norm_args(
     fn: str,
     x: Tensor,
@@ -406,9 +447,12 @@ def _norm_forward(
     """The checks and the forward launch (2.x argument order); saves what the backward
     needs on ``ctx`` (None: no backward will run)."""
     fn = "rms_norm_fn" if is_rms_norm else "layer_norm_fn"
-    check_norm_args(
-        fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, out_dtype
-    )
+    if not _common_args_ok(
+        x, weight, bias, residual, (x1, weight1, bias1, rowscale, out_dtype), eps, dropout_p
+    ):
+        check_norm_args(
+            fn, x, weight, bias, residual, x1, weight1, bias1, eps, dropout_p, rowscale, out_dtype
+        )
     if residual is not None:
         residual_dtype = residual.dtype
     else:
@@ -445,11 +489,13 @@ def _norm_forward(
         or x1 is not None
     )
     # outputs in x's shape, contiguous: the kernels write rows of n, no views needed
-    y_buf = out if out is not None else torch.empty(shape, dtype=y_dtype, device=x.device)
+    # (empty_like: about half the host time of torch.empty(shape, ...) a buffer)
+    contiguous = torch.contiguous_format
+    y_buf = out if out is not None else torch.empty_like(x, dtype=y_dtype, memory_format=contiguous)
     if residual_out is not None:
         sum_buf: Tensor | None = residual_out
     elif store_sum:
-        sum_buf = torch.empty(shape, dtype=residual_dtype, device=x.device)
+        sum_buf = torch.empty_like(x, dtype=residual_dtype, memory_format=contiguous)
     else:
         sum_buf = None
     weight, bias = weight.contiguous(), _dense(bias)
