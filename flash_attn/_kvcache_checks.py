@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from flash_attn._checks import (
+    DTYPE_NAMES,
+    MAX_HEAD_DIM,
     _check_alibi,
     _check_cu_seqlens,
     _check_dtypes,
@@ -156,6 +158,94 @@ def _check_rotary(
     return rows
 
 
+def _kvcache_fast(
+    q: object,
+    k_cache: object,
+    v_cache: object,
+    k: object,
+    v: object,
+    cache_seqlens: object,
+    block_table: object,
+) -> CacheShape | None:
+    """check_kvcache's shape of the common call, read in a few attribute lookups: a
+    dense or paged cache, new k and v or none, cache_seqlens an int32 (batch,) tensor
+    (or None without k and v), and no rotary tables, cache_batch_idx, cache_leftpad or
+    alibi_slopes (the caller sees to those). None where any check might fail:
+    check_kvcache then runs them one by one and names what is wrong. (Decode calls
+    this once a layer and token.)"""
+    if not (
+        isinstance(q, torch.Tensor)
+        and isinstance(k_cache, torch.Tensor)
+        and isinstance(v_cache, torch.Tensor)
+    ):
+        return None
+    qs, cs = q.shape, k_cache.shape
+    if len(qs) != 4 or len(cs) != 4 or v_cache.shape != cs:
+        return None
+    batch, seqlen_q, nheads, head_dim = qs
+    cache_rows, cache_len, nheads_k = cs[0], cs[1], cs[2]
+    dtype = q.dtype
+    if not (
+        dtype is k_cache.dtype
+        and dtype is v_cache.dtype
+        and dtype in DTYPE_NAMES
+        and cs[3] == head_dim
+        and 0 < head_dim <= MAX_HEAD_DIM
+        and batch > 0
+        and nheads > 0
+        and nheads_k > 0
+        and nheads % nheads_k == 0
+        and k_cache.stride(-1) == 1
+        and v_cache.stride(-1) == 1
+    ):
+        return None
+    seqlen_new = 0
+    if k is not None or v is not None:
+        if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            return None
+        ks = k.shape
+        if not (
+            len(ks) == 4
+            and v.shape == ks
+            and k.dtype is dtype
+            and v.dtype is dtype
+            and ks[0] == batch
+            and ks[2] == nheads_k
+            and ks[3] == head_dim
+        ):
+            return None
+        seqlen_new = ks[1]
+        if not isinstance(cache_seqlens, torch.Tensor):
+            return None  # an int (range checks) or None (refused): check_kvcache
+    if cache_seqlens is not None and not (
+        isinstance(cache_seqlens, torch.Tensor)
+        and cache_seqlens.dtype is torch.int32
+        and cache_seqlens.shape == (batch,)
+    ):
+        return None
+    if block_table is None:
+        if cache_rows < batch:
+            return None
+        return CacheShape(
+            batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_new, cache_rows, 0, 0,
+            cache_len, 0, dtype,
+        )  # fmt: skip
+    if not (
+        isinstance(block_table, torch.Tensor)
+        and block_table.dtype is torch.int32
+        and len(block_table.shape) == 2
+        and block_table.shape[0] == batch
+        and cache_len > 0
+        and cache_len % PAGE_SIZE_MULTIPLE == 0
+    ):
+        return None
+    pages_per_seq = block_table.shape[1]
+    return CacheShape(
+        batch, seqlen_q, nheads, nheads_k, head_dim, seqlen_new, cache_rows, cache_len,
+        pages_per_seq, pages_per_seq * cache_len, 0, dtype,
+    )  # fmt: skip
+
+
 def check_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -171,6 +261,37 @@ def check_kvcache(
     alibi_slopes: torch.Tensor | None,
 ) -> CacheShape:
     """Shapes, ranks and dtypes of flash_attn_with_kvcache's arguments."""
+    if (
+        rotary_cos is None
+        and rotary_sin is None
+        and cache_batch_idx is None
+        and cache_leftpad is None
+        and alibi_slopes is None
+    ):
+        shape = _kvcache_fast(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+        if shape is not None:
+            return shape
+    return _kvcache_one_by_one(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+        cache_leftpad, block_table, alibi_slopes,
+    )  # fmt: skip
+
+
+def _kvcache_one_by_one(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None,
+    rotary_sin: torch.Tensor | None,
+    cache_seqlens: int | torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+) -> CacheShape:
+    """check_kvcache's checks in turn, raising at the first that fails."""
     paged = block_table is not None
     layout = PAGED_LAYOUT if paged else CACHE_LAYOUT
     _check_rank("q", q, 4, "(batch, seqlen_q, nheads, head_dim)")

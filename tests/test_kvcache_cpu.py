@@ -747,3 +747,76 @@ def test_the_append_contract_skips_rows_out_of_range(paged: bool) -> None:
     for (r, j), (b, i) in expected_slots.items():
         assert torch.equal(k_ref[r, j], k_new[b, i]) and torch.equal(v_ref[r, j], v_new[b, i])
     assert torch.equal(k_ref[~changed], k[~changed]) and torch.equal(v_ref[~changed], v[~changed])
+
+
+# --- the checks' fast path agrees with the checks one by one -----------------------
+
+
+def _kv_variants() -> list[dict[str, Any]]:
+    """Common KV-cache calls, valid and not (meta tensors): each overrides the valid
+    dense decode call (batch 2, 4/2 heads, head_dim 64, cache of 32 keys)."""
+
+    def t(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def i32(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    cache = t(2, 32, 2, 64)
+    pool = t(9, 16, 2, 64)
+    return [
+        {},  # decode, no append
+        dict(k=t(2, 1, 2, 64), v=t(2, 1, 2, 64)),  # decode with append
+        dict(q=t(2, 40, 4, 64), k=t(2, 40, 2, 64), v=t(2, 40, 2, 64)),  # prefill
+        dict(k_cache=t(3, 32, 2, 64), v_cache=t(3, 32, 2, 64)),  # more cache rows
+        dict(cache_seqlens=None),  # the whole cache
+        dict(k_cache=pool, v_cache=pool, block_table=i32(2, 4)),  # paged
+        dict(k_cache=pool, v_cache=pool, block_table=i32(2, 4), k=t(2, 1, 2, 64), v=t(2, 1, 2, 64)),
+        dict(k_cache=t(9, 24, 2, 64), v_cache=t(9, 24, 2, 64), block_table=i32(2, 4)),  # page 24
+        dict(block_table=i32(2, 4, dtype=torch.int64), k_cache=pool, v_cache=pool),
+        dict(block_table=i32(3, 4), k_cache=pool, v_cache=pool),  # batch differs
+        dict(k_cache=t(1, 32, 2, 64), v_cache=t(1, 32, 2, 64)),  # fewer rows than batch
+        dict(k=t(2, 1, 2, 64)),  # k without v
+        dict(k=t(2, 1, 2, 64), v=t(2, 1, 2, 64), cache_seqlens=None),  # append needs seqlens
+        dict(k=t(2, 1, 2, 64), v=t(2, 1, 2, 64), cache_seqlens=3),  # int: the range check
+        dict(k=t(2, 1, 2, 64, dtype=torch.bfloat16), v=t(2, 1, 2, 64, dtype=torch.bfloat16)),
+        dict(k=t(2, 1, 3, 64), v=t(2, 1, 3, 64)),  # k's heads differ from the cache's
+        dict(k=t(2, 1, 2, 64), v=t(2, 2, 2, 64)),  # k and v differ
+        dict(cache_seqlens=i32(2, dtype=torch.int64)),
+        dict(cache_seqlens=i32(3)),
+        dict(v_cache=t(2, 32, 2, 64, dtype=torch.bfloat16)),  # cache dtypes differ
+        dict(q=t(2, 1, 3, 64)),  # heads not a multiple
+        dict(q=t(2, 1, 4, 32)),  # head_dim differs
+        dict(k_cache=cache.transpose(1, 2).transpose(1, 2)[..., ::2], v_cache=cache[..., ::2]),
+        dict(q=t(2, 1, 4, 64, dtype=torch.float32), k_cache=t(2, 32, 2, 64, dtype=torch.float32),
+             v_cache=t(2, 32, 2, 64, dtype=torch.float32)),  # fmt: skip
+        dict(q=t(0, 1, 4, 64)),  # batch 0
+        dict(q=t(2, 4, 64)),  # rank 3
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_kv_variants())))
+def test_kvcache_fast_path_agrees_with_the_checks(case: int) -> None:
+    from flash_attn import _kvcache_checks as kc
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.float16, device="meta")
+
+    args: dict[str, Any] = dict(
+        q=t(2, 1, 4, 64), k_cache=t(2, 32, 2, 64), v_cache=t(2, 32, 2, 64), k=None, v=None,
+        cache_seqlens=torch.empty(2, dtype=torch.int32, device="meta"), block_table=None,
+    )  # fmt: skip
+    args.update(_kv_variants()[case])
+    fast = kc._kvcache_fast(**args)
+    try:
+        slow = kc._kvcache_one_by_one(
+            args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], None, None,
+            args["cache_seqlens"], None, None, args["block_table"], None,
+        )  # fmt: skip
+    except InputError:
+        assert fast is None  # never accepts what the checks refuse
+        return
+    if isinstance(args["cache_seqlens"], int):
+        assert fast is None  # an int's range is checked one by one
+    else:
+        assert fast == slow
