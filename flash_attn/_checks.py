@@ -245,6 +245,30 @@ def _check_alibi(alibi_slopes: torch.Tensor | None, batch: int, nheads: int) -> 
         )
 
 
+def _heads_fast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    nheads: int,
+    nheads_k: int,
+    head_dim: int,
+    kv_head_dim: int,
+) -> bool:
+    """What _check_dtypes and _check_heads accept, given the sizes (k and v of one
+    shape): the fast paths' common test."""
+    dtype = q.dtype
+    return (
+        dtype is k.dtype
+        and dtype is v.dtype
+        and dtype in DTYPE_NAMES
+        and kv_head_dim == head_dim
+        and 0 < head_dim <= MAX_HEAD_DIM
+        and nheads > 0
+        and nheads_k > 0
+        and nheads % nheads_k == 0
+    )
+
+
 def _dense_fast(q: object, k: object, v: object) -> AttnShape | None:
     """The shape of a dense call that passes every check of check_dense (without
     alibi_slopes), in a few attribute reads; None where any check might fail, and
@@ -258,21 +282,11 @@ def _dense_fast(q: object, k: object, v: object) -> AttnShape | None:
     if len(qs) != 4 or len(ks) != 4 or ks != v.shape:
         return None
     batch, seqlen_q, nheads, head_dim = qs
-    dtype = q.dtype
     if not (
-        dtype is k.dtype
-        and dtype is v.dtype
-        and dtype in DTYPE_NAMES
-        and ks[0] == batch
-        and ks[3] == head_dim
-        and batch > 0
-        and 0 < head_dim <= MAX_HEAD_DIM
-        and nheads > 0
-        and ks[2] > 0
-        and nheads % ks[2] == 0
+        ks[0] == batch and batch > 0 and _heads_fast(q, k, v, nheads, ks[2], head_dim, ks[3])
     ):
         return None
-    return AttnShape(batch, seqlen_q, ks[1], nheads, ks[2], head_dim, dtype)
+    return AttnShape(batch, seqlen_q, ks[1], nheads, ks[2], head_dim, q.dtype)
 
 
 def check_dense(
@@ -286,13 +300,7 @@ def check_dense(
         shape = _dense_fast(q, k, v)
         if shape is not None:
             return shape
-    return _dense_one_by_one(q, k, v, alibi_slopes)
-
-
-def _dense_one_by_one(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi_slopes: torch.Tensor | None
-) -> AttnShape:
-    """check_dense's checks in turn, raising at the first that fails."""
+    # the checks in turn, raising at the first that fails
     _check_rank("q", q, 4, "(batch, seqlen_q, nheads, head_dim)")
     _check_rank("k", k, 4, "(batch, seqlen_k, nheads_k, head_dim)")
     _check_rank("v", v, 4, "(batch, seqlen_k, nheads_k, head_dim)")
@@ -361,24 +369,16 @@ def _varlen_fast(
     if len(qs) != 3 or len(ks) != 3 or ks != v.shape or len(cqs) != 1 or cu_k.shape != cqs:
         return None
     nheads, head_dim = qs[1], qs[2]
-    dtype = q.dtype
     if not (
-        dtype is k.dtype
-        and dtype is v.dtype
-        and dtype in DTYPE_NAMES
-        and cu_q.dtype is torch.int32
+        cu_q.dtype is torch.int32
         and cu_k.dtype is torch.int32
         and cqs[0] >= 2
-        and ks[2] == head_dim
-        and 0 < head_dim <= MAX_HEAD_DIM
-        and nheads > 0
-        and ks[1] > 0
-        and nheads % ks[1] == 0
         and max_q >= 0
         and max_k >= 0
+        and _heads_fast(q, k, v, nheads, ks[1], head_dim, ks[2])
     ):
         return None
-    return AttnShape(cqs[0] - 1, max_q, max_k, nheads, ks[1], head_dim, dtype)
+    return AttnShape(cqs[0] - 1, max_q, max_k, nheads, ks[1], head_dim, q.dtype)
 
 
 def check_varlen(
@@ -396,22 +396,7 @@ def check_varlen(
         shape = _varlen_fast(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         if shape is not None:
             return shape
-    return _varlen_one_by_one(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes
-    )
-
-
-def _varlen_one_by_one(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    alibi_slopes: torch.Tensor | None,
-) -> AttnShape:
-    """check_varlen's checks in turn, raising at the first that fails."""
+    # the checks in turn, raising at the first that fails
     _check_rank("q", q, 3, "(total_q, nheads, head_dim)")
     _check_rank("k", k, 3, "(total_k, nheads_k, head_dim)")
     _check_rank("v", v, 3, "(total_k, nheads_k, head_dim)")

@@ -28,14 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from flash_attn._checks import (
-    DTYPE_NAMES,
-    MAX_HEAD_DIM,
     _check_alibi,
     _check_cu_seqlens,
     _check_dtypes,
     _check_heads,
     _check_max_seqlen,
     _check_rank,
+    _heads_fast,
     _shape,
 )
 from flash_attn.errors import InputError
@@ -186,17 +185,10 @@ def _kvcache_fast(
     cache_rows, cache_len, nheads_k = cs[0], cs[1], cs[2]
     dtype = q.dtype
     if not (
-        dtype is k_cache.dtype
-        and dtype is v_cache.dtype
-        and dtype in DTYPE_NAMES
-        and cs[3] == head_dim
-        and 0 < head_dim <= MAX_HEAD_DIM
-        and batch > 0
-        and nheads > 0
-        and nheads_k > 0
-        and nheads % nheads_k == 0
+        batch > 0
         and k_cache.stride(-1) == 1
         and v_cache.stride(-1) == 1
+        and _heads_fast(q, k_cache, v_cache, nheads, nheads_k, head_dim, cs[3])
     ):
         return None
     seqlen_new = 0
@@ -271,27 +263,7 @@ def check_kvcache(
         shape = _kvcache_fast(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
         if shape is not None:
             return shape
-    return _kvcache_one_by_one(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-        cache_leftpad, block_table, alibi_slopes,
-    )  # fmt: skip
-
-
-def _kvcache_one_by_one(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k: torch.Tensor | None,
-    v: torch.Tensor | None,
-    rotary_cos: torch.Tensor | None,
-    rotary_sin: torch.Tensor | None,
-    cache_seqlens: int | torch.Tensor | None,
-    cache_batch_idx: torch.Tensor | None,
-    cache_leftpad: torch.Tensor | None,
-    block_table: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-) -> CacheShape:
-    """check_kvcache's checks in turn, raising at the first that fails."""
+    # the checks in turn, raising at the first that fails
     paged = block_table is not None
     layout = PAGED_LAYOUT if paged else CACHE_LAYOUT
     _check_rank("q", q, 4, "(batch, seqlen_q, nheads, head_dim)")

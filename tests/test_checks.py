@@ -739,11 +739,14 @@ def _dense_variants() -> list[tuple[object, object, object]]:
 
 
 @pytest.mark.parametrize("case", range(len(_dense_variants())))
-def test_dense_fast_path_agrees_with_the_checks(case: int) -> None:
+def test_dense_fast_path_agrees_with_the_checks(
+    case: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     q, k, v = _dense_variants()[case]
     fast = _checks._dense_fast(q, k, v)
+    monkeypatch.setattr(_checks, "_dense_fast", lambda *args: None)  # the checks in turn
     try:
-        slow = _checks._dense_one_by_one(q, k, v, None)  # type: ignore[arg-type]
+        slow = _checks.check_dense(q, k, v, None)  # type: ignore[arg-type]
     except InputError:
         assert fast is None  # never accepts what the checks refuse
         return
@@ -780,11 +783,14 @@ def _varlen_variants() -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize("case", range(len(_varlen_variants())))
-def test_varlen_fast_path_agrees_with_the_checks(case: int) -> None:
+def test_varlen_fast_path_agrees_with_the_checks(
+    case: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = _varlen_variants()[case]
     fast = _checks._varlen_fast(*args)
+    monkeypatch.setattr(_checks, "_varlen_fast", lambda *args: None)  # the checks in turn
     try:
-        slow = _checks._varlen_one_by_one(*args, None)  # type: ignore[arg-type]
+        slow = _checks.check_varlen(*args, None)  # type: ignore[arg-type]
     except InputError:
         assert fast is None
         return
