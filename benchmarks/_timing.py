@@ -4,6 +4,7 @@ this directory is on sys.path)."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -33,3 +34,17 @@ def graph_ms(fn: Callable[[], object], calls: int, replays: int) -> float:
         times.append(start.elapsed_time(end) / calls)
     del graph
     return statistics.median(times)
+
+
+def host_us_rounds(fn: Callable[[], object], calls: int, rounds: int) -> list[float]:
+    """Host microseconds per call to issue ``calls`` calls back to back (no sync inside a
+    round, the GPU drained between rounds), one figure a round."""
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return times

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from _timing import host_us_rounds
 
 import flash_attn
 from flash_attn import _ops
@@ -46,17 +46,9 @@ class Row:
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
-    for _ in range(50):
+    for _ in range(50):  # warm-up
         fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
+    return min(host_us_rounds(fn, calls, rounds=3))
 
 
 def attention_calls(batch: int) -> dict[str, Callable[[], object]]:

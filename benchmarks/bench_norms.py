@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _timing import graph_ms
+from _timing import graph_ms, host_us_rounds
 
 from flash_attn.ops.triton import layer_norm as ln
 
@@ -112,15 +112,7 @@ def latency_ms(fn: Callable[[], object], reps: int) -> float:
 
 def host_us(fn: Callable[[], object], rounds: int = 5) -> float:
     """Median over rounds of the wall time to issue HOST_ISSUE_CALLS calls, per call."""
-    times = []
-    for _ in range(rounds):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(HOST_ISSUE_CALLS):
-            fn()
-        times.append((time.perf_counter() - t0) / HOST_ISSUE_CALLS * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(times)
+    return statistics.median(host_us_rounds(fn, HOST_ISSUE_CALLS, rounds))
 
 
 def stream_ms(fn: Callable[[], object], calls: int, replays: int) -> float:

@@ -37,6 +37,4 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """x as the kernels take it: last dim contiguous and padded to a multiple of 8."""
-    if x.stride(-1) == 1 and x.size(-1) % HEAD_DIM_MULTIPLE == 0:
-        return x  # already so (every call of a model with head_dim 64, 128, ...)
     return pad_head_dim(last_dim_contiguous(x))
