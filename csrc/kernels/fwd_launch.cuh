@@ -195,8 +195,10 @@ int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
 #endif
   using C = FwdConfigFor<D>;
   const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-  if (p.dropout_p > 0.f) return launch(fwd_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p);
-  return launch(fwd_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p);
+  // a dependent launch: it overlaps the end of the grid before (call_aborted waits for it)
+  if (p.dropout_p > 0.f)
+    return launch(fwd_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p, /*dependent=*/true);
+  return launch(fwd_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p, /*dependent=*/true);
 }
 
 }  // namespace flash

@@ -258,8 +258,10 @@ int run_fwd_sm90(const FlashAttnParams &p, cudaStream_t stream) {
   using C = std::conditional_t<(D <= 64), FwdSm90Config<D, 96, 2, 2, 2>,
                                FwdSm90Config<D, (D <= 128 ? 128 : 64), 2>>;
   const dim3 grid((p.seqlen_q + C::BM - 1) / C::BM, p.nheads, p.batch);
-  if (p.dropout_p > 0.f) return launch(fwd_sm90_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p);
-  return launch(fwd_sm90_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p);
+  // a dependent launch: it overlaps the end of the grid before (call_aborted waits for it)
+  if (p.dropout_p > 0.f)
+    return launch(fwd_sm90_kernel<C, T, true>, grid, C::kThreads, C::kSmem, stream, p, /*dependent=*/true);
+  return launch(fwd_sm90_kernel<C, T, false>, grid, C::kThreads, C::kSmem, stream, p, /*dependent=*/true);
 }
 
 }  // namespace flash

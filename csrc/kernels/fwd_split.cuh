@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
 
   // Results: O and the LSE (one split), or this split's normalised partials. (The
   // combine kernel, launched dependent on this one where the GPU allows, still waits
-  // for this grid to finish and its writes to land: cudaGridDependencySynchronize.)
+  // for this grid to finish and its writes to land: call_aborted.)
   const bool partial = nsplit > 1;
   const int64_t plane = int64_t(p.nheads) * p.total_q;
   if constexpr (W == 1) {
@@ -426,10 +426,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
   __shared__ float sw[FLASH_MAX_SPLITS];
   __shared__ float sred[4];
   __shared__ float4 spart[128];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cudaGridDependencySynchronize();  // a no-op unless launched as a dependent grid
-#endif
-  if (call_aborted(p.abort_flag)) return;
+  if (call_aborted(p.abort_flag)) return;  // (first waits for the split grid: a dependent launch)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
   const int ns = p.num_splits, hd = p.head_dim;
@@ -494,17 +491,19 @@ int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
       (p.num_splits > 1 && (p.oaccum == nullptr || p.lse_accum == nullptr)))
     return FLASH_ERR_BAD_ARGUMENT;
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
+  // Both grids go out as dependent launches (call_aborted waits for the grid before).
+  constexpr bool kDependent = true;
   int status;
 #if defined(FLASH_HAS_SM90A)
   if (split::warps(p, D) != 1) {
     constexpr int W = split::wide_warps(D);
-    status = launch(fwd_split_kernel<D, W, T>, grid, 32 * W, SplitConfig<D, W>::kSmem, stream, p);
+    status = launch(fwd_split_kernel<D, W, T>, grid, 32 * W, SplitConfig<D, W>::kSmem, stream, p, kDependent);
   } else
 #endif
-    status = launch(fwd_split_kernel<D, 1, T>, grid, 32, SplitConfig<D, 1>::kSmem, stream, p);
+    status = launch(fwd_split_kernel<D, 1, T>, grid, 32, SplitConfig<D, 1>::kSmem, stream, p, kDependent);
   if (status != FLASH_OK || p.num_splits == 1) return status;
   const int64_t pairs = int64_t(p.total_q) * p.nheads;
-  return launch_dependent(combine_kernel<T>, dim3(unsigned(pairs)), 128, stream, p);
+  return launch(combine_kernel<T>, dim3(unsigned(pairs)), 128, 0, stream, p, kDependent);
 }
 
 }  // namespace flash

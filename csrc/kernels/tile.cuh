@@ -412,9 +412,15 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // Records a CUDA error for flash_last_cuda_error() (dispatch.cu).
 void set_cuda_error(cudaError_t e);
 
-// Whether an index check earlier on the stream (kv_check.cuh) refused this call's values:
-// then every kernel of the call returns before writing anything.
+// The first step of every forward kernel: wait for the grid before it on the stream
+// (a no-op unless this grid went out as a programmatic dependent launch, launch() with
+// dependent: its CTAs may start while that grid ends, and read nothing before this),
+// then say whether an index check earlier on the stream (kv_check.cuh) refused this
+// call's values: then every kernel of the call returns before writing anything.
 __device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   return abort_flag != nullptr && *abort_flag != 0;
 }
 
@@ -427,10 +433,18 @@ bool use_sm90_kernels();
 bool smem_limit_raised(const void *kernel, size_t smem);
 void note_smem_limit(const void *kernel, size_t smem);
 
-// Raise the dynamic shared-memory limit and launch; returns a FlashStatus.
+// Whether the current device takes programmatic dependent launches (compute capability
+// 9.0 and up; dispatch.cu).
+bool device_has_pdl();
+
+// Raise the dynamic shared-memory limit and launch; returns a FlashStatus. With
+// dependent, where the device takes them, as a programmatic dependent launch: the CTAs
+// may then be placed while the previous grid on the stream ends, which hides the launch
+// between the two (the kernel waits for that grid before it reads anything:
+// call_aborted; only kernels that begin with it go out so).
 template <typename Kernel>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                  const FlashAttnParams &p) {
+                  const FlashAttnParams &p, bool dependent = false) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
   // The limit is raised once per (kernel, device): the call costs about as much as a
   // decode step's whole launch.
@@ -439,38 +453,22 @@ inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e == cudaSuccess) note_smem_limit(reinterpret_cast<const void *>(kernel), smem);
   }
-  if (e == cudaSuccess) {
+  if (e == cudaSuccess && dependent && device_has_pdl()) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, kernel, p);
+  } else if (e == cudaSuccess) {
     kernel<<<grid, threads, smem, stream>>>(p);
     e = cudaGetLastError();
   }
-  if (e != cudaSuccess) {
-    set_cuda_error(e);
-    return FLASH_ERR_CUDA;
-  }
-  return FLASH_OK;
-}
-
-// Launch a kernel that reads what the previous kernel on the stream wrote. On compute
-// capability 9.0 and up it goes out as a programmatic dependent launch, so that its
-// launch overlaps the end of the previous grid (the kernel itself calls
-// cudaGridDependencySynchronize before it reads); elsewhere, a plain launch.
-bool device_has_pdl();
-template <typename Kernel>
-inline int launch_dependent(Kernel kernel, dim3 grid, int threads, cudaStream_t stream,
-                            const FlashAttnParams &p) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
-  if (!device_has_pdl()) return launch(kernel, grid, threads, 0, stream, p);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, p);
   if (e != cudaSuccess) {
     set_cuda_error(e);
     return FLASH_ERR_CUDA;
