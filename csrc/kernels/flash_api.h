@@ -68,7 +68,7 @@ typedef struct FlashAttnParams {
                                        Key j is visible from query i iff
                                        i + sk - sq - left <= j <= i + sk - sq + right */
   int dtype;                        /* enum FlashDtype */
-  int num_sms;                      /* filled by the launcher if 0 */
+  int num_sms;                      /* set by flash_attn_fwd_plan for the split kernel */
 
   /* KV cache (forward only; NULL when unused). Index arrays are int32 (batch). */
   const int *seqused_k;             /* entry b has keys [0, seqused_k[b]) of its cache row */

@@ -195,6 +195,16 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
     const int j = blk * BN + tid;
     return tid < BN && blk < blk_hi && j < seq.sk ? krows.page_of(j) : 0;
   };
+  // The block-table lines those reads find: L1 is asked for the entry of the first key of
+  // each of the first kPagesAhead blocks now, and of block i + kPagesAhead at step i (a
+  // line of 32 entries spans at least 512 keys, 4 blocks), so that page_for finds its line
+  // there instead of waiting on DRAM a step before each load: a split of a long cache in
+  // pages of 16 reads a new line every 4 one-warp blocks.
+  constexpr int kPagesAhead = 16;
+  const auto prefetch_pages = [&](int blk) {
+    if (blk < blk_hi) prefetch_l1(krows.pages + blk * BN / p.page_size);
+  };
+  if (paged && tid < kPagesAhead) prefetch_pages(blk_lo + tid);
   int page = page_for(blk_lo);
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
@@ -223,6 +233,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
       page = page_for(blk_lo + i + S);
     }
     cp_async_commit();
+    if (paged && tid == 0) prefetch_pages(blk_lo + i + kPagesAhead);
     // This warp's slice of the stage: keys n0 .. n0 + BNW.
     const T *sKi = sK + (i % S) * BN * LD + warp * BNW * LD;
     const T *sVi = sV + (i % S) * BN * LD + warp * BNW * LD;

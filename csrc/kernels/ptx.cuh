@@ -47,6 +47,8 @@ __device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool pred
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(bytes));
 }
+// Asks L1 for the line holding p (global memory; nothing waits for it).
+__device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.L1 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits for the cp.async groups this thread committed, all but the newest N.
 // Copies issued after the last commit belong to no group and are NOT waited for.

@@ -52,25 +52,30 @@ constexpr bool wide_fits_every_bucket() {
 }
 static_assert(wide_fits_every_bucket(),
               "the wide kernel fits an sm_90 CTA's shared memory, and its merge fits in its stages");
-// The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
-// planner and the launch ask the same question. Wide where the sm_90 kernels run
-// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
-// for paged caches whose pages are shorter than a wide stage at head dims 65-128: there
-// the one-warp kernel measured 9-12% faster (H200, pages of 16, hdim 128, 16 x 8192 and
-// 64 x 4096: 3840 vs 3510 GB/s; benchmarks/RESULTS.md), while at 64 and 256 the wide
-// one was as fast or faster.
-inline int warps(const FlashAttnParams &p, int d) {
-  if (!use_sm90_kernels()) return 1;
-  const int w = wide_warps(d);
-  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d > 64 && d <= 128) return 1;
-  return w;
-}
-
 // Query rows of one (entry, kv head) once the heads of a group are packed:
 // row r is query r / group of head hk * group + r % group.
 inline int row_blocks(const FlashAttnParams &p) {
   const int group = p.nheads / p.nheads_k;
   return (p.seqlen_q * group + kRows - 1) / kRows;
+}
+
+// The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
+// planner and the launch ask the same question. Wide where the sm_90 kernels run
+// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
+// for paged caches whose pages are shorter than a wide stage at head dims up to 128 when
+// the call has at least as many (entry, kv head) tiles as the GPU has SMs: there the
+// one-warp kernel (several CTAs an SM, one split or few) measured faster, with fewer the
+// wide one (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096: 4140-4175 /
+// 3993; 16 x 8192: 3929-3942 / 4026-4041; 1 x 32768: 2970-2983 / 3127-3155; 8 x 65536:
+// 3405-3442 / 3541-3552; hdim 64, 64 x 4096: 4008-4039 / 3887-3901, 8 x 65536: 2983-3010
+// / 3107-3116; benchmarks/RESULTS.md). num_sms: flash_attn_fwd_plan fills it.
+inline int warps(const FlashAttnParams &p, int d) {
+  if (!use_sm90_kernels()) return 1;
+  const int w = wide_warps(d);
+  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d <= 128 &&
+      int64_t(p.batch) * p.nheads_k * row_blocks(p) >= p.num_sms)
+    return 1;
+  return w;
 }
 
 // The split kernel runs for paged k/v, for an explicit split, and for
