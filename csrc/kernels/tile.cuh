@@ -414,7 +414,8 @@ void set_cuda_error(cudaError_t e);
 
 // The first step of every forward kernel: wait for the grid before it on the stream
 // (a no-op unless this grid went out as a programmatic dependent launch, launch() with
-// dependent: its CTAs may start while that grid ends, and read nothing before this),
+// dependent: its CTAs may start while that grid ends, and read nothing before this;
+// code built for archs before sm_90 alone has no wait and launches plainly),
 // then say whether an index check earlier on the stream (kv_check.cuh) refused this
 // call's values: then every kernel of the call returns before writing anything.
 __device__ __forceinline__ bool call_aborted(const int *abort_flag) {
@@ -437,6 +438,22 @@ void note_smem_limit(const void *kernel, size_t smem);
 // 9.0 and up; dispatch.cu).
 bool device_has_pdl();
 
+// The newest arch this object is built for (nvcc's __CUDA_ARCH_LIST__, e.g. 900), 0 if
+// unknown. Where it is sm_90 or later, every GPU that takes a dependent launch runs code
+// with the wait in call_aborted: SASS of its own major (sm_90 and up) or the newest
+// arch's PTX. With only older archs such a GPU would JIT their PTX, which has no wait, so
+// launch() then launches plainly.
+constexpr int newest_built_arch() {
+#if defined(__CUDA_ARCH_LIST__)
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  int newest = 0;
+  for (int a : archs) newest = a > newest ? a : newest;
+  return newest;
+#else
+  return 0;
+#endif
+}
+
 // Raise the dynamic shared-memory limit and launch; returns a FlashStatus. With
 // dependent, where the device takes them, as a programmatic dependent launch: the CTAs
 // may then be placed while the previous grid on the stream ends, which hides the launch
@@ -453,7 +470,7 @@ inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e == cudaSuccess) note_smem_limit(reinterpret_cast<const void *>(kernel), smem);
   }
-  if (e == cudaSuccess && dependent && device_has_pdl()) {
+  if (e == cudaSuccess && dependent && newest_built_arch() >= 900 && device_has_pdl()) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(threads);
