@@ -223,7 +223,13 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   cta_sync<W>();
   if constexpr (C::kQInRegs) load_a<KS, LDQ>(q_frag[0], sQ, lane);
 
+  // The grid after this one (the combine, or the next call's kernel) may be placed once
+  // every CTA has reached its last block: not earlier, as its CTAs would then sit on the
+  // SMs through this grid's whole run (triggered at the start, the one-warp kernel over
+  // pages of 16 at 64 x 4096 hdim 64 lost 12%; H200, benchmarks/RESULTS.md).
+  if (nblk == 0) allow_dependents();
   for (int i = 0; i < nblk; ++i) {
+    if (i == nblk - 1) allow_dependents();
     cp_async_wait<S - 2>();  // block i landed
     cta_sync<W>();           // for every thread, and all are done with the stage the next load reuses
     if (i + S - 1 < nblk) {
@@ -438,6 +444,7 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
   __shared__ float sred[4];
   __shared__ float4 spart[128];
   if (call_aborted(p.abort_flag)) return;  // (first waits for the split grid: a dependent launch)
+  allow_dependents();  // a short grid: the next one may be placed at once
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
   const int ns = p.num_splits, hd = p.head_dim;

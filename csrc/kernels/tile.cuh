@@ -425,6 +425,18 @@ __device__ __forceinline__ bool call_aborted(const int *abort_flag) {
   return abort_flag != nullptr && *abort_flag != 0;
 }
 
+// Lets the grid after this one on the stream, where it went out as a dependent launch
+// (launch()), be placed on the SMs before this grid ends; it is placed once every CTA of
+// this grid has called this or exited. Its CTAs still wait in call_aborted until this
+// grid has finished and its writes are visible, so this moves only their launch and
+// placement under this grid's last work. (sm_90 and up; code for older archs lets the
+// dependent go as this grid ends.)
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Whether to launch the sm_90a kernels (where a build has them): the current
 // device is compute capability 9.0 and FLASH_ATTN_DISABLE_SM90 is unset or 0.
 bool use_sm90_kernels();
