@@ -435,9 +435,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Merges the splits' partials: one CTA of 128 threads per (query row, head). The
 // weights exp(lse_s - lse) go to shared memory; then each thread sums 4 columns over
-// a share of the splits (independent loads, several in flight) and the shares are
-// added. A split that saw no key has LSE -inf and weight 0 (its partial O is never
-// read); a row no split saw gets O = 0 and LSE +inf, as the unsplit kernels give.
+// a share of the splits and the shares are added. The first kAhead partials of each
+// thread's share are loaded with the LSEs, before the weights are known, so that the
+// merge waits on one round of loads, not two; the rest of a long share follows. A split
+// that saw no key has LSE -inf and weight 0 (its partial O, never written, is skipped,
+// not multiplied by 0); a row no split saw gets O = 0 and LSE +inf, as the unsplit
+// kernels give.
 template <typename T>
 __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
   __shared__ float sw[FLASH_MAX_SPLITS];
@@ -449,6 +452,18 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
   const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
   const int ns = p.num_splits, hd = p.head_dim;
   const int64_t plane = int64_t(p.nheads) * p.total_q, row = int64_t(h) * p.total_q + grow;
+
+  const int chunks = hd / 4, groups = 128 / chunks;  // hd in [8, 256]: chunks <= 64 -> groups >= 2
+  const int c = tid % chunks, grp = tid / chunks;
+  const float *part = p.oaccum + row * hd + 4 * c;  // split s: part + s * plane * hd
+  constexpr int kAhead = 8;
+  float4 ahead[kAhead];
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    const int s = grp + i * groups;
+    ahead[i] = grp < groups && s < ns ? *reinterpret_cast<const float4 *>(part + s * plane * hd)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 
   const float ls = tid < ns ? p.lse_accum[tid * plane + row] : -INFINITY;
   float mx = warp_max(ls);
@@ -465,19 +480,24 @@ __global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
   if (tid < ns) sw[tid] = sum > 0.f ? e / sum : 0.f;
   __syncthreads();
 
-  const int chunks = hd / 4, groups = 128 / chunks;  // hd in [8, 256]: chunks <= 64 -> groups >= 2
-  const int c = tid % chunks, grp = tid / chunks;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto add = [&](float w, const float4 &v) {
+    if (w == 0.f) return;  // (an empty split's partial may hold anything)
+    acc.x += w * v.x;
+    acc.y += w * v.y;
+    acc.z += w * v.z;
+    acc.w += w * v.w;
+  };
   if (grp < groups) {
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+      const int s = grp + i * groups;
+      if (s < ns) add(sw[s], ahead[i]);
+    }
 #pragma unroll 4
-    for (int s = grp; s < ns; s += groups) {
+    for (int s = grp + kAhead * groups; s < ns; s += groups) {
       const float w = sw[s];
-      if (w == 0.f) continue;
-      const float4 v = *reinterpret_cast<const float4 *>(p.oaccum + (s * plane + row) * hd + 4 * c);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
+      if (w != 0.f) add(w, *reinterpret_cast<const float4 *>(part + s * plane * hd));
     }
   }
   spart[tid] = acc;
