@@ -129,8 +129,8 @@ def test_decode_reads_after_the_kernel_before(dtype, num_splits):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("seqlen_new", [1, 300])
 def test_kvcache_append_reads_after_the_kernel_before(dtype, paged, seqlen_new):
-    """The append reads k and v (written by the matmul) right after it; the attention then
-    reads the cache right after the append."""
+    """The append reads k and v right after the late writer; the attention then reads the
+    cache right after the append."""
     ops()
     if not compiled(128, dtype):
         pytest.skip("head dim 128 not in this build")
