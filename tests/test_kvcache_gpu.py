@@ -255,6 +255,9 @@ def test_decode_steps_equal_one_call() -> None:
         ([3, 2], [512, 17], 4, 1, 256, 256, False),
         ([128, 300], [128, 700], 8, 2, 128, 16, True),  # prefill: gathered
         ([33, 60], [90, 60], 6, 2, 59, 16, True),
+        # pages that are no power of two (the split kernel divides by the page size)
+        ([1, 1, 1], [47, 500, 3000], 8, 2, 128, 48, True),
+        ([1, 2], [4000, 333], 16, 2, 64, 80, False),
     ],
 )
 def test_varlen_block_table(lens_q, lens_k, nheads, nheads_k, head_dim, page_size, causal) -> None:

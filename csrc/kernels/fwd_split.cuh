@@ -39,19 +39,40 @@ __device__ __forceinline__ void cta_sync() {
   else __syncthreads();
 }
 
+// Division of n in [0, 2^31) by a d in [1, 2^31) fixed for the kernel's run, in two
+// instructions where the compiler's division by a runtime value takes about 25:
+// q = umulhi(2n, m) >> s with s = ceil(log2 d) and m = ceil(2^(31 + s) / d) (< 2^32). It
+// is exact: m d = 2^(31 + s) + e with 0 <= e < d, so n m / 2^(31 + s) exceeds n / d by
+// less than n / 2^(31 + s) < 2^-s <= 1 / d, too little to reach the next integer.
+struct DivBy {
+  uint32_t m;
+  int s, d;
+  __device__ __forceinline__ explicit DivBy(int d_) : d(d_) {
+    s = 32 - __clz(d - 1);  // ceil(log2 d); 0 for d = 1
+    // (a power of two, as pages nearly always are, has m = 2^31 without the 64-bit
+    // division, a call of some 200 instructions a thread)
+    m = (d & (d - 1)) == 0 ? 0x80000000u : static_cast<uint32_t>(((uint64_t(1) << (31 + s)) + d - 1) / d);
+  }
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>(__umulhi(static_cast<uint32_t>(n) << 1, m) >> s);
+  }
+};
+
 // The rows of k and v of one (entry, kv head), relative to its base pointers.
 struct KeyRows {
   const int *pages;  // this entry's block-table row, or nullptr: contiguous rows
-  int page_size;
+  DivBy page_size;   // (1 when contiguous: never used)
   int64_t k_page, v_page, k_row, v_row;  // strides (elements)
 
   // The block-table entry of key j (0 when contiguous). The kernel reads it a stage
   // ahead of its use, so filling a stage's row addresses never waits on the table.
-  __device__ __forceinline__ int page_of(int j) const { return pages != nullptr ? pages[j / page_size] : 0; }
+  __device__ __forceinline__ int page_of(int j) const {
+    return pages != nullptr ? pages[page_size.div(j)] : 0;
+  }
   // Key j's offsets in k and v, given page_of(j).
   __device__ __forceinline__ void offsets(int j, int page, int64_t &ko, int64_t &vo) const {
     if (pages != nullptr) {
-      const int r = j % page_size;
+      const int r = j - page_size.div(j) * page_size.d;
       ko = int64_t(page) * k_page + r * k_row;
       vo = int64_t(page) * v_page + r * v_row;
     } else {
@@ -186,7 +207,8 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   }
 
   const bool paged = p.block_table != nullptr;
-  const KeyRows krows{paged ? p.block_table + b * p.block_table_batch_stride : nullptr, p.page_size,
+  const KeyRows krows{paged ? p.block_table + b * p.block_table_batch_stride : nullptr,
+                      DivBy(paged ? p.page_size : 1),
                       p.k_batch_stride, p.v_batch_stride, p.k_row_stride, p.v_row_stride};
   const T *kbase = paged ? static_cast<const T *>(p.k) + hk * p.k_head_stride : seq.k_ptr<T>(p, b, hk);
   const T *vbase = paged ? static_cast<const T *>(p.v) + hk * p.v_head_stride : seq.v_ptr<T>(p, b, hk);
@@ -202,7 +224,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   // pages of 16 reads a new line every 4 one-warp blocks.
   constexpr int kPagesAhead = 16;
   const auto prefetch_pages = [&](int blk) {
-    if (blk < blk_hi) prefetch_l1(krows.pages + blk * BN / p.page_size);
+    if (blk < blk_hi) prefetch_l1(krows.pages + krows.page_size.div(blk * BN));
   };
   if (paged && tid < kPagesAhead) prefetch_pages(blk_lo + tid);
   int page = page_for(blk_lo);
