@@ -15,6 +15,7 @@
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
 
+#include "divby.h"
 #include "split_plan.h"
 #include "tile.cuh"
 
@@ -38,26 +39,6 @@ __device__ __forceinline__ void cta_sync() {
   if constexpr (W == 1) __syncwarp();
   else __syncthreads();
 }
-
-// Division of n in [0, 2^31) by a d in [1, 2^31) fixed for the kernel's run, in two
-// instructions where the compiler's division by a runtime value takes about 25:
-// q = umulhi(2n, m) >> s with s = ceil(log2 d) and m = ceil(2^(31 + s) / d) (< 2^32). It
-// is exact: m d = 2^(31 + s) + e with 0 <= e < d, so n m / 2^(31 + s) exceeds n / d by
-// less than n / 2^(31 + s) < 2^-s <= 1 / d, too little to reach the next integer.
-struct DivBy {
-  uint32_t m;
-  int s, d;
-  __device__ __forceinline__ explicit DivBy(int d_) : d(d_) {
-    s = 32 - __clz(d - 1);  // ceil(log2 d); 0 for d = 1
-    // Once a thread. (A shortcut for powers of two, m = 2^31 without the 64-bit division,
-    // measured 1-3% slower at head dim 64 on H200 with nvcc 13.0: the four-warp kernel
-    // then got 128 registers, 155 without; benchmarks/RESULTS.md, twelfth session.)
-    m = static_cast<uint32_t>(((uint64_t(1) << (31 + s)) + d - 1) / d);
-  }
-  __device__ __forceinline__ int div(int n) const {
-    return static_cast<int>(__umulhi(static_cast<uint32_t>(n) << 1, m) >> s);
-  }
-};
 
 // The rows of k and v of one (entry, kv head), relative to its base pointers.
 struct KeyRows {
