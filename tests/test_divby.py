@@ -19,9 +19,9 @@ from build_tools.knobs import BuildConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Divisors: every one up to 5000, multiples of 16 (page sizes) up to 2^20, and some near
-# 2^31; numerators: the edges around multiples of d, the top of the range, and 300
-# pseudo-random ones a divisor.
+# Divisors: every one up to 5000, every 7th multiple of 16 (page sizes) up to 2^20, and some
+# near 2^31; numerators: the edges around multiples of d, the top of the range, and 300
+# pseudo-random ones a divisor with the multiples of d at and just below each.
 PROBE = r"""
 #include <cstdio>
 #include <cstdint>
