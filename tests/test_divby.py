@@ -8,16 +8,9 @@ equal). No GPU needed; skipped without a CUDA toolkit.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
-import pytest
-
-from build_tools import toolchain
-from build_tools.knobs import BuildConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
+from host_probe import run_host_probe
 
 # Divisors: every one up to 5000, every 7th multiple of 16 (page sizes) up to 2^20, and some
 # near 2^31; numerators: the edges around multiples of d, the top of the range, and 300
@@ -60,23 +53,8 @@ int main() {
 """
 
 
-def run_probe(tmp_path: Path) -> str:
-    try:
-        nvcc = toolchain.find_cuda_home(os.environ) / "bin" / "nvcc"
-    except BuildConfigError as e:
-        pytest.skip(f"no CUDA toolkit: {e}")
-    src = tmp_path / "probe.cu"
-    src.write_text(PROBE)
-    exe = tmp_path / "probe"
-    cmd = [str(nvcc), "-std=c++17", "-O2", f"-I{ROOT / 'csrc' / 'kernels'}"]
-    cmd += toolchain.gencode_flags(("80",)) + [str(src), "-o", str(exe)]
-    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert built.returncode == 0, built.stderr[-2000:]
-    return subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-
-
 def test_division_by_the_page_size_equals_integer_division(tmp_path: Path) -> None:
-    out = run_probe(tmp_path)
+    out = run_host_probe(PROBE, ("80",), tmp_path)
     last = out.strip().splitlines()[-1].split()
     checked, wrong = int(last[1]), int(last[3])
     assert checked > 10_000_000 and wrong == 0, out

@@ -10,16 +10,10 @@ and run on the host (no GPU needed; skipped without a CUDA toolkit).
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-
-from build_tools import toolchain
-from build_tools.knobs import BuildConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
+from host_probe import run_host_probe
 
 PROBE = """
 #include <cstdio>
@@ -29,18 +23,7 @@ int main() { std::printf("%d\\n", flash::newest_built_arch()); }
 
 
 def newest_arch_of_build(archs: tuple[str, ...], tmp_path: Path) -> int:
-    try:
-        nvcc = toolchain.find_cuda_home(os.environ) / "bin" / "nvcc"
-    except BuildConfigError as e:
-        pytest.skip(f"no CUDA toolkit: {e}")
-    src = tmp_path / "probe.cu"
-    src.write_text(PROBE)
-    exe = tmp_path / "probe"
-    cmd = [str(nvcc), "-std=c++17", f"-I{ROOT / 'csrc' / 'kernels'}"]
-    cmd += toolchain.gencode_flags(archs) + [str(src), "-o", str(exe)]
-    built = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert built.returncode == 0, built.stderr[-2000:]
-    return int(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    return int(run_host_probe(PROBE, archs, tmp_path))
 
 
 BUILDS = [(("80",), 800), (("80", "90"), 900), (("90",), 900), (("80", "100"), 1000)]
