@@ -1,0 +1,236 @@
+// How fast K and V stream from HBM into shared memory, by load mechanism: the ceiling
+// the split-KV decode kernel (csrc/kernels/fwd_split.cuh) works under.
+//
+// A CTA a (entry, kv head) of a (B, L, 8, d) bf16 cache streams its L rows of K and V
+// through S stages of ROWS rows (one CTA an SM at 3 stages of 128 rows), as the decode
+// kernel's wide CTA does, and does nothing with them but wait for each stage. Mechanisms:
+//   cp.async       16-byte cp.async.cg copies by every thread into padded rows
+//   cp.async 128B  the same with the .L2::128B fetch size (what fwd_split.cuh issues)
+//   tma            one 2D bulk tensor copy a stage and tensor (one thread), rows unpadded,
+//                  no swizzle, with the tensor map's L2 promotion none, 128 B or 256 B
+//   tma sw128      two 64-column boxes a stage and tensor, 128-byte swizzle (the layout
+//                  the MMAs' ldmatrix reads need without bank conflicts), promotion none
+// GB/s of K+V read (median of 20 launches after 5), the device-to-device copy of the same
+// bytes beside them (read + write, so not a read ceiling).
+//
+// Build and run on a Hopper GPU (the tensor-map encoder comes from the driver at run time):
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_bandwidth benchmarks/read_bandwidth.cu
+//   /tmp/read_bandwidth
+// SDPA cuDNN's decode on the same shapes: benchmarks/bench_decode.py. Results:
+// benchmarks/RESULTS.md (2026-12-01).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+namespace {
+
+enum Mode { kCpAsync, kCpAsync128, kTma, kTmaSw128 };
+constexpr int kHeads = 8;    // kv heads
+constexpr int kThreads = 128;
+
+__device__ __forceinline__ uint32_t saddr(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(saddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect(uint64_t *bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(saddr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, int parity) {
+  asm volatile(
+      "{.reg .pred P; WAIT: mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1; @!P bra WAIT;}" ::"r"(saddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *map, int col, int row, uint64_t *bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          saddr(dst)),
+      "l"(map), "r"(col), "r"(row), "r"(saddr(bar))
+      : "memory");
+}
+template <Mode M>
+__device__ __forceinline__ void cp_16(void *dst, const void *src) {
+  if constexpr (M == kCpAsync128)
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(saddr(dst)), "l"(src));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(saddr(dst)), "l"(src));
+}
+
+template <int D, int ROWS, int S, Mode M>
+__global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, const __nv_bfloat16 *V, int L,
+                                                      const __grid_constant__ CUtensorMap map_k,
+                                                      const __grid_constant__ CUtensorMap map_v, float *sink) {
+  constexpr bool kTmaMode = M == kTma || M == kTmaSw128;
+  constexpr int LD = kTmaMode ? D : D + 8;  // cp.async: padded rows
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto *sK = reinterpret_cast<__nv_bfloat16 *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __nv_bfloat16 *sV = sK + S * ROWS * LD;
+  auto *full = reinterpret_cast<uint64_t *>(sV + S * ROWS * LD);
+  const int hk = blockIdx.x % kHeads, b = blockIdx.x / kHeads, tid = threadIdx.x;
+  const int64_t row_stride = int64_t(kHeads) * D;
+  const __nv_bfloat16 *k = K + int64_t(b) * L * row_stride + hk * D;
+  const __nv_bfloat16 *v = V + int64_t(b) * L * row_stride + hk * D;
+  const int blocks = L / ROWS;
+  if (kTmaMode && tid == 0)
+    for (int s = 0; s < S; ++s) mbar_init(full + s, 1);
+  __syncthreads();
+
+  auto issue = [&](int blk) {
+    const int st = blk % S, r0 = blk * ROWS;
+    __nv_bfloat16 *dk = sK + st * ROWS * LD, *dv = sV + st * ROWS * LD;
+    if constexpr (!kTmaMode) {
+      for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        cp_16<M>(dk + r * LD + c, k + (r0 + r) * row_stride + c);
+        cp_16<M>(dv + r * LD + c, v + (r0 + r) * row_stride + c);
+      }
+      asm volatile("cp.async.commit_group;");
+    } else if (tid == 0) {
+      mbar_expect(full + st, ROWS * D * 2 * 2);
+      constexpr int kBoxCols = M == kTmaSw128 ? 64 : D;
+      for (int c = 0; c < D; c += kBoxCols) {  // a box lands as ROWS x kBoxCols, dense
+        tma_2d(dk + c * ROWS, &map_k, hk * D + c, b * L + r0, full + st);
+        tma_2d(dv + c * ROWS, &map_v, hk * D + c, b * L + r0, full + st);
+      }
+    }
+  };
+  float touched = 0.f;
+  for (int i = 0; i < S - 1 && i < blocks; ++i) issue(i);
+  for (int i = 0; i < blocks; ++i) {
+    if constexpr (kTmaMode) {
+      mbar_wait(full + i % S, (i / S) & 1);
+    } else if (i + S - 1 <= blocks) {
+      asm volatile("cp.async.wait_group %0;" ::"n"(S - 2));
+    } else {
+      asm volatile("cp.async.wait_all;");
+    }
+    __syncthreads();  // stage i landed for all; every thread is done with stage i - 1
+    if (i + S - 1 < blocks) {
+      issue(i + S - 1);
+    } else if constexpr (!kTmaMode) {
+      asm volatile("cp.async.commit_group;");  // keeps the group count the wait expects
+    }
+    const __nv_bfloat16 *stage = sK + (i % S) * ROWS * LD;
+    touched += __bfloat162float(stage[(tid % ROWS) * LD + tid % 8]);
+  }
+  if (touched == 12345.f) *sink = touched;  // never true: keeps the loop
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *, const cuuint64_t *,
+                                 const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+float median_ms(std::vector<float> t, int skip) {
+  std::sort(t.begin() + skip, t.end());
+  return t[skip + (t.size() - skip) / 2];
+}
+
+template <int D, int ROWS, int S, Mode M>
+void run(const char *name, EncodeTiled encode, CUtensorMapL2promotion promotion, const __nv_bfloat16 *K,
+         const __nv_bfloat16 *V, int B, int L, float *sink) {
+  CUtensorMap maps[2] = {};
+  if (M == kTma || M == kTmaSw128) {
+    const cuuint64_t dims[2] = {cuuint64_t(kHeads) * D, cuuint64_t(B) * L};  // (columns, rows)
+    const cuuint64_t strides[1] = {cuuint64_t(kHeads) * D * 2};
+    const cuuint32_t box[2] = {M == kTmaSw128 ? 64u : cuuint32_t(D), ROWS}, unit[2] = {1, 1};
+    const CUtensorMapSwizzle swizzle = M == kTmaSw128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE;
+    for (int t = 0; t < 2; ++t) {
+      void *base = const_cast<__nv_bfloat16 *>(t ? V : K);
+      if (encode(&maps[t], CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, base, dims, strides, box, unit,
+                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, promotion, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        std::printf("%s: cuTensorMapEncodeTiled failed\n", name);
+        return;
+      }
+    }
+  }
+  constexpr int LD = (M == kTma || M == kTmaSw128) ? D : D + 8;
+  const size_t smem = size_t(2) * S * ROWS * LD * 2 + S * 8 + 1024;
+  auto kernel = stream_kv<D, ROWS, S, M>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  cudaEvent_t start, end;
+  cudaEventCreate(&start);
+  cudaEventCreate(&end);
+  std::vector<float> ms;
+  for (int rep = 0; rep < 25; ++rep) {
+    cudaEventRecord(start);
+    kernel<<<B * kHeads, kThreads, smem>>>(K, V, L, maps[0], maps[1], sink);
+    cudaEventRecord(end);
+    cudaEventSynchronize(end);
+    float t = 0.f;
+    cudaEventElapsedTime(&t, start, end);
+    ms.push_back(t);
+  }
+  const cudaError_t err = cudaGetLastError();
+  const double bytes = 2.0 * B * L * kHeads * D * 2;
+  std::printf("| %d x %d | %d | %s | %d x %d | %.0f |%s\n", B, L, D, name, ROWS, S, bytes / (median_ms(ms, 5) * 1e6),
+              err == cudaSuccess ? "" : cudaGetErrorString(err));
+  cudaEventDestroy(start);
+  cudaEventDestroy(end);
+}
+
+template <int D>
+void sweep(EncodeTiled encode, float *sink) {
+  const int shapes[3][2] = {{16, 8192}, {64, 4096}, {33, 4096}};  // 33 x 8 CTAs: two whole waves on 132 SMs
+  for (const auto &shape : shapes) {
+    const int B = shape[0], L = shape[1];
+    const size_t n = size_t(B) * L * kHeads * D;
+    __nv_bfloat16 *K = nullptr, *V = nullptr;
+    cudaMalloc(&K, n * 2);
+    cudaMalloc(&V, n * 2);
+    cudaMemset(K, 0, n * 2);
+    cudaMemset(V, 0, n * 2);
+    const auto none = CU_TENSOR_MAP_L2_PROMOTION_NONE;
+    run<D, 128, 3, kCpAsync>("cp.async", encode, none, K, V, B, L, sink);
+    run<D, 128, 3, kCpAsync128>("cp.async .L2::128B", encode, none, K, V, B, L, sink);
+    run<D, 128, 3, kTma>("tma, promotion none", encode, none, K, V, B, L, sink);
+    run<D, 128, 3, kTma>("tma, promotion 128 B", encode, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, K, V, B, L, sink);
+    run<D, 128, 3, kTma>("tma, promotion 256 B", encode, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, K, V, B, L, sink);
+    run<D, 128, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
+    run<D, 64, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
+    cudaEvent_t start, end;
+    cudaEventCreate(&start);
+    cudaEventCreate(&end);
+    std::vector<float> ms;
+    for (int rep = 0; rep < 15; ++rep) {
+      cudaEventRecord(start);
+      cudaMemcpyAsync(V, K, n * 2, cudaMemcpyDeviceToDevice);
+      cudaEventRecord(end);
+      cudaEventSynchronize(end);
+      float t = 0.f;
+      cudaEventElapsedTime(&t, start, end);
+      ms.push_back(t);
+    }
+    std::printf("| %d x %d | %d | device copy (read + write) | - | %.0f |\n", B, L, D,
+                2.0 * n * 2 / (median_ms(ms, 3) * 1e6));
+    cudaEventDestroy(start);
+    cudaEventDestroy(end);
+    cudaFree(K);
+    cudaFree(V);
+  }
+}
+
+}  // namespace
+
+int main() {
+  EncodeTiled encode = nullptr;
+  cudaDriverEntryPointQueryResult found;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void **>(&encode), 12000,
+                                       cudaEnableDefault, &found) != cudaSuccess ||
+      found != cudaDriverEntryPointSuccess) {
+    std::printf("no cuTensorMapEncodeTiled in this driver\n");
+    return 1;
+  }
+  float *sink = nullptr;
+  cudaMalloc(&sink, sizeof(float));
+  std::printf("| batch x seqlen_k, 8 kv heads | hdim | loads | stage rows x stages | GB/s |\n|---|---|---|---|---|\n");
+  sweep<128>(encode, sink);
+  sweep<64>(encode, sink);
+  return 0;
+}
