@@ -127,9 +127,26 @@ using EncodeTiled = CUresult (*)(CUtensorMap *, CUtensorMapDataType, cuuint32_t,
                                  const cuuint64_t *, const cuuint32_t *, const cuuint32_t *, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-float median_ms(std::vector<float> t, int skip) {
-  std::sort(t.begin() + skip, t.end());
-  return t[skip + (t.size() - skip) / 2];
+// Median ms of `reps` runs of launch() (each timed alone by CUDA events), the first `skip` left out.
+template <typename Launch>
+float median_ms(Launch launch, int reps, int skip) {
+  cudaEvent_t start, end;
+  cudaEventCreate(&start);
+  cudaEventCreate(&end);
+  std::vector<float> ms;
+  for (int rep = 0; rep < reps; ++rep) {
+    cudaEventRecord(start);
+    launch();
+    cudaEventRecord(end);
+    cudaEventSynchronize(end);
+    float t = 0.f;
+    cudaEventElapsedTime(&t, start, end);
+    if (rep >= skip) ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(end);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
 }
 
 template <int D, int ROWS, int S, Mode M>
@@ -154,25 +171,12 @@ void run(const char *name, EncodeTiled encode, CUtensorMapL2promotion promotion,
   const size_t smem = size_t(2) * S * ROWS * LD * 2 + S * 8 + 1024;
   auto kernel = stream_kv<D, ROWS, S, M>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  cudaEvent_t start, end;
-  cudaEventCreate(&start);
-  cudaEventCreate(&end);
-  std::vector<float> ms;
-  for (int rep = 0; rep < 25; ++rep) {
-    cudaEventRecord(start);
-    kernel<<<B * kHeads, kThreads, smem>>>(K, V, L, maps[0], maps[1], sink);
-    cudaEventRecord(end);
-    cudaEventSynchronize(end);
-    float t = 0.f;
-    cudaEventElapsedTime(&t, start, end);
-    ms.push_back(t);
-  }
+  const float ms =
+      median_ms([&] { kernel<<<B * kHeads, kThreads, smem>>>(K, V, L, maps[0], maps[1], sink); }, 25, 5);
   const cudaError_t err = cudaGetLastError();
   const double bytes = 2.0 * B * L * kHeads * D * 2;
-  std::printf("| %d x %d | %d | %s | %d x %d | %.0f |%s\n", B, L, D, name, ROWS, S, bytes / (median_ms(ms, 5) * 1e6),
+  std::printf("| %d x %d | %d | %s | %d x %d | %.0f |%s\n", B, L, D, name, ROWS, S, bytes / (ms * 1e6),
               err == cudaSuccess ? "" : cudaGetErrorString(err));
-  cudaEventDestroy(start);
-  cudaEventDestroy(end);
 }
 
 template <int D>
@@ -194,23 +198,8 @@ void sweep(EncodeTiled encode, float *sink) {
     run<D, 128, 3, kTma>("tma, promotion 256 B", encode, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, K, V, B, L, sink);
     run<D, 128, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
     run<D, 64, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
-    cudaEvent_t start, end;
-    cudaEventCreate(&start);
-    cudaEventCreate(&end);
-    std::vector<float> ms;
-    for (int rep = 0; rep < 15; ++rep) {
-      cudaEventRecord(start);
-      cudaMemcpyAsync(V, K, n * 2, cudaMemcpyDeviceToDevice);
-      cudaEventRecord(end);
-      cudaEventSynchronize(end);
-      float t = 0.f;
-      cudaEventElapsedTime(&t, start, end);
-      ms.push_back(t);
-    }
-    std::printf("| %d x %d | %d | device copy (read + write) | - | %.0f |\n", B, L, D,
-                2.0 * n * 2 / (median_ms(ms, 3) * 1e6));
-    cudaEventDestroy(start);
-    cudaEventDestroy(end);
+    const float ms = median_ms([&] { cudaMemcpyAsync(V, K, n * 2, cudaMemcpyDeviceToDevice); }, 15, 3);
+    std::printf("| %d x %d | %d | device copy (read + write) | - | %.0f |\n", B, L, D, 2.0 * n * 2 / (ms * 1e6));
     cudaFree(K);
     cudaFree(V);
   }
