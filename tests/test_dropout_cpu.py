@@ -266,16 +266,24 @@ def test_varlen_qkvpacked_with_dropout(kernels: StubKernels) -> None:
 
 def test_the_mask_is_the_same_for_dense_and_varlen(kernels: StubKernels) -> None:
     """Sequences of equal length: the varlen call with the same seed drops the same
-    elements as the dense one (the mask depends on (b, h, i, j) alone)."""
+    elements as the dense one (the mask depends on (b, h, i, j) alone). The two references
+    sum in different orders (one ulp apart at times), so the outputs are compared within
+    the float16 tolerance, far below what one entry dropped or kept otherwise moves at
+    p = 0.5; another seed must move them past it."""
+    torch.manual_seed(0)
     q, k, v = cpu_qkv(3, 6, 6, 4, 2, 32)
     torch.manual_seed(9)
     dense = flash_attn.flash_attn_func(q, k, v, 0.5, causal=True)
     cu = torch.arange(0, 19, 6, dtype=torch.int32)
-    torch.manual_seed(9)
-    varlen = flash_attn.flash_attn_varlen_func(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 6, 6, 0.5, causal=True
-    )
-    assert torch.equal(varlen, dense.flatten(0, 1))
+
+    def varlen(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return flash_attn.flash_attn_varlen_func(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 6, 6, 0.5, causal=True
+        )
+
+    assert_close(varlen(9), dense.flatten(0, 1))
+    assert (varlen(10).float() - dense.flatten(0, 1).float()).abs().max() > 0.1
 
 
 def test_no_grad_path_drops_too(kernels: StubKernels) -> None:
