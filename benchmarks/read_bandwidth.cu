@@ -2,8 +2,8 @@
 // the split-KV decode kernel (csrc/kernels/fwd_split.cuh) works under.
 //
 // A CTA a (entry, kv head) of a (B, L, 8, d) bf16 cache streams its L rows of K and V
-// through S stages of ROWS rows (one CTA an SM at 3 stages of 128 rows), as the decode
-// kernel's wide CTA does, and does nothing with them but wait for each stage. Mechanisms:
+// through S stages of ROWS rows (at hdim 128 and 3 stages of 128 rows, one CTA an SM), as
+// the decode kernel's wide CTA does, and does nothing with them but wait for each stage. Mechanisms:
 //   cp.async       16-byte cp.async.cg copies by every thread into padded rows
 //   cp.async 128B  the same with the .L2::128B fetch size (what fwd_split.cuh issues)
 //   tma            one 2D bulk tensor copy a stage and tensor (one thread), rows unpadded,
