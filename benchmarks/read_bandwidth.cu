@@ -4,7 +4,9 @@
 // A CTA a (entry, kv head) of a (B, L, 8, d) bf16 cache streams its L rows of K and V
 // through S stages of ROWS rows (at hdim 128 and 3 stages of 128 rows, one CTA an SM), as
 // the decode kernel's wide CTA does, and does nothing with them but wait for each stage. Mechanisms:
-//   cp.async       16-byte cp.async.cg copies by every thread into padded rows
+//   cp.async       16-byte cp.async.cg copies by every thread, unpadded rows with the 16-byte
+//                  chunks swizzled (chunk c of row r at c ^ (r % 8)), as fwd_split.cuh lays
+//                  out head dims that are multiples of 64
 //   cp.async 128B  the same with the .L2::128B fetch size (what fwd_split.cuh issues)
 //   tma            one 2D bulk tensor copy a stage and tensor (one thread), rows unpadded,
 //                  no swizzle, with the tensor map's L2 promotion none, 128 B or 256 B
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
                                                       const __grid_constant__ CUtensorMap map_k,
                                                       const __grid_constant__ CUtensorMap map_v, float *sink) {
   constexpr bool kTmaMode = M == kTma || M == kTmaSw128;
-  constexpr int LD = kTmaMode ? D : D + 8;  // cp.async: padded rows
+  constexpr int LD = D;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto *sK = reinterpret_cast<__nv_bfloat16 *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __nv_bfloat16 *sV = sK + S * ROWS * LD;
@@ -88,8 +90,9 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
     if constexpr (!kTmaMode) {
       for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
         const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-        cp_16<M>(dk + r * LD + c, k + (r0 + r) * row_stride + c);
-        cp_16<M>(dv + r * LD + c, v + (r0 + r) * row_stride + c);
+        const int at = r * LD + (((c / 8) ^ (r % 8)) * 8);  // swizzled chunk
+        cp_16<M>(dk + at, k + (r0 + r) * row_stride + c);
+        cp_16<M>(dv + at, v + (r0 + r) * row_stride + c);
       }
       asm volatile("cp.async.commit_group;");
     } else if (tid == 0) {
@@ -167,8 +170,7 @@ void run(const char *name, EncodeTiled encode, CUtensorMapL2promotion promotion,
       }
     }
   }
-  constexpr int LD = (M == kTma || M == kTmaSw128) ? D : D + 8;
-  const size_t smem = size_t(2) * S * ROWS * LD * 2 + S * 8 + 1024;
+  const size_t smem = size_t(2) * S * ROWS * D * 2 + S * 8 + 1024;
   auto kernel = stream_kv<D, ROWS, S, M>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   const float ms =
