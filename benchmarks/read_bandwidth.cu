@@ -16,7 +16,7 @@
 // bytes beside them (read + write, so not a read ceiling).
 //
 // Build and run on a Hopper GPU (the tensor-map encoder comes from the driver at run time):
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/read_bandwidth benchmarks/read_bandwidth.cu
+//   nvcc -O3 -std=c++17 -arch=sm_90a -Icsrc/kernels -o /tmp/read_bandwidth benchmarks/read_bandwidth.cu
 //   /tmp/read_bandwidth
 // SDPA cuDNN's decode on the same shapes: benchmarks/bench_decode.py. Results:
 // benchmarks/RESULTS.md (2026-12-01).
@@ -29,40 +29,35 @@
 #include <cstdio>
 #include <vector>
 
+#include "sm90.cuh"  // flash::sm90::mbar_init / mbar_wait; ptx.cuh's cp.async wrappers
+
 namespace {
 
 enum Mode { kCpAsync, kCpAsync128, kTma, kTmaSw128 };
 constexpr int kHeads = 8;    // kv heads
 constexpr int kThreads = 128;
 
-__device__ __forceinline__ uint32_t saddr(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(saddr(bar)), "r"(count));
-}
+using flash::smem_addr;
+
+// The two PTX steps of a bulk tensor copy that the kernels' wrappers (ptx.cuh, sm90.cuh) do
+// not have, as no kernel issues one yet.
 __device__ __forceinline__ void mbar_expect(uint64_t *bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(saddr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, int parity) {
-  asm volatile(
-      "{.reg .pred P; WAIT: mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1; @!P bra WAIT;}" ::"r"(saddr(bar)),
-      "r"(parity)
-      : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
 }
 __device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *map, int col, int row, uint64_t *bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          saddr(dst)),
-      "l"(map), "r"(col), "r"(row), "r"(saddr(bar))
+          smem_addr(dst)),
+      "l"(map), "r"(col), "r"(row), "r"(smem_addr(bar))
       : "memory");
 }
 template <Mode M>
 __device__ __forceinline__ void cp_16(void *dst, const void *src) {
   if constexpr (M == kCpAsync128)
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(saddr(dst)), "l"(src));
+    flash::cp_async_16_stream(dst, src, true);
   else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(saddr(dst)), "l"(src));
+    flash::cp_async_16(dst, src, true);
 }
 
 template <int D, int ROWS, int S, Mode M>
@@ -81,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
   const __nv_bfloat16 *v = V + int64_t(b) * L * row_stride + hk * D;
   const int blocks = L / ROWS;
   if (kTmaMode && tid == 0)
-    for (int s = 0; s < S; ++s) mbar_init(full + s, 1);
+    for (int s = 0; s < S; ++s) flash::sm90::mbar_init(full + s, 1);
   __syncthreads();
 
   auto issue = [&](int blk) {
@@ -94,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
         cp_16<M>(dk + at, k + (r0 + r) * row_stride + c);
         cp_16<M>(dv + at, v + (r0 + r) * row_stride + c);
       }
-      asm volatile("cp.async.commit_group;");
+      flash::cp_async_commit();
     } else if (tid == 0) {
       mbar_expect(full + st, ROWS * D * 2 * 2);
       constexpr int kBoxCols = M == kTmaSw128 ? 64 : D;
@@ -108,17 +103,17 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
   for (int i = 0; i < S - 1 && i < blocks; ++i) issue(i);
   for (int i = 0; i < blocks; ++i) {
     if constexpr (kTmaMode) {
-      mbar_wait(full + i % S, (i / S) & 1);
+      flash::sm90::mbar_wait(full + i % S, (i / S) & 1);
     } else if (i + S - 1 <= blocks) {
-      asm volatile("cp.async.wait_group %0;" ::"n"(S - 2));
+      flash::cp_async_wait<S - 2>();
     } else {
-      asm volatile("cp.async.wait_all;");
+      flash::cp_async_wait_all();
     }
     __syncthreads();  // stage i landed for all; every thread is done with stage i - 1
     if (i + S - 1 < blocks) {
       issue(i + S - 1);
     } else if constexpr (!kTmaMode) {
-      asm volatile("cp.async.commit_group;");  // keeps the group count the wait expects
+      flash::cp_async_commit();  // keeps the group count the wait expects
     }
     const __nv_bfloat16 *stage = sK + (i % S) * ROWS * LD;
     touched += __bfloat162float(stage[(tid % ROWS) * LD + tid % 8]);
