@@ -10,11 +10,12 @@ bwd = 2.5 * fwd. Times are medians of CUDA-event timings after warm-up.
 Also prints peak GPU memory of our forward+backward per seqlen (batch 1,
 the 16k-token shape), to show memory linear in sequence length.
 
---dropout P (0 < P < 1) also measures our kernels with attention dropout P, in the
-same rounds, and prints them beside ours without: forward time and forward+backward
-time with / without (issue 14's target: forward with dropout within 1.15x of without
-from seqlen 2k on; a row past it is marked). `--backends ours --dropout 0.1` measures
-only those two.
+--dropout P (0 < P < 1) also measures every backend with attention dropout P, in the
+same rounds, and prints each beside itself without: forward time and forward+backward
+time with / without (issue 14's target: our forward with dropout within 1.15x of
+without from seqlen 2k on; a row of ours past it is marked). SDPA's flash backend is
+flash-attention 2's own kernels, so its ratio is upstream's cost of dropout on this GPU.
+`--backends ours --dropout 0.1` measures only ours.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ def measure(backend: str, hdim: int, seqlen: int, causal: bool, dropout_p: float
         def fwd():
             return flash_attn_func(q, k, v, dropout_p, causal=causal)
     else:
-        assert dropout_p == 0.0, "dropout is measured for our kernels only"
         qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
         sdpa_backend = (
             SDPBackend.FLASH_ATTENTION if backend == "sdpa-flash" else SDPBackend.CUDNN_ATTENTION
@@ -79,7 +79,9 @@ def measure(backend: str, hdim: int, seqlen: int, causal: bool, dropout_p: float
 
         def fwd():
             with sdpa_kernel(sdpa_backend):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                return F.scaled_dot_product_attention(
+                    qt, kt, vt, dropout_p=dropout_p, is_causal=causal
+                )
 
     fwd_ms = time_ms(lambda: fwd())
     out = fwd()
@@ -105,21 +107,23 @@ def best_of(old: Row | None, new: Row) -> Row:
 
 
 def print_dropout_table(rows: list[Row], dropout_p: float, target: float = 1.15) -> None:
-    """Ours with dropout beside ours without: times and ratios per cell."""
-    plain = {(r.hdim, r.seqlen, r.causal): r for r in rows if r.backend == "ours"}
-    dropped = {(r.hdim, r.seqlen, r.causal): r for r in rows if r.backend == "ours+dropout"}
-    print(f"\n| hdim | causal | seqlen | fwd ms | fwd ms, dropout {dropout_p} | ratio "
+    """Each backend with dropout beside itself without: times and ratios per cell."""
+    by_key = {(r.hdim, r.seqlen, r.causal, r.backend): r for r in rows}
+    print(f"\n| backend | hdim | causal | seqlen | fwd ms | fwd ms, dropout {dropout_p} | ratio "
           "| fwd+bwd ms | fwd+bwd ms, dropout | ratio |")  # fmt: skip
-    print("|" + "---|" * 9)
-    for key in sorted(plain):
-        if key not in dropped:
+    print("|" + "---|" * 10)
+    for key in sorted(by_key):
+        hdim, seqlen, causal, backend = key
+        b = by_key.get((hdim, seqlen, causal, f"{backend}+dropout"))
+        if b is None:
             continue
-        a, b = plain[key], dropped[key]
+        a = by_key[key]
         fwd_ratio = b.fwd_ms / a.fwd_ms
         both_ratio = (b.fwd_ms + b.bwd_ms) / (a.fwd_ms + a.bwd_ms)
-        mark = " (over the target)" if key[1] >= 2048 and fwd_ratio > target else ""
+        over = backend == "ours" and seqlen >= 2048 and fwd_ratio > target
+        mark = " (over the target)" if over else ""
         print(
-            f"| {key[0]} | {key[2]} | {key[1]} | {a.fwd_ms:.3f} | {b.fwd_ms:.3f} | "
+            f"| {backend} | {hdim} | {causal} | {seqlen} | {a.fwd_ms:.3f} | {b.fwd_ms:.3f} | "
             f"{fwd_ratio:.2f}{mark} | {a.fwd_ms + a.bwd_ms:.3f} | {b.fwd_ms + b.bwd_ms:.3f} | "
             f"{both_ratio:.2f} |"
         )
@@ -152,8 +156,8 @@ def main() -> None:
         "--dropout",
         type=float,
         default=0.0,
-        help="also measure our kernels with this attention dropout (0 < p < 1) beside ours "
-        "without; 0 (the default): no dropout runs",
+        help="also measure every backend with this attention dropout (0 < p < 1) beside "
+        "itself without; 0 (the default): no dropout runs",
     )
     ap.add_argument(
         "--rounds",
@@ -172,7 +176,7 @@ def main() -> None:
     backends = args.backends.split(",")
     runs = [(b, 0.0) for b in backends]
     if args.dropout > 0.0:
-        runs.append(("ours", args.dropout))
+        runs += [(b, args.dropout) for b in backends]
 
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, bf16, {TOKENS} tokens, hidden {HIDDEN}")

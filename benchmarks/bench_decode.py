@@ -18,11 +18,17 @@ by a 1.5 GiB tensor copy / median time); "ours/copy" is ours-kvcache-unchecked a
 target: >= 0.85 at the large shapes).
 
 Prefill through the cache (seqlen_q new tokens into an empty or half-full cache,
-batch 1, 32/8 heads, hdim 128, causal): TFLOP/s of flash_attn_with_kvcache (append +
-attention) against flash_attn_func on the same keys.
+batch 1, 32/8 heads, hdim 128, causal, tensor cache_seqlens): TFLOP/s of
+flash_attn_with_kvcache (append + attention), with its value checks (the default: the
+call waits for the device's verdict) and without, against flash_attn_func on the same keys.
 
 --client: a randomly initialised Llama-style model in transformers (no download),
-greedy generate(); decode tokens/s with attn_implementation flash_attention_2 and sdpa.
+greedy generate(); decode tokens/s with attn_implementation flash_attention_2 and sdpa:
+the batch over the median decode step (the time between generate()'s calls of a logits
+processor; the prefill is not a step).
+The defaults (4 layers, hidden 512, prompt 128) make a step host-bound: transformers'
+own code per layer decides it. `--hidden 4096 --heads 32 --kv-heads 8 --prompt 4096
+--batches 8,32` makes it GPU-bound: weights and KV cache reads decide it.
 
 Times are medians of CUDA-event timings after warm-up; --rounds keeps each cell's best.
 Eager calls back to back include whatever host time the GPU waits for (a slow host makes
@@ -33,11 +39,12 @@ instead: the kernels' own time, as a decode step under CUDA graphs runs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -134,24 +141,29 @@ def decode_fn(backend: str, batch: int, seqlen_k: int, nheads: int, nheads_k: in
     return sdpa
 
 
-def measure_decode(
-    backend: str, shape: tuple[int, int, int, int], hdim: int, graphs: bool = False
-) -> DecodeRow:
-    batch, seqlen_k, nheads, nheads_k = shape
-    unchecked = backend.endswith(UNCHECKED)
+@contextlib.contextmanager
+def checks_env(unchecked: bool) -> Iterator[None]:
+    """FLASH_ATTN_KVCACHE_CHECKS=0 inside when unchecked, else as it was."""
     saved = os.environ.get(CHECKS_ENV)
     try:
         if unchecked:
             os.environ[CHECKS_ENV] = "0"
-        with torch.no_grad():
-            fn = decode_fn(backend.removesuffix(UNCHECKED), batch, seqlen_k, nheads, nheads_k, hdim)
-            # 10 calls captured (a decode step under CUDA graphs); capture skips the checks
-            ms = graph_ms(fn, calls=10, replays=15) if graphs else time_ms(fn)
+        yield
     finally:
         if saved is None:
             os.environ.pop(CHECKS_ENV, None)
         else:
             os.environ[CHECKS_ENV] = saved
+
+
+def measure_decode(
+    backend: str, shape: tuple[int, int, int, int], hdim: int, graphs: bool = False
+) -> DecodeRow:
+    batch, seqlen_k, nheads, nheads_k = shape
+    with checks_env(backend.endswith(UNCHECKED)), torch.no_grad():
+        fn = decode_fn(backend.removesuffix(UNCHECKED), batch, seqlen_k, nheads, nheads_k, hdim)
+        # 10 calls captured (a decode step under CUDA graphs); capture skips the checks
+        ms = graph_ms(fn, calls=10, replays=15) if graphs else time_ms(fn)
     kv_bytes = 2 * batch * seqlen_k * nheads_k * hdim * 2
     return DecodeRow(batch, seqlen_k, nheads, nheads_k, hdim, backend, ms, kv_bytes / ms / 1e6)
 
@@ -173,7 +185,7 @@ def measure_prefill(backend: str, seqlen_q: int, cached: int) -> PrefillRow:
     q = torch.randn(batch, seqlen_q, nheads, hdim, device=dev, dtype=DT)
     k_all = torch.randn(batch, seqlen_k, nheads_k, hdim, device=dev, dtype=DT)
     v_all = torch.randn_like(k_all)
-    if backend == "ours-kvcache":
+    if backend.startswith("ours-kvcache"):
         k_cache, v_cache = k_all.clone(), v_all.clone()
         k_new, v_new = k_all[:, cached:].clone(), v_all[:, cached:].clone()
         seqlens = torch.full((batch,), cached, dtype=torch.int32, device=dev)
@@ -187,7 +199,7 @@ def measure_prefill(backend: str, seqlen_q: int, cached: int) -> PrefillRow:
         def fn() -> object:
             return flash_attn.flash_attn_func(q, k_all, v_all, causal=True)
 
-    with torch.no_grad():
+    with checks_env(backend.endswith(UNCHECKED)), torch.no_grad():
         ms = time_ms(fn, reps=15)
     # causal, bottom-right aligned: query i sees cached + i + 1 keys
     pairs = batch * nheads * (seqlen_q * cached + seqlen_q * (seqlen_q + 1) / 2)
@@ -218,16 +230,28 @@ def set_attn(model: object, implementation: str) -> None:
         model.config._attn_implementation = implementation  # type: ignore[attr-defined]
 
 
-def generate_seconds(model: object, ids: torch.Tensor, new_tokens: int) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+def step_seconds(model: object, ids: torch.Tensor, new_tokens: int) -> list[float]:
+    """Greedy generate() of new_tokens; the seconds of each decode step: the time between
+    two consecutive calls of the logits processors (the GPU drained at each; generate()
+    waits for the device at every step anyway, to test its stopping criteria). The
+    first call closes the prefill, which is not counted."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return scores
+
     with torch.no_grad():
         model.generate(  # type: ignore[attr-defined]
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+            logits_processor=LogitsProcessorList([Stamp()]),
         )  # fmt: skip
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 @dataclass
@@ -242,17 +266,18 @@ class ClientRow:
 def measure_client(args: argparse.Namespace) -> list[ClientRow]:
     model = build_llama(args.layers, args.hidden, args.heads, args.kv_heads, 32000)
     rows = []
-    for batch in (1, 8):
+    for batch in args.batches:
         ids = torch.randint(1, 32000, (batch, args.prompt), device="cuda")
         for impl in ("flash_attention_2", "sdpa"):
             set_attn(model, impl)
-            generate_seconds(model, ids, 8)  # warm-up
-            best = 0.0
-            for _ in range(args.rounds):
-                t1 = generate_seconds(model, ids, 1)
-                tn = generate_seconds(model, ids, args.new_tokens)
-                best = max(best, batch * (args.new_tokens - 1) / max(tn - t1, 1e-9))
-            rows.append(ClientRow(impl, batch, args.prompt, args.new_tokens, best))
+            step_seconds(model, ids, 8)  # warm-up
+            # the median decode step over the rounds' steps (a prefill is not one: at long
+            # prompts its spread alone is as large as the whole decode's time)
+            steps = [
+                t for _ in range(args.rounds) for t in step_seconds(model, ids, args.new_tokens)
+            ]
+            tokens_per_s = batch / statistics.median(steps)
+            rows.append(ClientRow(impl, batch, args.prompt, args.new_tokens, tokens_per_s))
     return rows
 
 
@@ -301,12 +326,14 @@ def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
 
 def run_prefill(args: argparse.Namespace) -> list[PrefillRow]:
     rows: list[PrefillRow] = []
-    print("\n| seqlen_q | cached keys | ours-kvcache TFLOP/s | ours-func TFLOP/s | kvcache/func |")
-    print("|---|---|---|---|---|")
+    kinds = ("ours-kvcache", "ours-kvcache" + UNCHECKED, "ours-func")
+    print("\n| seqlen_q | cached keys | ours-kvcache TFLOP/s | unchecked | ours-func TFLOP/s "
+          "| kvcache/func | unchecked/func |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for seqlen_q in PREFILL_SEQLENS:
         for cached in (0, seqlen_q):
             got = {}
-            for backend in ("ours-kvcache", "ours-func"):
+            for backend in kinds:
                 best = max(
                     (measure_prefill(backend, seqlen_q, cached) for _ in range(args.rounds)),
                     key=lambda r: r.tflops,
@@ -314,9 +341,9 @@ def run_prefill(args: argparse.Namespace) -> list[PrefillRow]:
                 torch.cuda.empty_cache()
                 got[backend] = best
                 rows.append(best)
-            kv, fn = got["ours-kvcache"], got["ours-func"]
-            print(f"| {seqlen_q} | {cached} | {kv.tflops:.0f} | {fn.tflops:.0f} | "
-                  f"{kv.tflops / fn.tflops:.3f} |")  # fmt: skip
+            kv, un, fn = (got[k].tflops for k in kinds)
+            print(f"| {seqlen_q} | {cached} | {kv:.0f} | {un:.0f} | {fn:.0f} | {kv / fn:.3f} "
+                  f"| {un / fn:.3f} |")  # fmt: skip
     return rows
 
 
@@ -343,6 +370,12 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--batches",
+        default="1,8",
+        help="client batch sizes (comma-separated); with a long --prompt and a large --hidden "
+        "the decode step is GPU-bound instead of host-bound",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.rounds < 1:
@@ -353,6 +386,12 @@ def main() -> None:
         ap.error(f"--hdims {args.hdims!r}: give head dims as integers, e.g. 64,128")
     if bad := [h for h in args.hdims if h not in DECODE_HDIMS]:
         ap.error(f"--hdims: {bad} not measured here; valid: {DECODE_HDIMS}")
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches {args.batches!r}: give batch sizes as integers, e.g. 1,8")
+    if bad := [b for b in args.batches if b < 1]:
+        ap.error(f"--batches: {bad} must be at least 1")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
             "timing": "cuda-graph replay" if args.graphs else "eager, back to back"}  # fmt: skip
