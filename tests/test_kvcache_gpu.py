@@ -205,11 +205,18 @@ def test_kvcache_features_fp16(c: Case) -> None:
              head_dim=128),
         Case(batch=2, seqlen_q=130, seqlen_new=300, seqlen_cache=700, nheads=8, nheads_k=2,
              head_dim=128, causal=False),
+        # the sm_90 kernel reads the new rows from k_new itself (the append runs after it):
+        # an empty cache (cache_seqlens 0), and one whose first sequence holds 128 keys (its
+        # new rows start on a key block), the other one a random count
+        Case(batch=2, seqlen_q=384, seqlen_new=384, seqlen_cache=384, nheads=8, nheads_k=2,
+             head_dim=128),
+        Case(batch=2, seqlen_q=256, seqlen_new=256, seqlen_cache=384, nheads=8, nheads_k=8,
+             head_dim=64),
     ],
     ids=["split0", "split16", "paged256-mqa", "paged16-split3", "prefill-dense",
          "prefill-paged16-rotary", "prefill-paged256-local", "prefill-leftpad-batch_idx-rotary",
          "prefill-d64-mqa-local-alibi", "prefill-d256-int-softcap", "prefill-q200-new77",
-         "prefill-q130-new300"],
+         "prefill-q130-new300", "prefill-empty-cache", "prefill-aligned-d64"],
 )  # fmt: skip
 def test_kvcache_long_and_prefill(c: Case) -> None:
     run_case(c)
@@ -483,6 +490,16 @@ def reference_caches(c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return k_ref.cuda(), v_ref.cuda()
 
 
+def assert_same_attention(out, lse, out_ref, lse_ref) -> None:
+    """The same attention within rounding: where the sm_90 kernel reads the new rows from
+    k_new itself its key blocks start at the first new key, so it sums in another order
+    than a call over the filled cache (a few ulps); keys it did not see, or read before
+    they were written, move the output by far more."""
+    torch.testing.assert_close(out, out_ref, atol=4e-3, rtol=1e-2, msg="the attention did not "
+                               "see the appended keys")  # fmt: skip
+    torch.testing.assert_close(lse, lse_ref, atol=1e-4, rtol=1e-5)
+
+
 APPEND_LAYOUTS = [("dense", 0), ("batch_idx", 0), ("paged", 16), ("paged", 256)]
 
 
@@ -505,8 +522,7 @@ def test_fused_append_matches_the_contract(
     assert torch.equal(c["v_cache"], v_ref), "v_cache differs from the contract's append"
     out_ref, lse_ref = fwd_kv_call(c, k_ref.clone(), v_ref.clone(), appends=False)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, out_ref), "the attention did not see the appended keys"
-    assert torch.equal(lse, lse_ref)
+    assert_same_attention(out, lse, out_ref, lse_ref)
 
 
 def test_fused_append_through_flash_attn_with_kvcache_matches_the_python_append() -> None:
@@ -523,12 +539,14 @@ def test_fused_append_through_flash_attn_with_kvcache_matches_the_python_append(
     v_cache = torch.randn(1, 4096, 8, 128, device=dev, dtype=dt)
     k_py, v_py = k_cache.clone(), v_cache.clone()
     seqlens = torch.tensor([100], dtype=torch.int32, device=dev)
-    out = fa().flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
-                                       causal=True)  # fmt: skip
+    out, lse = fa().flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                            causal=True, return_softmax_lse=True)  # fmt: skip
     _kvcache.append_(k_py, v_py, k, v, seqlens, None, None)
     assert torch.equal(k_cache, k_py) and torch.equal(v_cache, v_py)
-    out_py = fa().flash_attn_with_kvcache(q, k_py, v_py, cache_seqlens=seqlens + 2048, causal=True)
-    assert torch.equal(out, out_py)
+    out_py, lse_py = fa().flash_attn_with_kvcache(
+        q, k_py, v_py, cache_seqlens=seqlens + 2048, causal=True, return_softmax_lse=True
+    )
+    assert_same_attention(out, lse, out_py, lse_py)
 
 
 def test_k_and_v_of_no_rows_append_nothing() -> None:

@@ -129,8 +129,10 @@ def test_decode_reads_after_the_kernel_before(dtype, num_splits):
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("seqlen_new", [1, 300])
 def test_kvcache_append_reads_after_the_kernel_before(dtype, paged, seqlen_new):
-    """The append reads k and v right after the late writer; the attention then reads the
-    cache right after the append."""
+    """The call's first kernel reads k and v right after the late writer: the append, then
+    the attention reading the cache right after it; or, for a dense prefill on the sm_90
+    path, the attention reading k_new and v_new itself, then the append beside its end
+    (whose keys are checked at the end, as the next kernel on the stream sees them)."""
     ops()
     if not compiled(128, dtype):
         pytest.skip("head dim 128 not in this build")

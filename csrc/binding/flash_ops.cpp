@@ -23,11 +23,13 @@ using OptTensor = std::optional<Tensor>;
 
 // The kernels need a unit last-dim stride, the other strides a multiple of 8
 // elements and 16-byte aligned data; anything else is copied once.
-Tensor kernel_ready(const Tensor &t) {
+bool kernel_ready_as_is(const Tensor &t) {
   bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; ok && d + 1 < t.dim(); ++d) ok = t.stride(d) % 8 == 0 || t.size(d) == 1;
-  return ok ? t : fa::contiguous(t);
+  return ok;
 }
+
+Tensor kernel_ready(const Tensor &t) { return kernel_ready_as_is(t) ? t : fa::contiguous(t); }
 
 bool same_device(const Tensor &a, const Tensor &b) {
   return fa::is_cuda(a) && fa::is_cuda(b) && fa::device_index(a) == fa::device_index(b);
@@ -246,9 +248,10 @@ Tensor new_rows(const Tensor &t, const char *name, const Tensor &cache, const ch
 }
 
 // The append of k_new and v_new into the caches k and v in place (flash_api.h,
-// flash_attn_append_kv), checked and laid out; launched by launch_append before the
-// attention reads the caches. p is the forward's (checked) parameters; k and v are the
-// caches as given (never a copy: the append must land in them).
+// flash_attn_append_kv), checked and laid out; the forward launches it with the attention
+// (FlashAttnParams.append_kv: before it, or after an attention that reads the new rows
+// itself), or launch_append does where no attention runs. p is the forward's (checked)
+// parameters; k and v are the caches as given (never a copy: the append must land in them).
 struct AppendRows {
   FlashAppendKvParams a;
   Tensor k_new, v_new;  // as the kernel reads them (kept alive until it is launched)
@@ -393,7 +396,14 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
     check.emplace(p, q, k_in, *verdict, max_keys, append ? int64_t(append->a.seqlen_new) : 0);
     p.abort_flag = check->flag();
   }
-  if (append) launch_append(*append, q, p.abort_flag);
+  if (append) {
+    if (kernel_ready_as_is(k_in) && kernel_ready_as_is(v_in)) {
+      append->a.abort_flag = p.abort_flag;
+      p.append_kv = &append->a;  // launched by the forward, with the attention
+    } else {
+      launch_append(*append, q, p.abort_flag);  // before kernel_ready copies the caches
+    }
+  }
   const Tensor k = kernel_ready(k_in), v = kernel_ready(v_in);
   const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
@@ -411,6 +421,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
   if (q.numel() == 0) {
     fa::fill(lse, INFINITY);
+    if (p.append_kv != nullptr) launch_append(*append, q, p.abort_flag);
   } else {
     run_forward(p, q);
   }

@@ -155,6 +155,8 @@ bool device_has_pdl() {
          major >= 9;
 }
 
+int launch_append(const FlashAppendKvParams &p, cudaStream_t stream) { return launch_append_kv(p, stream); }
+
 void set_cuda_error(cudaError_t e) {
   last_cuda_error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
 }

@@ -31,6 +31,8 @@ enum FlashStatus {
 
 enum FlashDtype { FLASH_FP16 = 0, FLASH_BF16 = 1 };
 
+struct FlashAppendKvParams;
+
 typedef struct FlashAttnParams {
   /* inputs */
   const void *q, *k, *v;
@@ -101,6 +103,18 @@ typedef struct FlashAttnParams {
   /* NULL, or a device int32 that flash_attn_kv_check wrote earlier on the stream: when it
      is nonzero, every kernel of the call returns before writing anything. */
   const int *abort_flag;
+
+  /* NULL, or the append of a KV-cache forward given k_new / v_new: the forward launches it
+     with the attention, before it, or after it where the attention kernel reads the new
+     rows from k_new / v_new itself (then the append runs beside the attention's last CTAs). */
+  const struct FlashAppendKvParams *append_kv;
+  /* Set by the forward for a kernel that reads the new rows in place (NULL otherwise):
+     entry b's keys [sk - seqlen_new, sk) are rows 0.. of k_new / v_new
+     (batch, seqlen_new, nheads_k, head_dim), not the cache's. */
+  const void *k_new, *v_new;
+  int64_t k_new_batch_stride, k_new_row_stride, k_new_head_stride;
+  int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride;
+  int seqlen_new;
 } FlashAttnParams;
 
 /* Decides how the forward runs: resolves params->num_splits (0 = chosen from the
@@ -148,6 +162,9 @@ typedef struct FlashAppendKvParams {
   int64_t block_table_batch_stride;
   int page_size;                    /* paged: > 0 */
   const int *abort_flag;            /* as FlashAttnParams.abort_flag: nonzero, nothing is written */
+  int beside;                       /* set by the forward: launched after an attention that reads
+                                       k_new / v_new itself, it runs beside that grid's last CTAs
+                                       (no wait before it starts) and ends when that grid has */
 } FlashAppendKvParams;
 
 /* Copies k_new and v_new into the caches (one kernel, 16-byte copies where the pointers

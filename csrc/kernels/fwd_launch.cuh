@@ -185,8 +185,49 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
                                  p.head_dim, tid);
 }
 
+// Whether the sm_90 forward can read the new rows of p's append from k_new / v_new itself
+// (and the append run after it, beside its last CTAs): new rows to read, a dense cache
+// read where the append writes (no copy), keys not shifted by a left pad, a dense q.
+inline bool reads_new_rows(const FlashAttnParams &p, const FlashAppendKvParams &a) {
+  return a.seqlen_new > 0 && p.block_table == nullptr && a.block_table == nullptr && p.leftpad_k == nullptr &&
+         p.cu_seqlens_q == nullptr && p.dropout_p == 0.f && p.k == a.k_cache && p.v == a.v_cache &&
+         p.k_row_stride == a.k_cache_row_stride && p.v_row_stride == a.v_cache_row_stride &&
+         p.k_batch_stride == a.k_cache_batch_stride && p.v_batch_stride == a.v_cache_batch_stride &&
+         p.k_head_stride == a.k_cache_head_stride && p.v_head_stride == a.v_cache_head_stride;
+}
+
+// The forward, with p.append_kv (a KV-cache forward given k_new / v_new) launched first,
+// or after the attention where the sm_90 kernel reads the new rows itself.
 template <int D, typename T>
 int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
+  const FlashAppendKvParams *append = p.append_kv;
+#if defined(FLASH_HAS_SM90A)
+  if constexpr (D % 64 == 0) {
+    if (!p.split_kernel && use_sm90_kernels()) {
+      if (append != nullptr && reads_new_rows(p, *append)) {
+        FlashAttnParams q = p;
+        q.k_new = append->k_new;
+        q.v_new = append->v_new;
+        q.k_new_batch_stride = append->k_new_batch_stride;
+        q.k_new_row_stride = append->k_new_row_stride;
+        q.k_new_head_stride = append->k_new_head_stride;
+        q.v_new_batch_stride = append->v_new_batch_stride;
+        q.v_new_row_stride = append->v_new_row_stride;
+        q.v_new_head_stride = append->v_new_head_stride;
+        q.seqlen_new = append->seqlen_new;
+        const int status = run_fwd_sm90<D, T>(q, stream);
+        if (status != FLASH_OK) return status;
+        FlashAppendKvParams beside = *append;
+        beside.beside = 1;
+        return launch_append(beside, stream);
+      }
+    }
+  }
+#endif
+  if (append != nullptr) {
+    const int status = launch_append(*append, stream);
+    if (status != FLASH_OK) return status;
+  }
   if (p.split_kernel) return run_fwd_split<D, T>(p, stream);
 #if defined(FLASH_HAS_SM90A)
   if constexpr (D % 64 == 0) {

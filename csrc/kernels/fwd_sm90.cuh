@@ -148,9 +148,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   if (m0 >= seq.sq) return;
   const int hk = h / (p.nheads / p.nheads_k);
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
+  // A KV-cache forward whose new rows this kernel reads in place (p.k_new; the append runs
+  // after it, beside its last CTAs): keys [cs, sk) are rows 0.. of k_new / v_new. The key
+  // blocks are shifted by kofs so that one of them starts at cs: each block then comes
+  // whole from one source (the first may start below key 0: those rows are masked).
+  const bool new_rows = p.k_new != nullptr;
+  const int cs = new_rows ? seq.sk - p.seqlen_new : seq.sk;
+  const int kofs = new_rows ? (BN - cs % BN) % BN : 0;
   int nb_lo, nb_hi;
-  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi);
+  vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi, kofs);
   const int n = nb_hi - nb_lo;  // block it is nb_hi - 1 - it
+  if (new_rows) allow_dependents();  // the append may be placed as SMs free up
 
   if (tid == 0) {
     sm90::mbar_init(q_full, C::kThreads);
@@ -165,17 +173,24 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   const T *q = seq.q_ptr<T>(p, b, h);
   const T *k = seq.k_ptr<T>(p, b, hk);
   const T *v = seq.v_ptr<T>(p, b, hk);
+  // the new rows, as if they continued k / v at key cs (used only for blocks from cs on)
+  const T *kn = new_rows ? static_cast<const T *>(p.k_new) + b * p.k_new_batch_stride + hk * p.k_new_head_stride : k;
+  const T *vn = new_rows ? static_cast<const T *>(p.v_new) + b * p.v_new_batch_stride + hk * p.v_new_head_stride : v;
   // Every thread loads its share of a block and arrives once its copies landed.
   auto load_k = [&](int it) {
-    const int n0 = (nb_hi - 1 - it) * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sK(it % S), k + int64_t(n0) * p.k_row_stride, p.k_row_stride,
-                                             seq.sk - n0, p.head_dim, k, tid);
+    const int n0 = (nb_hi - 1 - it) * BN - kofs;
+    const bool fresh = n0 >= cs;
+    const int64_t ld = fresh ? p.k_new_row_stride : p.k_row_stride;
+    sm90::load_tile_sw<BN, D, C::kThreads>(sK(it % S), (fresh ? kn + int64_t(n0 - cs) * ld : k + int64_t(n0) * ld),
+                                             ld, seq.sk - n0, p.head_dim, k, tid, -n0);
     sm90::cp_async_mbar_arrive(k_full + it % S);
   };
   auto load_v = [&](int it) {
-    const int n0 = (nb_hi - 1 - it) * BN;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sV(it % S), v + int64_t(n0) * p.v_row_stride, p.v_row_stride,
-                                             seq.sk - n0, p.head_dim, v, tid);
+    const int n0 = (nb_hi - 1 - it) * BN - kofs;
+    const bool fresh = n0 >= cs;
+    const int64_t ld = fresh ? p.v_new_row_stride : p.v_row_stride;
+    sm90::load_tile_sw<BN, D, C::kThreads>(sV(it % S), (fresh ? vn + int64_t(n0 - cs) * ld : v + int64_t(n0) * ld),
+                                             ld, seq.sk - n0, p.head_dim, v, tid, -n0);
     sm90::cp_async_mbar_arrive(v_full + it % S);
   };
   sm90::load_tile_sw<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
@@ -197,7 +212,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   const int i0 = m0 + w0 + g;
   sm90::mbar_wait(q_full, 0);
   for (int it = 0; it < n; ++it) {
-    const int s = it % S, ph = (it / S) & 1, n0 = (nb_hi - 1 - it) * BN;
+    const int s = it % S, ph = (it / S) & 1, n0 = (nb_hi - 1 - it) * BN - kofs;
     if (it >= 1 && it - 1 + S < n) {  // both warpgroups have read K of block it - 1
       sm90::mbar_wait(k_empty + (it - 1) % S, ((it - 1) / S) & 1);
       load_k(it - 1 + S);
@@ -211,7 +226,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
     sm90::reg_fence(sc);
     sm90::mbar_arrive(k_empty + s);
 
-    const bool masked = vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
+    const bool masked = n0 < 0 || vis.needs_mask(m0, m0 + BM, n0, n0 + BN);
     softmax_block<NT, DA>(sc, acc_o, row_max, row_sum, mod, vis, masked, i0, n0, t);
     uint32_t p_frag[PS][4];
     pack_a<PS, T>(p_frag, sc);

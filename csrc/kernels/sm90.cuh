@@ -73,11 +73,11 @@ __device__ __forceinline__ int sw_offset(int r, int c) {
   return (c / 64) * ROWS * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16);
 }
 
-// cp.async a ROWS x D tile into the swizzled layout (rows >= rows_valid or cols
-// >= cols_valid read as 0).
+// cp.async a ROWS x D tile into the swizzled layout (rows below rows_from or at or
+// past rows_valid, and cols >= cols_valid, read as 0; their addresses are never read).
 template <int ROWS, int D, int NTHREADS, typename T>
 __device__ __forceinline__ void load_tile_sw(T *s, const T *g, int64_t ld, int rows_valid,
-                                             int cols_valid, const T *fallback, int tid) {
+                                             int cols_valid, const T *fallback, int tid, int rows_from = 0) {
   constexpr int kCh = D / 8, kTotal = ROWS * kCh;
   static_assert(kTotal % NTHREADS == 0, "tile chunks divide among the threads");
   unsigned char *base = reinterpret_cast<unsigned char *>(s);
@@ -85,7 +85,7 @@ __device__ __forceinline__ void load_tile_sw(T *s, const T *g, int64_t ld, int r
   for (int it = 0; it < kTotal / NTHREADS; ++it) {
     const int idx = tid + it * NTHREADS;
     const int r = idx / kCh, c = (idx % kCh) * 8;
-    const bool ok = r < rows_valid && c < cols_valid;
+    const bool ok = r >= rows_from && r < rows_valid && c < cols_valid;
     cp_async_16(base + sw_offset<ROWS>(r, c), ok ? g + r * ld + c : fallback, ok);
   }
 }

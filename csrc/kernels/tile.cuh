@@ -132,12 +132,13 @@ struct Visibility {
     lo = right < 0 ? 0 : max(0, n0 - off() - right);
     hi = left < 0 ? sq : min(sq, n1 - 1 - off() + left + 1);
   }
-  // The key blocks of BN [nb_lo, nb_hi) that queries [m0, m1) see (empty: nb_hi == nb_lo).
-  __device__ __forceinline__ void key_blocks(int m0, int m1, int BN, int &nb_lo, int &nb_hi) const {
+  // The key blocks of BN [nb_lo, nb_hi) that queries [m0, m1) see (empty: nb_hi == nb_lo);
+  // block nb holds keys [nb * BN - ofs, (nb + 1) * BN - ofs) (0 <= ofs < BN).
+  __device__ __forceinline__ void key_blocks(int m0, int m1, int BN, int &nb_lo, int &nb_hi, int ofs = 0) const {
     int lo, hi;
     key_range(m0, m1, lo, hi);
-    nb_lo = lo / BN;
-    nb_hi = hi > lo ? (hi + BN - 1) / BN : nb_lo;
+    nb_lo = (lo + ofs) / BN;
+    nb_hi = hi > lo ? (hi + ofs + BN - 1) / BN : nb_lo;
   }
   // The query blocks of BM, mb_lo and n_mb of them, that see a key of [n0, n1).
   __device__ __forceinline__ void query_blocks(int n0, int n1, int BM, int &mb_lo, int &n_mb) const {
@@ -418,11 +419,19 @@ void set_cuda_error(cudaError_t e);
 // code built for archs before sm_90 alone has no wait and launches plainly),
 // then say whether an index check earlier on the stream (kv_check.cuh) refused this
 // call's values: then every kernel of the call returns before writing anything.
-__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+__device__ __forceinline__ void wait_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+  wait_previous_grid();
   return abort_flag != nullptr && *abort_flag != 0;
+}
+// The flag as it is now, without waiting for the grid before (a kernel that runs beside
+// it, and whose flag an earlier grid wrote): read from L2, not a stale L1 line.
+__device__ __forceinline__ bool flag_set(const int *abort_flag) {
+  return abort_flag != nullptr && *static_cast<const volatile int *>(abort_flag) != 0;
 }
 
 // Lets the grid after this one on the stream, where it went out as a dependent launch
@@ -445,6 +454,9 @@ bool use_sm90_kernels();
 // be at least smem (dispatch.cu keeps the record), and recording a raise.
 bool smem_limit_raised(const void *kernel, size_t smem);
 void note_smem_limit(const void *kernel, size_t smem);
+
+// The KV-cache append (append_kv.cuh), launched from dispatch.cu's one copy of its kernels.
+int launch_append(const FlashAppendKvParams &p, cudaStream_t stream);
 
 // Whether the current device takes programmatic dependent launches (compute capability
 // 9.0 and up; dispatch.cu).
@@ -471,9 +483,9 @@ constexpr int newest_built_arch() {
 // may then be placed while the previous grid on the stream ends, which hides the launch
 // between the two (the kernel waits for that grid before it reads anything:
 // call_aborted; only kernels that begin with it go out so).
-template <typename Kernel>
+template <typename Kernel, typename Params>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                  const FlashAttnParams &p, bool dependent = false) {
+                  const Params &p, bool dependent = false) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
   // The limit is raised once per (kernel, device): the call costs about as much as a
   // decode step's whole launch.
