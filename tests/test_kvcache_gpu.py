@@ -422,7 +422,8 @@ def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool, s
 # kvcache_ref.append_ref is the contract written out (row i of entry b at key
 # seqused_k[b] - seqlen_new + i; rows out of range skipped). The caches after the op must
 # equal it bit for bit, and the op's output must be that of the op over those caches
-# without k_new (bit for bit: the append lands before the attention reads).
+# without k_new, within rounding (the sm_90 prefill reads the new rows from k_new itself,
+# in key blocks that start at the first new key: another summation order).
 
 
 def make_append_case(
