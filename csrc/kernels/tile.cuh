@@ -482,7 +482,8 @@ constexpr int newest_built_arch() {
 // dependent, where the device takes them, as a programmatic dependent launch: the CTAs
 // may then be placed while the previous grid on the stream ends, which hides the launch
 // between the two (the kernel waits for that grid before it reads anything:
-// call_aborted; only kernels that begin with it go out so).
+// call_aborted; only kernels that begin with it go out so, and the KV-cache append
+// beside an attention, which reads nothing that grid writes and waits for it at its end).
 template <typename Kernel, typename Params>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
                   const Params &p, bool dependent = false) {
