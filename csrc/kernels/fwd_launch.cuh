@@ -187,13 +187,11 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 
 // Whether the sm_90 forward can read the new rows of p's append from k_new / v_new itself
 // (and the append run after it, beside its last CTAs): new rows to read, a dense cache
-// read where the append writes (no copy), keys not shifted by a left pad, a dense q.
+// read where the append writes (the binding passes the caches themselves, never a copy,
+// with an append), keys not shifted by a left pad, a dense q.
 inline bool reads_new_rows(const FlashAttnParams &p, const FlashAppendKvParams &a) {
   return a.seqlen_new > 0 && p.block_table == nullptr && a.block_table == nullptr && p.leftpad_k == nullptr &&
-         p.cu_seqlens_q == nullptr && p.dropout_p == 0.f && p.k == a.k_cache && p.v == a.v_cache &&
-         p.k_row_stride == a.k_cache_row_stride && p.v_row_stride == a.v_cache_row_stride &&
-         p.k_batch_stride == a.k_cache_batch_stride && p.v_batch_stride == a.v_cache_batch_stride &&
-         p.k_head_stride == a.k_cache_head_stride && p.v_head_stride == a.v_cache_head_stride;
+         p.cu_seqlens_q == nullptr && p.dropout_p == 0.f && p.k == a.k_cache && p.v == a.v_cache;
 }
 
 // The forward, with p.append_kv (a KV-cache forward given k_new / v_new) launched first,

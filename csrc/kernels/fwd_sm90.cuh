@@ -176,23 +176,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   // the new rows, as if they continued k / v at key cs (used only for blocks from cs on)
   const T *kn = new_rows ? static_cast<const T *>(p.k_new) + b * p.k_new_batch_stride + hk * p.k_new_head_stride : k;
   const T *vn = new_rows ? static_cast<const T *>(p.v_new) + b * p.v_new_batch_stride + hk * p.v_new_head_stride : v;
-  // Every thread loads its share of a block and arrives once its copies landed.
-  auto load_k = [&](int it) {
+  // Every thread loads its share of a block and arrives once its copies landed: rows of
+  // the cache, or of the new rows from cs on.
+  auto load_block = [&](T *dst, uint64_t *full, const T *cache, const T *fresh_rows, int64_t ld_cache,
+                        int64_t ld_new, int it) {
     const int n0 = (nb_hi - 1 - it) * BN - kofs;
     const bool fresh = n0 >= cs;
-    const int64_t ld = fresh ? p.k_new_row_stride : p.k_row_stride;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sK(it % S), (fresh ? kn + int64_t(n0 - cs) * ld : k + int64_t(n0) * ld),
-                                             ld, seq.sk - n0, p.head_dim, k, tid, -n0);
-    sm90::cp_async_mbar_arrive(k_full + it % S);
+    const int64_t ld = fresh ? ld_new : ld_cache;
+    sm90::load_tile_sw<BN, D, C::kThreads>(dst, (fresh ? fresh_rows + int64_t(n0 - cs) * ld : cache + int64_t(n0) * ld),
+                                             ld, seq.sk - n0, p.head_dim, cache, tid, -n0);
+    sm90::cp_async_mbar_arrive(full);
   };
-  auto load_v = [&](int it) {
-    const int n0 = (nb_hi - 1 - it) * BN - kofs;
-    const bool fresh = n0 >= cs;
-    const int64_t ld = fresh ? p.v_new_row_stride : p.v_row_stride;
-    sm90::load_tile_sw<BN, D, C::kThreads>(sV(it % S), (fresh ? vn + int64_t(n0 - cs) * ld : v + int64_t(n0) * ld),
-                                             ld, seq.sk - n0, p.head_dim, v, tid, -n0);
-    sm90::cp_async_mbar_arrive(v_full + it % S);
-  };
+  auto load_k = [&](int it) { load_block(sK(it % S), k_full + it % S, k, kn, p.k_row_stride, p.k_new_row_stride, it); };
+  auto load_v = [&](int it) { load_block(sV(it % S), v_full + it % S, v, vn, p.v_row_stride, p.v_new_row_stride, it); };
   sm90::load_tile_sw<BM, D, C::kThreads>(sQ, q + int64_t(m0) * p.q_row_stride, p.q_row_stride, seq.sq - m0,
                                            p.head_dim, q, tid);
   sm90::cp_async_mbar_arrive(q_full);
