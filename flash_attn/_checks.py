@@ -34,7 +34,7 @@ from flash_attn._build_info import (
     needed_bucket,
 )
 from flash_attn._layout import padded_head_dim
-from flash_attn.errors import BuildError, DeviceError, InputError
+from flash_attn.errors import DeviceError, InputError, KernelNotBuiltError
 
 MAX_HEAD_DIM = 256
 MIN_CAPABILITY = (8, 0)
@@ -483,12 +483,13 @@ def check_build(
     needs_backward: bool,
     capability: tuple[int, int] | None = None,
 ) -> None:
-    """Raise BuildError unless the build holds the kernels this call needs."""
+    """Raise KernelNotBuiltError (a BuildError) unless the build holds the kernels this
+    call needs."""
     dtype_name = DTYPE_NAMES[dtype]
     if dtype_name not in info.dtypes:
         wanted = [n for n in DTYPE_NAMES.values() if n in info.dtypes or n == dtype_name]
         others = [str(d) for d, n in DTYPE_NAMES.items() if n in info.dtypes]
-        raise BuildError(
+        raise KernelNotBuiltError(
             f"this flash_attn build has no {dtype_name} kernels ({dtype}): it was "
             f"built with {DTYPES_KNOB}={','.join(info.dtypes)}. Rebuild with "
             f"{DTYPES_KNOB}={','.join(wanted)}"
@@ -499,7 +500,7 @@ def check_build(
         bucket = needed_bucket(padded)
         wanted_dims = sorted({*info.head_dims, *([bucket] if bucket else [])})
         largest = max(info.head_dims, default=None)
-        raise BuildError(
+        raise KernelNotBuiltError(
             f"this flash_attn build has no kernel for head_dim {head_dim}: it was "
             f"built with {HEAD_DIMS_KNOB}={','.join(map(str, info.head_dims))}"
             + (f" (largest bucket {largest})" if largest is not None else "")
@@ -507,7 +508,7 @@ def check_build(
             f"(buckets: {', '.join(map(str, HEAD_DIM_BUCKETS))})."
         )
     if needs_backward and not info.backward:
-        raise BuildError(
+        raise KernelNotBuiltError(
             f"this flash_attn build has no backward kernels (built with "
             f"{BACKWARD_KNOB}=0), and q, k or v requires grad. Rebuild with "
             f"{BACKWARD_KNOB}=1, or run the forward under torch.no_grad() or on "
@@ -527,7 +528,7 @@ def _check_arch(info: BuildInfo, capability: tuple[int, int]) -> None:
     if _runs_on(info, tuple(capability)) is not False:  # type: ignore[arg-type]
         return  # it does, or the arch list is spelled in a way we do not know
     major, minor = capability
-    raise BuildError(
+    raise KernelNotBuiltError(
         f"this flash_attn build has no code for this GPU (sm{major}{minor}): it was "
         f"built with {ARCHS_KNOB}={';'.join(info.cuda_archs)}. Rebuild with "
         f"{ARCHS_KNOB}={';'.join([*info.cuda_archs, f'{major}{minor}'])}."

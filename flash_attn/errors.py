@@ -22,7 +22,13 @@ class DeviceError(FlashAttnError):
 
 
 class BuildError(FlashAttnError):
-    """The compiled extension lacks the kernel this call needs."""
+    """The compiled extension lacks the kernel this call needs, or its build record
+    cannot be read."""
+
+
+class KernelNotBuiltError(BuildError):
+    """The build left out the kernels of this call (its head_dim, dtype, backward or GPU
+    arch): the build knobs chose so; a rebuild with the knob the message names adds them."""
 
 
 class ExtensionNotBuiltError(FlashAttnError, ImportError):

@@ -20,6 +20,7 @@ from flash_attn.errors import (
     ExtensionNotBuiltError,
     FlashAttnError,
     InputError,
+    KernelNotBuiltError,
 )
 
 FP16 = torch.float16
@@ -61,7 +62,9 @@ def varlen(
 # --- errors are RuntimeErrors, as upstream's C++ checks -----------------------
 
 
-@pytest.mark.parametrize("cls", [InputError, DeviceError, BuildError, ExtensionNotBuiltError])
+@pytest.mark.parametrize(
+    "cls", [InputError, DeviceError, BuildError, KernelNotBuiltError, ExtensionNotBuiltError]
+)
 def test_errors_are_runtime_errors(cls: type[Exception]) -> None:
     assert issubclass(cls, FlashAttnError)
     assert issubclass(cls, RuntimeError)
@@ -700,7 +703,7 @@ def test_check_launch_keeps_a_passing_environment_only(
         _checks.check_launch({"q": None}, shape, needs_backward=False)
     assert len(asked) == failing + 1  # kept after the first pass
     # a head_dim past the build's buckets still raises, from the kept verdict
-    with pytest.raises(BuildError, match="no kernel for head_dim 96"):
+    with pytest.raises(KernelNotBuiltError, match="no kernel for head_dim 96"):
         _checks.check_launch({"q": None}, _checks.check_dense(*qkv(head_dim=96), None), False)
     before = len(asked)
     _checks.forget_environment()
@@ -795,3 +798,34 @@ def test_varlen_fast_path_agrees_with_the_checks(
         assert fast is None
         return
     assert fast == slow  # and takes every valid case here
+
+
+class _Item:
+    """A test item as tests/conftest.py's pytest_runtest_call reads it: its gpu marker."""
+
+    def __init__(self, gpu: bool) -> None:
+        self.gpu = gpu
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return object() if self.gpu and name == "gpu" else None
+
+
+def _raised_through_runtest_call(item: _Item, error: Exception) -> None:
+    import conftest
+
+    wrapper = conftest.pytest_runtest_call(item)
+    next(wrapper)  # up to the test's call
+    wrapper.throw(error)  # the test raised this
+
+
+def test_gpu_test_needing_a_kernel_the_build_left_out_is_skipped():
+    """A GPU test whose call raises KernelNotBuiltError (a partial build, e.g.
+    FLASH_ATTN_HEAD_DIMS=64,128) is skipped with its message; the same error from a test
+    without the gpu marker, and any other BuildError, still fail it."""
+    missing = KernelNotBuiltError("this flash_attn build has no kernel for head_dim 256")
+    with pytest.raises(pytest.skip.Exception, match="not in this build: .*head_dim 256"):
+        _raised_through_runtest_call(_Item(gpu=True), missing)
+    with pytest.raises(KernelNotBuiltError):
+        _raised_through_runtest_call(_Item(gpu=False), missing)
+    with pytest.raises(BuildError, match="build record"):
+        _raised_through_runtest_call(_Item(gpu=True), BuildError("the build record is not JSON"))

@@ -5,14 +5,6 @@
 // (or skips the row when any index is out of range) and its threads copy the row's
 // nheads_k * head_dim elements of k and then of v, one Unit (16 bytes where the
 // pointers and strides allow, else one element) per step.
-//
-// Beside (p.beside): launched after an attention grid that reads the new rows from k_new
-// and v_new itself and lets it be placed early (fwd_sm90.cuh), so the copies run on the
-// SMs that grid's last CTAs leave free. It then does not wait for that grid to start:
-// the index check wrote the abort flag before the attention's CTAs passed their own wait,
-// and those all did before this grid could be placed. Each CTA waits for the attention
-// grid at its end instead, so that what the stream runs next, which waits for this grid,
-// also finds the attention done.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,7 +36,8 @@ __device__ __forceinline__ AppendSlot append_slot(const FlashAppendKvParams &p, 
 
 // Copy one (entry, row) of k_new and v_new: Unit is uint4 (8 elements) or uint16_t (1).
 template <typename Unit>
-__device__ __forceinline__ void append_rows(const FlashAppendKvParams &p) {
+__global__ void append_kv_kernel(const FlashAppendKvParams p) {
+  if (call_aborted(p.abort_flag)) return;
   const int b = int(blockIdx.x / unsigned(p.seqlen_new));
   const int i = int(blockIdx.x % unsigned(p.seqlen_new));
   const AppendSlot slot = append_slot(p, b, i);
@@ -71,17 +64,6 @@ __device__ __forceinline__ void append_rows(const FlashAppendKvParams &p) {
     }
     *reinterpret_cast<Unit *>(dst) = *reinterpret_cast<const Unit *>(src);
   }
-}
-
-template <typename Unit>
-__global__ void append_kv_kernel(const FlashAppendKvParams p) {
-  if (p.beside) {
-    if (!flag_set(p.abort_flag)) append_rows<Unit>(p);
-    wait_previous_grid();
-    return;
-  }
-  if (call_aborted(p.abort_flag)) return;
-  append_rows<Unit>(p);
 }
 
 // Whether every pointer is 16-byte aligned and every stride and head_dim a multiple of 8
@@ -116,11 +98,16 @@ inline int launch_append_kv(const FlashAppendKvParams &p, cudaStream_t stream) {
   const bool vec = append_vectorizable(p);
   const int64_t units = 2 * int64_t(p.nheads_k) * (vec ? p.head_dim / 8 : p.head_dim);
   const int threads = int(units >= 256 ? 256 : (units + 31) / 32 * 32);
-  // beside an attention: a dependent launch, placed once every CTA of that grid has let it
-  // (where the device takes none, it runs after that grid: still correct)
-  const bool dependent = p.beside != 0;
-  if (vec) return launch(append_kv_kernel<uint4>, dim3(unsigned(rows)), threads, 0, stream, p, dependent);
-  return launch(append_kv_kernel<uint16_t>, dim3(unsigned(rows)), threads, 0, stream, p, dependent);
+  if (vec)
+    append_kv_kernel<uint4><<<unsigned(rows), threads, 0, stream>>>(p);
+  else
+    append_kv_kernel<uint16_t><<<unsigned(rows), threads, 0, stream>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    set_cuda_error(e);
+    return FLASH_ERR_CUDA;
+  }
+  return FLASH_OK;
 }
 
 }  // namespace flash
