@@ -10,8 +10,8 @@ flash_attn_with_kvcache (flash_attn_interface.py) validates its arguments
    cache_seqlens .. cache_seqlens + seqlen_new - 1 of each sequence's cache row
    (dense: row cache_batch_idx[b], or b; paged: through block_table): the fwd_kv op
    does it (k_new, v_new: one kernel before the attention, or, where the sm_90 kernel
-   reads the new rows from k_new / v_new itself, a dense prefill, after it, beside its
-   last CTAs) when it reads the caches themselves; where it reads a copy (a head_dim
+   reads the new rows from k_new / v_new itself, a dense prefill, that kernel as it
+   starts) when it reads the caches themselves; where it reads a copy (a head_dim
    that is not a multiple of 8 is padded; a paged prefill gathers its pages)
    ``append_`` writes them first;
 3. runs the fwd_kv op over the first cache_seqlens + seqlen_new keys of each row.

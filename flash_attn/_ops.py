@@ -231,8 +231,8 @@ def fwd_kv(
     them n ways (at most 128). The index tensors are int32 on q's device.
 
     k_new, v_new (batch, seqlen_new, nheads_k, d), both or neither, dense q, the caches'
-    dtype: written into k and v in place (one kernel, before the attention, or after it
-    where the sm_90 kernel reads the new rows from k_new / v_new itself) as the last
+    dtype: written into k and v in place (one kernel before the attention, or, where the
+    sm_90 kernel reads the new rows from k_new / v_new itself, that kernel) as the last
     seqlen_new keys of each entry: row i of entry b at key seqused_k[b] - seqlen_new + i
     (seqused_k absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
     through block_table. A row whose key, cache row or page is out of range is skipped,

@@ -613,6 +613,41 @@ def test_fused_append_writes_nothing_outside_the_cache(name: str) -> None:
         assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
 
 
+PREFILL_BAD_VALUES = {
+    # name: (layout, seqused_k (keys after the append), batch_idx); 64 new rows an entry
+    "keys-past-the-end": ("dense", [512 + 3, 512 + 40, 64], None),
+    "rows-out-of-range": ("batch_idx", [70, 70, 70], [-1, 5, 4]),  # 5 rows: 0..4
+}
+
+
+@pytest.mark.parametrize("name", list(PREFILL_BAD_VALUES))
+def test_prefill_append_writes_nothing_outside_the_cache(name: str) -> None:
+    """As above with queries (64 new rows, 4 query heads a kv head: on the sm_90 path the
+    attention kernel writes the new rows itself; on the sm80 path the append kernel runs
+    first): keys past the capacity and cache rows out of range are skipped, the rest
+    written, the memory around the caches bit-identical. The values stay where the
+    attention's own reads fall inside the guards (its output is not checked)."""
+    layout, seqused, batch_idx = PREFILL_BAD_VALUES[name]
+    c = make_append_case(layout, 0, 64, False, torch.bfloat16)
+    dev = "cuda"
+    c["seqused_k"] = torch.tensor(seqused, dtype=torch.int32, device=dev)
+    if batch_idx is not None:
+        c["batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device=dev)
+    row = c["k_cache"][0].numel()
+    k_buffer, c["k_cache"] = guarded(c["k_cache"], 2 * row)
+    v_buffer, c["v_cache"] = guarded(c["v_cache"], 2 * row)
+    k_before, v_before = k_buffer.clone(), v_buffer.clone()
+    k_ref, v_ref = reference_caches(c)
+    repoison()
+    fwd_kv_call(c, c["k_cache"], c["v_cache"])
+    torch.cuda.synchronize()
+    assert torch.equal(c["k_cache"], k_ref) and torch.equal(c["v_cache"], v_ref)
+    for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
+        n = buffer.numel() - 4 * row
+        assert torch.equal(buffer[: 2 * row], before[: 2 * row]), "written before the cache"
+        assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
+
+
 @pytest.mark.parametrize("checks", ["off", "on"])
 def test_flash_attn_with_kvcache_writes_nothing_outside_the_cache(
     monkeypatch: pytest.MonkeyPatch, checks: str

@@ -131,7 +131,7 @@ def test_decode_reads_after_the_kernel_before(dtype, num_splits):
 def test_kvcache_append_reads_after_the_kernel_before(dtype, paged, seqlen_new):
     """The call's first kernel reads k and v right after the late writer: the append, then
     the attention reading the cache right after it; or, for a dense prefill on the sm_90
-    path, the attention reading k_new and v_new itself, then the append beside its end
+    path, the attention reading k_new and v_new itself and writing them into the cache
     (whose keys are checked at the end, as the next kernel on the stream sees them)."""
     ops()
     if not compiled(128, dtype):

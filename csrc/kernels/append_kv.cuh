@@ -4,7 +4,8 @@
 // One block per new row (entry b, row i): the block finds the row's slot in the cache
 // (or skips the row when any index is out of range) and its threads copy the row's
 // nheads_k * head_dim elements of k and then of v, one Unit (16 bytes where the
-// pointers and strides allow, else one element) per step.
+// pointers and strides allow, else one element) per step. (Where the sm_90 attention
+// reads the new rows from k_new / v_new itself, it writes them too: fwd_sm90.cuh.)
 #pragma once
 
 #include <cuda_runtime.h>

@@ -105,16 +105,19 @@ typedef struct FlashAttnParams {
   const int *abort_flag;
 
   /* NULL, or the append of a KV-cache forward given k_new / v_new: the forward launches it
-     with the attention, before it, or after it where the attention kernel reads the new
-     rows from k_new / v_new itself (then the append runs beside the attention's last CTAs). */
+     before the attention, or, where the attention kernel reads the new rows from k_new /
+     v_new itself, has that kernel write them into the caches. */
   const struct FlashAppendKvParams *append_kv;
   /* Set by the forward for a kernel that reads the new rows in place (NULL otherwise):
      entry b's keys [sk - seqlen_new, sk) are rows 0.. of k_new / v_new
-     (batch, seqlen_new, nheads_k, head_dim), not the cache's. */
+     (batch, seqlen_new, nheads_k, head_dim), not the cache's. That kernel also writes
+     them into the caches k / v (the append's rows): a row whose key is outside
+     [0, seqlen_k) or whose cache row is outside [0, cache_rows) is skipped. */
   const void *k_new, *v_new;
   int64_t k_new_batch_stride, k_new_row_stride, k_new_head_stride;
   int64_t v_new_batch_stride, v_new_row_stride, v_new_head_stride;
   int seqlen_new;
+  int64_t cache_rows;               /* dim 0 of the caches k / v */
 } FlashAttnParams;
 
 /* Decides how the forward runs: resolves params->num_splits (0 = chosen from the
@@ -162,9 +165,6 @@ typedef struct FlashAppendKvParams {
   int64_t block_table_batch_stride;
   int page_size;                    /* paged: > 0 */
   const int *abort_flag;            /* as FlashAttnParams.abort_flag: nonzero, nothing is written */
-  int beside;                       /* set by the forward: launched after an attention that reads
-                                       k_new / v_new itself, it runs beside that grid's last CTAs
-                                       (no wait before it starts) and ends when that grid has */
 } FlashAppendKvParams;
 
 /* Copies k_new and v_new into the caches (one kernel, 16-byte copies where the pointers

@@ -6,6 +6,7 @@
 
 #include <type_traits>
 
+#include "append_kv.cuh"
 #include "dropout.cuh"
 #include "fwd_split.cuh"
 #include "tile.cuh"
@@ -186,16 +187,17 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const FlashAttnParams 
 }
 
 // Whether the sm_90 forward can read the new rows of p's append from k_new / v_new itself
-// (and the append run after it, beside its last CTAs): new rows to read, a dense cache
-// read where the append writes (the binding passes the caches themselves, never a copy,
-// with an append), keys not shifted by a left pad, a dense q.
+// and write them into the caches (so no append kernel runs): new rows to read, a dense
+// cache read where the append writes (the binding passes the caches themselves, never a
+// copy, with an append), keys not shifted by a left pad, a dense q, 16-byte rows.
 inline bool reads_new_rows(const FlashAttnParams &p, const FlashAppendKvParams &a) {
   return a.seqlen_new > 0 && p.block_table == nullptr && a.block_table == nullptr && p.leftpad_k == nullptr &&
-         p.cu_seqlens_q == nullptr && p.dropout_p == 0.f && p.k == a.k_cache && p.v == a.v_cache;
+         p.cu_seqlens_q == nullptr && p.dropout_p == 0.f && p.k == a.k_cache && p.v == a.v_cache &&
+         append_vectorizable(a);
 }
 
 // The forward, with p.append_kv (a KV-cache forward given k_new / v_new) launched first,
-// or after the attention where the sm_90 kernel reads the new rows itself.
+// or done by the sm_90 attention kernel where it reads the new rows itself.
 template <int D, typename T>
 int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
   const FlashAppendKvParams *append = p.append_kv;
@@ -213,11 +215,8 @@ int run_fwd(const FlashAttnParams &p, cudaStream_t stream) {
         q.v_new_row_stride = append->v_new_row_stride;
         q.v_new_head_stride = append->v_new_head_stride;
         q.seqlen_new = append->seqlen_new;
-        const int status = run_fwd_sm90<D, T>(q, stream);
-        if (status != FLASH_OK) return status;
-        FlashAppendKvParams beside = *append;
-        beside.beside = 1;
-        return launch_append(beside, stream);
+        q.cache_rows = append->cache_rows;
+        return run_fwd_sm90<D, T>(q, stream);
       }
     }
   }

@@ -99,6 +99,44 @@ __device__ __forceinline__ void issue_pv(float (&acc_o)[D / 64][8][4], const uin
     }
 }
 
+// The append of a KV-cache prefill whose new rows the kernel reads from k_new / v_new
+// (p.k_new): this CTA's share of them copied into the caches (k, v: entry b's cache row,
+// head hk), new row i at key cs + i. The CTAs of one (entry, kv head), every query block
+// of each query head of its group, take equal slices of its rows. The copies go out before
+// the key loop, their reads beside the first tiles' (nothing waits for them: the
+// attention reads these keys from k_new / v_new, never from the cache), and the stream's
+// next kernel finds them done with the grid. U loads are issued before their stores.
+// Nothing outside the caches is written: rows whose key is outside [0, seqlen_k), or an
+// entry whose cache row is outside [0, cache_rows), are skipped.
+template <int D, int NTHR, typename T>
+__device__ __forceinline__ void write_new_rows(const FlashAttnParams &p, int b, T *kc, T *vc, const T *kn,
+                                               const T *vn, int cs, int slice, int slices, int tid) {
+  constexpr int kCh = D / 8, U = 4;  // 16-byte chunks of a row (of K, then of V)
+  const int64_t row = p.kv_batch_idx != nullptr ? int64_t(p.kv_batch_idx[b]) : int64_t(b);
+  if (row < 0 || row >= p.cache_rows) return;
+  const int per = (p.seqlen_new + slices - 1) / slices, r_lo = slice * per;
+  const int total = max(0, min(p.seqlen_new, r_lo + per) - r_lo) * 2 * kCh;
+  for (int base = tid; base < total; base += U * NTHR) {
+    uint4 val[U];
+    T *dst[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = base + u * NTHR, r = idx / (2 * kCh), part = idx % (2 * kCh);
+      const bool is_v = part >= kCh;
+      const int c = (is_v ? part - kCh : part) * 8, i = r_lo + r, key = cs + i;
+      dst[u] = nullptr;
+      if (idx < total && c < p.head_dim && key >= 0 && key < p.seqlen_k) {
+        const T *src = is_v ? vn + int64_t(i) * p.v_new_row_stride + c : kn + int64_t(i) * p.k_new_row_stride + c;
+        dst[u] = is_v ? vc + int64_t(key) * p.v_row_stride + c : kc + int64_t(key) * p.k_row_stride + c;
+        val[u] = __ldg(reinterpret_cast<const uint4 *>(src));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (dst[u] != nullptr) *reinterpret_cast<uint4 *>(dst[u]) = val[u];
+  }
+}
+
 // BN keys a block, WG warpgroups of 64 query rows, STAGES stages of K and V,
 // registers capped for MINB CTAs per SM.
 template <int D_, int BN_, int WG_, int STAGES_ = 2, int MINB_ = 1>
@@ -148,9 +186,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   if (m0 >= seq.sq) return;
   const int hk = h / (p.nheads / p.nheads_k);
   const Visibility vis{seq.sq, seq.sk, p.window_left, p.window_right};
-  // A KV-cache forward whose new rows this kernel reads in place (p.k_new; the append runs
-  // after it, beside its last CTAs): keys [cs, sk) are rows 0.. of k_new / v_new. The key
-  // blocks are shifted by kofs so that one of them starts at cs: each block then comes
+  // A KV-cache forward whose new rows this kernel reads in place (p.k_new; it also writes
+  // them into the cache: write_new_rows): keys [cs, sk) are rows 0.. of k_new / v_new. The
+  // key blocks are shifted by kofs so that one of them starts at cs: each block then comes
   // whole from one source (the first may start below key 0: those rows are masked).
   const bool new_rows = p.k_new != nullptr;
   const int cs = new_rows ? seq.sk - p.seqlen_new : seq.sk;
@@ -158,7 +196,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   int nb_lo, nb_hi;
   vis.key_blocks(m0, min(m0 + BM, seq.sq), BN, nb_lo, nb_hi, kofs);
   const int n = nb_hi - nb_lo;  // block it is nb_hi - 1 - it
-  if (new_rows) allow_dependents();  // the append may be placed as SMs free up
 
   if (tid == 0) {
     sm90::mbar_init(q_full, C::kThreads);
@@ -195,6 +232,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   for (int i = 0; i < S && i < n; ++i) {
     load_k(i);
     load_v(i);
+  }
+  if (new_rows) {
+    const int group = p.nheads / p.nheads_k;
+    write_new_rows<D, C::kThreads, T>(p, b, const_cast<T *>(k), const_cast<T *>(v), kn, vn, cs,
+                                      m_block * group + (h - hk * group), ((seq.sq + BM - 1) / BM) * group, tid);
   }
 
   const int w0 = wg * 64 + (warp % 4) * 16;

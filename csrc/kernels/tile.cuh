@@ -428,11 +428,6 @@ __device__ __forceinline__ bool call_aborted(const int *abort_flag) {
   wait_previous_grid();
   return abort_flag != nullptr && *abort_flag != 0;
 }
-// The flag as it is now, without waiting for the grid before (a kernel that runs beside
-// it, and whose flag an earlier grid wrote): read from L2, not a stale L1 line.
-__device__ __forceinline__ bool flag_set(const int *abort_flag) {
-  return abort_flag != nullptr && *static_cast<const volatile int *>(abort_flag) != 0;
-}
 
 // Lets the grid after this one on the stream, where it went out as a dependent launch
 // (launch()), be placed on the SMs before this grid ends; it is placed once every CTA of
@@ -482,8 +477,7 @@ constexpr int newest_built_arch() {
 // dependent, where the device takes them, as a programmatic dependent launch: the CTAs
 // may then be placed while the previous grid on the stream ends, which hides the launch
 // between the two (the kernel waits for that grid before it reads anything:
-// call_aborted; only kernels that begin with it go out so, and the KV-cache append
-// beside an attention, which reads nothing that grid writes and waits for it at its end).
+// call_aborted; only kernels that begin with it go out so).
 template <typename Kernel, typename Params>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
                   const Params &p, bool dependent = false) {
