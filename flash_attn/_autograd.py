@@ -14,6 +14,7 @@ tensor to the backward op, which regenerates the same mask from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -198,3 +199,30 @@ class FlashAttnKVPackedFunc(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
         dq, dk, dv = _backward(ctx, dout)
         return dq, torch.stack((dk, dv), dim=-3), None, None, None, None, None, None, None
+
+
+class PagedVarlenFunc(torch.autograd.Function):
+    """flash_attn_varlen_func over a paged KV cache called on inputs that require grad:
+    the forward as without grad, its output attached to the graph as flash_attn 2.x's
+    is (code written for it, upstream's tests among it, runs such forwards in grad
+    mode); a backward through it raises, as none exists."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        run: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = run()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor) -> None:
+        raise NotImplementedError(
+            "flash_attn_varlen_func with block_table (paged KV) has no backward: its "
+            "forward is inference only. Compute gradients with k and v as dense varlen "
+            "tensors (no block_table), or run the paged call under torch.no_grad()."
+        )

@@ -36,6 +36,7 @@ from flash_attn._autograd import (
     FlashAttnKVPackedFunc,
     FlashAttnQKVPackedFunc,
     OpArgs,
+    PagedVarlenFunc,
     draw_rng_state,
     forward_no_grad,
 )
@@ -178,12 +179,6 @@ def _varlen_paged(
             "paged KV cache is inference only and applies no dropout; pass dropout_p=0.0 "
             "(valid with block_table: 0.0 only)."
         )
-    if _needs_backward(q, k, v):
-        raise NotImplementedError(
-            "flash_attn_varlen_func with block_table (paged KV) is inference only: it has "
-            "no backward, and q, k or v requires grad. Run it under torch.no_grad() (or "
-            "torch.inference_mode()), or pass tensors that do not require grad."
-        )
     shape = _kvcache_checks.check_varlen_paged(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
         alibi_slopes,
@@ -197,11 +192,16 @@ def _varlen_paged(
         shape.head_dim, shape.dtype,
     )  # fmt: skip
     _checks.check_launch(tensors, attn_shape, False)
-    with torch.no_grad():
-        out, lse = _kvcache.varlen_paged_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
-            shape, opts, alibi_slopes, _kvcache_checks.values_checkable(q.device),
-        )  # fmt: skip
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return _kvcache.varlen_paged_forward(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
+                shape, opts, alibi_slopes, _kvcache_checks.values_checkable(q.device),
+            )  # fmt: skip
+
+    # inputs that require grad: the same forward, in the graph; its backward raises
+    out, lse = PagedVarlenFunc.apply(q, k, v, run) if _needs_backward(q, k, v) else run()
     return _result(out, lse, return_attn_probs)
 
 
@@ -444,7 +444,8 @@ def flash_attn_varlen_func(
     then the page pool (num_pages, page_size, nheads_k, head_dim), page_size a multiple
     of 16, and sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b]
     keys of its pages (key j in page block_table[b, j // page_size]). No gradient:
-    with block_table, inputs that require grad (under grad mode) raise. The lengths and
+    with block_table, inputs that require grad give an output in the graph (as flash_attn
+    2.x's) whose backward raises NotImplementedError. The lengths and
     the page entries used are checked as flash_attn_with_kvcache checks them (on the GPU;
     a prefill-sized call, which gathers its pages first, reads them on the host: one
     device sync).

@@ -6,6 +6,7 @@ monkeypatched."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -810,22 +811,28 @@ class _Item:
         return object() if self.gpu and name == "gpu" else None
 
 
-def _raised_through_runtest_call(item: _Item, error: Exception) -> None:
-    import conftest
-
+def _raised_through_runtest_call(config: pytest.Config, item: _Item, error: Exception) -> None:
+    # tests/conftest.py as pytest loaded it (other conftest.py files share its module name)
+    path = Path(__file__).with_name("conftest.py").resolve()
+    (conftest,) = [
+        plugin
+        for plugin in config.pluginmanager.get_plugins()
+        if getattr(plugin, "__file__", None) and Path(plugin.__file__).resolve() == path
+    ]
     wrapper = conftest.pytest_runtest_call(item)
     next(wrapper)  # up to the test's call
     wrapper.throw(error)  # the test raised this
 
 
-def test_gpu_test_needing_a_kernel_the_build_left_out_is_skipped():
+def test_gpu_test_needing_a_kernel_the_build_left_out_is_skipped(pytestconfig: pytest.Config):
     """A GPU test whose call raises KernelNotBuiltError (a partial build, e.g.
     FLASH_ATTN_HEAD_DIMS=64,128) is skipped with its message; the same error from a test
     without the gpu marker, and any other BuildError, still fail it."""
     missing = KernelNotBuiltError("this flash_attn build has no kernel for head_dim 256")
     with pytest.raises(pytest.skip.Exception, match="not in this build: .*head_dim 256"):
-        _raised_through_runtest_call(_Item(gpu=True), missing)
+        _raised_through_runtest_call(pytestconfig, _Item(gpu=True), missing)
     with pytest.raises(KernelNotBuiltError):
-        _raised_through_runtest_call(_Item(gpu=False), missing)
+        _raised_through_runtest_call(pytestconfig, _Item(gpu=False), missing)
     with pytest.raises(BuildError, match="build record"):
-        _raised_through_runtest_call(_Item(gpu=True), BuildError("the build record is not JSON"))
+        unreadable = BuildError("the build record is not JSON")
+        _raised_through_runtest_call(pytestconfig, _Item(gpu=True), unreadable)
