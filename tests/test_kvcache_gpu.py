@@ -205,7 +205,7 @@ def test_kvcache_features_fp16(c: Case) -> None:
              head_dim=128),
         Case(batch=2, seqlen_q=130, seqlen_new=300, seqlen_cache=700, nheads=8, nheads_k=2,
              head_dim=128, causal=False),
-        # the sm_90 kernel reads the new rows from k_new itself (the append runs after it):
+        # the sm_90 kernel reads the new rows from k_new itself (and writes them to the cache):
         # an empty cache (cache_seqlens 0), and one whose first sequence holds 128 keys (its
         # new rows start on a key block), the other one a random count
         Case(batch=2, seqlen_q=384, seqlen_new=384, seqlen_cache=384, nheads=8, nheads_k=2,
@@ -574,6 +574,15 @@ def guarded(t: torch.Tensor, guard: int) -> tuple[torch.Tensor, torch.Tensor]:
     return buffer, view
 
 
+def assert_guards_unchanged(*buffers: tuple[torch.Tensor, torch.Tensor], guard: int) -> None:
+    """Each (buffer, its copy from before): the `guard` elements on each side of the
+    cache inside it (guarded()) are bit-identical."""
+    for buffer, before in buffers:
+        n = buffer.numel() - 2 * guard
+        assert torch.equal(buffer[:guard], before[:guard]), "written before the cache"
+        assert torch.equal(buffer[guard + n :], before[guard + n :]), "written after it"
+
+
 BAD_VALUES = {
     # name: (layout, page_size, seqused_k or cache_seqlens + seqlen_new, batch_idx, table edits)
     "keys-negative": ("dense", 0, [-5, 2, 3], None, None),
@@ -607,10 +616,7 @@ def test_fused_append_writes_nothing_outside_the_cache(name: str) -> None:
     torch.cuda.synchronize()
     assert out.shape == no_queries.shape and lse.shape == (3, 8, 0)
     assert torch.equal(c["k_cache"], k_ref) and torch.equal(c["v_cache"], v_ref)
-    for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
-        n = buffer.numel() - 4 * row
-        assert torch.equal(buffer[: 2 * row], before[: 2 * row]), "written before the cache"
-        assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
+    assert_guards_unchanged((k_buffer, k_before), (v_buffer, v_before), guard=2 * row)
 
 
 PREFILL_BAD_VALUES = {
@@ -642,10 +648,7 @@ def test_prefill_append_writes_nothing_outside_the_cache(name: str) -> None:
     fwd_kv_call(c, c["k_cache"], c["v_cache"])
     torch.cuda.synchronize()
     assert torch.equal(c["k_cache"], k_ref) and torch.equal(c["v_cache"], v_ref)
-    for buffer, before in ((k_buffer, k_before), (v_buffer, v_before)):
-        n = buffer.numel() - 4 * row
-        assert torch.equal(buffer[: 2 * row], before[: 2 * row]), "written before the cache"
-        assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), "written after it"
+    assert_guards_unchanged((k_buffer, k_before), (v_buffer, v_before), guard=2 * row)
 
 
 @pytest.mark.parametrize("checks", ["off", "on"])

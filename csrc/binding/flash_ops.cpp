@@ -248,9 +248,10 @@ Tensor new_rows(const Tensor &t, const char *name, const Tensor &cache, const ch
 }
 
 // The append of k_new and v_new into the caches k and v in place (flash_api.h,
-// flash_attn_append_kv), checked and laid out; the forward launches it with the attention
-// (FlashAttnParams.append_kv: before it, or after an attention that reads the new rows
-// itself), or launch_append does where no attention runs. p is the forward's (checked)
+// flash_attn_append_kv), checked and laid out; the forward launches it before the
+// attention, or has the sm_90 attention kernel write the rows itself where it reads them
+// from k_new / v_new (FlashAttnParams.append_kv), or launch_append does where no attention
+// runs or the caches the attention reads are a copy. p is the forward's (checked)
 // parameters; k and v are the caches as given (never a copy: the append must land in them).
 struct AppendRows {
   FlashAppendKvParams a;

@@ -419,13 +419,10 @@ void set_cuda_error(cudaError_t e);
 // code built for archs before sm_90 alone has no wait and launches plainly),
 // then say whether an index check earlier on the stream (kv_check.cuh) refused this
 // call's values: then every kernel of the call returns before writing anything.
-__device__ __forceinline__ void wait_previous_grid() {
+__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
-}
-__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
-  wait_previous_grid();
   return abort_flag != nullptr && *abort_flag != 0;
 }
 
@@ -478,9 +475,9 @@ constexpr int newest_built_arch() {
 // may then be placed while the previous grid on the stream ends, which hides the launch
 // between the two (the kernel waits for that grid before it reads anything:
 // call_aborted; only kernels that begin with it go out so).
-template <typename Kernel, typename Params>
+template <typename Kernel>
 inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                  const Params &p, bool dependent = false) {
+                  const FlashAttnParams &p, bool dependent = false) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return FLASH_OK;
   // The limit is raised once per (kernel, device): the call costs about as much as a
   // decode step's whole launch.
