@@ -190,7 +190,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) fwd_sm90_kernel(co
   // them into the cache: write_new_rows): keys [cs, sk) are rows 0.. of k_new / v_new. The
   // key blocks are shifted by kofs so that one of them starts at cs: each block then comes
   // whole from one source (the first may start below key 0: those rows are masked).
-  const bool new_rows = p.k_new != nullptr;
+  // (never with dropout, reads_new_rows: the dropout kernels compile without the copy,
+  // whose registers would spill them)
+  const bool new_rows = !kDrop && p.k_new != nullptr;
   const int cs = new_rows ? seq.sk - p.seqlen_new : seq.sk;
   const int kofs = new_rows ? (BN - cs % BN) % BN : 0;
   int nb_lo, nb_hi;
