@@ -150,30 +150,41 @@ def kvcache_forward(
     """Steps 1-3 of the module docstring; returns (out, softmax_lse)."""
     batch, seqlen_new = shape.batch, shape.seqlen_new
     paged = block_table is not None
-    # Each sequence's key count after the append: seqused_k, or for a dense cache and
-    # an int cache_seqlens the cache cut to its first `cut` keys (a view, no tensor made).
-    seqused_k = None
-    keys = cut = None  # int cache_seqlens: every sequence's key count
-    if isinstance(cache_seqlens, torch.Tensor):
-        seqused_k = cache_seqlens + seqlen_new if seqlen_new else cache_seqlens
-    elif cache_seqlens is not None:
-        keys = operator.index(cache_seqlens) + seqlen_new
-        if paged or keys == 0:
-            seqused_k = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
-        else:
-            cut = keys
     positional_q = opts.window_left >= 0 or opts.window_right >= 0  # causal or local
     q_positions = shape.seqlen_q if positional_q else 1
     paged_gather = paged and shape.seqlen_q * (shape.nheads // shape.nheads_k) >= (
         PAGED_PREFILL_ROWS
     )
+    # Whether the op appends k and v: it then takes the key counts before the append
+    # (cache_seqlens as they are) and adds seqlen_new on the device, so no kernel adds
+    # them first; else seqused_k is each sequence's key count after the append. A dense
+    # cache with an int cache_seqlens is instead cut to its first `cut` keys (a view).
+    op_appends = k is not None and _fused_append(shape, paged_gather)
+    seqused_k = None
+    keys = cut = None  # int cache_seqlens: every sequence's key count after the append
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqused_k = cache_seqlens if op_appends or not seqlen_new else cache_seqlens + seqlen_new
+    elif cache_seqlens is not None:
+        keys = operator.index(cache_seqlens) + seqlen_new
+        if paged or keys == 0:
+            given = keys - seqlen_new if op_appends else keys
+            seqused_k = torch.full((batch,), given, dtype=torch.int32, device=q.device)
+        else:
+            cut = keys
+
+    def keys_after() -> torch.Tensor | None:
+        """Each sequence's key count after the append, for the host checks."""
+        if seqused_k is None or not op_appends or not seqlen_new:
+            return seqused_k
+        return seqused_k + seqlen_new
+
     # The index values: checked by the op on the device where it reads and writes the
     # caches itself (nothing waits for them before the launch), else here first.
     max_keys = None
     if check_values and (
         isinstance(cache_seqlens, torch.Tensor) or cache_batch_idx is not None
         or cache_leftpad is not None or block_table is not None
-    ) and not paged_gather and (k is None or _fused_append(shape, paged_gather)):  # fmt: skip
+    ) and not paged_gather and (k is None or op_appends):  # fmt: skip
         max_keys = device_check_bound(shape, q_positions)
     if keys is not None and shape.rotary_rows:
         # an int cache_seqlens is a plain value: its rotary rows are checked here, always
@@ -182,7 +193,7 @@ def kvcache_forward(
     most_keys = shape.capacity
     if check_values and max_keys is None:
         most_keys = check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            shape, keys_after(), cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
             q_positions=q_positions,
         )  # fmt: skip
     elif keys is not None:
@@ -192,7 +203,7 @@ def kvcache_forward(
         assert cache_seqlens is not None
         if rotary is not None:
             q, k = rotate(q, k, *rotary, cache_seqlens, positional_q, rotary_interleaved)
-        if _fused_append(shape, paged_gather):
+        if op_appends:
             k_new, v_new = k, v
         else:
             starts = cache_seqlens
@@ -239,7 +250,7 @@ def kvcache_forward(
     if verdict is not None and (bad := int(verdict.item())) != 0:
         # nothing was written: the values, read here, say which is wrong
         check_cache_values(
-            shape, seqused_k, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            shape, keys_after(), cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
             q_positions=q_positions,
         )  # fmt: skip
         _refused(bad)

@@ -222,27 +222,30 @@ def fwd_kv(
       pages_per_seq) int32: key j of entry b is row j % page_size of page
       block_table[b, j // page_size]; page_size a multiple of 16. The lengths
       come from seqused_k, else cu_seqlens_k, else max_seqlen_k.
-    seqused_k (batch,) int32: entry b has keys [0, seqused_k[b]) of its cache row
-    (it overrides cu_seqlens_k's lengths and seqlen_cache). leftpad_k (batch,)
-    int32, dense only: entry b's keys start at leftpad_k[b]; the masks and ALiBi
-    then see seqused_k[b] - leftpad_k[b] keys. max_seqlen_k bounds every entry's
-    key count (dense: seqlen_cache; paged: pages_per_seq * page_size).
+    seqused_k (batch,) int32: entry b has keys [0, seqused_k[b]) of its cache row,
+    or with k_new [0, seqused_k[b] + seqlen_new): seqused_k then counts the keys
+    before the append, as cache_seqlens does (it overrides cu_seqlens_k's lengths and
+    seqlen_cache). leftpad_k (batch,) int32, dense only: entry b's keys start at
+    leftpad_k[b]; the masks and ALiBi then see its keys less leftpad_k[b].
+    max_seqlen_k bounds every entry's key count (dense: seqlen_cache; paged:
+    pages_per_seq * page_size).
     num_splits: 0 lets the kernels choose, 1 never splits the keys, n > 1 splits
     them n ways (at most 128). The index tensors are int32 on q's device.
 
     k_new, v_new (batch, seqlen_new, nheads_k, d), both or neither, dense q, the caches'
     dtype: written into k and v in place (one kernel before the attention, or, where the
     sm_90 kernel reads the new rows from k_new / v_new itself, that kernel) as the last
-    seqlen_new keys of each entry: row i of entry b at key seqused_k[b] - seqlen_new + i
-    (seqused_k absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
+    seqlen_new keys of each entry: row i of entry b at key seqused_k[b] + i (seqused_k
+    absent: the row's capacity - seqlen_new + i) of its cache row or, paged,
     through block_table. A row whose key, cache row or page is out of range is skipped,
     whatever the values: nothing outside the caches is written.
 
     verdict (one int32 element in page-locked CPU memory): the index values are checked
     on the device before anything is written, and the call returns once that check is
-    done (not the attention). Valid: every entry's keys (seqused_k, else the lengths of
-    cu_seqlens_k, else the capacity) in [seqlen_new if seqused_k is given else 0,
-    max_keys] (max_keys < 0 or above the capacity: the capacity); kv_batch_idx in
+    done (not the attention). Valid: every entry's keys (seqused_k, plus seqlen_new with
+    k_new, else the lengths of cu_seqlens_k, else the capacity) in [seqlen_new if
+    seqused_k is given else 0, max_keys] (max_keys < 0 or above the capacity: the
+    capacity); kv_batch_idx in
     [0, dim 0 of k); leftpad_k in [0, keys]; the block_table entries of the pages the
     keys use in [0, num_pages). verdict[0] is then 0, or else nonzero (KV_BAD_* bits) and
     nothing was written: not the caches, not out or softmax_lse (undefined).

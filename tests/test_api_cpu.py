@@ -555,8 +555,12 @@ def _stub_fwd_kv(
     """The fwd_kv contract (flash_attn/_ops.py) written out: with a verdict, the index
     check first (nothing written on a bad value); k_new and v_new written into the
     caches row by row, then each sequence's keys gathered one by one, then the
-    reference attention over them."""
+    reference attention over them. With k_new, seqused_k counts the keys before the
+    append (kvcache_ref's helpers take the counts after it)."""
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    if k_new is not None and seqused_k is not None:
+        assert seqused_k.dtype == torch.int32 and seqused_k.device == q.device
+        seqused_k = seqused_k + k_new.shape[1]
     if verdict is not None:
         STUB.device_checks += 1
         assert verdict.dtype == torch.int32 and verdict.numel() == 1 and not verdict.is_cuda

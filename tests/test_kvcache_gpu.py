@@ -420,7 +420,8 @@ def test_the_device_check_reads_the_values_the_stream_holds(side_stream: bool, s
 # --- the fused append: fwd_kv with k_new and v_new, against its contract -------------
 #
 # kvcache_ref.append_ref is the contract written out (row i of entry b at key
-# seqused_k[b] - seqlen_new + i; rows out of range skipped). The caches after the op must
+# keys(b) - seqlen_new + i, keys(b) its count after the append, which the op takes as
+# seqused_k[b] + seqlen_new; rows out of range skipped). The caches after the op must
 # equal it bit for bit, and the op's output must be that of the op over those caches
 # without k_new, within rounding (the sm_90 prefill reads the new rows from k_new itself,
 # in key blocks that start at the first new key: another summation order).
@@ -476,8 +477,11 @@ def fwd_kv_call(
     from flash_attn import _ops
 
     q = c["q"] if q is None else q
+    seqused = c["seqused_k"]  # the keys after the append; with k_new the op takes those before
+    if appends:
+        seqused = seqused - c["k_new"].shape[1]
     return _ops.fwd_kv(
-        q, k_cache, v_cache, None, None, c["seqused_k"], c["batch_idx"], None, c["table"],
+        q, k_cache, v_cache, None, None, seqused, c["batch_idx"], None, c["table"],
         q.shape[1], c["capacity"], q.shape[-1] ** -0.5, -1, 0, 0.0, None, 0,
         c["k_new"] if appends else None, c["v_new"] if appends else None,
     )  # fmt: skip
@@ -522,6 +526,37 @@ def test_fused_append_matches_the_contract(
     assert torch.equal(c["k_cache"], k_ref), "k_cache differs from the contract's append"
     assert torch.equal(c["v_cache"], v_ref), "v_cache differs from the contract's append"
     out_ref, lse_ref = fwd_kv_call(c, k_ref.clone(), v_ref.clone(), appends=False)
+    assert torch.isfinite(out).all()
+    assert_same_attention(out, lse, out_ref, lse_ref)
+
+
+# (head_dim, nheads, nheads_k, new rows, query rows): on the sm_90 path each CTA of an
+# (entry, kv head) copies its slice of the new rows: 25 rows of 4 query heads' CTAs, 128 of
+# one head's at head dims 64 and 256, 1024 of the one query block of a short q.
+PREFILL_COPIES = [(128, 8, 2, 300, 300), (64, 4, 4, 256, 256), (256, 4, 4, 256, 256),
+                  (64, 2, 2, 1024, 128)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("head_dim", "nheads", "nheads_k", "seqlen_new", "seqlen_q"),
+                         PREFILL_COPIES, ids=["group4-d128", "group1-d64", "group1-d256",
+                                              "short-q-d64"])  # fmt: skip
+def test_prefill_append_across_shapes_matches_the_contract(
+    head_dim: int, nheads: int, nheads_k: int, seqlen_new: int, seqlen_q: int
+) -> None:
+    from test_split_kv_gpu import compiled
+
+    if not compiled(head_dim, torch.bfloat16):
+        pytest.skip(f"head dim {head_dim} not in this build")
+    c = make_append_case("batch_idx", 0, seqlen_new, False, torch.bfloat16, capacity=1536,
+                         batch=2, nheads=nheads, nheads_k=nheads_k, head_dim=head_dim)  # fmt: skip
+    q = c["q"][:, seqlen_new - seqlen_q :]
+    k_ref, v_ref = reference_caches(c)
+    repoison()
+    out, lse = fwd_kv_call(c, c["k_cache"], c["v_cache"], q=q)
+    torch.cuda.synchronize()
+    assert torch.equal(c["k_cache"], k_ref), "k_cache differs from the contract's append"
+    assert torch.equal(c["v_cache"], v_ref), "v_cache differs from the contract's append"
+    out_ref, lse_ref = fwd_kv_call(c, k_ref.clone(), v_ref.clone(), q=q, appends=False)
     assert torch.isfinite(out).all()
     assert_same_attention(out, lse, out_ref, lse_ref)
 

@@ -179,3 +179,65 @@ def test_kvcache_append_reads_after_the_kernel_before(dtype, paged, seqlen_new):
     else:
         got = k_cache[:, :keys]
     assert torch.equal(got, k_all), "the appended keys"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("seqlen_new", [1, 300])
+def test_kvcache_index_values_read_after_the_kernel_before(dtype, paged, seqlen_new):
+    """cache_seqlens (and block_table) written late: the call's first kernel is the index
+    check, itself a dependent launch, which reads them first; the kernels after it read
+    cache_seqlens as the key count before the append (they add seqlen_new). Read before
+    the writer's store, a value is NaN's bits (0x7FC07FC0): refused, or keys far out."""
+    ops()
+    if not compiled(128, dtype):
+        pytest.skip("head dim 128 not in this build")
+    import flash_attn
+
+    repoison()
+    torch.manual_seed(3)
+    batch, cap, h, hk, d, page = 3, 1024, 16, 4, 128, 16
+    cached = torch.tensor([700, 0, 1024 - seqlen_new], dtype=torch.int32, device="cuda")
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    q = randn(batch, seqlen_new, h, d)
+    k_new, v_new = randn(batch, seqlen_new, hk, d), randn(batch, seqlen_new, hk, d)
+    k_cache, v_cache = randn(batch, cap, hk, d), randn(batch, cap, hk, d)
+    k_all = [torch.cat([k_cache[b, : int(n)], k_new[b]]) for b, n in enumerate(cached.tolist())]
+    v_all = [torch.cat([v_cache[b, : int(n)], v_new[b]]) for b, n in enumerate(cached.tolist())]
+    refs = [references(q[b : b + 1], k_all[b][None], v_all[b][None], causal=True)
+            for b in range(batch)]  # fmt: skip
+    table = None
+    if paged:
+        per_seq = cap // page
+        table = torch.randperm(batch * per_seq, device="cuda").view(batch, per_seq).to(torch.int32)
+        pool_k = torch.empty(batch * per_seq, page, hk, d, device="cuda", dtype=dtype)
+        pool_v = torch.empty_like(pool_k)
+        pool_k[table.long().view(-1)] = k_cache.view(batch * per_seq, page, hk, d)
+        pool_v[table.long().view(-1)] = v_cache.view(batch * per_seq, page, hk, d)
+        k_cache, v_cache = pool_k, pool_v
+
+    def call(seqlens, tbl, kc, vc):
+        return flash_attn.flash_attn_with_kvcache(
+            q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=tbl, causal=True
+        )
+
+    warm_up(lambda: call(cached, table, k_cache.clone(), v_cache.clone()))
+    # the index values as bf16 pairs of the late writer's buffer (it copies 32-bit words)
+    late = [cached] if table is None else [table, cached]
+    got = written_late(*(t.view(dtype) for t in late))
+    seqlens2 = got[-1].view(torch.int32)
+    table2 = None if table is None else got[0].view(torch.int32)
+    out = call(seqlens2, table2, k_cache, v_cache)
+    for b in range(batch):
+        check(f"kvcache index values paged={paged} seqlen_new={seqlen_new} entry {b}",
+              out[b : b + 1], *refs[b])  # fmt: skip
+        keys = int(cached[b]) + seqlen_new
+        if paged:
+            rows = table.long()[b, :, None] * page + torch.arange(page, device="cuda")
+            stored = k_cache.view(-1, hk, d)[rows.view(-1)][:keys]
+        else:
+            stored = k_cache[b, :keys]
+        assert torch.equal(stored, k_all[b]), f"the appended keys of entry {b}"

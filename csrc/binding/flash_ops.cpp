@@ -291,6 +291,8 @@ AppendRows prepare_append(const FlashAttnParams &p, const Tensor &k, const Tenso
   a.cache_rows = k.size(0);
   a.capacity = p.seqlen_k;  // dense: seqlen_cache; paged: pages_per_seq * page_size
   a.seqused_k = p.seqused_k;
+  // fwd_kv's seqused_k counts the keys before the append: the kernels add seqlen_new
+  a.seqused_k_add = p.seqused_k != nullptr ? a.seqlen_new : 0;
   a.kv_batch_idx = p.kv_batch_idx;
   a.block_table = p.block_table;
   a.block_table_batch_stride = p.block_table_batch_stride;
@@ -391,7 +393,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   p.num_splits = static_cast<int>(num_splits);
   set_dropout(p, dropout_p, rng_state, q);
   std::optional<AppendRows> append;
-  if (cache.appends()) append.emplace(prepare_append(p, k_in, v_in, cu_q, cache));
+  if (cache.appends()) {
+    append.emplace(prepare_append(p, k_in, v_in, cu_q, cache));
+    p.seqused_k_add = append->a.seqused_k_add;
+  }
   std::optional<DeviceCheck> check;
   if (verdict.has_value()) {
     check.emplace(p, q, k_in, *verdict, max_keys, append ? int64_t(append->a.seqlen_new) : 0);
@@ -441,9 +446,10 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, OptTensor cu_q, Opt
 // The forward over a KV cache: dense (optionally with kv_batch_idx / leftpad_k),
 // varlen, or paged through block_table; seqused_k gives each entry's key count. With
 // k_new and v_new (batch, seqlen_new, nheads_k, head_dim) it first writes them into the
-// caches k and v in place, as the last seqlen_new of each entry's keys. With verdict (a
-// page-locked int32 CPU tensor of one element) the index values are checked on the device
-// first, every key count against [seqlen_new if seqused_k is given else 0, max_keys]
+// caches k and v in place, as the last seqlen_new of each entry's keys; seqused_k then
+// counts the keys before them (cache_seqlens: entry b has seqused_k[b] + seqlen_new). With
+// verdict (a page-locked int32 CPU tensor of one element) the index values are checked on
+// the device first, every key count against [seqlen_new if seqused_k is given else 0, max_keys]
 // (max_keys < 0: the capacity); on a bad value nothing is written (out and softmax_lse
 // are then undefined) and verdict[0] gets FLASH_KV_BAD_* bits, else 0. The call returns
 // once the verdict is in, without waiting for the attention.

@@ -23,7 +23,7 @@ struct AppendSlot {
 };
 
 __device__ __forceinline__ AppendSlot append_slot(const FlashAppendKvParams &p, int b, int i) {
-  const int64_t keys = p.seqused_k != nullptr ? int64_t(p.seqused_k[b]) : p.capacity;
+  const int64_t keys = p.seqused_k != nullptr ? int64_t(p.seqused_k[b]) + p.seqused_k_add : p.capacity;
   const int64_t pos = keys - p.seqlen_new + i;
   if (pos < 0 || pos >= p.capacity) return {0, 0, true};
   if (p.block_table != nullptr) {

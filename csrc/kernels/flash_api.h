@@ -73,10 +73,14 @@ typedef struct FlashAttnParams {
   int num_sms;                      /* set by flash_attn_fwd_plan for the split kernel */
 
   /* KV cache (forward only; NULL when unused). Index arrays are int32 (batch). */
-  const int *seqused_k;             /* entry b has keys [0, seqused_k[b]) of its cache row */
+  const int *seqused_k;             /* entry b has keys [0, seqused_k[b] + seqused_k_add) of
+                                       its cache row */
+  int seqused_k_add;                /* added to every seqused_k[b]: a KV-cache forward that
+                                       appends passes cache_seqlens and seqlen_new here, so
+                                       no kernel of its own adds them first */
   const int *kv_batch_idx;          /* dense k/v: the cache row (k batch index) of entry b */
   const int *leftpad_k;             /* dense k/v: entry b's keys start at leftpad_k[b]; the
-                                       masks and ALiBi see seqused_k[b] - leftpad_k[b] keys */
+                                       masks and ALiBi see its keys less leftpad_k[b] */
   const int *block_table;           /* paged k/v (num_pages, page_size, nheads_k, head_dim),
                                        the k/v batch strides being the page strides: key j of
                                        entry b is row j % page_size of page
@@ -140,8 +144,8 @@ int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch
 
 /* The append of a KV-cache forward (fwd_kv with k_new / v_new): row i of entry b of
  * k_new and v_new (batch, seqlen_new, nheads_k, head_dim) is copied to key position
- * pos = keys(b) - seqlen_new + i of entry b's cache row, where keys(b) is seqused_k[b]
- * (or capacity when seqused_k is NULL). Dense caches (cache_rows, capacity, nheads_k,
+ * pos = keys(b) - seqlen_new + i of entry b's cache row, where keys(b) is seqused_k[b] +
+ * seqused_k_add (or capacity when seqused_k is NULL). Dense caches (cache_rows, capacity, nheads_k,
  * head_dim): row kv_batch_idx[b] (or b), key pos. Paged caches (cache_rows = num_pages,
  * page_size, nheads_k, head_dim): row pos % page_size of page
  * block_table[b * block_table_batch_stride + pos / page_size], capacity being
@@ -160,6 +164,7 @@ typedef struct FlashAppendKvParams {
   int64_t cache_rows;               /* dim 0 of the caches: rows (dense) or pages (paged) */
   int64_t capacity;                 /* keys a cache row holds */
   const int *seqused_k;             /* (batch) int32, or NULL */
+  int seqused_k_add;                /* as FlashAttnParams.seqused_k_add */
   const int *kv_batch_idx;          /* dense: (batch) int32, or NULL */
   const int *block_table;           /* paged: int32, or NULL for a dense cache */
   int64_t block_table_batch_stride;
@@ -175,7 +180,8 @@ int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream);
 /* The index check of a KV-cache forward, made on the device so that the caller need not
  * wait for the values before launching (flash_attn_with_kvcache's checked call):
  * flash_attn_kv_check launches one small kernel that reads every index value of params
- * (seqused_k, or the lengths of cu_seqlens_k, else seqlen_k for every entry: the keys;
+ * (seqused_k + seqused_k_add, or the lengths of cu_seqlens_k, else seqlen_k for every
+ * entry: the keys;
  * kv_batch_idx, leftpad_k, and the block_table entries of the pages the keys use) and
  * writes the verdict, 0 or FLASH_KV_BAD_* bits, to *flag (device) and *verdict (host).
  * Valid: keys in [min_keys, max_keys]; kv_batch_idx in [0, cache_rows); leftpad_k in

@@ -3,7 +3,10 @@
 // which the call's kernels read first (call_aborted, tile.cuh: nonzero, they return
 // before writing anything), and to host memory, which the caller waits on. The caller so
 // launches the whole call before it knows the values, instead of waiting for them (a
-// device sync) and then launching. Included by dispatch.cu alone.
+// device sync) and then launching. The check goes out as a programmatic dependent launch
+// (where the device takes them) and lets the call's first kernel, itself one, be placed
+// as it starts: that kernel's CTAs wait in call_aborted until the check has finished, so
+// neither launch leaves the GPU idle. Included by dispatch.cu alone.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,7 +19,7 @@ namespace flash {
 
 // Entry b's keys as the forward reads them.
 __device__ __forceinline__ int64_t checked_keys(const FlashAttnParams &p, int b) {
-  if (p.seqused_k != nullptr) return p.seqused_k[b];
+  if (p.seqused_k != nullptr) return int64_t(p.seqused_k[b]) + p.seqused_k_add;
   if (p.cu_seqlens_k != nullptr) return int64_t(p.cu_seqlens_k[b + 1]) - p.cu_seqlens_k[b];
   return p.seqlen_k;
 }
@@ -26,6 +29,8 @@ constexpr int kCheckThreads = 512;
 __global__ void __launch_bounds__(kCheckThreads) kv_check_kernel(const FlashAttnParams p,
                                                                  const FlashKvCheck c) {
   __shared__ int verdict;
+  wait_prior_grid();   // it may have written the index values (a dependent launch)
+  allow_dependents();  // the call's kernels may be placed now; they wait for this grid
   if (threadIdx.x == 0) verdict = 0;
   __syncthreads();
   int bad = 0;
@@ -71,8 +76,21 @@ inline int launch_kv_check(const FlashAttnParams &p, const FlashKvCheck &c, cuda
   }
   dc.verdict = static_cast<volatile int *>(device_view);
   *c.verdict = -1;
-  kv_check_kernel<<<1, kCheckThreads, 0, stream>>>(p, dc);
-  e = cudaGetLastError();
+  if (newest_built_arch() >= 900 && device_has_pdl()) {  // as launch() (tile.cuh) decides
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(1);
+    cfg.blockDim = dim3(kCheckThreads);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    e = cudaLaunchKernelEx(&cfg, kv_check_kernel, p, dc);
+  } else {
+    kv_check_kernel<<<1, kCheckThreads, 0, stream>>>(p, dc);
+    e = cudaGetLastError();
+  }
   if (e != cudaSuccess) {
     set_cuda_error(e);
     return FLASH_ERR_CUDA;

@@ -54,7 +54,7 @@ struct SeqInfoT {
     }
     if constexpr (kKvCache) {
       if (p.kv_batch_idx != nullptr) kb = p.kv_batch_idx[b];
-      if (p.seqused_k != nullptr) sk = p.seqused_k[b];
+      if (p.seqused_k != nullptr) sk = p.seqused_k[b] + p.seqused_k_add;
       if (p.leftpad_k != nullptr) {
         const int pad = p.leftpad_k[b];
         k_start += pad;
@@ -413,16 +413,21 @@ __device__ __forceinline__ void zero(float (&acc)[NT][4]) {
 // Records a CUDA error for flash_last_cuda_error() (dispatch.cu).
 void set_cuda_error(cudaError_t e);
 
-// The first step of every forward kernel: wait for the grid before it on the stream
-// (a no-op unless this grid went out as a programmatic dependent launch, launch() with
-// dependent: its CTAs may start while that grid ends, and read nothing before this;
-// code built for archs before sm_90 alone has no wait and launches plainly),
-// then say whether an index check earlier on the stream (kv_check.cuh) refused this
-// call's values: then every kernel of the call returns before writing anything.
-__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+// Waits for the grid before this one on the stream to finish and its writes to be
+// visible: a no-op unless this grid went out as a programmatic dependent launch (launch()
+// with dependent: its CTAs may start while that grid ends, and read nothing before this;
+// code built for archs before sm_90 alone has no wait and launches plainly).
+__device__ __forceinline__ void wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+// The first step of every forward kernel: wait_prior_grid, then say whether an index
+// check earlier on the stream (kv_check.cuh) refused this call's values: then every
+// kernel of the call returns before writing anything.
+__device__ __forceinline__ bool call_aborted(const int *abort_flag) {
+  wait_prior_grid();
   return abort_flag != nullptr && *abort_flag != 0;
 }
 
