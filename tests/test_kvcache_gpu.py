@@ -515,7 +515,11 @@ APPEND_LAYOUTS = [("dense", 0), ("batch_idx", 0), ("paged", 16), ("paged", 256)]
 def test_fused_append_matches_the_contract(
     layout: str, page_size: int, seqlen_new: int, odd_layouts: bool
 ) -> None:
+    from test_split_kv_gpu import compiled
+
     dtype = torch.float16 if odd_layouts else torch.bfloat16
+    if not compiled(128, dtype):  # (the op is called directly: no KernelNotBuiltError)
+        pytest.skip(f"head dim 128 / {dtype} not in this build")
     c = make_append_case(layout, page_size, seqlen_new, odd_layouts, dtype)
     k_ref, v_ref = reference_caches(c)
     k_before = c["k_cache"].clone()
@@ -729,6 +733,27 @@ def test_flash_attn_with_kvcache_writes_nothing_outside_the_cache(
             n = buffer.numel() - 4 * row
             assert torch.equal(buffer[: 2 * row], before[: 2 * row]), name
             assert torch.equal(buffer[2 * row + n :], before[2 * row + n :]), name
+
+
+def test_a_call_this_build_has_no_kernel_for_appends_nothing() -> None:
+    """The op plans the attention before it launches anything: with no kernel for the
+    dtype, even the append that must run first (caches the kernels read as a copy) does
+    not. Runs on a build that lacks a dtype (else skips: every call has its kernel)."""
+    from test_split_kv_gpu import compiled
+
+    from flash_attn import _ops
+
+    missing = [dt for dt in (torch.float16, torch.bfloat16) if not compiled(64, dt)]
+    if not missing:
+        pytest.skip("this build has a forward kernel for every dtype")
+    c = make_append_case("dense", 0, 4, True, missing[0])  # odd layouts: appended first
+    k_before, v_before = c["k_cache"].clone(), c["v_cache"].clone()
+    seqused = c["seqused_k"] - 4  # the keys before the append, as the op takes them
+    with pytest.raises(RuntimeError, match="this build has no forward kernel"):
+        _ops.fwd_kv(c["q"], c["k_cache"], c["v_cache"], None, None, seqused, None, None, None, 4,
+                    512, 0.1, -1, 0, 0.0, None, 0, c["k_new"], c["v_new"])  # fmt: skip
+    torch.cuda.synchronize()
+    assert torch.equal(c["k_cache"], k_before) and torch.equal(c["v_cache"], v_before)
 
 
 @pytest.mark.parametrize(

@@ -357,11 +357,22 @@ class DeviceCheck {
   const volatile int *verdict_ = nullptr;
 };
 
-// Plans the launch (split kernel or not, how many splits), allocates the split
-// workspace it asks for and runs the forward.
-void run_forward(FlashAttnParams &p, const Tensor &q) {
+// The launch's plan (split kernel or not, how many splits) and the split workspace it
+// asks for, in floats; made before anything of the call is launched, so that a call this
+// build has no kernel for fails before it writes anything.
+struct ForwardPlan {
   int64_t oaccum_floats = 0, lse_accum_floats = 0;
-  raise_on_error(flash_attn_fwd_plan(&p, &oaccum_floats, &lse_accum_floats), p, "forward");
+};
+
+ForwardPlan plan_forward(FlashAttnParams &p) {
+  ForwardPlan plan;
+  raise_on_error(flash_attn_fwd_plan(&p, &plan.oaccum_floats, &plan.lse_accum_floats), p, "forward");
+  return plan;
+}
+
+// Allocates the split workspace the plan asks for and runs the forward.
+void run_forward(FlashAttnParams &p, const ForwardPlan &plan, const Tensor &q) {
+  const int64_t oaccum_floats = plan.oaccum_floats, lse_accum_floats = plan.lse_accum_floats;
   // One allocation for both (a decode step pays for each); freed after the launch,
   // stream-ordered. oaccum comes first: head_dim is a multiple of 8, so lse_accum stays
   // 32-byte aligned behind it.
@@ -392,6 +403,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
       make_params(q, k_in, v_in, cu_q, cu_k, max_sq, max_sk, scale, left, right, softcap, alibi, cache);
   p.num_splits = static_cast<int>(num_splits);
   set_dropout(p, dropout_p, rng_state, q);
+  const bool varlen = cu_q.has_value();
+  p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
+  // (no plan for no queries: no attention runs, only an append where given)
+  const ForwardPlan plan = q.numel() > 0 ? plan_forward(p) : ForwardPlan{};
   std::optional<AppendRows> append;
   if (cache.appends()) {
     append.emplace(prepare_append(p, k_in, v_in, cu_q, cache));
@@ -411,7 +426,6 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
     }
   }
   const Tensor k = kernel_ready(k_in), v = kernel_ready(v_in);
-  const bool varlen = cu_q.has_value();
   Tensor out = fa::empty_like_device(q, fa::shape(q), fa::dtype(q));
   Tensor lse = fa::empty_like_device(q, lse_shape(q, p, varlen), ScalarType::Float);
   p.q = q.data_ptr();
@@ -424,12 +438,11 @@ std::tuple<Tensor, Tensor> forward(const Tensor &q_in, const Tensor &k_in, const
   SET_STRIDES(p, v, v, k_rows);
   SET_STRIDES(p, o, out, varlen);
   set_lse(p, lse, varlen);
-  p.total_q = static_cast<int>(varlen ? q.size(0) : q.size(0) * q.size(1));
   if (q.numel() == 0) {
     fa::fill(lse, INFINITY);
     if (p.append_kv != nullptr) launch_append(*append, q, p.abort_flag);
   } else {
-    run_forward(p, q);
+    run_forward(p, plan, q);
   }
   if (check) check->wait();
   return {out, lse};
