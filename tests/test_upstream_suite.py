@@ -7,6 +7,7 @@ subprocesses, the way the tool runs upstream's file on the GPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -296,12 +297,40 @@ def test_classify_exclusion_wins_then_always_then_sample() -> None:
         ('[[exclude]]\nwhy = "w"\ntests = ["x"]\n', "missing key 'feature'"),
         ('[[stand_in]]\nname = "toplevel"\nfeature = "F"\nwhy = "w"\n', "not a dotted"),
         ('[[stand_in]]\nname = "a.b"\nfeature = "F"\nwhy = "w"\nvalue = [1]\n', "value must"),
-        ("[extra]\n", "unknown key 'extra'; valid: exclude, paths, stand_in, suite"),
+        ("[extra]\n", "unknown key 'extra'; valid: exclude, heavy, paths, stand_in, suite"),
+        ('[[heavy]]\nwhy = "w"\nworkers = 2\n', "[[heavy]] #1 names neither tests nor where"),
+        ('[[heavy]]\nwhy = "w"\nworkers = 0\ntests = ["x"]\n', "workers must be an integer >= 1"),
+        ('[[heavy]]\nwhy = "w"\nworkers = true\ntests = ["x"]\n', ">= 1; got True"),
+        ('[[heavy]]\nwhy = "w"\ntests = ["x"]\n', "missing key 'workers'"),
     ],
 )
 def test_bad_config_is_rejected_with_the_value_and_what_is_valid(body: str, message: str) -> None:
     with pytest.raises(rules.ConfigError, match=re.escape(message)):
         _config(body)
+
+
+def test_heavy_entries_name_cases_and_the_fewest_workers() -> None:
+    config = _config(
+        """\
+        [[heavy]]
+        why = "long caches"
+        workers = 3
+        tests = ["test_kv*"]
+        where = ["seqlen_k >= 1000"]
+
+        [[heavy]]
+        why = "wide heads"
+        workers = 2
+        where = ["d == 256"]
+        """
+    )
+    assert rules.heavy_workers(config) == 2
+    assert rules.heavy_workers(_config("")) is None
+    assert rules.is_heavy(config, "test_kvcache", {"seqlen_k": 4096, "d": 64})
+    assert not rules.is_heavy(config, "test_kvcache", {"seqlen_k": 512, "d": 64})
+    assert not rules.is_heavy(config, "test_other", {"seqlen_k": 4096, "d": 64})
+    assert rules.is_heavy(config, "test_other", {"d": 256})
+    assert not rules.is_heavy(config, "test_other", {})  # no such parameter: no match
 
 
 def test_unknown_path_names_the_valid_ones() -> None:
@@ -319,6 +348,7 @@ def test_the_project_config_is_consistent() -> None:
             assert s.feature in features, s.target
     assert config.paths and all(p.env for p in config.paths)
     assert len(set(config.always)) == len(config.always)
+    assert all(h.tests for h in config.heavy)  # each names the tests it is about
 
 
 # ------------------------------------------------------------------ the plugin
@@ -371,6 +401,47 @@ def test_plugin_selects_excludes_and_records(synth: Path) -> None:
             in (ran["test_calls_stand_in"]["longrepr"])
         )
         assert "[[exclude]]" in ran["test_calls_stand_in"]["longrepr"]
+
+
+def test_plugin_runs_the_light_or_the_heavy_part(synth: Path) -> None:
+    """--upstream-part: of the same selection, the cases no [[heavy]] entry names, or
+    only those; the selection report is the whole selection either way."""
+    config = synth / "heavy.toml"
+    config.write_text(
+        (synth / "suite.toml").read_text()
+        + '\n[[heavy]]\nwhy = "big"\nworkers = 1\ntests = ["test_alpha"]\nwhere = ["x >= 20"]\n'
+    )
+    _, sel_all, res_all = run_plugin(synth, config=config)
+    _, sel_light, res_light = run_plugin(synth, "--upstream-part", "light", config=config)
+    _, sel_heavy, res_heavy = run_plugin(synth, "--upstream-part", "heavy", config=config)
+    assert sel_all is not None and sel_light is not None and sel_heavy is not None
+    ran = {
+        part: {r["nodeid"].split("::")[1] for r in res if r["when"] == "call"}
+        for part, res in (("all", res_all), ("light", res_light), ("heavy", res_heavy))
+    }
+    alpha = [k for k in ran["all"] if k.startswith("test_alpha[")]
+    heavy = {k for k in alpha if int(k.removeprefix("test_alpha[").split("-")[0]) >= 20}
+    assert heavy and ran["heavy"] == heavy
+    assert ran["light"] == ran["all"] - heavy
+    assert sel_all["selected_ids"] == sel_light["selected_ids"] == sel_heavy["selected_ids"]
+    assert sel_all["selected_heavy"] == len(heavy)
+
+
+def test_plugin_appends_to_the_results_of_a_pass_before(synth: Path) -> None:
+    _, _, first = run_plugin(synth, "-k", "test_alpha")
+    res = synth / "res.jsonl"
+    kept = res.read_text()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TOOLS), str(synth)]))
+    cmd = [sys.executable, "-m", "pytest", "test_synth.py", "-p", "upstream_select", "-p",
+           "no:cacheprovider", "--rootdir", str(synth), "-c", os.devnull, "--upstream-config",
+           str(synth / "suite.toml"), "--upstream-results", str(res),
+           "--upstream-results-append", "-k", "test_always"]  # fmt: skip
+    subprocess.run(cmd, cwd=synth, env=env, capture_output=True, text=True, timeout=300)
+    text = res.read_text()
+    assert first and text.startswith(kept)
+    assert {json.loads(line)["nodeid"] for line in text.splitlines()} == {
+        *(r["nodeid"] for r in first), *(f"test_synth.py::test_always[{k}]" for k in "uvwyz")
+    }
 
 
 def test_stand_in_that_raises_names_the_missing_exclusion(synth: Path) -> None:
@@ -653,6 +724,61 @@ def test_tool_stops_a_path_past_its_budget(tmp_path: Path) -> None:
     assert rc == 1 and path["cut_short"].startswith("stopped after")
     assert path["seconds"] < 90
     assert path["passed"] + path["not_run"] + path["failed"] == 2
+
+
+def _options(**changes: Any) -> upstream_suite.RunOptions:
+    options = upstream_suite.RunOptions(
+        paths=(), sample=None, always=None, workers=8, out=Path("out"), config=Path("c.toml"),
+        upstream_dir=Path("up"), collect_only=False, assume_capability="", budget_s=0.0,
+        timeout_s=0.0, tb="short", show_failing=5, python=sys.executable, pytest_args=(),
+    )  # fmt: skip
+    return dataclasses.replace(options, **changes)
+
+
+def test_heavy_cases_get_a_pass_of_their_own_with_fewer_workers() -> None:
+    heavy = _config('[[heavy]]\nwhy = "w"\nworkers = 2\ntests = ["test_kv*"]\n')
+    assert upstream_suite.passes(_options(), heavy) == [("light", 8), ("heavy", 2)]
+    assert upstream_suite.passes(_options(workers=2), heavy) == [("all", 2)]
+    assert upstream_suite.passes(_options(workers=0), heavy) == [("all", 0)]
+    assert upstream_suite.passes(_options(collect_only=True), heavy) == [("all", 8)]
+    assert upstream_suite.passes(_options(), _config("")) == [("all", 8)]
+    files = {"selection": Path("s.json"), "results": Path("r.jsonl")}
+    light = upstream_suite.pytest_command(_options(), Path("t.py"), files, "light", 8)
+    second = upstream_suite.pytest_command(_options(), Path("t.py"), files, "heavy", 2, append=True)
+    assert light[light.index("--upstream-part") + 1] == "light" and "-n" in light
+    assert "--upstream-results-append" not in light
+    assert second[second.index("-n") + 1] == "2" and "--upstream-results-append" in second
+    plain = upstream_suite.pytest_command(_options(workers=0), Path("t.py"), files)
+    assert "--upstream-part" not in plain and "-n" not in plain
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "combined"),
+    [(None, 0, 0), (0, 5, 0), (5, 1, 1), (1, 5, 1), (0, 1, 1), (1, 0, 1), (2, 1, 2), (5, 5, 5)],
+)
+def test_the_exit_status_of_two_passes_is_the_worse(first, second, combined) -> None:
+    assert upstream_suite.combine_exits(first, second) == combined
+
+
+def test_tool_runs_the_heavy_cases_apart(tmp_path: Path) -> None:
+    """Two passes into one results file and one summary (needs pytest-xdist: the light
+    pass runs on more workers than the heavy one)."""
+    pytest.importorskip("xdist")
+    updir = tmp_path / "up"
+    updir.mkdir()
+    (updir / "test_synth.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('n', range(6))\n"
+        "def test_always(n):\n    assert n != 4\n"
+    )
+    write_config(tmp_path / "suite.toml", '[[heavy]]\nwhy = "w"\nworkers = 1\n'
+                 'tests = ["test_always"]\nwhere = ["n >= 3"]\n')  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--paths", "a", "--config", str(tmp_path / "suite.toml"), "--upstream", str(updir)]
+    rc = upstream_suite.main([*argv, "--assume-capability", "", "--out", str(out), "-n", "2"])
+    path = json.loads((out / "upstream-summary.json").read_text())["paths"]["a"]
+    assert rc == 1 and (path["passed"], path["failed"], path["not_run"]) == (5, 1, 0)
+    log = (out / "upstream-a.log").read_text()
+    assert "--upstream-part light" in log and "--upstream-part heavy" in log
 
 
 def test_tool_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

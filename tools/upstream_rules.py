@@ -29,7 +29,9 @@ import tomllib
 __all__ = [
     "Clause",
     "ConfigError",
+    "CaseMatch",
     "Exclusion",
+    "Heavy",
     "KernelPath",
     "StandIn",
     "SuiteConfig",
@@ -38,8 +40,10 @@ __all__ = [
     "classify",
     "excluded_by",
     "excludes_whole",
+    "heavy_workers",
     "in_sample",
     "is_always",
+    "is_heavy",
     "load_config",
     "parse_clause",
     "parse_config",
@@ -85,16 +89,12 @@ class Clause:
         return {">": a > b, ">=": a >= b, "<": a < b, "<=": a <= b}[self.op]
 
 
-@dataclass(frozen=True)
-class Exclusion:
-    """Cases removed because our flash_attn lacks ``feature``.
+@dataclass(frozen=True, kw_only=True)
+class CaseMatch:
+    """The cases an entry of the config names: those whose test function's name matches
+    one of ``tests`` (fnmatch patterns; none given: every test) and for which every
+    clause of ``where`` holds."""
 
-    A case matches when its test function's name matches one of ``tests`` (fnmatch
-    patterns; none given: every test) and every clause of ``where`` holds.
-    """
-
-    feature: str
-    why: str
     tests: tuple[str, ...]
     where: tuple[Clause, ...]
 
@@ -111,6 +111,24 @@ class Exclusion:
         tests = ", ".join(self.tests) if self.tests else "every test"
         where = " and ".join(c.text for c in self.where)
         return f"{tests}" + (f" where {where}" if where else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exclusion(CaseMatch):
+    """Cases removed because our flash_attn lacks ``feature``."""
+
+    feature: str
+    why: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heavy(CaseMatch):
+    """Cases that each hold much GPU memory (upstream's reference over a long cache):
+    the tool runs them in a pass of their own with at most ``workers`` pytest-xdist
+    workers, so that a wide run's workers do not run out of GPU memory together."""
+
+    why: str
+    workers: int
 
 
 @dataclass(frozen=True)
@@ -153,6 +171,7 @@ class SuiteConfig:
     paths: tuple[KernelPath, ...]
     exclusions: tuple[Exclusion, ...]
     stand_ins: tuple[StandIn, ...]
+    heavy: tuple[Heavy, ...] = ()
 
     def path(self, name: str) -> KernelPath:
         for p in self.paths:
@@ -224,6 +243,17 @@ def excludes_whole(config: SuiteConfig, test_name: str) -> bool:
     return any(not e.where for e in relevant_exclusions(config, test_name))
 
 
+def is_heavy(config: SuiteConfig, test_name: str, params: Mapping[str, object]) -> bool:
+    """Whether a [[heavy]] entry names the case."""
+    return any(h.matches(test_name, params) for h in config.heavy)
+
+
+def heavy_workers(config: SuiteConfig) -> int | None:
+    """The workers a pass of the heavy cases may have: the fewest any entry allows
+    (None: no entry)."""
+    return min((h.workers for h in config.heavy), default=None)
+
+
 def is_always(config: SuiteConfig, test_name: str) -> bool:
     return any(fnmatch.fnmatchcase(test_name, p) for p in config.always)
 
@@ -275,7 +305,9 @@ def load_config(path: Path) -> SuiteConfig:
 
 
 def parse_config(data: Mapping[str, object]) -> SuiteConfig:
-    _check_keys("the file", data, required={"suite", "paths"}, optional={"exclude", "stand_in"})
+    _check_keys(
+        "the file", data, required={"suite", "paths"}, optional={"exclude", "stand_in", "heavy"}
+    )
     suite = _table(data["suite"], "[suite]")
     _check_keys("[suite]", suite, required={"file", "sample", "always"}, optional=set())
     paths = _table(data["paths"], "[paths]")
@@ -293,6 +325,10 @@ def parse_config(data: Mapping[str, object]) -> SuiteConfig:
         stand_ins=tuple(
             _stand_in(_table(s, "[[stand_in]]"), i)
             for i, s in enumerate(_array(data.get("stand_in", []), "[[stand_in]]"))
+        ),
+        heavy=tuple(
+            _heavy(_table(h, "[[heavy]]"), i)
+            for i, h in enumerate(_array(data.get("heavy", []), "[[heavy]]"))
         ),
     )
 
@@ -323,6 +359,23 @@ def _exclusion(entry: Mapping[str, object], index: int) -> Exclusion:
             "it would exclude every case"
         )
     return exclusion
+
+
+def _heavy(entry: Mapping[str, object], index: int) -> Heavy:
+    where = f"[[heavy]] #{index + 1}"
+    _check_keys(where, entry, required={"why", "workers"}, optional={"tests", "where"})
+    workers = entry["workers"]
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"{where} workers must be an integer >= 1; got {workers!r}")
+    heavy = Heavy(
+        why=_string(entry["why"], f"{where} why"),
+        workers=workers,
+        tests=_strings(entry.get("tests", []), f"{where} tests"),
+        where=tuple(parse_clause(c) for c in _strings(entry.get("where", []), f"{where} where")),
+    )
+    if not heavy.tests and not heavy.where:
+        raise ConfigError(f"{where} names neither tests nor where: it would make every case heavy")
+    return heavy
 
 
 def _stand_in(entry: Mapping[str, object], index: int) -> StandIn:

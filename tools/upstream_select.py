@@ -6,7 +6,10 @@ inactive unless ``--upstream-config`` is given. It
 * binds the [[stand_in]] names of the config that our flash_attn lacks, before
   collection, so that upstream's module imports (see recipes/upstream_suite.toml);
 * keeps, of the collected cases, those upstream_rules.classify selects (the always
-  list and the 1-in-N sample, minus the exclusions) and deselects the rest;
+  list and the 1-in-N sample, minus the exclusions) and deselects the rest; with
+  ``--upstream-part light`` or ``heavy`` it keeps only the selected cases that no
+  [[heavy]] entry names, or only those (the tool runs the two with different numbers
+  of workers);
 * writes the selection (counts, per feature, per test, the ids) as JSON
   (``--upstream-selection``) and each case's outcome, as it comes, as JSON lines
   (``--upstream-results``), so a run cut short still leaves what it did.
@@ -46,10 +49,12 @@ from upstream_rules import (  # noqa: E402
     check_sample,
     classify,
     excludes_whole,
+    is_heavy,
     load_config,
     relevant_exclusions,
 )
 
+PARTS = ("all", "light", "heavy")
 CONFIG_KEY = pytest.StashKey[SuiteConfig]()
 STATE_KEY = pytest.StashKey[dict[str, Any]]()
 # What the results file keeps of a failure: the report's tail (pytest's --tb style) and
@@ -84,6 +89,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--upstream-selection", help="write the selection as JSON to this file")
     group.addoption("--upstream-results", help="append each case's outcome (JSON lines) here")
+    group.addoption(
+        "--upstream-results-append",
+        action="store_true",
+        help="keep what --upstream-results already holds (a second pass of the same run)",
+    )
+    group.addoption(
+        "--upstream-part",
+        choices=PARTS,
+        default="all",
+        help="of the selected cases, run all, only those no [[heavy]] entry names (light), "
+        "or only those (heavy)",
+    )
     group.addoption(
         "--upstream-detailed-failures",
         type=int,
@@ -169,14 +186,24 @@ def pytest_collection_modifyitems(
     verdicts = [
         (item, classify(suite, _test_name(item), item.nodeid, _params(item), n)) for item in items
     ]
-    selected = [item for item, v in verdicts if v.selected]
-    deselected = [item for item, v in verdicts if not v.selected]
+    part = config.getoption("upstream_part")
+    heavy = {item.nodeid for item, v in verdicts
+             if v.selected and is_heavy(suite, _test_name(item), _params(item))}  # fmt: skip
+    keep = [
+        item
+        for item, v in verdicts
+        if v.selected and (part == "all" or (item.nodeid in heavy) == (part == "heavy"))
+    ]
+    kept = {item.nodeid for item in keep}
+    deselected = [item for item in items if item.nodeid not in kept]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-    items[:] = selected
+    items[:] = keep
     target = config.getoption("upstream_selection")
     if target and _is_first_worker(config):
+        # the whole selection, whichever part runs (each pass writes the same report)
         report = selection_report(suite, n, verdicts, config.stash[STATE_KEY])
+        report["selected_heavy"] = len(heavy)
         Path(target).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 
@@ -218,7 +245,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if CONFIG_KEY in config.stash and target and not hasattr(config, "workerinput"):
         _detail_limit = config.getoption("upstream_detailed_failures")
         _results_path = Path(target)
-        _results_path.write_text("", encoding="utf-8")
+        if not config.getoption("upstream_results_append"):
+            _results_path.write_text("", encoding="utf-8")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -43,7 +43,13 @@ if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
 from upstream_results import PathSummary, summarize  # noqa: E402
-from upstream_rules import ConfigError, KernelPath, SuiteConfig, load_config  # noqa: E402
+from upstream_rules import (  # noqa: E402
+    ConfigError,
+    KernelPath,
+    SuiteConfig,
+    heavy_workers,
+    load_config,
+)
 
 DEFAULT_CONFIG = ROOT / "recipes" / "upstream_suite.toml"
 DEFAULT_UPSTREAM = ROOT / ".upstream"
@@ -154,7 +160,35 @@ def upstream_source(upstream_dir: Path, upstream_file: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ one kernel path
 
 
-def pytest_command(options: RunOptions, upstream_file: Path, files: dict[str, Path]) -> list[str]:
+def passes(options: RunOptions, suite: SuiteConfig) -> list[tuple[str, int]]:
+    """(part, workers) of each pytest run of a path: every selected case at once, or,
+    where [[heavy]] entries allow fewer workers than -n, the other cases first and then
+    the heavy ones with those workers (upstream_select.py's --upstream-part)."""
+    few = heavy_workers(suite)
+    if options.collect_only or few is None or options.workers <= few:
+        return [("all", options.workers)]
+    return [("light", options.workers), ("heavy", few)]
+
+
+def combine_exits(first: int | None, second: int) -> int:
+    """pytest's exit status over two passes: the worse of the two, where "no tests
+    collected" (5) of one pass gives way to the other's."""
+    if first is None or first == 5:
+        return second
+    return first if second == 5 else max(first, second)
+
+
+def pytest_command(
+    options: RunOptions,
+    upstream_file: Path,
+    files: dict[str, Path],
+    part: str = "all",
+    workers: int | None = None,
+    append: bool = False,
+) -> list[str]:
+    """The pytest command of one pass: ``part`` of the selected cases (all, light,
+    heavy) on ``workers`` workers (None: -n), appending to the results file if asked."""
+    workers = options.workers if workers is None else workers
     cmd = [
         options.python,
         "-m",
@@ -185,15 +219,23 @@ def pytest_command(options: RunOptions, upstream_file: Path, files: dict[str, Pa
         cmd.append("--collect-only")
     else:
         cmd += ["--upstream-results", str(files["results"])]
-        if options.workers > 0:
-            cmd += ["-n", str(options.workers)]
+        if append:
+            cmd.append("--upstream-results-append")
+        if part != "all":
+            cmd += ["--upstream-part", part]
+        if workers > 0:
+            cmd += ["-n", str(workers)]
         if options.timeout_s > 0:
             cmd += [f"--timeout={options.timeout_s:g}"]
     return cmd + list(options.pytest_args)
 
 
 def run_path(
-    options: RunOptions, kpath: KernelPath, upstream_file: Path, deadline: float | None
+    options: RunOptions,
+    suite: SuiteConfig,
+    kpath: KernelPath,
+    upstream_file: Path,
+    deadline: float | None,
 ) -> PathSummary:
     prefix = options.out / f"upstream-{kpath.name}"
     files = {
@@ -208,33 +250,40 @@ def run_path(
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TOOLS), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     )
-    cmd = pytest_command(options, upstream_file, files)
     start = time.monotonic()
     cut_short = ""
-    with open(files["log"], "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(f"{k}={v}" for k, v in kpath.env) + " " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            proc.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            cut_short = (
-                f"stopped after {time.monotonic() - start:.0f} s, its share of "
-                f"--budget-s {options.budget_s:g}"
-            )
-            _stop(proc)
-        except KeyboardInterrupt:
-            _stop(proc)
-            raise
+    exit_status: int | None = None
+    for index, (part, workers) in enumerate(passes(options, suite)):
+        cmd = pytest_command(options, upstream_file, files, part, workers, append=index > 0)
+        with open(files["log"], "a", encoding="utf-8") as log:
+            env_text = " ".join(f"{k}={v}" for k, v in kpath.env)
+            log.write(f"$ {env_text} {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                proc.wait(timeout=None if deadline is None else max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                cut_short = (
+                    f"stopped after {time.monotonic() - start:.0f} s, its share of "
+                    f"--budget-s {options.budget_s:g}"
+                )
+                _stop(proc)
+            except KeyboardInterrupt:
+                _stop(proc)
+                raise
+        exit_status = combine_exits(exit_status, proc.returncode)
+        if cut_short:
+            break  # the heavy pass, if any, is not started
     _shorten_log(files["log"])
     return summarize(
         kpath.name,
         dict(kpath.env),
         files["selection"],
         None if options.collect_only else files["results"],
-        proc.returncode,
+        exit_status,
         time.monotonic() - start,
         cut_short,
     )
@@ -287,6 +336,7 @@ def describe_path(summary: PathSummary, kpath: KernelPath, options: RunOptions) 
         f"   collected {sel['collected']} | excluded {sel['excluded']} | sampled out "
         f"{sel['sampled_out']} | selected {sel['selected']} (always {sel['selected_always']}, "
         f"1 in {sel['sample']}: {sel['selected_sample']})"
+        + (f", heavy {sel['selected_heavy']}" if sel.get("selected_heavy") else "")
     )
     features = "; ".join(f"{k} {v}" for k, v in sel["excluded_by_feature"].items())
     lines.append(f"   excluded by feature: {features or 'none'}")
@@ -380,7 +430,7 @@ def run(options: RunOptions, suite: SuiteConfig) -> int:
         share = None
         if deadline is not None:
             share = time.monotonic() + (deadline - time.monotonic()) / (len(options.paths) - i)
-        summary = run_path(options, kpath, upstream_file, share)
+        summary = run_path(options, suite, kpath, upstream_file, share)
         summaries.append(summary)
         print("\n".join(describe_path(summary, kpath, options)), flush=True)
     ok = all(s.ok for s in summaries)
