@@ -163,7 +163,10 @@ def kvcache_forward(
     seqused_k = None
     keys = cut = None  # int cache_seqlens: every sequence's key count after the append
     if isinstance(cache_seqlens, torch.Tensor):
-        seqused_k = cache_seqlens if op_appends or not seqlen_new else cache_seqlens + seqlen_new
+        seqused_k = (
+            _contiguous(cache_seqlens) if op_appends or not seqlen_new
+            else cache_seqlens + seqlen_new
+        )  # fmt: skip
     elif cache_seqlens is not None:
         keys = operator.index(cache_seqlens) + seqlen_new
         if paged or keys == 0:

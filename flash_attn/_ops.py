@@ -245,10 +245,10 @@ def fwd_kv(
     done (not the attention). Valid: every entry's keys (seqused_k, plus seqlen_new with
     k_new, else the lengths of cu_seqlens_k, else the capacity) in [seqlen_new if
     seqused_k is given else 0, max_keys] (max_keys < 0 or above the capacity: the
-    capacity); kv_batch_idx in
-    [0, dim 0 of k); leftpad_k in [0, keys]; the block_table entries of the pages the
-    keys use in [0, num_pages). verdict[0] is then 0, or else nonzero (KV_BAD_* bits) and
-    nothing was written: not the caches, not out or softmax_lse (undefined).
+    capacity); kv_batch_idx in [0, dim 0 of k); leftpad_k in [0, keys]; the block_table
+    entries of the pages the keys use in [0, num_pages). verdict[0] is then 0, or else
+    nonzero (KV_BAD_* bits) and nothing was written: not the caches, not out or
+    softmax_lse (undefined).
     """
     return getattr(torch.ops, _EXTENSION.namespace).fwd_kv(
         q,

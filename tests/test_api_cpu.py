@@ -558,8 +558,10 @@ def _stub_fwd_kv(
     reference attention over them. With k_new, seqused_k counts the keys before the
     append (kvcache_ref's helpers take the counts after it)."""
     _check_kernel_layout(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
-    if k_new is not None and seqused_k is not None:
+    if seqused_k is not None:  # (the binding takes contiguous index tensors)
         assert seqused_k.dtype == torch.int32 and seqused_k.device == q.device
+        assert seqused_k.is_contiguous()
+    if k_new is not None and seqused_k is not None:
         seqused_k = seqused_k + k_new.shape[1]
     if verdict is not None:
         STUB.device_checks += 1
@@ -586,7 +588,9 @@ def _stub_fwd_kv(
         "kv_batch_idx": kv_batch_idx, "leftpad_k": leftpad_k, "block_table": block_table,
     }  # fmt: skip
     for name, t in index.items():
-        assert t is None or (t.dtype == torch.int32 and t.device == q.device), name
+        assert t is None or (
+            t.dtype == torch.int32 and t.device == q.device and t.is_contiguous()
+        ), name
     assert 0 <= num_splits <= 128
     STUB.calls.append(
         (

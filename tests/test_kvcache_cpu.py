@@ -345,6 +345,21 @@ def test_k_and_v_of_no_rows_append_nothing(kv: StubKernels) -> None:
 
 
 @pytest.mark.parametrize("seqlen_new", [0, 2])
+def test_a_strided_cache_seqlens_reaches_the_op_contiguous(
+    kv: StubKernels, seqlen_new: int
+) -> None:
+    """With an append the op takes cache_seqlens as it is (it adds seqlen_new itself): a
+    strided view is made contiguous first, as the binding requires."""
+    c = Case(seqlen_q=2, seqlen_new=seqlen_new)
+    inp = make_inputs(c)
+    assert isinstance(inp.cache_seqlens, torch.Tensor)
+    wide = torch.stack([inp.cache_seqlens, torch.full_like(inp.cache_seqlens, 10**6)], 1)
+    inp.cache_seqlens = wide[:, 0]  # every other element of a buffer
+    assert not inp.cache_seqlens.is_contiguous()
+    _run_against_reference(kv, c, inp)
+
+
+@pytest.mark.parametrize("seqlen_new", [0, 2])
 def test_an_int_cache_seqlens_cuts_a_dense_cache_to_its_keys(
     kv: StubKernels, seqlen_new: int
 ) -> None:

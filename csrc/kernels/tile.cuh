@@ -54,7 +54,9 @@ struct SeqInfoT {
     }
     if constexpr (kKvCache) {
       if (p.kv_batch_idx != nullptr) kb = p.kv_batch_idx[b];
-      if (p.seqused_k != nullptr) sk = p.seqused_k[b] + p.seqused_k_add;
+      // (wrapping, as the int32 add of the counts it replaces did: a bad count is refused
+      // by the check, or, unchecked, only read past, never written past)
+      if (p.seqused_k != nullptr) sk = int(unsigned(p.seqused_k[b]) + unsigned(p.seqused_k_add));
       if (p.leftpad_k != nullptr) {
         const int pad = p.leftpad_k[b];
         k_start += pad;
