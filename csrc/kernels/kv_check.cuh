@@ -76,17 +76,8 @@ inline int launch_kv_check(const FlashAttnParams &p, const FlashKvCheck &c, cuda
   }
   dc.verdict = static_cast<volatile int *>(device_view);
   *c.verdict = -1;
-  if (newest_built_arch() >= 900 && device_has_pdl()) {  // as launch() (tile.cuh) decides
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(1);
-    cfg.blockDim = dim3(kCheckThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, kv_check_kernel, p, dc);
+  if (dependent_launches()) {
+    e = launch_dependent(kv_check_kernel, dim3(1), kCheckThreads, 0, stream, p, dc);
   } else {
     kv_check_kernel<<<1, kCheckThreads, 0, stream>>>(p, dc);
     e = cudaGetLastError();

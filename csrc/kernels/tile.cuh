@@ -477,6 +477,29 @@ constexpr int newest_built_arch() {
 #endif
 }
 
+// Whether a launch may go out as a programmatic dependent one: the device takes them and
+// every GPU that would run this object's code has the wait (newest_built_arch).
+inline bool dependent_launches() { return newest_built_arch() >= 900 && device_has_pdl(); }
+
+// kernel<<<grid, threads, smem, stream>>>(args...) as a programmatic dependent launch
+// (cudaLaunchAttributeProgrammaticStreamSerialization); the caller checks
+// dependent_launches() first.
+template <typename Kernel, typename... Args>
+inline cudaError_t launch_dependent(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                                    const Args &...args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // Raise the dynamic shared-memory limit and launch; returns a FlashStatus. With
 // dependent, where the device takes them, as a programmatic dependent launch: the CTAs
 // may then be placed while the previous grid on the stream ends, which hides the launch
@@ -493,18 +516,8 @@ inline int launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e == cudaSuccess) note_smem_limit(reinterpret_cast<const void *>(kernel), smem);
   }
-  if (e == cudaSuccess && dependent && newest_built_arch() >= 900 && device_has_pdl()) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(threads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    e = cudaLaunchKernelEx(&cfg, kernel, p);
+  if (e == cudaSuccess && dependent && dependent_launches()) {
+    e = launch_dependent(kernel, grid, threads, smem, stream, p);
   } else if (e == cudaSuccess) {
     kernel<<<grid, threads, smem, stream>>>(p);
     e = cudaGetLastError();
