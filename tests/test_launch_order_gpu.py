@@ -225,7 +225,8 @@ def test_kvcache_index_values_read_after_the_kernel_before(dtype, paged, seqlen_
         )
 
     warm_up(lambda: call(cached, table, k_cache.clone(), v_cache.clone()))
-    # the index values as bf16 pairs of the late writer's buffer (it copies 32-bit words)
+    # each int32 index value as two 16-bit elements of the late writer's buffer (it copies
+    # 32-bit words)
     late = [cached] if table is None else [table, cached]
     got = written_late(*(t.view(dtype) for t in late))
     seqlens2 = got[-1].view(torch.int32)

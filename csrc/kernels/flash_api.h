@@ -145,8 +145,8 @@ int flash_attn_dropout_mask(const int64_t *rng_state, float dropout_p, int batch
 /* The append of a KV-cache forward (fwd_kv with k_new / v_new): row i of entry b of
  * k_new and v_new (batch, seqlen_new, nheads_k, head_dim) is copied to key position
  * pos = keys(b) - seqlen_new + i of entry b's cache row, where keys(b) is seqused_k[b] +
- * seqused_k_add (or capacity when seqused_k is NULL). Dense caches (cache_rows, capacity, nheads_k,
- * head_dim): row kv_batch_idx[b] (or b), key pos. Paged caches (cache_rows = num_pages,
+ * seqused_k_add (or capacity when seqused_k is NULL). Dense caches (cache_rows, capacity,
+ * nheads_k, head_dim): row kv_batch_idx[b] (or b), key pos. Paged caches (cache_rows = num_pages,
  * page_size, nheads_k, head_dim): row pos % page_size of page
  * block_table[b * block_table_batch_stride + pos / page_size], capacity being
  * pages_per_seq * page_size. Whatever the index values, nothing outside the caches is
@@ -181,9 +181,9 @@ int flash_attn_append_kv(const FlashAppendKvParams *params, void *cuda_stream);
  * wait for the values before launching (flash_attn_with_kvcache's checked call):
  * flash_attn_kv_check launches one small kernel that reads every index value of params
  * (seqused_k + seqused_k_add, or the lengths of cu_seqlens_k, else seqlen_k for every
- * entry: the keys;
- * kv_batch_idx, leftpad_k, and the block_table entries of the pages the keys use) and
- * writes the verdict, 0 or FLASH_KV_BAD_* bits, to *flag (device) and *verdict (host).
+ * entry: the keys; kv_batch_idx, leftpad_k, and the block_table entries of the pages the
+ * keys use) and writes the verdict, 0 or FLASH_KV_BAD_* bits, to *flag (device) and
+ * *verdict (host).
  * Valid: keys in [min_keys, max_keys]; kv_batch_idx in [0, cache_rows); leftpad_k in
  * [0, keys]; block_table[b][j] in [0, cache_rows) for j < ceil(keys / page_size).
  * Give params->abort_flag = flag (and the append's) to the kernels launched after it on
