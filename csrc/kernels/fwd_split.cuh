@@ -8,9 +8,10 @@
 // of BNW keys, and merge their partial softmax states through shared memory at the
 // end. W = 1 (one warp a CTA, several CTAs an SM) is the portable shape; on sm_90,
 // W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
-// cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: each
-// thread computes the addresses of one key row (from the block table when the cache
-// is paged) into shared memory, and the threads read them from there. With one split
+// cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: for a
+// paged cache each thread computes the addresses of one key row (from the block table)
+// into shared memory, and the threads read them from there; for a contiguous one each
+// thread steps its own row pointers (load_kv_stage). With one split
 // the CTA writes O and the LSE; with more, each split writes its normalised partial O
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
@@ -72,13 +73,15 @@ struct alignas(16) RowPair {
 
 // K and V rows [n0, n0 + BN) into one pipeline stage by the CTA's W warps; rows past
 // sk and columns past head_dim read as zero (a zero V row keeps 0 * garbage out of
-// P V). The threads first put the addresses of each row of K and V in sRow (thread i:
-// row i; a row past sk gets the first row's, never read), then copy
+// P V). Paged, the threads first put the addresses of each row of K and V in sRow
+// (thread i: row i; a row past sk gets the first row's, never read), then copy
 // 16-byte chunks. Where a row is a whole number of chunks per 32 W threads (head dims
 // 32, 64, 128, 256), each thread keeps one column chunk and walks the rows: a copy
 // costs a shared load of the two row addresses, an add and a compare. The warps issue
-// these copies for every key; with the generic index arithmetic (the other branch)
+// these copies for every key; with the generic index arithmetic (the last branch)
 // they took half of a warp's instructions (SASS at head dim 128: ~20 a copy, ~7 now).
+// Contiguous, the same walk steps the row pointers instead, without the table or its
+// two barriers a stage: decode GB/s +1-2% at head dim 128 (H200, benchmarks/RESULTS.md).
 template <int D, int BN, int W, typename T>
 __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, const T *kbase,
                                               const T *vbase, const KeyRows &rows, int n0, int sk,
@@ -86,6 +89,37 @@ __device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, co
   constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh, NTHR = 32 * W;
   constexpr bool kSwz = split::swizzled(D);
   static_assert(BN <= NTHR, "one row address a thread");
+  if constexpr (NTHR % kCh == 0) {
+    if (rows.pages == nullptr) {
+      // A contiguous cache: each thread steps its own pointers down the rows, with no
+      // table of addresses and no barrier (the caller's barrier frees the stage). A row
+      // past sk reads nothing (its chunk is zero-filled).
+      constexpr int kRowsPerPass = NTHR / kCh;
+      constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;  // (as below)
+      const int c = (tid % kCh) * 8, r0 = tid / kCh;
+      const bool col_ok = c < hd;
+      const T *kp = kbase + int64_t(n0 + r0) * rows.k_row + c, *vp = vbase + int64_t(n0 + r0) * rows.v_row + c;
+      const int64_t kstep = kRowsPerPass * rows.k_row, vstep = kRowsPerPass * rows.v_row;
+      T *dk = sK + tile_at<LD, kSwz>(r0, c), *dv = sV + tile_at<LD, kSwz>(r0, c);
+#pragma unroll 4
+      for (int r = r0; r < BN; r += kRowsPerPass) {
+        const bool valid = col_ok && n0 + r < sk;
+        if constexpr (!kFixedChunk) {
+          dk = sK + tile_at<LD, kSwz>(r, c);
+          dv = sV + tile_at<LD, kSwz>(r, c);
+        }
+        cp_async_16_stream(dk, valid ? kp : kbase, valid);
+        cp_async_16_stream(dv, valid ? vp : vbase, valid);
+        kp += kstep;
+        vp += vstep;
+        if constexpr (kFixedChunk) {
+          dk += kRowsPerPass * LD;
+          dv += kRowsPerPass * LD;
+        }
+      }
+      return;
+    }
+  }
   cta_sync<W>();  // every thread is done reading the previous addresses
   if (tid < BN) {  // page: rows.page_of(n0 + tid)
     int64_t ko = 0, vo = 0;
