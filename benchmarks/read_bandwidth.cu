@@ -12,6 +12,11 @@
 //                  no swizzle, with the tensor map's L2 promotion none, 128 B or 256 B
 //   tma sw128      two 64-column boxes a stage and tensor, 128-byte swizzle (the layout
 //                  the MMAs' ldmatrix reads need without bank conflicts), promotion none
+// And, all with cp.async .L2::128B, the questions of where else the decode's reads could
+// go faster: a stage's K chunks issued before its V chunks; the rows S stages ahead
+// prefetched into L2 (cp.async.bulk.prefetch.L2); the keys cut evenly over a fixed grid of
+// one or two CTAs an SM instead of a CTA a pair (stream_even); CTAs that read whole cache
+// rows, every head, over a share of the keys (stream_rows).
 // GB/s of K+V read (median of 20 launches after 5), the device-to-device copy of the same
 // bytes beside them (read + write, so not a read ceiling).
 //
@@ -33,7 +38,7 @@
 
 namespace {
 
-enum Mode { kCpAsync, kCpAsync128, kTma, kTmaSw128 };
+enum Mode { kCpAsync, kCpAsync128, kTma, kTmaSw128, kKThenV, kPrefetchL2 };
 constexpr int kHeads = 8;    // kv heads
 constexpr int kThreads = 128;
 
@@ -52,9 +57,13 @@ __device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *map, int co
       "l"(map), "r"(col), "r"(row), "r"(smem_addr(bar))
       : "memory");
 }
+// A bulk prefetch of `bytes` (a multiple of 16) at p into L2.
+__device__ __forceinline__ void prefetch_l2(const void *p, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
 template <Mode M>
 __device__ __forceinline__ void cp_16(void *dst, const void *src) {
-  if constexpr (M == kCpAsync128)
+  if constexpr (M != kCpAsync)
     flash::cp_async_16_stream(dst, src, true);
   else
     flash::cp_async_16(dst, src, true);
@@ -82,12 +91,28 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
   auto issue = [&](int blk) {
     const int st = blk % S, r0 = blk * ROWS;
     __nv_bfloat16 *dk = sK + st * ROWS * LD, *dv = sV + st * ROWS * LD;
-    if constexpr (!kTmaMode) {
+    if constexpr (M == kKThenV) {  // every K chunk of the stage, then every V chunk
+      for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        cp_16<M>(dk + r * LD + (((c / 8) ^ (r % 8)) * 8), k + (r0 + r) * row_stride + c);
+      }
+      for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        cp_16<M>(dv + r * LD + (((c / 8) ^ (r % 8)) * 8), v + (r0 + r) * row_stride + c);
+      }
+      flash::cp_async_commit();
+    } else if constexpr (!kTmaMode) {
       for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
         const int r = i / (D / 8), c = (i % (D / 8)) * 8;
         const int at = r * LD + (((c / 8) ^ (r % 8)) * 8);  // swizzled chunk
         cp_16<M>(dk + at, k + (r0 + r) * row_stride + c);
         cp_16<M>(dv + at, v + (r0 + r) * row_stride + c);
+      }
+      // kPrefetchL2: the rows of the block S stages further on go to L2 now (one row of K
+      // and of V a thread)
+      if (M == kPrefetchL2 && blk + S < blocks && tid < ROWS) {
+        prefetch_l2(k + (r0 + S * ROWS + tid) * row_stride, D * 2);
+        prefetch_l2(v + (r0 + S * ROWS + tid) * row_stride, D * 2);
       }
       flash::cp_async_commit();
     } else if (tid == 0) {
@@ -117,6 +142,104 @@ __global__ void __launch_bounds__(kThreads) stream_kv(const __nv_bfloat16 *K, co
     }
     const __nv_bfloat16 *stage = sK + (i % S) * ROWS * LD;
     touched += __bfloat162float(stage[(tid % ROWS) * LD + tid % 8]);
+  }
+  if (touched == 12345.f) *sink = touched;  // never true: keeps the loop
+}
+
+// The same streams cut evenly over a fixed grid instead of a CTA an (entry, kv head): the
+// (entry, kv head, 128-row block) sequence is flattened and CTA c of G takes blocks
+// [c T / G, (c + 1) T / G), crossing (entry, kv head) boundaries. kDrain: the pipeline
+// empties and refills at each boundary (a loop over pieces, each its own stream), else one
+// stream over the whole range (the next piece's blocks load under the last ones'). What a
+// split of the keys by equal work, not by equal pieces of each pair, could read at best.
+template <int D, int ROWS, int S, bool kDrain>
+__global__ void __launch_bounds__(kThreads) stream_even(const __nv_bfloat16 *K, const __nv_bfloat16 *V, int B, int L,
+                                                        float *sink) {
+  constexpr int LD = D;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto *sK = reinterpret_cast<__nv_bfloat16 *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __nv_bfloat16 *sV = sK + S * ROWS * LD;
+  const int tid = threadIdx.x, nb = L / ROWS;
+  const int64_t row_stride = int64_t(kHeads) * D, total = int64_t(B) * kHeads * nb;
+  const int64_t f0 = blockIdx.x * total / gridDim.x, f1 = (blockIdx.x + 1) * total / gridDim.x;
+  auto issue = [&](int64_t f, int st) {
+    const int64_t u = f / nb;
+    const int blk = int(f % nb), hk = int(u % kHeads), b = int(u / kHeads);
+    const __nv_bfloat16 *k = K + int64_t(b) * L * row_stride + hk * D + int64_t(blk) * ROWS * row_stride;
+    const __nv_bfloat16 *v = V + int64_t(b) * L * row_stride + hk * D + int64_t(blk) * ROWS * row_stride;
+    __nv_bfloat16 *dk = sK + st * ROWS * LD, *dv = sV + st * ROWS * LD;
+    for (int i = tid; i < ROWS * (D / 8); i += kThreads) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+      const int at = r * LD + (((c / 8) ^ (r % 8)) * 8);
+      flash::cp_async_16_stream(dk + at, k + r * row_stride + c, true);
+      flash::cp_async_16_stream(dv + at, v + r * row_stride + c, true);
+    }
+  };
+  float touched = 0.f;
+  auto stream = [&](int64_t a, int64_t e) {
+    const int n = int(e - a);
+    for (int i = 0; i < S - 1; ++i) {
+      if (i < n) issue(a + i, i);
+      flash::cp_async_commit();
+    }
+    for (int i = 0; i < n; ++i) {
+      flash::cp_async_wait<S - 2>();
+      __syncthreads();
+      if (i + S - 1 < n) issue(a + i + S - 1, (i + S - 1) % S);
+      flash::cp_async_commit();
+      const __nv_bfloat16 *stage = sK + (i % S) * ROWS * LD;
+      touched += __bfloat162float(stage[(tid % ROWS) * LD + tid % 8]);
+    }
+    flash::cp_async_wait_all();
+    __syncthreads();
+  };
+  if constexpr (kDrain) {
+    for (int64_t x = f0; x < f1;) {
+      const int64_t e = min(f1, (x / nb + 1) * nb);
+      stream(x, e);
+      x = e;
+    }
+  } else {
+    stream(f0, f1);
+  }
+  if (touched == 12345.f) *sink = touched;  // never true: keeps the loop
+}
+
+// A CTA an (entry, 1/8 of the keys) that reads whole cache rows (every kv head's d
+// columns, contiguous) instead of one head's: the same stage bytes (ROWS / kHeads key
+// rows of all heads), the same CTA count, contiguous reads instead of d-column pieces
+// strided by the row.
+template <int D, int ROWS, int S>
+__global__ void __launch_bounds__(kThreads) stream_rows(const __nv_bfloat16 *K, const __nv_bfloat16 *V, int L,
+                                                        float *sink) {
+  constexpr int KR = ROWS / kHeads, W = kHeads * D;  // key rows a stage, elements a row
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  auto *sK = reinterpret_cast<__nv_bfloat16 *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __nv_bfloat16 *sV = sK + S * KR * W;
+  const int tid = threadIdx.x, part = blockIdx.x % kHeads, b = blockIdx.x / kHeads;
+  const int keys = L / kHeads, blocks = keys / KR;
+  const __nv_bfloat16 *k = K + (int64_t(b) * L + int64_t(part) * keys) * W;
+  const __nv_bfloat16 *v = V + (int64_t(b) * L + int64_t(part) * keys) * W;
+  auto issue = [&](int blk, int st) {
+    const __nv_bfloat16 *kb = k + int64_t(blk) * KR * W, *vb = v + int64_t(blk) * KR * W;
+    __nv_bfloat16 *dk = sK + st * KR * W, *dv = sV + st * KR * W;
+    for (int i = tid; i < KR * W / 8; i += kThreads) {
+      flash::cp_async_16_stream(dk + i * 8, kb + i * 8, true);
+      flash::cp_async_16_stream(dv + i * 8, vb + i * 8, true);
+    }
+  };
+  float touched = 0.f;
+  for (int i = 0; i < S - 1; ++i) {
+    if (i < blocks) issue(i, i);
+    flash::cp_async_commit();
+  }
+  for (int i = 0; i < blocks; ++i) {
+    flash::cp_async_wait<S - 2>();
+    __syncthreads();
+    if (i + S - 1 < blocks) issue(i + S - 1, (i + S - 1) % S);
+    flash::cp_async_commit();
+    const __nv_bfloat16 *stage = sK + (i % S) * KR * W;
+    touched += __bfloat162float(stage[(tid % KR) * W + tid % 8]);
   }
   if (touched == 12345.f) *sink = touched;  // never true: keeps the loop
 }
@@ -176,9 +299,34 @@ void run(const char *name, EncodeTiled encode, CUtensorMapL2promotion promotion,
               err == cudaSuccess ? "" : cudaGetErrorString(err));
 }
 
+template <int D, int ROWS, int S, bool kDrain>
+void run_even(const char *name, const __nv_bfloat16 *K, const __nv_bfloat16 *V, int B, int L, int grid, float *sink) {
+  const size_t smem = size_t(2) * S * ROWS * D * 2 + 1024;
+  auto kernel = stream_even<D, ROWS, S, kDrain>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const float ms = median_ms([&] { kernel<<<grid, kThreads, smem>>>(K, V, B, L, sink); }, 25, 5);
+  const cudaError_t err = cudaGetLastError();
+  const double bytes = 2.0 * B * L * kHeads * D * 2;
+  std::printf("| %d x %d | %d | %s, %d CTAs | %d x %d | %.0f |%s\n", B, L, D, name, grid, ROWS, S, bytes / (ms * 1e6),
+              err == cudaSuccess ? "" : cudaGetErrorString(err));
+}
+
+template <int D, int ROWS, int S>
+void run_rows(const __nv_bfloat16 *K, const __nv_bfloat16 *V, int B, int L, float *sink) {
+  const size_t smem = size_t(2) * S * ROWS * D * 2 + 1024;
+  auto kernel = stream_rows<D, ROWS, S>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const float ms = median_ms([&] { kernel<<<B * kHeads, kThreads, smem>>>(K, V, L, sink); }, 25, 5);
+  const cudaError_t err = cudaGetLastError();
+  const double bytes = 2.0 * B * L * kHeads * D * 2;
+  std::printf("| %d x %d | %d | cp.async .L2::128B, whole rows (every head), a CTA an (entry, 1/8 of the keys) | %d x %d | %.0f |%s\n",
+              B, L, D, ROWS / kHeads, S, bytes / (ms * 1e6), err == cudaSuccess ? "" : cudaGetErrorString(err));
+}
+
 template <int D>
 void sweep(EncodeTiled encode, float *sink) {
-  const int shapes[3][2] = {{16, 8192}, {64, 4096}, {33, 4096}};  // 33 x 8 CTAs: two whole waves on 132 SMs
+  // 33 x 8 CTAs: two whole waves on 132 SMs; 1 x 65536: 8 long pairs
+  const int shapes[4][2] = {{16, 8192}, {64, 4096}, {33, 4096}, {1, 65536}};
   for (const auto &shape : shapes) {
     const int B = shape[0], L = shape[1];
     const size_t n = size_t(B) * L * kHeads * D;
@@ -195,6 +343,16 @@ void sweep(EncodeTiled encode, float *sink) {
     run<D, 128, 3, kTma>("tma, promotion 256 B", encode, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, K, V, B, L, sink);
     run<D, 128, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
     run<D, 64, 3, kTmaSw128>("tma sw128, promotion none", encode, none, K, V, B, L, sink);
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+    const int per_sm = int((228 * 1024) / (size_t(2) * 3 * 128 * D * 2 + 2048));
+    const int grid = sms * (per_sm < 1 ? 1 : per_sm);
+    run_even<D, 128, 3, false>("cp.async .L2::128B, even split, one stream", K, V, B, L, grid, sink);
+    run_even<D, 128, 3, true>("cp.async .L2::128B, even split, refill a piece", K, V, B, L, grid, sink);
+    run_rows<D, 128, 3>(K, V, B, L, sink);
+    run<D, 128, 3, kKThenV>("cp.async .L2::128B, a stage's K chunks then its V chunks", encode, none, K, V, B, L, sink);
+    run<D, 128, 3, kPrefetchL2>("cp.async .L2::128B, rows 3 stages on prefetched to L2", encode, none, K, V, B, L, sink);
+    run<D, 128, 3, kCpAsync128>("cp.async .L2::128B (again)", encode, none, K, V, B, L, sink);
     const float ms = median_ms([&] { cudaMemcpyAsync(V, K, n * 2, cudaMemcpyDeviceToDevice); }, 15, 3);
     std::printf("| %d x %d | %d | device copy (read + write) | - | %.0f |\n", B, L, D, 2.0 * n * 2 / (ms * 1e6));
     cudaFree(K);
