@@ -427,6 +427,22 @@ def test_plugin_runs_the_light_or_the_heavy_part(synth: Path) -> None:
     assert sel_all["selected_heavy"] == len(heavy)
 
 
+def test_plugin_selects_among_the_cases_k_leaves(synth: Path) -> None:
+    """-k / -m apply first: the selection (what the runner expects to run) holds only
+    the cases they leave, and an entry whose tests they left out is not called stale."""
+    proc, sel, results = run_plugin(synth, "-k", "test_alpha")
+    assert sel is not None, proc.stdout + proc.stderr
+    sampled = sorted(f"test_alpha[{x}-0.0]" for x in range(40)
+                     if reference_in_sample(f"test_alpha[{x}-0.0]", 3))  # fmt: skip
+    assert sorted(rules.case_key(n) for n in sel["selected_ids"]) == sampled
+    assert sorted(rules.case_key(r["nodeid"]) for r in results) == sampled
+    assert sel["by_test"]["test_alpha"]["cases"] == 80 and "test_always" not in sel["by_test"]
+    assert sel["stale_exclusions"] == ["never: test_nonexistent"]
+    _, sel_m, _ = run_plugin(synth, "-k", "test_always")
+    assert sel_m is not None and sel_m["selected"] == sel_m["selected_always"] == 5
+    assert sel_m["stale_exclusions"] == ["never: test_nonexistent"]  # not feature-p
+
+
 def test_plugin_appends_to_the_results_of_a_pass_before(synth: Path) -> None:
     _, _, first = run_plugin(synth, "-k", "test_alpha")
     res = synth / "res.jsonl"

@@ -132,6 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "stand_ins": [{**_describe(s), "state": install_stand_in(s)} for s in suite.stand_ins],
         "not_generated": {},
         "collection_errors": [],
+        "functions": set(),  # every test function collected, before -k / -m
     }
     config.stash[STATE_KEY] = state
     global _active_state
@@ -149,6 +150,7 @@ def pytest_pycollect_makeitem(
     config = collector.config
     if CONFIG_KEY not in config.stash or not callable(obj) or not collector.funcnamefilter(name):
         return None
+    config.stash[STATE_KEY]["functions"].add(name)
     suite = config.stash[CONFIG_KEY]
     if not excludes_whole(suite, name):
         return None
@@ -174,10 +176,12 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
         _active_state["collection_errors"].append(report.nodeid or "(session)")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    # trylast: after pytest's own -k / -m deselection, so that the selection (and the
+    # runner's count of cases that did not run) covers only the cases those leave
     if CONFIG_KEY not in config.stash:
         return
     suite = config.stash[CONFIG_KEY]
@@ -314,13 +318,25 @@ def selection_report(
         "excluded": kinds["excluded"],
         "excluded_by_feature": dict(sorted(by_feature.items())),
         "exclusions": entries,
-        "stale_exclusions": [x["feature"] + ": " + x["cases"] for x in entries if not x["matched"]],
+        "stale_exclusions": [
+            x["feature"] + ": " + x["cases"]
+            for e, x in zip(suite.exclusions, entries, strict=True)
+            if not x["matched"] and _stale(e, state["functions"], by_test)
+        ],
         "by_test": by_test,
         "collection_errors": list(state["collection_errors"]),
         "capability": state["capability"],
         "stand_ins": state["stand_ins"],
         "selected_ids": [item.nodeid for item, v in verdicts if v.selected],
     }
+
+
+def _stale(entry: Exclusion, functions: set[str], cases_of: dict[str, Any]) -> bool:
+    """Whether an entry that matched no case is stale: the file has no test it names,
+    or every test it names had cases to match (where -k / -m left out a test it names,
+    the cases it would match may have been among those)."""
+    named = [f for f in functions if entry.matches_name(f)]
+    return not named or all(f in cases_of for f in named)
 
 
 def parameter_sets(function: object) -> Iterator[dict[str, object]]:
