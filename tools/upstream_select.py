@@ -5,8 +5,9 @@ inactive unless ``--upstream-config`` is given. It
 
 * binds the [[stand_in]] names of the config that our flash_attn lacks, before
   collection, so that upstream's module imports (see recipes/upstream_suite.toml);
-* keeps, of the collected cases, those upstream_rules.classify selects (the always
-  list and the 1-in-N sample, minus the exclusions) and deselects the rest; with
+* keeps, of the collected cases that pytest's own -k / -m leave, those
+  upstream_rules.classify selects (the always list and the 1-in-N sample, minus the
+  exclusions) and deselects the rest; with
   ``--upstream-part light`` or ``heavy`` it keeps only the selected cases that no
   [[heavy]] entry names, or only those (the tool runs the two with different numbers
   of workers);
