@@ -10,8 +10,8 @@
 // W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
 // cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: for a
 // paged cache each thread computes the addresses of one key row (from the block table)
-// into shared memory, and the threads read them from there; for a contiguous one each
-// thread steps its own row pointers (load_kv_stage). With one split
+// into shared memory a stage ahead, and the threads read them from there; for a contiguous one each
+// thread steps its own row pointers (walk_kv_stage). With one split
 // the CTA writes O and the LSE; with more, each split writes its normalised partial O
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
@@ -73,67 +73,85 @@ struct alignas(16) RowPair {
 
 // K and V rows [n0, n0 + BN) into one pipeline stage by the CTA's W warps; rows past
 // sk and columns past head_dim read as zero (a zero V row keeps 0 * garbage out of
-// P V). Paged, the threads first put the addresses of each row of K and V in sRow
-// (thread i: row i; a row past sk gets the first row's, never read), then copy
-// 16-byte chunks. Where a row is a whole number of chunks per 32 W threads (head dims
-// 32, 64, 128, 256), each thread keeps one column chunk and walks the rows: a copy
-// costs a shared load of the two row addresses, an add and a compare. The warps issue
-// these copies for every key; with the generic index arithmetic (the last branch)
-// they took half of a warp's instructions (SASS at head dim 128: ~20 a copy, ~7 now).
-// Contiguous, the same walk steps the row pointers instead, without the table or its
-// two barriers a stage: decode GB/s +1-2% at head dim 128 (H200, benchmarks/RESULTS.md).
+// P V). Two ways:
+// - walk_kv_stage (a contiguous cache, where a row is a whole number of 16-byte chunks
+//   per 32 W threads: head dims 32, 64, 128, 256): each thread keeps one column chunk
+//   and steps its own two row pointers down its rows, with no table of addresses and
+//   no barrier (the caller's barrier frees the stage);
+// - put_row_addresses then copy_kv_stage (paged caches, and the head dims the walk does
+//   not cover): thread i < BN first puts the addresses of row i of K and V into a
+//   table in shared memory (a row past sk gets the first row's, never read), and after
+//   a barrier the threads copy 16-byte chunks of the rows the table names. The table
+//   has two halves, block k's in half k % 2, written a stage before its copies: the
+//   barrier the pipeline has a stage then orders each half's writes before its reads
+//   and its reads before it is written again, so the table costs no barrier of its
+//   own (it had two a stage).
+// With the generic index arithmetic (the last branch of copy_kv_stage) the copies took
+// half of a warp's instructions (SASS at head dim 128: ~20 a copy); walking the rows,
+// a copy costs a shared load of the row's two addresses (or a pointer step), an add and
+// a compare (~7). Contiguous without the table: decode GB/s +1-2% at head dim 128
+// (H200, benchmarks/RESULTS.md).
+template <int D, int W>
+constexpr bool walks_rows() {
+  return (32 * W) % (D / 8) == 0;
+}
+
 template <int D, int BN, int W, typename T>
-__device__ __forceinline__ void load_kv_stage(T *sK, T *sV, RowPair<T> *sRow, const T *kbase,
-                                              const T *vbase, const KeyRows &rows, int n0, int sk,
-                                              int hd, int tid, int page) {
-  constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh, NTHR = 32 * W;
+__device__ __forceinline__ void walk_kv_stage(T *sK, T *sV, const T *kbase, const T *vbase,
+                                              const KeyRows &rows, int n0, int sk, int hd, int tid) {
+  constexpr int kCh = D / 8, LD = split::ld(D), NTHR = 32 * W, kRowsPerPass = NTHR / kCh;
   constexpr bool kSwz = split::swizzled(D);
-  static_assert(BN <= NTHR, "one row address a thread");
-  if constexpr (NTHR % kCh == 0) {
-    if (rows.pages == nullptr) {
-      // A contiguous cache: each thread steps its own pointers down the rows, with no
-      // table of addresses and no barrier (the caller's barrier frees the stage). A row
-      // past sk reads nothing (its chunk is zero-filled).
-      constexpr int kRowsPerPass = NTHR / kCh;
-      constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;  // (as below)
-      const int c = (tid % kCh) * 8, r0 = tid / kCh;
-      const bool col_ok = c < hd;
-      const T *kp = kbase + int64_t(n0 + r0) * rows.k_row + c, *vp = vbase + int64_t(n0 + r0) * rows.v_row + c;
-      const int64_t kstep = kRowsPerPass * rows.k_row, vstep = kRowsPerPass * rows.v_row;
-      T *dk = sK + tile_at<LD, kSwz>(r0, c), *dv = sV + tile_at<LD, kSwz>(r0, c);
+  static_assert(walks_rows<D, W>(), "a whole number of rows a pass");
+  // (the swizzled chunk depends on r % 8, the same for every row a thread takes when it
+  // moves 8 or more rows a pass; else it is found per row)
+  constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;
+  const int c = (tid % kCh) * 8, r0 = tid / kCh;
+  const bool col_ok = c < hd;
+  const T *kp = kbase + int64_t(n0 + r0) * rows.k_row + c, *vp = vbase + int64_t(n0 + r0) * rows.v_row + c;
+  const int64_t kstep = kRowsPerPass * rows.k_row, vstep = kRowsPerPass * rows.v_row;
+  T *dk = sK + tile_at<LD, kSwz>(r0, c), *dv = sV + tile_at<LD, kSwz>(r0, c);
 #pragma unroll 4
-      for (int r = r0; r < BN; r += kRowsPerPass) {
-        const bool valid = col_ok && n0 + r < sk;
-        if constexpr (!kFixedChunk) {
-          dk = sK + tile_at<LD, kSwz>(r, c);
-          dv = sV + tile_at<LD, kSwz>(r, c);
-        }
-        cp_async_16_stream(dk, valid ? kp : kbase, valid);
-        cp_async_16_stream(dv, valid ? vp : vbase, valid);
-        kp += kstep;
-        vp += vstep;
-        if constexpr (kFixedChunk) {
-          dk += kRowsPerPass * LD;
-          dv += kRowsPerPass * LD;
-        }
-      }
-      return;
+  for (int r = r0; r < BN; r += kRowsPerPass) {
+    const bool valid = col_ok && n0 + r < sk;
+    if constexpr (!kFixedChunk) {
+      dk = sK + tile_at<LD, kSwz>(r, c);
+      dv = sV + tile_at<LD, kSwz>(r, c);
+    }
+    cp_async_16_stream(dk, valid ? kp : kbase, valid);
+    cp_async_16_stream(dv, valid ? vp : vbase, valid);
+    kp += kstep;
+    vp += vstep;
+    if constexpr (kFixedChunk) {
+      dk += kRowsPerPass * LD;
+      dv += kRowsPerPass * LD;
     }
   }
-  cta_sync<W>();  // every thread is done reading the previous addresses
-  if (tid < BN) {  // page: rows.page_of(n0 + tid)
+}
+
+// Row n0 + tid's addresses into the table (page: rows.page_of(n0 + tid)).
+template <int BN, typename T>
+__device__ __forceinline__ void put_row_addresses(RowPair<T> *sRow, const T *kbase, const T *vbase,
+                                                  const KeyRows &rows, int n0, int sk, int tid,
+                                                  int page) {
+  if (tid < BN) {
     int64_t ko = 0, vo = 0;
     if (n0 + tid < sk) rows.offsets(n0 + tid, page, ko, vo);
     sRow[tid] = RowPair<T>{kbase + ko, vbase + vo};
   }
-  cta_sync<W>();
-  if constexpr (NTHR % kCh == 0) {
+}
+
+// The rows the table names into the stage (the table's writes are behind a barrier).
+template <int D, int BN, int W, typename T>
+__device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sRow, int n0, int sk,
+                                              int hd, int tid) {
+  constexpr int kCh = D / 8, LD = split::ld(D), kTotal = BN * kCh, NTHR = 32 * W;
+  constexpr bool kSwz = split::swizzled(D);
+  static_assert(BN <= NTHR, "one row address a thread");
+  if constexpr (walks_rows<D, W>()) {
     constexpr int kRowsPerPass = NTHR / kCh;
     const int c = (tid % kCh) * 8, r0 = tid / kCh;
     const bool col_ok = c < hd;
-    // (the swizzled chunk depends on r % 8, the same for every row a thread takes when
-    // it moves 8 or more rows a pass; else it is found per row)
-    constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;
+    constexpr bool kFixedChunk = !kSwz || kRowsPerPass % 8 == 0;  // (as in walk_kv_stage)
     T *dk = sK + tile_at<LD, kSwz>(r0, c), *dv = sV + tile_at<LD, kSwz>(r0, c);
 #pragma unroll 4
     for (int r = r0; r < BN; r += kRowsPerPass) {
@@ -172,7 +190,9 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   T *sQ = reinterpret_cast<T *>(smem);
   T *sK = sQ + R * LDQ;      // S stages
   T *sV = sK + S * BN * LD;  // S stages
-  RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);  // BN (k, v) row addresses
+  // The row-address table: 2 x BN (k, v) pairs, block k's in half k % 2.
+  RowPair<T> *sRow = reinterpret_cast<RowPair<T> *>(sV + S * BN * LD);
+  const auto table_half = [&](int k) { return sRow + (k & 1) * BN; };
 
   if (call_aborted(p.abort_flag)) return;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
@@ -228,7 +248,8 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
                       p.k_batch_stride, p.v_batch_stride, p.k_row_stride, p.v_row_stride};
   const T *kbase = paged ? static_cast<const T *>(p.k) + hk * p.k_head_stride : seq.k_ptr<T>(p, b, hk);
   const T *vbase = paged ? static_cast<const T *>(p.v) + hk * p.v_head_stride : seq.v_ptr<T>(p, b, hk);
-  // The page of this thread's row in a block (read a stage before the block is loaded).
+  // The page of this thread's row in a block (read a stage before the block's addresses
+  // are put in the table, which is a stage before the block is loaded).
   const auto page_for = [&](int blk) {
     const int j = blk * BN + tid;
     return tid < BN && blk < blk_hi && j < seq.sk ? krows.page_of(j) : 0;
@@ -243,14 +264,39 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
     if (blk < blk_hi) prefetch_l1(krows.pages + krows.page_size.div(blk * BN));
   };
   if (paged && tid < kPagesAhead) prefetch_pages(blk_lo + tid);
-  int page = page_for(blk_lo);
+  // Stage copies through the table (paged, or a head dim the walk does not cover), else
+  // by walking the rows. Block k's table half is written before its copies: at once for
+  // the first S - 1 blocks (here, a barrier between), a stage ahead for the rest (the
+  // loop's barrier between); the next half to write's page is read a stage ahead too.
+  const bool by_table = paged || !walks_rows<D, W>();
+  const auto load_stage = [&](int k) {  // block blk_lo + k into stage k % S
+    const int st = k % S, n0 = (blk_lo + k) * BN;
+    if (by_table)
+      copy_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, table_half(k), n0, seq.sk, hd, tid);
+    else if constexpr (walks_rows<D, W>())
+      walk_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, kbase, vbase, krows, n0, seq.sk,
+                                 hd, tid);
+  };
+  int page = by_table ? page_for(blk_lo) : 0;
+  const auto put_rows = [&](int k) {  // block blk_lo + k's addresses; then the next page
+    put_row_addresses<BN, T>(table_half(k), kbase, vbase, krows, (blk_lo + k) * BN, seq.sk, tid, page);
+    page = page_for(blk_lo + k + 1);
+  };
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
-    if (st < nblk)
-      load_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
-                                 (blk_lo + st) * BN, seq.sk, hd, tid, page);
+    if (st < nblk) {
+      if (by_table) {
+        if (st >= 2) cta_sync<W>();  // block st - 2's copies are done reading this half
+        put_rows(st);
+        cta_sync<W>();
+      }
+      load_stage(st);
+    }
     cp_async_commit();
-    page = page_for(blk_lo + st + 1);
+  }
+  if (by_table && S - 1 < nblk) {  // block S - 1's addresses, read after the loop's first barrier
+    if (S - 1 >= 2) cta_sync<W>();
+    put_rows(S - 1);
   }
 
   float acc_o[1][DT][4];
@@ -270,13 +316,11 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
     if (i == nblk - 1) allow_dependents();
     cp_async_wait<S - 2>();  // block i landed
     cta_sync<W>();           // for every thread, and all are done with the stage the next load reuses
-    if (i + S - 1 < nblk) {
-      const int st = (i + S - 1) % S;
-      load_kv_stage<D, BN, W, T>(sK + st * BN * LD, sV + st * BN * LD, sRow, kbase, vbase, krows,
-                                 (blk_lo + i + S - 1) * BN, seq.sk, hd, tid, page);
-      page = page_for(blk_lo + i + S);
-    }
+    if (i + S - 1 < nblk) load_stage(i + S - 1);
     cp_async_commit();
+    // Block i + S's addresses into the half block i + S - 2's copies read (the barrier
+    // above ends those; the next one orders these writes before block i + S's copies).
+    if (by_table && i + S < nblk) put_rows(i + S);
     if (paged && tid == 0) prefetch_pages(blk_lo + i + kPagesAhead);
     // This warp's slice of the stage: keys n0 .. n0 + BNW.
     const T *sKi = sK + (i % S) * BN * LD + warp * BNW * LD;
