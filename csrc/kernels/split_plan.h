@@ -64,17 +64,19 @@ inline int row_blocks(const FlashAttnParams &p) {
 // The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
 // planner and the launch ask the same question. Wide where the sm_90 kernels run
 // (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
-// for paged caches whose pages are shorter than a wide stage at head dims up to 128 when
+// for paged caches whose pages are shorter than a wide stage at head dims 65-128 when
 // the call has at least as many (entry, kv head) tiles as the GPU has SMs: there the
 // one-warp kernel (several CTAs an SM, one split or few) measured faster, with fewer the
 // wide one (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096: 4140-4175 /
 // 3993; 16 x 8192: 3929-3942 / 4026-4041; 1 x 32768: 2970-2983 / 3127-3155; 8 x 65536:
-// 3405-3442 / 3541-3552; hdim 64, 64 x 4096: 4008-4039 / 3887-3901, 8 x 65536: 2983-3010
-// / 3107-3116; benchmarks/RESULTS.md). num_sms: flash_attn_fwd_plan fills it.
+// 3405-3442 / 3541-3552; benchmarks/RESULTS.md). Since the wide kernel's table of row
+// addresses lost its barriers, it is the faster at head dim 64 there as well (64 x 4096,
+// pages of 16: 3774-3802 one-warp, 3999-4022 wide; at 128 the one-warp kernel keeps its
+// lead, 4343-4366 against 4174-4193). num_sms: flash_attn_fwd_plan fills it.
 inline int warps(const FlashAttnParams &p, int d) {
   if (!use_sm90_kernels()) return 1;
   const int w = wide_warps(d);
-  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d <= 128 &&
+  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d > 64 && d <= 128 &&
       int64_t(p.batch) * p.nheads_k * row_blocks(p) >= p.num_sms)
     return 1;
   return w;
