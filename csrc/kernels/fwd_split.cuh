@@ -10,8 +10,8 @@
 // W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
 // cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: for a
 // paged cache each thread computes the addresses of one key row (from the block table)
-// into shared memory a stage ahead, and the threads read them from there; for a contiguous one each
-// thread steps its own row pointers (walk_kv_stage). With one split
+// into shared memory a stage ahead, and the threads read them from there; for a
+// contiguous one each thread steps its own row pointers (walk_kv_stage). With one split
 // the CTA writes O and the LSE; with more, each split writes its normalised partial O
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once

@@ -34,10 +34,9 @@ constexpr bool swizzled(int d) { return d % 64 == 0; }
 constexpr int ld(int d) { return swizzled(d) ? d : d + 8; }
 constexpr int ldq(int d) { return d + 8; }
 // Q, the K and V stages, and a table of (k, v) row addresses in two halves of a stage
-// (fwd_split.cuh, put_row_addresses; the two halves left every kernel's CTAs an SM as
-// they were). (The wide kernel's
-// end, where the warps merge their states, reuses the stages: W x 16 x d floats and
-// four W x 16 tables, which always fit.)
+// each (fwd_split.cuh, put_row_addresses; the second half left every kernel's CTAs an
+// SM as they were). The wide kernel's end, where the warps merge their states, reuses
+// the stages: W x 16 x d floats and four W x 16 tables, which always fit.
 constexpr size_t smem_bytes(int d, int w) {
   return (size_t(kRows) * ldq(d) + size_t(2 * stages(d, w) * w * bn(d, w)) * ld(d)) * 2 +
          size_t(2 * w * bn(d, w)) * 16;
