@@ -334,21 +334,22 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
 
     // Scores in log2 units, invisible keys -inf; then the online softmax. A block whose
     // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
-    // decode), only scales: no per-key test. The output is rescaled only where a row's
-    // maximum grew.
-    const bool plain = !modded && n0 >= lo_all && n0 + BNW <= hi_all;
+    // decode), needs no per-key test, and its scores stay raw: the maximum is taken
+    // over them and scaled once (a positive scale keeps it the maximum of the scaled
+    // scores), and the scale goes into the exponent's FFMA (one multiply a score
+    // fewer). The output is rescaled only where a row's maximum grew.
+    const bool plain = !modded && scale_log2 > 0.f && n0 >= lo_all && n0 + BNW <= hi_all;
+    const float exp_scale = plain ? scale_log2 : 1.f;  // what the scores still need
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
       if (plain) {
+        float raw = -INFINITY;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float x = s[0][j][2 * r + e] * scale_log2;
-            s[0][j][2 * r + e] = x;
-            mx = fmaxf(mx, x);
-          }
+          for (int e = 0; e < 2; ++e) raw = fmaxf(raw, s[0][j][2 * r + e]);
+        mx = fmaxf(mx, raw * scale_log2);
       } else {
 #pragma unroll
         for (int j = 0; j < NT; ++j)
@@ -376,7 +377,7 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pe = exp2_approx(s[0][j][2 * r + e] - base);
+          const float pe = exp2_approx(fmaf(s[0][j][2 * r + e], exp_scale, -base));
           s[0][j][2 * r + e] = pe;
           sum += pe;
         }
