@@ -179,6 +179,11 @@ __device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sR
   }
 }
 
+template <int N>
+struct LiveRows {
+  static constexpr int value = N;
+};
+
 template <int D, int W, typename T>
 __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
   using C = SplitConfig<D, W>;
@@ -219,7 +224,8 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   }
   const bool modded = p.softcap > 0.f || p.alibi_slopes != nullptr;
   const float scale_log2 = p.scale * kLog2e;
-  const int lo_all = max(lo[0], lo[1]), hi_all = min(hi[0], hi[1]);  // keys both rows see
+  // the keys both rows see (row g's alone where row g + 8 holds no query)
+  const int lo_all = live[1] ? max(lo[0], lo[1]) : lo[0], hi_all = live[1] ? min(hi[0], hi[1]) : hi[0];
 
   // This split's key blocks: an even share of the blocks the tile's queries see.
   int nb_lo, nb_hi;
@@ -312,91 +318,102 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
   // SMs through this grid's whole run (triggered at the start, the one-warp kernel over
   // pages of 16 at 64 x 4096 hdim 64 lost 12%; H200, benchmarks/RESULTS.md).
   if (nblk == 0) allow_dependents();
-  for (int i = 0; i < nblk; ++i) {
-    if (i == nblk - 1) allow_dependents();
-    cp_async_wait<S - 2>();  // block i landed
-    cta_sync<W>();           // for every thread, and all are done with the stage the next load reuses
-    if (i + S - 1 < nblk) load_stage(i + S - 1);
-    cp_async_commit();
-    // Block i + S's addresses into the half block i + S - 2's copies read (the barrier
-    // above ends those; the next one orders these writes before block i + S's copies).
-    if (by_table && i + S < nblk) put_rows(i + S);
-    if (paged && tid == 0) prefetch_pages(blk_lo + i + kPagesAhead);
-    // This warp's slice of the stage: keys n0 .. n0 + BNW.
-    const T *sKi = sK + (i % S) * BN * LD + warp * BNW * LD;
-    const T *sVi = sV + (i % S) * BN * LD + warp * BNW * LD;
-    const int n0 = (blk_lo + i) * BN + warp * BNW;
+  // The key loop for NR fragment rows a thread. NR = 1 in the wide kernel where the
+  // tile's packed rows end by row 8 (a decode step of a group of up to 8 query heads:
+  // rows g + 8 hold no query, their scores are 0 and their P stays 0), so no thread spends
+  // the softmax's instructions on a row that does not exist: H200 decode +0.5-2% at head
+  // dims 64-256 (benchmarks/RESULTS.md). The one-warp kernel keeps one loop (its second
+  // copy measured -1 to +1% there and cost it a spill at head dim 64).
+  const auto key_loop = [&](auto live_rows) {
+    constexpr int NR = decltype(live_rows)::value;
+    for (int i = 0; i < nblk; ++i) {
+      if (i == nblk - 1) allow_dependents();
+      cp_async_wait<S - 2>();  // block i landed
+      cta_sync<W>();           // for every thread, and all are done with the stage the next load reuses
+      if (i + S - 1 < nblk) load_stage(i + S - 1);
+      cp_async_commit();
+      // Block i + S's addresses into the half block i + S - 2's copies read (the barrier
+      // above ends those; the next one orders these writes before block i + S's copies).
+      if (by_table && i + S < nblk) put_rows(i + S);
+      if (paged && tid == 0) prefetch_pages(blk_lo + i + kPagesAhead);
+      // This warp's slice of the stage: keys n0 .. n0 + BNW.
+      const T *sKi = sK + (i % S) * BN * LD + warp * BNW * LD;
+      const T *sVi = sV + (i % S) * BN * LD + warp * BNW * LD;
+      const int n0 = (blk_lo + i) * BN + warp * BNW;
 
-    float s[1][NT][4];
-    zero(s[0]);
-    if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T, kSwz>(s, q_frag, sKi, lane);
-    else gemm_ss_nt<1, NT, KS, LD, T, kSwz, LDQ>(s, sQ, sKi, lane);
+      float s[1][NT][4];
+      zero(s[0]);
+      if constexpr (C::kQInRegs) gemm_rs_nt<1, NT, KS, LD, T, kSwz>(s, q_frag, sKi, lane);
+      else gemm_ss_nt<1, NT, KS, LD, T, kSwz, LDQ>(s, sQ, sKi, lane);
 
-    // Scores in log2 units, invisible keys -inf; then the online softmax. A block whose
-    // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
-    // decode), needs no per-key test, and its scores stay raw: the maximum is taken
-    // over them and scaled once (a positive scale keeps it the maximum of the scaled
-    // scores), and the scale goes into the exponent's FFMA (one multiply a score
-    // fewer). The output is rescaled only where a row's maximum grew.
-    const bool plain = !modded && scale_log2 > 0.f && n0 >= lo_all && n0 + BNW <= hi_all;
-    const float exp_scale = plain ? scale_log2 : 1.f;  // what the scores still need
+      // Scores in log2 units, invisible keys -inf; then the online softmax. A block whose
+      // keys both of this thread's rows see, without softcap or ALiBi (most blocks of a
+      // decode), needs no per-key test, and its scores stay raw: the maximum is taken
+      // over them and scaled once (a positive scale keeps it the maximum of the scaled
+      // scores), and the scale goes into the exponent's FFMA (one multiply a score
+      // fewer). The output is rescaled only where a row's maximum grew.
+      const bool plain = !modded && scale_log2 > 0.f && n0 >= lo_all && n0 + BNW <= hi_all;
+      const float exp_scale = plain ? scale_log2 : 1.f;  // what the scores still need
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-      if (plain) {
-        float raw = -INFINITY;
+      for (int r = 0; r < NR; ++r) {
+        float mx = row_max[r];
+        if (plain) {
+          float raw = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) raw = fmaxf(raw, s[0][j][2 * r + e]);
-        mx = fmaxf(mx, raw * scale_log2);
-      } else {
+            for (int e = 0; e < 2; ++e) raw = fmaxf(raw, s[0][j][2 * r + e]);
+          mx = fmaxf(mx, raw * scale_log2);
+        } else {
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = n0 + j * 8 + 2 * t + e;
+              float x = s[0][j][2 * r + e];
+              if (modded) {
+                x *= p.scale;
+                if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+                x -= slope[r] * fabsf(static_cast<float>(qi[r] + vis.off() - key));
+                x *= kLog2e;
+              } else {
+                x *= scale_log2;
+              }
+              x = (key < lo[r] || key >= hi[r]) ? -INFINITY : x;
+              s[0][j][2 * r + e] = x;
+              mx = fmaxf(mx, x);
+            }
+        }
+        mx = quad_max(mx);
+        const float base = mx == -INFINITY ? 0.f : mx;
+        float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < NT; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int key = n0 + j * 8 + 2 * t + e;
-            float x = s[0][j][2 * r + e];
-            if (modded) {
-              x *= p.scale;
-              if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-              x -= slope[r] * fabsf(static_cast<float>(qi[r] + vis.off() - key));
-              x *= kLog2e;
-            } else {
-              x *= scale_log2;
-            }
-            x = (key < lo[r] || key >= hi[r]) ? -INFINITY : x;
-            s[0][j][2 * r + e] = x;
-            mx = fmaxf(mx, x);
+            const float pe = exp2_approx(fmaf(s[0][j][2 * r + e], exp_scale, -base));
+            s[0][j][2 * r + e] = pe;
+            sum += pe;
           }
-      }
-      mx = quad_max(mx);
-      const float base = mx == -INFINITY ? 0.f : mx;
-      float sum = 0.f;
+        if (mx != row_max[r]) {  // (a row that saw only -inf keeps a zero output and sum)
+          const float alpha = exp2_approx(row_max[r] - base);
+          row_sum[r] *= alpha;
 #pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = exp2_approx(fmaf(s[0][j][2 * r + e], exp_scale, -base));
-          s[0][j][2 * r + e] = pe;
-          sum += pe;
+          for (int j = 0; j < DT; ++j) {
+            acc_o[0][j][2 * r] *= alpha;
+            acc_o[0][j][2 * r + 1] *= alpha;
+          }
         }
-      if (mx != row_max[r]) {  // (a row that saw only -inf keeps a zero output and sum)
-        const float alpha = exp2_approx(row_max[r] - base);
-        row_sum[r] *= alpha;
-#pragma unroll
-        for (int j = 0; j < DT; ++j) {
-          acc_o[0][j][2 * r] *= alpha;
-          acc_o[0][j][2 * r + 1] *= alpha;
-        }
+        row_max[r] = mx;
+        row_sum[r] += sum;
       }
-      row_max[r] = mx;
-      row_sum[r] += sum;
+      uint32_t p_frag[1][BNW / 16][4];
+      pack_a<BNW / 16, T>(p_frag[0], s[0]);
+      gemm_rs_nn<1, DT, BNW / 16, LD, T, kSwz>(acc_o, p_frag, sVi, lane);
     }
-    uint32_t p_frag[1][BNW / 16][4];
-    pack_a<BNW / 16, T>(p_frag[0], s[0]);
-    gemm_rs_nn<1, DT, BNW / 16, LD, T, kSwz>(acc_o, p_frag, sVi, lane);
-  }
+  };
+  if (W > 1 && r0 + 8 >= rows) key_loop(LiveRows<1>{});
+  else key_loop(LiveRows<2>{});
   cp_async_wait_all();
 
   // Results: O and the LSE (one split), or this split's normalised partials. (The
