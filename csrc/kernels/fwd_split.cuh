@@ -412,8 +412,12 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
       gemm_rs_nn<1, DT, BNW / 16, LD, T, kSwz>(acc_o, p_frag, sVi, lane);
     }
   };
-  if (W > 1 && r0 + 8 >= rows) key_loop(LiveRows<1>{});
-  else key_loop(LiveRows<2>{});
+  if constexpr (W > 1) {
+    if (r0 + 8 >= rows) key_loop(LiveRows<1>{});
+    else key_loop(LiveRows<2>{});
+  } else {
+    key_loop(LiveRows<2>{});
+  }
   cp_async_wait_all();
 
   // Results: O and the LSE (one split), or this split's normalised partials. (The
