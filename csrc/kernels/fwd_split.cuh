@@ -16,6 +16,8 @@
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
 
+#include <type_traits>
+
 #include "divby.h"
 #include "split_plan.h"
 #include "tile.cuh"
@@ -178,11 +180,6 @@ __device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sR
     }
   }
 }
-
-template <int N>
-struct LiveRows {
-  static constexpr int value = N;
-};
 
 template <int D, int W, typename T>
 __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
@@ -413,10 +410,10 @@ __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams
     }
   };
   if constexpr (W > 1) {
-    if (r0 + 8 >= rows) key_loop(LiveRows<1>{});
-    else key_loop(LiveRows<2>{});
+    if (r0 + 8 >= rows) key_loop(std::integral_constant<int, 1>{});
+    else key_loop(std::integral_constant<int, 2>{});
   } else {
-    key_loop(LiveRows<2>{});
+    key_loop(std::integral_constant<int, 2>{});
   }
   cp_async_wait_all();
 
