@@ -276,3 +276,108 @@ def test_flash_attn_func_decode_takes_the_split_kernel(num_splits, h, hk, d):
     ref_grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.float())
     for name, g, rg in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(g.float(), rg, atol=3e-2, rtol=3e-2, msg=f"d{name}")
+
+
+# Several splits: the split kernel writes partials into a workspace the call allocates
+# (stream-ordered, from the caching allocator) and the combine, a dependent launch,
+# merges them. Below: the call replayed from a CUDA graph (its workspace in the graph's
+# pool, reused by every replay), calls queued back to back whose workspaces reuse the
+# memory the one before gave back, and two streams decoding at once.
+MERGE_SHAPES = [
+    # (batch, seqlen_k, nheads, nheads_k, head_dim)
+    (2, 3000, 32, 8, 128),
+    (3, 2500, 8, 1, 64),
+]
+
+
+def dense_decode(batch: int, sk: int, h: int, hk: int, d: int, dtype=torch.bfloat16):
+    q = torch.randn(batch, 1, h, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, sk, hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(batch, sk, hk, d, device="cuda", dtype=dtype)
+    return q, k, v
+
+
+def run_fwd_kv(_ops, q, k, v, num_splits: int):
+    d, sk = q.shape[-1], k.shape[1]
+    return _ops.fwd_kv(
+        q, k, v, None, None, None, None, None, None, 1, sk, d**-0.5, -1, 0, 0.0, None, num_splits
+    )
+
+
+def check_decode(name: str, q, k, v, out, lse) -> None:
+    for b in range(q.shape[0]):
+        ref, ref_lse, ref_lo = reference(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], {"causal": True}, None
+        )
+        check(f"{name} out[{b}]", out[b : b + 1], ref, ref_lo)
+        torch.testing.assert_close(
+            lse[b : b + 1], ref_lse.float(), atol=2e-3, rtol=1e-3, msg=f"{name} lse[{b}]"
+        )
+
+
+@pytest.mark.parametrize("num_splits", [0, 3, 16])
+@pytest.mark.parametrize(("batch", "sk", "h", "hk", "d"), MERGE_SHAPES)
+def test_split_merge_across_cuda_graph_replays(batch, sk, h, hk, d, num_splits):
+    """Each replay, with new inputs, gives their attention (an eager call with another
+    split count runs between replays)."""
+    _ops = ops()
+    if not compiled(d, torch.bfloat16):
+        pytest.skip(f"head_dim {d} bf16 not compiled")
+    torch.manual_seed(11)
+    q, k, v = dense_decode(batch, sk, h, hk, d)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_fwd_kv(_ops, q, k, v, num_splits)  # warm-up, as graph capture asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    repoison()
+    with torch.cuda.graph(graph):
+        out, lse = run_fwd_kv(_ops, q, k, v, num_splits)
+    for step in range(4):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_decode(f"replay {step}", q, k, v, out, lse)
+        repoison()
+        eager_out, eager_lse = run_fwd_kv(_ops, q, k, v, 2 + step)
+        torch.cuda.synchronize()
+        check_decode(f"eager {step}", q, k, v, eager_out, eager_lse)
+
+
+def test_split_merge_calls_back_to_back_reusing_memory():
+    """Calls queued without a sync, split counts changing, each workspace taken from
+    memory the calls before gave back."""
+    _ops = ops()
+    if not compiled(128, torch.bfloat16):
+        pytest.skip("head_dim 128 bf16 not compiled")
+    torch.manual_seed(12)
+    q, k, v = dense_decode(2, 3000, 32, 8, 128)
+    repoison()
+    results = [run_fwd_kv(_ops, q, k, v, n) for n in (2, 2, 7, 128, 3, 3, 0, 16, 16, 5)]
+    torch.cuda.synchronize()
+    for n, (out, lse) in enumerate(results):
+        check_decode(f"call {n}", q, k, v, out, lse)
+
+
+def test_split_merge_on_two_streams_at_once():
+    """Two streams decoding at once: their CTAs share the SMs, their workspaces differ."""
+    _ops = ops()
+    if not compiled(128, torch.bfloat16) or not compiled(64, torch.bfloat16):
+        pytest.skip("head_dim 64 / 128 bf16 not compiled")
+    torch.manual_seed(13)
+    inputs = [dense_decode(*MERGE_SHAPES[0]), dense_decode(*MERGE_SHAPES[1])]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    repoison()
+    results: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[], []]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for _ in range(6):
+        for i, (stream, (q, k, v)) in enumerate(zip(streams, inputs)):
+            with torch.cuda.stream(stream):
+                results[i].append(run_fwd_kv(_ops, q, k, v, 0))
+    torch.cuda.synchronize()
+    for i, (q, k, v) in enumerate(inputs):
+        for n, (out, lse) in enumerate(results[i]):
+            check_decode(f"stream {i} call {n}", q, k, v, out, lse)
