@@ -534,93 +534,138 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Merges the splits' partials: one CTA of 128 threads per (query row, head). The
-// weights exp(lse_s - lse) go to shared memory; then each thread sums 4 columns over
-// a share of the splits and the shares are added. The first kAhead partials of each
-// thread's share are loaded with the LSEs, before the weights are known, so that the
-// merge waits on one round of loads, not two; the rest of a long share follows. A split
-// that saw no key has LSE -inf and weight 0 (its partial O, never written, is skipped,
-// not multiplied by 0); a row no split saw gets O = 0 and LSE +inf, as the unsplit
-// kernels give.
-template <typename T>
-__global__ void __launch_bounds__(128) combine_kernel(const FlashAttnParams p) {
-  __shared__ float sw[FLASH_MAX_SPLITS];
-  __shared__ float sred[4];
-  __shared__ float4 spart[128];
-  if (call_aborted(p.abort_flag)) return;  // (first waits for the split grid: a dependent launch)
-  allow_dependents();  // a short grid: the next one may be placed at once
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
-  const int ns = p.num_splits, hd = p.head_dim;
+// Merges the splits' partials: one warp (a CTA) per (query row, head). Lane l holds the
+// LSEs of splits l, l + 32, ... (max and sum over the splits by shuffles), and a column
+// chunk of 4 with its share of the splits (lanes a chunk: a power of 2 when the chunks
+// are at most 16; past 32 chunks a lane takes two). Every load goes out before any
+// result is needed, the LSEs with the first kAhead partials of each chunk, so the merge
+// waits on one round of loads where a lane's share is at most kAhead splits (the
+// decode's splits: 16 or 32 at head dims 64-128); the rest of a longer share follows.
+// Each split's weight exp(lse_s - lse) goes to shared memory once, for the lanes that
+// hold its partial. A split that saw no key has LSE -inf and weight 0 (its partial O,
+// never written, is skipped, not multiplied by 0); a row no split saw gets O = 0 and
+// LSE +inf, as the unsplit kernels give. (Against a CTA of 128 threads a pair, whose
+// reductions took five barriers: H200 decode +0.5-1% where a combine runs; the
+// combine's work was 0.8-1.7 us of a 22-38 us call; benchmarks/RESULTS.md.)
+//
+// The combine's work for chunks c0 and (NC = 2) c0 + 32 of one (row, head), lanes `lpc`
+// a chunk (sub: this lane's place among them), weights in sw once the LSEs are in.
+template <int NC, typename T>
+__device__ __forceinline__ void combine_row(const FlashAttnParams &p, int h, int grow, bool active, int c0,
+                                            int sub, int lpc, float *sw, int lane) {
+  constexpr int kAhead = 16 / NC;
+  const int ns = p.num_splits, chunks = p.head_dim / 4;
   const int64_t plane = int64_t(p.nheads) * p.total_q, row = int64_t(h) * p.total_q + grow;
-
-  const int chunks = hd / 4, groups = 128 / chunks;  // hd in [8, 256]: chunks <= 64 -> groups >= 2
-  const int c = tid % chunks, grp = tid / chunks;
-  const float *part = p.oaccum + row * hd + 4 * c;  // split s: part + s * plane * hd
-  constexpr int kAhead = 8;
-  float4 ahead[kAhead];
+  const int64_t stride = plane * p.head_dim;        // from one split's partial to the next
+  const float *part = p.oaccum + row * p.head_dim;  // split s: part + s * stride
+  bool has[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) has[k] = active && c0 + 32 * k < chunks;
+  // (pointers stepped a share's split at a time: the loads' addresses cost an add each)
+  float4 ahead[NC][kAhead];
+  const float *src = part + int64_t(sub) * stride + 4 * c0;
+  const int64_t step = int64_t(lpc) * stride;
 #pragma unroll
   for (int i = 0; i < kAhead; ++i) {
-    const int s = grp + i * groups;
-    ahead[i] = grp < groups && s < ns ? *reinterpret_cast<const float4 *>(part + s * plane * hd)
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-
-  const float ls = tid < ns ? p.lse_accum[tid * plane + row] : -INFINITY;
-  float mx = warp_max(ls);
-  if (lane == 0) sred[warp] = mx;
-  __syncthreads();
-  mx = fmaxf(fmaxf(sred[0], sred[1]), fmaxf(sred[2], sred[3]));
-  const float e = (mx == -INFINITY || ls == -INFINITY) ? 0.f : expf(ls - mx);
-  float sum = warp_sum(e);
-  __syncthreads();
-  if (lane == 0) sred[warp] = sum;
-  __syncthreads();
-  sum = sred[0] + sred[1] + sred[2] + sred[3];
-  const float lse = mx == -INFINITY ? INFINITY : mx + logf(sum);
-  if (tid < ns) sw[tid] = sum > 0.f ? e / sum : 0.f;
-  __syncthreads();
-
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  const auto add = [&](float w, const float4 &v) {
-    if (w == 0.f) return;  // (an empty split's partial may hold anything)
-    acc.x += w * v.x;
-    acc.y += w * v.y;
-    acc.z += w * v.z;
-    acc.w += w * v.w;
-  };
-  if (grp < groups) {
+    const bool in = sub + i * lpc < ns;
 #pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      const int s = grp + i * groups;
-      if (s < ns) add(sw[s], ahead[i]);
-    }
+    for (int k = 0; k < NC; ++k) ahead[k][i] = ld_volatile_f4(src + 128 * k, has[k] && in);
+    src += step;
+  }
+  float ls[FLASH_MAX_SPLITS / 32];
+  const float *lse_src = p.lse_accum + int64_t(lane) * plane + row;
+#pragma unroll
+  for (int j = 0; j < FLASH_MAX_SPLITS / 32; ++j) {
+    const bool in = lane + 32 * j < ns;
+    ls[j] = ld_volatile_f32(lse_src, in);
+    if (!in) ls[j] = -INFINITY;
+    lse_src += 32 * plane;
+  }
+  float mx = ls[0];
+#pragma unroll
+  for (int j = 1; j < FLASH_MAX_SPLITS / 32; ++j) mx = fmaxf(mx, ls[j]);
+  mx = warp_max(mx);
+  float e[FLASH_MAX_SPLITS / 32], sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < FLASH_MAX_SPLITS / 32; ++j) {
+    e[j] = (mx == -INFINITY || ls[j] == -INFINITY) ? 0.f : expf(ls[j] - mx);
+    sum += e[j];
+  }
+  sum = warp_sum(sum);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+  for (int j = 0; j < FLASH_MAX_SPLITS / 32; ++j)
+    if (lane + 32 * j < ns) sw[lane + 32 * j] = e[j] * inv;
+  __syncwarp();
+
+  float4 acc[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto add = [&](int k, float w, const float4 &v) {
+    acc[k].x += w * v.x;
+    acc[k].y += w * v.y;
+    acc[k].z += w * v.z;
+    acc[k].w += w * v.w;
+  };
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) {
+    const int s = sub + i * lpc;
+    const float w = s < ns ? sw[s] : 0.f;
+    if (w == 0.f) continue;  // (an empty split's partial may hold anything)
+#pragma unroll
+    for (int k = 0; k < NC; ++k) add(k, w, ahead[k][i]);
+  }
 #pragma unroll 4
-    for (int s = grp + kAhead * groups; s < ns; s += groups) {
-      const float w = sw[s];
-      if (w != 0.f) add(w, *reinterpret_cast<const float4 *>(part + s * plane * hd));
+  for (int s = sub + kAhead * lpc; s < ns; s += lpc, src += step) {
+    const float w = sw[s];
+    if (w == 0.f) continue;
+#pragma unroll
+    for (int k = 0; k < NC; ++k)
+      if (has[k]) add(k, w, ld_volatile_f4(src + 128 * k, true));
+  }
+  // the chunk's lanes are lpc aligned neighbours: their shares add up by shuffles
+  for (int o = 1; o < lpc; o *= 2) {
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      acc[k].x += __shfl_xor_sync(0xffffffffu, acc[k].x, o);
+      acc[k].y += __shfl_xor_sync(0xffffffffu, acc[k].y, o);
+      acc[k].z += __shfl_xor_sync(0xffffffffu, acc[k].z, o);
+      acc[k].w += __shfl_xor_sync(0xffffffffu, acc[k].w, o);
     }
   }
-  spart[tid] = acc;
-  __syncthreads();
-  if (tid < chunks) {
-    for (int g = 1; g < groups; ++g) {
-      const float4 v = spart[g * chunks + tid];
-      acc.x += v.x;
-      acc.y += v.y;
-      acc.z += v.z;
-      acc.w += v.w;
-    }
-    const bool varlen = p.cu_seqlens_q != nullptr;
-    const int b = varlen ? 0 : grow / p.seqlen_q, qi = varlen ? grow : grow % p.seqlen_q;
-    T *o = static_cast<T *>(p.o) + (varlen ? 0 : int64_t(b) * p.o_batch_stride) +
-           int64_t(qi) * p.o_row_stride + int64_t(h) * p.o_head_stride;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int b = varlen ? 0 : grow / p.seqlen_q, qi = varlen ? grow : grow % p.seqlen_q;
+  if (lane == 0)
+    p.lse[(varlen ? 0 : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + qi] =
+        mx == -INFINITY ? INFINITY : mx + logf(sum);
+  if (!active || sub != 0) return;
+  T *o = static_cast<T *>(p.o) + (varlen ? 0 : int64_t(b) * p.o_batch_stride) + int64_t(qi) * p.o_row_stride +
+         int64_t(h) * p.o_head_stride;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    if (!has[k]) continue;
     uint2 packed;
-    packed.x = pack2<T>(acc.x, acc.y);
-    packed.y = pack2<T>(acc.z, acc.w);
-    *reinterpret_cast<uint2 *>(o + 4 * tid) = packed;
-    if (tid == 0)
-      p.lse[(varlen ? 0 : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + qi] = lse;
+    packed.x = pack2<T>(acc[k].x, acc[k].y);
+    packed.y = pack2<T>(acc[k].z, acc[k].w);
+    *reinterpret_cast<uint2 *>(o + 4 * (c0 + 32 * k)) = packed;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32) combine_kernel(const FlashAttnParams p) {
+  __shared__ float sw[FLASH_MAX_SPLITS];
+  if (call_aborted(p.abort_flag)) return;  // (first waits for the split grid: a dependent launch)
+  allow_dependents();  // a short grid: the next one may be placed at once
+  const int lane = threadIdx.x;
+  const int h = int(blockIdx.x % p.nheads), grow = int(blockIdx.x / p.nheads);
+  const int chunks = p.head_dim / 4;  // head_dim in [8, 256]: chunks in [2, 64]
+  if (chunks > 32) {
+    combine_row<2, T>(p, h, grow, true, lane, 0, 1, sw, lane);
+  } else {
+    int lpc = 1;  // lanes a chunk: the largest power of 2 with lpc * chunks <= 32
+    while (2 * lpc * chunks <= 32) lpc *= 2;
+    // (lanes past the chunks hold LSEs and join the shuffles, but load and store no O)
+    combine_row<1, T>(p, h, grow, lane / lpc < chunks, lane / lpc, lane % lpc, lpc, sw, lane);
   }
 }
 
@@ -642,7 +687,7 @@ int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
     status = launch(fwd_split_kernel<D, 1, T>, grid, 32, SplitConfig<D, 1>::kSmem, stream, p, kDependent);
   if (status != FLASH_OK || p.num_splits == 1) return status;
   const int64_t pairs = int64_t(p.total_q) * p.nheads;
-  return launch(combine_kernel<T>, dim3(unsigned(pairs)), 128, 0, stream, p, kDependent);
+  return launch(combine_kernel<T>, dim3(unsigned(pairs)), 32, 0, stream, p, kDependent);
 }
 
 }  // namespace flash

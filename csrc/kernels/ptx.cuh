@@ -47,6 +47,28 @@ __device__ __forceinline__ void cp_async_4(void *dst, const void *src, bool pred
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                "r"(bytes));
 }
+// Loads of what another grid just wrote (a dependent launch after it): volatile, so
+// served by L2 and never a stale L1 line, and kept in the order written by the compiler
+// and by ptxas (which otherwise sank a merge's 16 loads of partials below its LSE
+// reduction, two rounds of loads instead of one). When !pred nothing is read and the
+// result is undefined.
+__device__ __forceinline__ float4 ld_volatile_f4(const float *p, bool pred) {
+  float4 v;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+      " @q ld.volatile.global.v4.f32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+      : "l"(p), "r"(int(pred)));
+  return v;
+}
+__device__ __forceinline__ float ld_volatile_f32(const float *p, bool pred) {
+  float v;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.volatile.global.f32 %0, [%1];\n}\n"
+      : "=f"(v)
+      : "l"(p), "r"(int(pred)));
+  return v;
+}
 // Asks L1 for the line holding p (global memory; nothing waits for it).
 __device__ __forceinline__ void prefetch_l1(const void *p) { asm volatile("prefetch.L1 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
