@@ -545,8 +545,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 // hold its partial. A split that saw no key has LSE -inf and weight 0 (its partial O,
 // never written, is skipped, not multiplied by 0); a row no split saw gets O = 0 and
 // LSE +inf, as the unsplit kernels give. (Against a CTA of 128 threads a pair, whose
-// reductions took five barriers: H200 decode +0.5-1% where a combine runs; the
-// combine's work was 0.8-1.7 us of a 22-38 us call; benchmarks/RESULTS.md.)
+// reductions took five barriers: H200 decode +0.5-1% where a combine runs; the old
+// combine's work was 0.3-1.5 us of a 22-70 us call, its launch 0.6-1.6 us more;
+// benchmarks/RESULTS.md.)
 //
 // The combine's work for chunks c0 and (NC = 2) c0 + 32 of one (row, head), lanes `lpc`
 // a chunk (sub: this lane's place among them), weights in sw once the LSEs are in.
@@ -569,7 +570,7 @@ __device__ __forceinline__ void combine_row(const FlashAttnParams &p, int h, int
   for (int i = 0; i < kAhead; ++i) {
     const bool in = sub + i * lpc < ns;
 #pragma unroll
-    for (int k = 0; k < NC; ++k) ahead[k][i] = ld_volatile_f4(src + 128 * k, has[k] && in);
+    for (int k = 0; k < NC; ++k) ahead[k][i] = ld_volatile_f4(src + 4 * 32 * k, has[k] && in);
     src += step;
   }
   float ls[FLASH_MAX_SPLITS / 32];
@@ -621,7 +622,7 @@ __device__ __forceinline__ void combine_row(const FlashAttnParams &p, int h, int
     if (w == 0.f) continue;
 #pragma unroll
     for (int k = 0; k < NC; ++k)
-      if (has[k]) add(k, w, ld_volatile_f4(src + 128 * k, true));
+      if (has[k]) add(k, w, ld_volatile_f4(src + 4 * 32 * k, true));
   }
   // the chunk's lanes are lpc aligned neighbours: their shares add up by shuffles
   for (int o = 1; o < lpc; o *= 2) {
