@@ -146,25 +146,30 @@ CASES = [
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 128])
 @pytest.mark.parametrize(("layout", "sq", "cap", "h", "hk", "d", "page", "dtype"), CASES)
 def test_fwd_kv_matches_reference(layout, sq, cap, h, hk, d, page, dtype, num_splits, mask):
+    if sq * (h // hk) > 32 and num_splits > 1 and layout != "paged" and mask != "none":
+        pytest.skip("explicit splits of long queries: covered by the unmasked case")
+    check_fwd_kv(layout, 3, sq, cap, h, hk, d, page, dtype, num_splits, mask)
+
+
+def check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask) -> None:
+    """fwd_kv over `batch` entries against the reference, entry by entry."""
     _ops = ops()
     if not compiled(d, dtype):
         pytest.skip(f"head_dim {d} / {dtype} not compiled")
-    if sq * (h // hk) > 32 and num_splits > 1 and layout != "paged" and mask != "none":
-        pytest.skip("explicit splits of long queries: covered by the unmasked case")
-    torch.manual_seed(zlib.crc32(repr((layout, sq, cap, h, num_splits, mask)).encode()))
-    batch = 3
+    torch.manual_seed(zlib.crc32(repr((layout, batch, sq, cap, h, num_splits, mask)).encode()))
     kw = dict(MASKS[mask])
     use_alibi = kw.pop("alibi", False)
     k, v, logical, extras, cap_eff = make_cache(layout, batch, cap, hk, d, dtype, page)
     q = torch.randn(batch, sq, h, d, device="cuda", dtype=dtype)
-    # Entry lengths: one empty (when sq allows a causal alignment), one full, one between.
-    used = torch.tensor(
-        [cap_eff, max(sq, cap_eff // 3), 0 if sq == 1 else sq + 1], dtype=torch.int32
-    )
+    # Entry lengths: one empty (when sq allows a causal alignment), one full, one between;
+    # past three entries, lengths drawn between sq and full.
+    first = [cap_eff, max(sq, cap_eff // 3), 0 if sq == 1 else sq + 1]
+    more = torch.randint(sq, cap_eff + 1, (max(0, batch - 3),)).tolist()
+    used = torch.tensor((first + more)[:batch], dtype=torch.int32)
     leftpad = None
     if layout == "leftpad":
-        leftpad = torch.tensor([5, 0, 1 if sq == 1 else 0], dtype=torch.int32)
-        leftpad = torch.minimum(leftpad, used)
+        pads = [5, 0, 1 if sq == 1 else 0] + [b % 7 for b in range(3, batch)]
+        leftpad = torch.minimum(torch.tensor(pads[:batch], dtype=torch.int32), used)
         extras["leftpad_k"] = leftpad.cuda()
     slopes = torch.rand(batch, h, device="cuda") * 0.3 if use_alibi else None
     scale = d**-0.5
@@ -194,6 +199,33 @@ def test_fwd_kv_matches_reference(layout, sq, cap, h, hk, d, page, dtype, num_sp
             lse[b : b + 1][finite], ref_lse.float()[finite], atol=2e-3, rtol=1e-3
         )
         assert torch.equal(torch.isinf(lse[b : b + 1]), ~finite)
+
+
+# Calls with an (entry, kv head) tile for every SM: on sm_90 the four-warp kernel with
+# 64-key stages, two CTAs an SM, at head dims 65-128 (split_plan.h, shape()), and the
+# one-warp kernel for pages shorter than a 128-key stage there; the planner's split
+# count (0) splits such calls too where one wave would leave SMs idle.
+MANY_TILE_CASES = [
+    # (layout, seqlen_q, cap, nheads, nheads_k, head_dim, page, dtype)
+    ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16),
+    ("dense", 2, 450, 16, 4, 96, 0, torch.float16),
+    ("leftpad", 1, 333, 8, 8, 128, 0, torch.float16),
+    ("paged", 1, 700, 32, 8, 128, 256, torch.bfloat16),
+    ("paged", 1, 500, 16, 8, 128, 64, torch.bfloat16),
+    ("paged", 3, 300, 8, 4, 96, 16, torch.float16),
+    ("dense", 1, 600, 8, 8, 64, 0, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "local", "softcap", "alibi"])
+@pytest.mark.parametrize("num_splits", [0, 1])
+@pytest.mark.parametrize(("layout", "sq", "cap", "h", "hk", "d", "page", "dtype"), MANY_TILE_CASES)
+def test_fwd_kv_with_a_tile_for_every_sm(layout, sq, cap, h, hk, d, page, dtype, num_splits, mask):
+    ops()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = -(-sq * (h // hk) // 16)  # 16-row tiles of packed queries an (entry, kv head)
+    batch = -(-sms // (hk * rows)) + 1
+    check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask)
 
 
 @pytest.mark.parametrize("num_splits", [0, 1, 4])

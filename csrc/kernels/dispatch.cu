@@ -63,7 +63,7 @@ int plan(FlashAttnParams *p, int64_t *oaccum_floats, int64_t *lse_accum_floats) 
     p->num_splits = 1;
     return FLASH_OK;
   }
-  // the SMs: the split count's and the kernel shape's (split::warps) measure
+  // the SMs: the split count's and the kernel shape's (split::shape) measure
   int dev = 0, sms = 0;
   const cudaError_t err = cudaGetDevice(&dev) == cudaSuccess
                               ? cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)
@@ -74,7 +74,7 @@ int plan(FlashAttnParams *p, int64_t *oaccum_floats, int64_t *lse_accum_floats) 
   }
   p->num_sms = sms;
   if (p->num_splits == 0)
-    p->num_splits = split::choose_splits(*p, e->head_dim, sms, split::warps(*p, e->head_dim));
+    p->num_splits = split::choose_splits(*p, e->head_dim, sms, split::shape(*p, e->head_dim));
   if (p->num_splits > 1) {
     *lse_accum_floats = int64_t(p->num_splits) * p->nheads * p->total_q;
     *oaccum_floats = *lse_accum_floats * p->head_dim;

@@ -8,10 +8,12 @@
 // of BNW keys, and merge their partial softmax states through shared memory at the
 // end. W = 1 (one warp a CTA, several CTAs an SM) is the portable shape; on sm_90,
 // W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
-// cuDNN's decode kernel has). The rows of a stage are copied in 16-byte chunks: for a
-// paged cache each thread computes the addresses of one key row (from the block table)
-// into shared memory a stage ahead, and the threads read them from there; for a
-// contiguous one each thread steps its own row pointers (walk_kv_stage). With one split
+// cuDNN's decode kernel has), or with 64-key stages and two CTAs an SM where the call
+// has a tile for every SM (split_plan.h, shape()). The rows of a stage are copied in
+// 16-byte chunks: for a paged cache each thread computes the addresses of one key row
+// (from the block table) into shared memory a stage ahead, and the threads read them
+// from there; for a contiguous one each thread steps its own row pointers
+// (walk_kv_stage). With one split
 // the CTA writes O and the LSE; with more, each split writes its normalised partial O
 // and LSE (float32 workspace) and combine_kernel merges them.
 #pragma once
@@ -24,16 +26,16 @@
 
 namespace flash {
 
-template <int D, int W>
+template <int D, int W, int BNW_>
 struct SplitConfig {
   static constexpr int kWarps = W, kThreads = 32 * W;
-  static constexpr int BNW = split::bn(D, W);  // keys a warp takes from each stage
-  static constexpr int BN = W * BNW;        // keys a stage
+  static constexpr int BNW = BNW_;   // keys a warp takes from each stage
+  static constexpr int BN = W * BNW;  // keys a stage
   static constexpr int kStages = split::stages(D, W), LD = split::ld(D), LDQ = split::ldq(D);
   static constexpr bool kSwz = split::swizzled(D);  // K and V stage rows (tile.cuh, tile_at)
   static constexpr int kRows = split::kRows;
   static constexpr bool kQInRegs = D <= 128;  // above, Q's fragments stay in shared memory
-  static constexpr size_t kSmem = split::smem_bytes(D, W);
+  static constexpr size_t kSmem = split::smem_bytes(D, split::Shape{W, BNW});
 };
 
 // A barrier over the CTA (a warp's when it is one warp).
@@ -181,9 +183,9 @@ __device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sR
   }
 }
 
-template <int D, int W, typename T>
+template <int D, int W, int BNW_, typename T>
 __global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
-  using C = SplitConfig<D, W>;
+  using C = SplitConfig<D, W, BNW_>;
   constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, LDQ = C::LDQ, S = C::kStages, KS = D / 16,
                 DT = D / 8;
   constexpr bool kSwz = C::kSwz;
@@ -678,14 +680,21 @@ int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
   // Both grids go out as dependent launches (call_aborted waits for the grid before).
   constexpr bool kDependent = true;
+  // (wide_pair is wide itself at head dims <= 64 and > 128: one kernel, not two)
+  constexpr split::Shape kOne = split::one_warp(D), kWide = split::wide(D), kPair = split::wide_pair(D);
+  const split::Shape shape = split::shape(p, D);
   int status;
 #if defined(FLASH_HAS_SM90A)
-  if (split::warps(p, D) != 1) {
-    constexpr int W = split::wide_warps(D);
-    status = launch(fwd_split_kernel<D, W, T>, grid, 32 * W, SplitConfig<D, W>::kSmem, stream, p, kDependent);
-  } else
+  if (shape.w != 1 && shape.bnw == kPair.bnw)
+    status = launch(fwd_split_kernel<D, kPair.w, kPair.bnw, T>, grid, 32 * kPair.w,
+                    SplitConfig<D, kPair.w, kPair.bnw>::kSmem, stream, p, kDependent);
+  else if (shape.w != 1)
+    status = launch(fwd_split_kernel<D, kWide.w, kWide.bnw, T>, grid, 32 * kWide.w,
+                    SplitConfig<D, kWide.w, kWide.bnw>::kSmem, stream, p, kDependent);
+  else
 #endif
-    status = launch(fwd_split_kernel<D, 1, T>, grid, 32, SplitConfig<D, 1>::kSmem, stream, p, kDependent);
+    status = launch(fwd_split_kernel<D, kOne.w, kOne.bnw, T>, grid, 32 * kOne.w,
+                    SplitConfig<D, kOne.w, kOne.bnw>::kSmem, stream, p, kDependent);
   if (status != FLASH_OK || p.num_splits == 1) return status;
   const int64_t pairs = int64_t(p.total_q) * p.nheads;
   return launch(combine_kernel<T>, dim3(unsigned(pairs)), 32, 0, stream, p, kDependent);

@@ -15,14 +15,22 @@ namespace split {
 
 constexpr int kRows = 16;  // packed query rows per CTA: one m16 tile, one warp
 
-// Keys a warp takes from each pipeline stage (8 KB of K and V at head dim 64, 16 KB
-// at 128 and 256) and the stages. A CTA has W warps sharing each stage: W = 1 (several
-// CTAs an SM) everywhere, W = wide_warps(d) on sm_90 (warps()). Measured on an H200
-// (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
+// A CTA's shape: W warps sharing each pipeline stage, each taking BNW keys from it
+// (8 KB of K and V a warp at head dim 64 and 32 keys, 16 KB at 128 and 256). Three
+// shapes: one warp (several CTAs an SM), the portable one; on sm_90 four warps with
+// 128-key stages (one CTA an SM at head dims 65-256, fewer and longer streams: the
+// shape cuDNN's decode kernel has), and the same four warps with 64-key stages where
+// that lets two CTAs share an SM (head dims 65-128: one CTA's merge and write run
+// beside the other's stream), for calls with a tile for every SM (shape()). Measured on
+// an H200 (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
 // pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages, 3 CTAs, by 10%);
 // 64 keys a stage at 64 lost 15% to 32.
-constexpr int wide_warps(int /*d*/) { return 4; }
-constexpr int bn(int d, int /*w*/) { return d <= 128 ? 32 : 16; }
+struct Shape {
+  int w, bnw;
+};
+constexpr Shape one_warp(int d) { return {1, d <= 128 ? 32 : 16}; }
+constexpr Shape wide(int d) { return {4, d <= 128 ? 32 : 16}; }
+constexpr Shape wide_pair(int d) { return {4, d <= 64 ? 32 : 16}; }
 constexpr int stages(int d, int w) { return w == 1 ? (d <= 128 ? 3 : 2) : 3; }
 // The K and V rows of a stage: unpadded with 16-byte chunks swizzled (tile.cuh, tile_at)
 // where a row is a whole number of 8-chunk groups, else padded by 8 elements (Q always).
@@ -37,22 +45,32 @@ constexpr int ldq(int d) { return d + 8; }
 // each (fwd_split.cuh, put_row_addresses; the second half left every kernel's CTAs an
 // SM as they were). The wide kernel's end, where the warps merge their states, reuses
 // the stages: W x 16 x d floats and four W x 16 tables, which always fit.
-constexpr size_t smem_bytes(int d, int w) {
-  return (size_t(kRows) * ldq(d) + size_t(2 * stages(d, w) * w * bn(d, w)) * ld(d)) * 2 +
-         size_t(2 * w * bn(d, w)) * 16;
+constexpr size_t smem_bytes(int d, Shape s) {
+  const int bn = s.w * s.bnw;  // keys a stage
+  return (size_t(kRows) * ldq(d) + size_t(2 * stages(d, s.w) * bn) * ld(d)) * 2 + size_t(2 * bn) * 16;
 }
-constexpr bool wide_fits(int d) {
-  const int w = wide_warps(d);
-  return size_t(w) * kRows * d * 4 + 4 * w * kRows * 4 <= size_t(2 * stages(d, w) * w * bn(d, w)) * ld(d) * 2 &&
-         smem_bytes(d, w) <= 227 * 1024;
+// CTAs of this shape an SM can hold: shared memory, and at most 10 warps (about 170
+// registers a lane); at least 1.
+constexpr int ctas_per_sm(int d, Shape s) {
+  const int by_smem = int((228 * 1024) / (smem_bytes(d, s) + 1024)), by_warps = 10 / s.w;
+  const int n = by_smem < by_warps ? by_smem : by_warps;
+  return n < 1 ? 1 : n;
+}
+constexpr bool wide_fits(int d, Shape s) {
+  return size_t(s.w) * kRows * d * 4 + 4 * s.w * kRows * 4 <=
+             size_t(2 * stages(d, s.w) * s.w * s.bnw) * ld(d) * 2 &&
+         smem_bytes(d, s) <= 227 * 1024;
 }
 constexpr bool wide_fits_every_bucket() {
   for (int d = 32; d <= 256; d += 32)
-    if (!wide_fits(d)) return false;
+    if (!wide_fits(d, wide(d)) || !wide_fits(d, wide_pair(d))) return false;
   return true;
 }
 static_assert(wide_fits_every_bucket(),
-              "the wide kernel fits an sm_90 CTA's shared memory, and its merge fits in its stages");
+              "the wide kernels fit an sm_90 CTA's shared memory, and their merge fits in their stages");
+static_assert(ctas_per_sm(128, wide_pair(128)) == 2 && ctas_per_sm(96, wide_pair(96)) == 2 &&
+                  ctas_per_sm(128, wide(128)) == 1 && ctas_per_sm(64, wide(64)) == 2,
+              "64-key stages are what let two wide CTAs share an SM at head dims 65-128");
 // Query rows of one (entry, kv head) once the heads of a group are packed:
 // row r is query r / group of head hk * group + r % group.
 inline int row_blocks(const FlashAttnParams &p) {
@@ -60,25 +78,34 @@ inline int row_blocks(const FlashAttnParams &p) {
   return (p.seqlen_q * group + kRows - 1) / kRows;
 }
 
-// The warps a CTA of the split kernel has for this call (d: the kernel's head dim): the
-// planner and the launch ask the same question. Wide where the sm_90 kernels run
-// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has), except
-// for paged caches whose pages are shorter than a wide stage at head dims 65-128 when
-// the call has at least as many (entry, kv head) tiles as the GPU has SMs: there the
-// one-warp kernel (several CTAs an SM, one split or few) measured faster, with fewer the
-// wide one (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096: 4140-4175 /
-// 3993; 16 x 8192: 3929-3942 / 4026-4041; 1 x 32768: 2970-2983 / 3127-3155; 8 x 65536:
-// 3405-3442 / 3541-3552; benchmarks/RESULTS.md). Since the wide kernel's table of row
-// addresses lost its barriers, it is the faster at head dim 64 there as well (64 x 4096,
-// pages of 16: 3774-3802 one-warp, 3999-4022 wide; at 128 the one-warp kernel keeps its
-// lead, 4343-4366 against 4174-4193). num_sms: flash_attn_fwd_plan fills it.
-inline int warps(const FlashAttnParams &p, int d) {
-  if (!use_sm90_kernels()) return 1;
-  const int w = wide_warps(d);
-  if (p.block_table != nullptr && p.page_size < w * bn(d, w) && d > 64 && d <= 128 &&
-      int64_t(p.batch) * p.nheads_k * row_blocks(p) >= p.num_sms)
-    return 1;
-  return w;
+// The CTA shape of the split kernel for this call (d: the kernel's head dim): the
+// planner and the launch ask the same question. Four warps where the sm_90 kernels run
+// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has): with
+// 64-key stages, two CTAs an SM, where the call has at least as many (entry, kv head)
+// tiles as the GPU has SMs (a CTA streams one tile's keys, unsplit or nearly, and the
+// SM's second CTA keeps the loads going while one merges, writes and the next starts;
+// H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles) 4025-4064 ->
+// 4216-4230, 64 x 4096 +0.4%, paged (pages of 256) 64 x 4096 +1.2%; 17 x 8192, 136
+// tiles, 3124-3148 -> 3981-3987, where 128-key stages leave 4 tiles to a second wave;
+// benchmarks/RESULTS.md), else 128-key stages (fewer
+// tiles than SMs: the keys are split, and more CTAs would only add splits: 16 x 8192
+// hdim 128 lost 2% to 64-key stages). Paged caches whose pages are shorter than a
+// 128-key stage at head dims 65-128 take the one-warp kernel where the call has a tile
+// for every SM (several CTAs an SM, one split or few), which measured faster than the
+// wide one there (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096:
+// 4140-4175 / 3993; 16 x 8192: 3929-3942 / 4026-4041; 1 x 32768: 2970-2983 / 3127-3155;
+// 8 x 65536: 3405-3442 / 3541-3552; benchmarks/RESULTS.md). Since the wide kernel's
+// table of row addresses lost its barriers, it is the faster at head dim 64 there as
+// well (64 x 4096, pages of 16: 3774-3802 one-warp, 3999-4022 wide; at 128 the one-warp
+// kernel keeps its lead, 4343-4366 against 4174-4193). num_sms: flash_attn_fwd_plan
+// fills it.
+inline Shape shape(const FlashAttnParams &p, int d) {
+  if (!use_sm90_kernels()) return one_warp(d);
+  const bool every_sm = int64_t(p.batch) * p.nheads_k * row_blocks(p) >= p.num_sms;
+  const Shape w = wide(d);
+  if (p.block_table != nullptr && p.page_size < w.w * w.bnw && d > 64 && d <= 128 && every_sm)
+    return one_warp(d);
+  return every_sm ? wide_pair(d) : w;
 }
 
 // The split kernel runs for paged k/v, for an explicit split, and for
@@ -92,13 +119,9 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
 
 // The number of splits: enough CTAs to fill every SM's slots in whole waves, with
 // at least 128 keys per split.
-inline int choose_splits(const FlashAttnParams &p, int d, int num_sms, int w) {
+inline int choose_splits(const FlashAttnParams &p, int d, int num_sms, Shape shape) {
   const int64_t units = int64_t(p.batch) * p.nheads_k * row_blocks(p);
-  // CTAs an SM: shared memory, and at most 10 warps (about 170 registers a lane)
-  int per_sm = int((228 * 1024) / (smem_bytes(d, w) + 1024));
-  const int most = 10 / w;
-  per_sm = per_sm < 1 ? 1 : (per_sm > most ? most : per_sm);
-  const int64_t slots = int64_t(num_sms) * per_sm;
+  const int64_t slots = int64_t(num_sms) * ctas_per_sm(d, shape);
   if (units >= slots) return 1;
   int max_splits = p.seqlen_k / 128;
   if (max_splits > FLASH_MAX_SPLITS) max_splits = FLASH_MAX_SPLITS;
