@@ -117,15 +117,43 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
   return row_blocks(p) <= 2;
 }
 
-// The number of splits: enough CTAs to fill every SM's slots in whole waves, with
-// at least 128 keys per split.
+// Four-warp CTAs where the call has a tile for every SM (units >= SMs; slots: the CTAs
+// all SMs hold at once). One such CTA on each SM already draws the SMs' share of the
+// bandwidth, so tiles that all fit the slots at once run unsplit. Past one wave of
+// slots the CTAs that wait for a slot run at the end nearly alone: a partial wave
+// costs about 0.3 of a wave more than its share, and each split about 0.3% of the
+// call (its CTAs' start and end, the combine). Measured on an H200 (sweeps of every
+// split count, benchmarks/RESULTS.md): unsplit, 17-30 entries x 8 kv heads at 8192
+// keys read 4200-4310 GB/s (hdim 128) where the old count (the waves' efficiency,
+// below) took 3980-4250; 34 entries (272 tiles on 264 slots) 3480 unsplit, 4150-4260
+// in 3-6 splits; 40 and 56 entries 3720 and 4120 unsplit, 4300 and 4340 in 4; 62
+// (496 tiles) best unsplit, 16 splits 5% under it. From two waves on, the waves'
+// CTAs no longer end together and the last wave's cost is its share: unsplit.
+inline int splits_past_the_sms(int64_t units, int64_t slots, int max_splits) {
+  if (units <= slots || units >= 2 * slots) return 1;
+  if (max_splits > 16) max_splits = 16;
+  double eff[17] = {0.0}, best = 0.0;
+  for (int s = 1; s <= max_splits; ++s) {
+    const double waves = double(units * s) / double(slots);
+    const double whole = double(int64_t(waves)), part = waves - whole;
+    eff[s] = waves / (whole + (part > 0.0 ? 0.3 + 0.7 * part : 0.0)) * (1.0 - 0.003 * (s - 1));
+    if (eff[s] > best) best = eff[s];
+  }
+  for (int s = 1; s <= max_splits; ++s)
+    if (eff[s] >= best - 0.015) return s;  // the fewest splits within 1.5% of the best
+  return 1;
+}
+
+// The number of splits: at least 128 keys each; past the SMs for four-warp CTAs as
+// above, else enough CTAs to fill every SM's slots in whole waves.
 inline int choose_splits(const FlashAttnParams &p, int d, int num_sms, Shape shape) {
   const int64_t units = int64_t(p.batch) * p.nheads_k * row_blocks(p);
   const int64_t slots = int64_t(num_sms) * ctas_per_sm(d, shape);
-  if (units >= slots) return 1;
   int max_splits = p.seqlen_k / 128;
   if (max_splits > FLASH_MAX_SPLITS) max_splits = FLASH_MAX_SPLITS;
   if (max_splits <= 1) return 1;
+  if (shape.w > 1 && units >= num_sms) return splits_past_the_sms(units, slots, max_splits);
+  if (units >= slots) return 1;
   // Efficiency of s splits: the work over the whole waves it takes.
   double best = 0.0;
   double eff[FLASH_MAX_SPLITS + 1] = {0.0};
