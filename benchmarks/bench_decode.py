@@ -3,6 +3,7 @@ backends, side by side in one run, with the GPU's own copy bandwidth as the yard
 
     python benchmarks/bench_decode.py [--json out.json] [--rounds 3] [--skip-prefill] [--graphs]
     python benchmarks/bench_decode.py --client [--json out.json]   # transformers tokens/s
+    python benchmarks/bench_decode.py --graphs --skip-prefill --shapes 34x8192x32x8 --num-splits 3
 
 Decode (one query token per sequence, bf16, causal): GB/s of K+V read, i.e.
 batch * seqlen_k * nheads_k * head_dim * 2 (K and V) * 2 bytes / median time, for
@@ -13,6 +14,8 @@ batch * seqlen_k * nheads_k * head_dim * 2 (K and V) * 2 bytes / median time, fo
 - ours-paged16 / ours-paged256: the same over a paged cache (page size 16 / 256);
 - ours-func: flash_attn_func(q, k, v, causal=True) (what transformers' FA2 path calls);
 - sdpa-flash / sdpa-cudnn: F.scaled_dot_product_attention(..., enable_gqa=True).
+--shapes replaces issue 13's four shapes (batch x seqlen_k x nheads x nheads_k), and
+--num-splits passes num_splits to our KV-cache calls (0: the kernels' choice).
 "copy" is the device-to-device copy bandwidth of the same GPU (bytes read + written
 by a 1.5 GiB tensor copy / median time); "ours/copy" is ours-kvcache-unchecked against it (the
 target: >= 0.85 at the large shapes).
@@ -120,9 +123,12 @@ class DecodeRow:
     backend: str
     ms: float
     gbps: float
+    num_splits: int = 0  # what our KV-cache calls were given (0: the kernels' choice)
 
 
-def decode_fn(backend: str, batch: int, seqlen_k: int, nheads: int, nheads_k: int, hdim: int):
+def decode_fn(
+    backend: str, batch: int, seqlen_k: int, nheads: int, nheads_k: int, hdim: int, splits: int = 0
+):
     import flash_attn
 
     dev = "cuda"
@@ -137,14 +143,15 @@ def decode_fn(backend: str, batch: int, seqlen_k: int, nheads: int, nheads_k: in
         table = table.view(batch, pages_per_seq)
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=dev)
         return lambda: flash_attn.flash_attn_with_kvcache(
-            q, k_pool, v_pool, cache_seqlens=seqlens, block_table=table, causal=True
-        )
+            q, k_pool, v_pool, cache_seqlens=seqlens, block_table=table, causal=True,
+            num_splits=splits,
+        )  # fmt: skip
     k = torch.randn(batch, seqlen_k, nheads_k, hdim, device=dev, dtype=DT)
     v = torch.randn_like(k)
     if backend == "ours-kvcache":
         seqlens = torch.full((batch,), seqlen_k, dtype=torch.int32, device=dev)
         return lambda: flash_attn.flash_attn_with_kvcache(
-            q, k, v, cache_seqlens=seqlens, causal=True
+            q, k, v, cache_seqlens=seqlens, causal=True, num_splits=splits
         )
     if backend == "ours-func":
         return lambda: flash_attn.flash_attn_func(q, k, v, causal=True)
@@ -174,15 +181,22 @@ def checks_env(unchecked: bool) -> Iterator[None]:
 
 
 def measure_decode(
-    backend: str, shape: tuple[int, int, int, int], hdim: int, graphs: bool = False
+    backend: str,
+    shape: tuple[int, int, int, int],
+    hdim: int,
+    graphs: bool = False,
+    splits: int = 0,
 ) -> DecodeRow:
     batch, seqlen_k, nheads, nheads_k = shape
     with checks_env(backend.endswith(UNCHECKED)), torch.no_grad():
-        fn = decode_fn(backend.removesuffix(UNCHECKED), batch, seqlen_k, nheads, nheads_k, hdim)
+        base = backend.removesuffix(UNCHECKED)
+        fn = decode_fn(base, batch, seqlen_k, nheads, nheads_k, hdim, splits)
         # 10 calls captured (a decode step under CUDA graphs); capture skips the checks
         ms = graph_ms(fn, calls=10, replays=15) if graphs else time_ms(fn)
     kv_bytes = 2 * batch * seqlen_k * nheads_k * hdim * 2
-    return DecodeRow(batch, seqlen_k, nheads, nheads_k, hdim, backend, ms, kv_bytes / ms / 1e6)
+    used = splits if base.startswith(("ours-kvcache", "ours-paged")) else 0
+    gbps = kv_bytes / ms / 1e6
+    return DecodeRow(batch, seqlen_k, nheads, nheads_k, hdim, backend, ms, gbps, used)
 
 
 @dataclass
@@ -303,20 +317,40 @@ def measure_client(args: argparse.Namespace) -> list[ClientRow]:
 # --- main --------------------------------------------------------------------------------
 
 
-def decode_cases(hdims: list[int]) -> list[tuple[tuple[int, int, int, int], int]]:
-    return [(shape, hdim) for hdim in hdims for shape in DECODE_SHAPES]
+def decode_cases(
+    hdims: list[int], shapes: list[tuple[int, int, int, int]]
+) -> list[tuple[tuple[int, int, int, int], int]]:
+    return [(shape, hdim) for hdim in hdims for shape in shapes]
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    """'34x8192x32x8,...' -> [(batch, seqlen_k, nheads, nheads_k), ...]; ValueError names
+    the item that is not four positive integers with nheads a multiple of nheads_k."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        try:
+            b, s, h, hk = (int(x) for x in parts)
+        except ValueError:
+            raise ValueError(
+                f"{item!r}: give batch x seqlen_k x nheads x nheads_k, e.g. 34x8192x32x8"
+            ) from None
+        if min(b, s, h, hk) < 1 or h % hk:
+            raise ValueError(f"{item!r}: sizes must be >= 1 and nheads a multiple of nheads_k")
+        shapes.append((b, s, h, hk))
+    return shapes
 
 
 def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
     copy = max(copy_gbps() for _ in range(args.rounds))
     best: dict[tuple, DecodeRow] = {}
     for _ in range(args.rounds):
-        for shape, hdim in decode_cases(args.hdims):
+        for shape, hdim in decode_cases(args.hdims, args.shapes):
             for backend in args.backends.split(","):
                 if args.graphs and backend in CHECKED:
                     continue  # a captured call skips the checks: the unchecked column
                 try:
-                    r = measure_decode(backend, shape, hdim, args.graphs)
+                    r = measure_decode(backend, shape, hdim, args.graphs, args.num_splits)
                 except (RuntimeError, NotImplementedError) as e:
                     print(f"  {backend} {shape} hdim {hdim}: {str(e)[:100]}")
                     continue
@@ -331,7 +365,7 @@ def run_decode(args: argparse.Namespace) -> tuple[list[DecodeRow], float]:
     backends = [b for b in args.backends.split(",") if not (args.graphs and b in CHECKED)]
     print("| batch x seqlen_k, q/kv heads | hdim | " + " | ".join(backends) + " | ours/copy |")
     print("|---|---|" + "---|" * len(backends) + "---|")
-    for shape, hdim in decode_cases(args.hdims):
+    for shape, hdim in decode_cases(args.hdims, args.shapes):
         b, s, h, hk = shape
         cells = []
         for backend in backends:
@@ -385,6 +419,18 @@ def main() -> None:
         default=",".join(map(str, DECODE_HDIMS)),
         help="decode head dims, comma-separated (default %(default)s)",
     )
+    ap.add_argument(
+        "--shapes",
+        default=",".join("x".join(map(str, s)) for s in DECODE_SHAPES),
+        help="decode shapes, batch x seqlen_k x nheads x nheads_k, comma-separated "
+        "(default %(default)s: issue 13's)",
+    )
+    ap.add_argument(
+        "--num-splits",
+        type=int,
+        default=0,
+        help="num_splits for our KV-cache calls (default 0: the kernels' choice)",
+    )
     ap.add_argument("--client", action="store_true", help="the transformers tokens/s only")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512)
@@ -408,6 +454,12 @@ def main() -> None:
         ap.error(f"--hdims {args.hdims!r}: give head dims as integers, e.g. 64,128")
     if bad := [h for h in args.hdims if h not in DECODE_HDIMS]:
         ap.error(f"--hdims: {bad} not measured here; valid: {DECODE_HDIMS}")
+    try:
+        args.shapes = parse_shapes(args.shapes)
+    except ValueError as e:
+        ap.error(f"--shapes {e}")
+    if not 0 <= args.num_splits <= 128:
+        ap.error(f"--num-splits {args.num_splits}: give 0 (the kernels' choice) to 128")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
