@@ -214,6 +214,7 @@ MANY_TILE_CASES = [
     ("paged", 1, 500, 16, 8, 128, 64, torch.bfloat16),
     ("paged", 3, 300, 8, 4, 96, 16, torch.float16),
     ("dense", 1, 600, 8, 8, 64, 0, torch.bfloat16),
+    ("dense", 1, 700, 16, 8, 256, 0, torch.bfloat16),  # one CTA an SM: split past the slots
 ]
 
 

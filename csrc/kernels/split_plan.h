@@ -127,10 +127,15 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
 // keys read 4200-4310 GB/s (hdim 128) where the old count (the waves' efficiency,
 // below) took 3980-4250; 34 entries (272 tiles on 264 slots) 3480 unsplit, 4150-4260
 // in 3-6 splits; 40 and 56 entries 3720 and 4120 unsplit, 4300 and 4340 in 4; 62
-// (496 tiles) best unsplit, 16 splits 5% under it. From two waves on, the waves'
-// CTAs no longer end together and the last wave's cost is its share: unsplit.
-inline int splits_past_the_sms(int64_t units, int64_t slots, int max_splits) {
-  if (units <= slots || units >= 2 * slots) return 1;
+// (496 tiles) best unsplit, 16 splits 5% under it. With two CTAs an SM, from two
+// waves on the CTAs no longer end together and the last wave costs its share:
+// unsplit. With one (head dims above 128) the waves stay in step up to about five
+// (hdim 256, unsplit / best: 34 x 8192, 2.1 waves, 3820 / 4380 in 3 splits; 56 x 8192,
+// 3.4 waves, 4020 / 4430; 70 x 4096, 4.2 waves, 3950 / 4290), not at six (100 x 2048:
+// unsplit best, 4350; 2 splits 4150).
+inline int splits_past_the_sms(int64_t units, int64_t slots, int per_sm, int max_splits) {
+  const int64_t upto = per_sm == 1 ? 5 : 2;  // waves
+  if (units <= slots || units >= upto * slots) return 1;
   if (max_splits > 16) max_splits = 16;
   double eff[17] = {0.0}, best = 0.0;
   for (int s = 1; s <= max_splits; ++s) {
@@ -152,7 +157,8 @@ inline int choose_splits(const FlashAttnParams &p, int d, int num_sms, Shape sha
   int max_splits = p.seqlen_k / 128;
   if (max_splits > FLASH_MAX_SPLITS) max_splits = FLASH_MAX_SPLITS;
   if (max_splits <= 1) return 1;
-  if (shape.w > 1 && units >= num_sms) return splits_past_the_sms(units, slots, max_splits);
+  if (shape.w > 1 && units >= num_sms)
+    return splits_past_the_sms(units, slots, ctas_per_sm(d, shape), max_splits);
   if (units >= slots) return 1;
   // Efficiency of s splits: the work over the whole waves it takes.
   double best = 0.0;
