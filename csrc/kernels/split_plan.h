@@ -125,7 +125,7 @@ inline bool wants_split_kernel(const FlashAttnParams &p) {
 // call (its CTAs' start and end, the combine). Measured on an H200 (sweeps of every
 // split count, benchmarks/RESULTS.md): unsplit, 17-30 entries x 8 kv heads at 8192
 // keys read 4200-4310 GB/s (hdim 128) where the old count (the waves' efficiency,
-// below) took 3980-4250; 34 entries (272 tiles on 264 slots) 3480 unsplit, 4150-4260
+// below) took 3970-4250; 34 entries (272 tiles on 264 slots) 3480 unsplit, 4140-4260
 // in 3-6 splits; 40 and 56 entries 3720 and 4120 unsplit, 4300 and 4340 in 4; 62
 // (496 tiles) best unsplit, 16 splits 5% under it. With two CTAs an SM, from two
 // waves on the CTAs no longer end together and the last wave costs its share:
