@@ -85,11 +85,11 @@ inline int row_blocks(const FlashAttnParams &p) {
 // tiles as the GPU has SMs (a CTA streams one tile's keys, unsplit or nearly, and the
 // SM's second CTA keeps the loads going while one merges, writes and the next starts;
 // H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles) 4025-4064 ->
-// 4216-4230, 64 x 4096 +0.4%, paged (pages of 256) 64 x 4096 +1.2%; 17 x 8192, 136
+// 4216-4230, 64 x 4096 +0.3%, paged (pages of 256) 64 x 4096 +1.2%; 17 x 8192, 136
 // tiles, 3124-3148 -> 3981-3987, where 128-key stages leave 4 tiles to a second wave;
-// benchmarks/RESULTS.md), else 128-key stages (fewer
-// tiles than SMs: the keys are split, and more CTAs would only add splits: 16 x 8192
-// hdim 128 lost 2% to 64-key stages). Paged caches whose pages are shorter than a
+// benchmarks/RESULTS.md), else 128-key stages (fewer tiles than SMs: the keys are
+// split, and more CTAs would only add splits: 16 x 8192 hdim 128 lost 2% to 64-key
+// stages). Paged caches whose pages are shorter than a
 // 128-key stage at head dims 65-128 take the one-warp kernel where the call has a tile
 // for every SM (several CTAs an SM, one split or few), which measured faster than the
 // wide one there (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096:
