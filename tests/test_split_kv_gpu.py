@@ -203,29 +203,35 @@ def check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask
 
 # Calls with an (entry, kv head) tile for every SM: on sm_90 the four-warp kernel with
 # 64-key stages, two CTAs an SM, at head dims 65-128 (split_plan.h, shape()), and the
-# one-warp kernel for pages shorter than a 128-key stage there; the planner's split
-# count (0) splits such calls too where one wave would leave SMs idle.
+# one-warp kernel for pages shorter than a 128-key stage there. The planner's count (0)
+# leaves tiles that fit the SMs' slots unsplit and splits past them: one CTA an SM at head
+# dim 256, and 2.2 tiles an SM (a partial second wave of two-CTA slots).
 MANY_TILE_CASES = [
-    # (layout, seqlen_q, cap, nheads, nheads_k, head_dim, page, dtype)
-    ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16),
-    ("dense", 2, 450, 16, 4, 96, 0, torch.float16),
-    ("leftpad", 1, 333, 8, 8, 128, 0, torch.float16),
-    ("paged", 1, 700, 32, 8, 128, 256, torch.bfloat16),
-    ("paged", 1, 500, 16, 8, 128, 64, torch.bfloat16),
-    ("paged", 3, 300, 8, 4, 96, 16, torch.float16),
-    ("dense", 1, 600, 8, 8, 64, 0, torch.bfloat16),
-    ("dense", 1, 700, 16, 8, 256, 0, torch.bfloat16),  # one CTA an SM: split past the slots
+    # (layout, seqlen_q, cap, nheads, nheads_k, head_dim, page, dtype, tiles an SM)
+    ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16, 1),
+    ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16, 2.2),
+    ("dense", 2, 450, 16, 4, 96, 0, torch.float16, 1),
+    ("leftpad", 1, 333, 8, 8, 128, 0, torch.float16, 1),
+    ("paged", 1, 700, 32, 8, 128, 256, torch.bfloat16, 1),
+    ("paged", 1, 500, 16, 8, 128, 64, torch.bfloat16, 1),
+    ("paged", 3, 300, 8, 4, 96, 16, torch.float16, 1),
+    ("dense", 1, 600, 8, 8, 64, 0, torch.bfloat16, 1),
+    ("dense", 1, 700, 16, 8, 256, 0, torch.bfloat16, 1),
 ]
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "local", "softcap", "alibi"])
 @pytest.mark.parametrize("num_splits", [0, 1])
-@pytest.mark.parametrize(("layout", "sq", "cap", "h", "hk", "d", "page", "dtype"), MANY_TILE_CASES)
-def test_fwd_kv_with_a_tile_for_every_sm(layout, sq, cap, h, hk, d, page, dtype, num_splits, mask):
+@pytest.mark.parametrize(
+    ("layout", "sq", "cap", "h", "hk", "d", "page", "dtype", "per_sm"), MANY_TILE_CASES
+)
+def test_fwd_kv_with_a_tile_for_every_sm(
+    layout, sq, cap, h, hk, d, page, dtype, per_sm, num_splits, mask
+):
     ops()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = -(-sq * (h // hk) // 16)  # 16-row tiles of packed queries an (entry, kv head)
-    batch = -(-sms // (hk * rows)) + 1
+    batch = math.ceil(per_sm * sms / (hk * rows)) + 1
     check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask)
 
 
