@@ -672,32 +672,36 @@ __global__ void __launch_bounds__(32) combine_kernel(const FlashAttnParams p) {
   }
 }
 
+// The split kernel of one CTA shape (W warps, BNW keys a warp), as a dependent launch
+// (call_aborted waits for the grid before).
+template <int D, int W, int BNW, typename T>
+int launch_split(const dim3 &grid, const FlashAttnParams &p, cudaStream_t stream) {
+  return launch(fwd_split_kernel<D, W, BNW, T>, grid, 32 * W, SplitConfig<D, W, BNW>::kSmem, stream, p,
+                /*dependent=*/true);
+}
+
 template <int D, typename T>
 int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
   if (p.num_splits < 1 || p.num_splits > FLASH_MAX_SPLITS ||
       (p.num_splits > 1 && (p.oaccum == nullptr || p.lse_accum == nullptr)))
     return FLASH_ERR_BAD_ARGUMENT;
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
-  // Both grids go out as dependent launches (call_aborted waits for the grid before).
-  constexpr bool kDependent = true;
   // (wide_pair is wide itself at head dims <= 64 and > 128: one kernel, not two)
   constexpr split::Shape kOne = split::one_warp(D), kWide = split::wide(D), kPair = split::wide_pair(D);
   const split::Shape shape = split::shape(p, D);
   int status;
 #if defined(FLASH_HAS_SM90A)
   if (shape.w != 1 && shape.bnw == kPair.bnw)
-    status = launch(fwd_split_kernel<D, kPair.w, kPair.bnw, T>, grid, 32 * kPair.w,
-                    SplitConfig<D, kPair.w, kPair.bnw>::kSmem, stream, p, kDependent);
+    status = launch_split<D, kPair.w, kPair.bnw, T>(grid, p, stream);
   else if (shape.w != 1)
-    status = launch(fwd_split_kernel<D, kWide.w, kWide.bnw, T>, grid, 32 * kWide.w,
-                    SplitConfig<D, kWide.w, kWide.bnw>::kSmem, stream, p, kDependent);
+    status = launch_split<D, kWide.w, kWide.bnw, T>(grid, p, stream);
   else
 #endif
-    status = launch(fwd_split_kernel<D, kOne.w, kOne.bnw, T>, grid, 32 * kOne.w,
-                    SplitConfig<D, kOne.w, kOne.bnw>::kSmem, stream, p, kDependent);
+    status = launch_split<D, kOne.w, kOne.bnw, T>(grid, p, stream);
   if (status != FLASH_OK || p.num_splits == 1) return status;
+  // the merge, a dependent launch too
   const int64_t pairs = int64_t(p.total_q) * p.nheads;
-  return launch(combine_kernel<T>, dim3(unsigned(pairs)), 32, 0, stream, p, kDependent);
+  return launch(combine_kernel<T>, dim3(unsigned(pairs)), 32, 0, stream, p, /*dependent=*/true);
 }
 
 }  // namespace flash
