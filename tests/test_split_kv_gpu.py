@@ -203,9 +203,11 @@ def check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask
 
 # Calls with an (entry, kv head) tile for every SM: on sm_90 the four-warp kernel with
 # 64-key stages, two CTAs an SM, at head dims 65-128 (split_plan.h, shape()), and the
-# one-warp kernel for pages shorter than a 128-key stage there. The planner's count (0)
-# leaves tiles that fit the SMs' slots unsplit and splits past them: one CTA an SM at head
-# dim 256, and 2.2 tiles an SM (a partial second wave of two-CTA slots).
+# one-warp kernel for pages shorter than a 128-key stage there; at head dim 64 the same
+# shape four CTAs an SM at two to three tiles an SM (2.5 below: dense, left-padded,
+# pages shorter than its stage). The planner's count (0) leaves tiles that fit the SMs' slots
+# unsplit and splits past them: one CTA an SM at head dim 256, and 2.2 tiles an SM (a
+# partial second wave of two-CTA slots).
 MANY_TILE_CASES = [
     # (layout, seqlen_q, cap, nheads, nheads_k, head_dim, page, dtype, tiles an SM)
     ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16, 1),
@@ -216,6 +218,9 @@ MANY_TILE_CASES = [
     ("paged", 1, 500, 16, 8, 128, 64, torch.bfloat16, 1),
     ("paged", 3, 300, 8, 4, 96, 16, torch.float16, 1),
     ("dense", 1, 600, 8, 8, 64, 0, torch.bfloat16, 1),
+    ("dense", 1, 700, 32, 8, 64, 0, torch.bfloat16, 2.5),
+    ("leftpad", 2, 300, 8, 2, 64, 0, torch.bfloat16, 2.5),
+    ("paged", 1, 500, 16, 4, 64, 16, torch.float16, 2.5),
     ("dense", 1, 700, 16, 8, 256, 0, torch.bfloat16, 1),
 ]
 

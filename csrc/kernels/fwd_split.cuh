@@ -184,7 +184,8 @@ __device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sR
 }
 
 template <int D, int W, int BNW_, typename T>
-__global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(32 * W, split::min_ctas(D, {W, BNW_}))
+    fwd_split_kernel(const FlashAttnParams p) {
   using C = SplitConfig<D, W, BNW_>;
   constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, LDQ = C::LDQ, S = C::kStages, KS = D / 16,
                 DT = D / 8;
@@ -686,7 +687,7 @@ int run_fwd_split(const FlashAttnParams &p, cudaStream_t stream) {
       (p.num_splits > 1 && (p.oaccum == nullptr || p.lse_accum == nullptr)))
     return FLASH_ERR_BAD_ARGUMENT;
   const dim3 grid(split::row_blocks(p) * p.num_splits, p.nheads_k, p.batch);
-  // (wide_pair is wide itself at head dims <= 64 and > 128: one kernel, not two)
+  // (wide_pair is wide itself at head dims <= 32 and > 128: one kernel, not two)
   constexpr split::Shape kOne = split::one_warp(D), kWide = split::wide(D), kPair = split::wide_pair(D);
   const split::Shape shape = split::shape(p, D);
   int status;

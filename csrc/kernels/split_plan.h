@@ -18,11 +18,12 @@ constexpr int kRows = 16;  // packed query rows per CTA: one m16 tile, one warp
 // A CTA's shape: W warps sharing each pipeline stage, each taking BNW keys from it
 // (8 KB of K and V a warp at head dim 64 and 32 keys, 16 KB at 128 and 256). Three
 // shapes: one warp (several CTAs an SM), the portable one; on sm_90 four warps with
-// 128-key stages (one CTA an SM at head dims 65-256, fewer and longer streams: the
-// shape cuDNN's decode kernel has), and the same four warps with 64-key stages where
-// that lets two CTAs share an SM (head dims 65-128: one CTA's merge and write run
-// beside the other's stream), for calls with a tile for every SM (shape()). Measured on
-// an H200 (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
+// 128-key stages (one CTA an SM at head dims 65-256, two at 64 and below: fewer and
+// longer streams, the shape cuDNN's decode kernel has), and the same four warps with
+// 64-key stages where that lets more CTAs share an SM (two at head dims 65-128, four at
+// 33-64, where its kernel is held to 128 registers a lane: one CTA's merge and write run
+// beside the others' streams), for calls with a tile for every SM (shape()). Measured
+// on an H200 (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
 // pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages, 3 CTAs, by 10%);
 // 64 keys a stage at 64 lost 15% to 32.
 struct Shape {
@@ -30,7 +31,7 @@ struct Shape {
 };
 constexpr Shape one_warp(int d) { return {1, d <= 128 ? 32 : 16}; }
 constexpr Shape wide(int d) { return {4, d <= 128 ? 32 : 16}; }
-constexpr Shape wide_pair(int d) { return {4, d <= 64 ? 32 : 16}; }
+constexpr Shape wide_pair(int d) { return {4, d <= 32 ? 32 : 16}; }
 constexpr int stages(int d, int w) { return w == 1 ? (d <= 128 ? 3 : 2) : 3; }
 // The K and V rows of a stage: unpadded with 16-byte chunks swizzled (tile.cuh, tile_at)
 // where a row is a whole number of 8-chunk groups, else padded by 8 elements (Q always).
@@ -49,10 +50,15 @@ constexpr size_t smem_bytes(int d, Shape s) {
   const int bn = s.w * s.bnw;  // keys a stage
   return (size_t(kRows) * ldq(d) + size_t(2 * stages(d, s.w) * bn) * ld(d)) * 2 + size_t(2 * bn) * 16;
 }
+// The CTAs an SM the kernel of this shape is compiled for (its launch bounds): four
+// for the 64-key four-warp shape at head dims 33-64 (128 registers a lane: 128 and no
+// spills at head dim 64, sm_90a), else no bound.
+constexpr int min_ctas(int d, Shape s) { return s.w == 4 && s.bnw == 16 && d > 32 && d <= 64 ? 4 : 1; }
 // CTAs of this shape an SM can hold: shared memory, and at most 10 warps (about 170
-// registers a lane); at least 1.
+// registers a lane) unless its launch bounds hold it to fewer registers; at least 1.
 constexpr int ctas_per_sm(int d, Shape s) {
-  const int by_smem = int((228 * 1024) / (smem_bytes(d, s) + 1024)), by_warps = 10 / s.w;
+  const int by_smem = int((228 * 1024) / (smem_bytes(d, s) + 1024)),
+            by_warps = 10 / s.w > min_ctas(d, s) ? 10 / s.w : min_ctas(d, s);
   const int n = by_smem < by_warps ? by_smem : by_warps;
   return n < 1 ? 1 : n;
 }
@@ -69,8 +75,9 @@ constexpr bool wide_fits_every_bucket() {
 static_assert(wide_fits_every_bucket(),
               "the wide kernels fit an sm_90 CTA's shared memory, and their merge fits in their stages");
 static_assert(ctas_per_sm(128, wide_pair(128)) == 2 && ctas_per_sm(96, wide_pair(96)) == 2 &&
-                  ctas_per_sm(128, wide(128)) == 1 && ctas_per_sm(64, wide(64)) == 2,
-              "64-key stages are what let two wide CTAs share an SM at head dims 65-128");
+                  ctas_per_sm(128, wide(128)) == 1 && ctas_per_sm(64, wide(64)) == 2 &&
+                  ctas_per_sm(64, wide_pair(64)) == 4,
+              "64-key stages are what let two wide CTAs share an SM at head dims 65-128, four at 64");
 // Query rows of one (entry, kv head) once the heads of a group are packed:
 // row r is query r / group of head hk * group + r % group.
 inline int row_blocks(const FlashAttnParams &p) {
@@ -80,11 +87,11 @@ inline int row_blocks(const FlashAttnParams &p) {
 
 // The CTA shape of the split kernel for this call (d: the kernel's head dim): the
 // planner and the launch ask the same question. Four warps where the sm_90 kernels run
-// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has): with
-// 64-key stages, two CTAs an SM, where the call has at least as many (entry, kv head)
-// tiles as the GPU has SMs (a CTA streams one tile's keys, unsplit or nearly, and the
-// SM's second CTA keeps the loads going while one merges, writes and the next starts;
-// H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles) 4025-4064 ->
+// (FLASH_ATTN_DISABLE_SM90=1 takes the one-warp kernel, which every arch has): at head
+// dims 65-128 with 64-key stages, two CTAs an SM, where the call has at least as many
+// (entry, kv head) tiles as the GPU has SMs (a CTA streams one tile's keys, unsplit or
+// nearly, and the SM's second CTA keeps the loads going while one merges, writes and
+// the next starts; H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles) 4025-4064 ->
 // 4216-4230, 64 x 4096 +0.3%, paged (pages of 256) 64 x 4096 +1.2%; 17 x 8192, 136
 // tiles, 3124-3148 -> 3981-3987, where 128-key stages leave 4 tiles to a second wave;
 // benchmarks/RESULTS.md), else 128-key stages (fewer tiles than SMs: the keys are
@@ -99,13 +106,29 @@ inline int row_blocks(const FlashAttnParams &p) {
 // well (64 x 4096, pages of 16: 3774-3802 one-warp, 3999-4022 wide; at 128 the one-warp
 // kernel keeps its lead, 4343-4366 against 4174-4193). num_sms: flash_attn_fwd_plan
 // fills it.
+//
+// At head dims 33-64 the 64-key shape (four CTAs an SM) runs where the 128-key shape's
+// two CTAs an SM would leave up to half a second wave (2 x SMs <= tiles <= 3 x SMs): it
+// holds them all at once, at least two CTAs on each SM; elsewhere the 128-key shape.
+// H200, hdim 64, GB/s 128-key (the planner's splits) -> 64-key shape (unsplit; two
+// calls): 34 x 8192, 32/8 heads (272 tiles) 3928-4031 -> 4242-4321 (pages of 256:
+// 3667-3758 -> 4009-4241), 40 x 8192 (320) best of every count 4154 -> 4310-4343, 48 x
+// 8192 (384) 4100-4109 -> 4308-4347; past it the 128-key shape is as fast or faster:
+// 56 x 8192 (448) 4167-4185 -> 4114-4147, 66 x 8192 (528) 4386-4418 -> 4359-4378, 64 x
+// 4096 (512) 4211-4247 -> 4206-4236 (another call: 4156-4169 -> 4227-4243); below it,
+// 17 x 8192 (136 tiles, most SMs one CTA with half the keys in flight) 4029-4039 ->
+// 3129-3132, 24 x 8192 (192) 4017-4022 -> 4105-4111 but pages of 256 4054-4082 ->
+// 3613-3617; 33 x 4096 (264) the same.
 inline Shape shape(const FlashAttnParams &p, int d) {
   if (!use_sm90_kernels()) return one_warp(d);
-  const bool every_sm = int64_t(p.batch) * p.nheads_k * row_blocks(p) >= p.num_sms;
-  const Shape w = wide(d);
+  const int64_t units = int64_t(p.batch) * p.nheads_k * row_blocks(p);
+  const bool every_sm = units >= p.num_sms;
+  const Shape w = wide(d), pair = wide_pair(d);
   if (p.block_table != nullptr && p.page_size < w.w * w.bnw && d > 64 && d <= 128 && every_sm)
     return one_warp(d);
-  return every_sm ? wide_pair(d) : w;
+  if (d <= 64)
+    return d > 32 && units >= 2 * int64_t(p.num_sms) && units <= 3 * int64_t(p.num_sms) ? pair : w;
+  return every_sm ? pair : w;
 }
 
 // The split kernel runs for paged k/v, for an explicit split, and for
