@@ -30,7 +30,8 @@ checked call's wait for its verdict shows there).
 --client: a randomly initialised Llama-style model in transformers (no download),
 greedy generate(); decode tokens/s with attn_implementation flash_attention_2 and sdpa:
 the batch over the median decode step (the time between generate()'s calls of a logits
-processor; the prefill is not a step).
+processor; the prefill is not a step), over --rounds generate() calls of each that
+alternate between the two.
 The defaults (4 layers, hidden 512, prompt 128) make a step host-bound: transformers'
 own code per layer decides it. `--hidden 4096 --heads 32 --kv-heads 8 --prompt 4096
 --batches 8,32` makes it GPU-bound: weights and KV cache reads decide it.
@@ -299,17 +300,22 @@ class ClientRow:
 def measure_client(args: argparse.Namespace) -> list[ClientRow]:
     model = build_llama(args.layers, args.hidden, args.heads, args.kv_heads, 32000)
     rows = []
+    impls = ("flash_attention_2", "sdpa")
     for batch in args.batches:
         ids = torch.randint(1, 32000, (batch, args.prompt), device="cuda")
-        for impl in ("flash_attention_2", "sdpa"):
+        steps: dict[str, list[float]] = {impl: [] for impl in impls}
+        for impl in impls:
             set_attn(model, impl)
             step_seconds(model, ids, 8)  # warm-up
-            # the median decode step over the rounds' steps (a prefill is not one: at long
-            # prompts its spread alone is as large as the whole decode's time)
-            steps = [
-                t for _ in range(args.rounds) for t in step_seconds(model, ids, args.new_tokens)
-            ]
-            tokens_per_s = batch / statistics.median(steps)
+        # the rounds alternate the two (ABBA...), so that a drift of the host (its steps are
+        # mostly host time) falls on both; the median decode step over the rounds' steps (a
+        # prefill is not one: at long prompts its spread alone is as large as the decode's)
+        for r in range(args.rounds):
+            for impl in impls if r % 2 == 0 else impls[::-1]:
+                set_attn(model, impl)
+                steps[impl] += step_seconds(model, ids, args.new_tokens)
+        for impl in impls:
+            tokens_per_s = batch / statistics.median(steps[impl])
             rows.append(ClientRow(impl, batch, args.prompt, args.new_tokens, tokens_per_s))
     return rows
 
