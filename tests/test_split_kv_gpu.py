@@ -205,9 +205,9 @@ def check_fwd_kv(layout, batch, sq, cap, h, hk, d, page, dtype, num_splits, mask
 # 64-key stages, two CTAs an SM, at head dims 65-128 (split_plan.h, shape()), and the
 # one-warp kernel for pages shorter than a 128-key stage there; at head dim 64 the same
 # shape four CTAs an SM at two to three tiles an SM (2.5 below: dense, left-padded,
-# pages shorter than its stage). The planner's count (0) leaves tiles that fit the SMs' slots
-# unsplit and splits past them: one CTA an SM at head dim 256, and 2.2 tiles an SM (a
-# partial second wave of two-CTA slots).
+# pages shorter than its stage). The planner's count (0) leaves tiles that fit the SMs'
+# slots unsplit and splits past them: one CTA an SM at head dim 256, and 2.2 tiles an
+# SM (a partial second wave of two-CTA slots).
 MANY_TILE_CASES = [
     # (layout, seqlen_q, cap, nheads, nheads_k, head_dim, page, dtype, tiles an SM)
     ("dense", 1, 700, 32, 8, 128, 0, torch.bfloat16, 1),

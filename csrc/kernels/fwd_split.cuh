@@ -8,14 +8,14 @@
 // of BNW keys, and merge their partial softmax states through shared memory at the
 // end. W = 1 (one warp a CTA, several CTAs an SM) is the portable shape; on sm_90,
 // W = 4 with 128-key stages (one CTA an SM, fewer and longer streams: the shape
-// cuDNN's decode kernel has), or with 64-key stages and two CTAs an SM where the call
-// has a tile for every SM (split_plan.h, shape()). The rows of a stage are copied in
-// 16-byte chunks: for a paged cache each thread computes the addresses of one key row
-// (from the block table) into shared memory a stage ahead, and the threads read them
-// from there; for a contiguous one each thread steps its own row pointers
-// (walk_kv_stage). With one split
-// the CTA writes O and the LSE; with more, each split writes its normalised partial O
-// and LSE (float32 workspace) and combine_kernel merges them.
+// cuDNN's decode kernel has), or with 64-key stages and more CTAs an SM (two, four at
+// head dims 33-64) where the call has a tile for every SM (split_plan.h, shape()). The
+// rows of a stage are copied in 16-byte chunks: for a paged cache each thread computes
+// the addresses of one key row (from the block table) into shared memory a stage
+// ahead, and the threads read them from there; for a contiguous one each thread steps
+// its own row pointers (walk_kv_stage). With one split the CTA writes O and the LSE;
+// with more, each split writes its normalised partial O and LSE (float32 workspace)
+// and combine_kernel merges them.
 #pragma once
 
 #include <type_traits>

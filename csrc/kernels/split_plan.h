@@ -91,13 +91,13 @@ inline int row_blocks(const FlashAttnParams &p) {
 // dims 65-128 with 64-key stages, two CTAs an SM, where the call has at least as many
 // (entry, kv head) tiles as the GPU has SMs (a CTA streams one tile's keys, unsplit or
 // nearly, and the SM's second CTA keeps the loads going while one merges, writes and
-// the next starts; H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles) 4025-4064 ->
-// 4216-4230, 64 x 4096 +0.3%, paged (pages of 256) 64 x 4096 +1.2%; 17 x 8192, 136
-// tiles, 3124-3148 -> 3981-3987, where 128-key stages leave 4 tiles to a second wave;
-// benchmarks/RESULTS.md), else 128-key stages (fewer tiles than SMs: the keys are
-// split, and more CTAs would only add splits: 16 x 8192 hdim 128 lost 2% to 64-key
-// stages). Paged caches whose pages are shorter than a
-// 128-key stage at head dims 65-128 take the one-warp kernel where the call has a tile
+// the next starts; H200, hdim 128, GB/s against 128-key stages: 24 x 8192 (192 tiles)
+// 4025-4064 -> 4216-4230, 64 x 4096 +0.3%, paged (pages of 256) 64 x 4096 +1.2%; 17 x
+// 8192, 136 tiles, 3124-3148 -> 3981-3987, where 128-key stages leave 4 tiles to a
+// second wave; benchmarks/RESULTS.md), else 128-key stages (fewer tiles than SMs: the
+// keys are split, and more CTAs would only add splits: 16 x 8192 hdim 128 lost 2% to
+// 64-key stages). Paged caches whose pages are shorter than a 128-key stage at head
+// dims 65-128 take the one-warp kernel where the call has a tile
 // for every SM (several CTAs an SM, one split or few), which measured faster than the
 // wide one there (H200, pages of 16, GB/s one-warp / wide: hdim 128, 64 x 4096:
 // 4140-4175 / 3993; 16 x 8192: 3929-3942 / 4026-4041; 1 x 32768: 2970-2983 / 3127-3155;
@@ -126,8 +126,8 @@ inline Shape shape(const FlashAttnParams &p, int d) {
   const Shape w = wide(d), pair = wide_pair(d);
   if (p.block_table != nullptr && p.page_size < w.w * w.bnw && d > 64 && d <= 128 && every_sm)
     return one_warp(d);
-  if (d <= 64)
-    return d > 32 && units >= 2 * int64_t(p.num_sms) && units <= 3 * int64_t(p.num_sms) ? pair : w;
+  if (d <= 64)  // (up to head dim 32 pair is w itself)
+    return units >= 2 * int64_t(p.num_sms) && units <= 3 * int64_t(p.num_sms) ? pair : w;
   return every_sm ? pair : w;
 }
 
