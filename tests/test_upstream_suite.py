@@ -745,7 +745,7 @@ def test_tool_stops_a_path_past_its_budget(tmp_path: Path) -> None:
 def _options(**changes: Any) -> upstream_suite.RunOptions:
     options = upstream_suite.RunOptions(
         paths=(), sample=None, always=None, workers=8, out=Path("out"), config=Path("c.toml"),
-        upstream_dir=Path("up"), collect_only=False, assume_capability="", budget_s=0.0,
+        upstream_dir=Path("up"), collect_only=False, part="all", assume_capability="", budget_s=0.0,
         timeout_s=0.0, tb="short", show_failing=5, python=sys.executable, pytest_args=(),
     )  # fmt: skip
     return dataclasses.replace(options, **changes)
@@ -758,6 +758,12 @@ def test_heavy_cases_get_a_pass_of_their_own_with_fewer_workers() -> None:
     assert upstream_suite.passes(_options(workers=0), heavy) == [("all", 0)]
     assert upstream_suite.passes(_options(collect_only=True), heavy) == [("all", 8)]
     assert upstream_suite.passes(_options(), _config("")) == [("all", 8)]
+    # --part: one pass only; the heavy one with at most the entries' workers
+    assert upstream_suite.passes(_options(part="light"), heavy) == [("light", 8)]
+    assert upstream_suite.passes(_options(part="heavy"), heavy) == [("heavy", 2)]
+    assert upstream_suite.passes(_options(part="heavy", workers=1), heavy) == [("heavy", 1)]
+    assert upstream_suite.passes(_options(part="heavy"), _config("")) == [("heavy", 8)]
+    assert upstream_suite.passes(_options(part="light", collect_only=True), heavy) == [("all", 8)]
     files = {"selection": Path("s.json"), "results": Path("r.jsonl")}
     light = upstream_suite.pytest_command(_options(), Path("t.py"), files, "light", 8)
     second = upstream_suite.pytest_command(_options(), Path("t.py"), files, "heavy", 2, append=True)
@@ -795,6 +801,30 @@ def test_tool_runs_the_heavy_cases_apart(tmp_path: Path) -> None:
     assert rc == 1 and (path["passed"], path["failed"], path["not_run"]) == (5, 1, 0)
     log = (out / "upstream-a.log").read_text()
     assert "--upstream-part light" in log and "--upstream-part heavy" in log
+    # the same run split in two (--part): each counts only its own part's cases
+    parts = {}
+    for part in ("light", "heavy"):
+        rc = upstream_suite.main([*argv, "--assume-capability", "", "--out", str(out / part),
+                                  "-n", "2", "--part", part])  # fmt: skip
+        summary = json.loads((out / part / "upstream-summary.json").read_text())
+        parts[part] = (rc, summary["part"], summary["paths"]["a"])
+    rc, part, light = parts["light"]
+    assert (rc, part, light["part"]) == (0, "light", "light")
+    assert (light["passed"], light["failed"], light["not_run"]) == (3, 0, 0)
+    rc, part, heavy = parts["heavy"]
+    assert (rc, part, heavy["part"]) == (1, "heavy", "heavy")
+    assert (heavy["passed"], heavy["failed"], heavy["not_run"]) == (2, 1, 0)
+    assert len(heavy["failing"]) == 1 and heavy["failing"][0].endswith("test_always[4]")
+
+
+def test_part_ids_split_the_selection() -> None:
+    selection = {"selected_ids": ["a", "b", "c", "d"], "heavy_ids": ["b", "d"]}
+    assert upstream_results.part_ids(selection, "all") == ["a", "b", "c", "d"]
+    assert upstream_results.part_ids(selection, "light") == ["a", "c"]
+    assert upstream_results.part_ids(selection, "heavy") == ["b", "d"]
+    assert upstream_results.part_ids(None, "heavy") == []
+    with pytest.raises(ValueError, match="part must be all, light or heavy; got 'half'"):
+        upstream_results.part_ids(selection, "half")
 
 
 def test_tool_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -804,3 +834,7 @@ def test_tool_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--sample must be >= 1" in capsys.readouterr().err
     assert upstream_suite.main(["--upstream", str(tmp_path / "none")]) == 2
     assert "populate it first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        upstream_suite.main(["--part", "half"])
+    assert e.value.code == 2
+    assert "invalid choice: 'half' (choose from" in capsys.readouterr().err

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Outcomes", "PathSummary", "read_outcomes", "read_selection", "summarize"]
+__all__ = [
+    "Outcomes",
+    "PathSummary",
+    "part_ids",
+    "read_outcomes",
+    "read_selection",
+    "summarize",
+]
 
 OUTCOMES = ("passed", "failed", "skipped", "errors", "xfailed", "xpassed")
 
@@ -40,6 +47,7 @@ class PathSummary:
     pytest_exit: int | None
     seconds: float
     cut_short: str = ""  # why the run was stopped before its end, if it was
+    part: str = "all"  # all, light or heavy: the part of the selection this run was to run
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,7 @@ class PathSummary:
             "pytest_exit": self.pytest_exit,
             "seconds": round(self.seconds, 1),
             "cut_short": self.cut_short,
+            "part": self.part,
         }
         for key in (
             "collected",
@@ -134,10 +143,26 @@ def summarize(
     pytest_exit: int | None,
     seconds: float,
     cut_short: str = "",
+    part: str = "all",
 ) -> PathSummary:
+    """``part`` (all, light, heavy): which of the selected cases the run was to run;
+    only those count as not run when they have no record."""
     selection = read_selection(selection_file)
     outcomes = None
     if results_file is not None:
-        ids = selection["selected_ids"] if selection else []
-        outcomes = read_outcomes(results_file, ids)
-    return PathSummary(path, env, selection, outcomes, pytest_exit, seconds, cut_short)
+        outcomes = read_outcomes(results_file, part_ids(selection, part))
+    return PathSummary(path, env, selection, outcomes, pytest_exit, seconds, cut_short, part)
+
+
+def part_ids(selection: dict[str, Any] | None, part: str) -> list[str]:
+    """The selected ids of one part: all of them, those no [[heavy]] entry names
+    (light), or those (heavy; the selection's ``heavy_ids``)."""
+    if selection is None:
+        return []
+    ids: list[str] = selection["selected_ids"]
+    if part == "all":
+        return ids
+    if part not in ("light", "heavy"):
+        raise ValueError(f"part must be all, light or heavy; got {part!r}")
+    heavy = set(selection.get("heavy_ids", ()))
+    return [n for n in ids if (n in heavy) == (part == "heavy")]

@@ -209,6 +209,7 @@ def pytest_collection_modifyitems(
         # the whole selection, whichever part runs (each pass writes the same report)
         report = selection_report(suite, n, verdicts, config.stash[STATE_KEY])
         report["selected_heavy"] = len(heavy)
+        report["heavy_ids"] = sorted(heavy)
         Path(target).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 

@@ -12,6 +12,10 @@ package lacks (the [[exclude]] entries, each naming that feature), on a determin
     # on the GPU machine, from the repo root, flash_attn._C built in place:
     PYTHONPATH=$PWD python3 tools/upstream_suite.py --paths sm90,sm80 --sample 10 -n 8
 
+A long run can be split in two (two machines, or two calls of a lent one): `--part
+light` runs the selected cases no [[heavy]] entry names, `--part heavy` the others; each
+counts as not run only the cases of its own part.
+
 `populate` copies the file (and upstream's LICENSE) into the ignored .upstream/ and
 records the commit in .upstream/source.json. The run writes, to --out ($OUT if set):
 upstream-<path>.log (pytest's output), upstream-<path>-selection.json,
@@ -77,6 +81,7 @@ class RunOptions:
     config: Path
     upstream_dir: Path
     collect_only: bool
+    part: str  # all, light or heavy (upstream_select.PARTS): which selected cases run
     assume_capability: str
     budget_s: float
     timeout_s: float
@@ -163,9 +168,16 @@ def upstream_source(upstream_dir: Path, upstream_file: Path) -> dict[str, Any]:
 def passes(options: RunOptions, suite: SuiteConfig) -> list[tuple[str, int]]:
     """(part, workers) of each pytest run of a path: every selected case at once, or,
     where [[heavy]] entries allow fewer workers than -n, the other cases first and then
-    the heavy ones with those workers (upstream_select.py's --upstream-part)."""
+    the heavy ones with those workers (upstream_select.py's --upstream-part). With
+    --part light or heavy, only that pass (a long run split over two machines or calls)."""
     few = heavy_workers(suite)
-    if options.collect_only or few is None or options.workers <= few:
+    if options.collect_only:
+        return [("all", options.workers)]
+    if options.part == "light":
+        return [("light", options.workers)]
+    if options.part == "heavy":
+        return [("heavy", options.workers if few is None else min(few, options.workers))]
+    if few is None or options.workers <= few:
         return [("all", options.workers)]
     return [("light", options.workers), ("heavy", few)]
 
@@ -286,6 +298,7 @@ def run_path(
         exit_status,
         time.monotonic() - start,
         cut_short,
+        part="all" if options.collect_only else options.part,
     )
 
 
@@ -338,6 +351,8 @@ def describe_path(summary: PathSummary, kpath: KernelPath, options: RunOptions) 
         f"1 in {sel['sample']}: {sel['selected_sample']})"
         + (f", heavy {sel['selected_heavy']}" if sel.get("selected_heavy") else "")
     )
+    if summary.part != "all":
+        lines.append(f"   this run: the {summary.part} part only (--part {summary.part})")
     features = "; ".join(f"{k} {v}" for k, v in sel["excluded_by_feature"].items())
     lines.append(f"   excluded by feature: {features or 'none'}")
     for stale in sel["stale_exclusions"]:
@@ -445,6 +460,7 @@ def run(options: RunOptions, suite: SuiteConfig) -> int:
         ),
         "workers": options.workers,
         "collect_only": options.collect_only,
+        "part": options.part,
         "upstream": source,
         "config": str(options.config),
         "seconds": round(time.monotonic() - start, 1),
@@ -487,6 +503,14 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     ap.add_argument("--upstream", type=Path, default=DEFAULT_UPSTREAM, help="populated folder")
     ap.add_argument("--collect-only", action="store_true", help="select, do not run")
+    ap.add_argument(
+        "--part",
+        choices=("all", "light", "heavy"),
+        default="all",
+        help="run every selected case (all), or only those no [[heavy]] entry names "
+        "(light), or only those (heavy): a long run split in two; each counts what it ran "
+        "against its own part of the selection",
+    )
     ap.add_argument(
         "--assume-capability",
         default="9.0",
@@ -551,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config.resolve(),
             upstream_dir=args.upstream.resolve(),
             collect_only=args.collect_only,
+            part=args.part,
             assume_capability=args.assume_capability,
             budget_s=args.budget_s,
             timeout_s=args.timeout,
