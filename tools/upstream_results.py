@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from upstream_rules import PARTS
+
 __all__ = [
     "Outcomes",
     "PathSummary",
@@ -160,9 +162,9 @@ def part_ids(selection: dict[str, Any] | None, part: str) -> list[str]:
     if selection is None:
         return []
     ids: list[str] = selection["selected_ids"]
+    if part not in PARTS:
+        raise ValueError(f"part must be {', '.join(PARTS[:-1])} or {PARTS[-1]}; got {part!r}")
     if part == "all":
         return ids
-    if part not in ("light", "heavy"):
-        raise ValueError(f"part must be all, light or heavy; got {part!r}")
     heavy = set(selection.get("heavy_ids", ()))
     return [n for n in ids if (n in heavy) == (part == "heavy")]

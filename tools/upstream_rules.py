@@ -27,6 +27,7 @@ from typing import Literal
 import tomllib
 
 __all__ = [
+    "PARTS",
     "Clause",
     "ConfigError",
     "CaseMatch",
@@ -241,6 +242,11 @@ def relevant_exclusions(config: SuiteConfig, test_name: str) -> tuple[Exclusion,
 def excludes_whole(config: SuiteConfig, test_name: str) -> bool:
     """Whether an entry without clauses takes every case of ``test_name``."""
     return any(not e.where for e in relevant_exclusions(config, test_name))
+
+
+# The parts of a run's selection (upstream_select.py's --upstream-part, the runner's
+# --part): every selected case, those no [[heavy]] entry names, or those.
+PARTS = ("all", "light", "heavy")
 
 
 def is_heavy(config: SuiteConfig, test_name: str, params: Mapping[str, object]) -> bool:

@@ -42,6 +42,7 @@ _TOOLS = str(Path(__file__).resolve().parent)
 if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 from upstream_rules import (  # noqa: E402
+    PARTS,
     ConfigError,
     Exclusion,
     StandIn,
@@ -55,7 +56,6 @@ from upstream_rules import (  # noqa: E402
     relevant_exclusions,
 )
 
-PARTS = ("all", "light", "heavy")
 CONFIG_KEY = pytest.StashKey[SuiteConfig]()
 STATE_KEY = pytest.StashKey[dict[str, Any]]()
 # What the results file keeps of a failure: the report's tail (pytest's --tb style) and

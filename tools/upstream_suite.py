@@ -48,6 +48,7 @@ if str(TOOLS) not in sys.path:
 
 from upstream_results import PathSummary, summarize  # noqa: E402
 from upstream_rules import (  # noqa: E402
+    PARTS,
     ConfigError,
     KernelPath,
     SuiteConfig,
@@ -81,7 +82,7 @@ class RunOptions:
     config: Path
     upstream_dir: Path
     collect_only: bool
-    part: str  # all, light or heavy (upstream_select.PARTS): which selected cases run
+    part: str  # one of PARTS (upstream_rules): which selected cases run
     assume_capability: str
     budget_s: float
     timeout_s: float
@@ -505,7 +506,7 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--collect-only", action="store_true", help="select, do not run")
     ap.add_argument(
         "--part",
-        choices=("all", "light", "heavy"),
+        choices=PARTS,
         default="all",
         help="run every selected case (all), or only those no [[heavy]] entry names "
         "(light), or only those (heavy): a long run split in two; each counts what it ran "
