@@ -21,7 +21,7 @@ constexpr int kRows = 16;  // packed query rows per CTA: one m16 tile, one warp
 // 128-key stages (one CTA an SM at head dims 65-256, two at 64 and below: fewer and
 // longer streams, the shape cuDNN's decode kernel has), and the same four warps with
 // 64-key stages where that lets more CTAs share an SM (two at head dims 65-128, four at
-// 33-64, where its kernel is held to 128 registers a lane: one CTA's merge and write run
+// 33-64, where its kernel takes 128 registers a lane: one CTA's merge and write run
 // beside the others' streams), for calls with a tile for every SM (shape()). Measured
 // on an H200 (benchmarks/RESULTS.md), for W = 1: more resident one-warp CTAs beat deeper
 // pipelines (256: 2 stages of 16 keys, 5 CTAs an SM, beat 4 stages, 3 CTAs, by 10%);
@@ -50,12 +50,17 @@ constexpr size_t smem_bytes(int d, Shape s) {
   const int bn = s.w * s.bnw;  // keys a stage
   return (size_t(kRows) * ldq(d) + size_t(2 * stages(d, s.w) * bn) * ld(d)) * 2 + size_t(2 * bn) * 16;
 }
-// The CTAs an SM the kernel of this shape is compiled for (its launch bounds): four
-// for the 64-key four-warp shape at head dims 33-64 (128 registers a lane: 128 and no
-// spills at head dim 64, sm_90a), else no bound.
+// The CTAs an SM the kernel of this shape is planned for where registers, not shared
+// memory, would bound it: four for the 64-key four-warp shape at head dims 33-64, whose
+// kernel ptxas compiles to 128 registers a lane (sm_90a, no spills), which four CTAs of
+// 128 threads fill; tests/test_split_registers.py holds it to that. Not a launch bound:
+// `__launch_bounds__(128, 4)` gave the same 128 registers but slower code (H200, hdim 64,
+// 34-40 x 8192: pages of 16 -2 to -4%, contiguous -0.5%; benchmarks/RESULTS.md), and
+// nvcc 13.0 had silently dropped it as the kernel once spelled it ({W, BNW} in the
+// expression), so the measured kernel never had one. Else 1.
 constexpr int min_ctas(int d, Shape s) { return s.w == 4 && s.bnw == 16 && d > 32 && d <= 64 ? 4 : 1; }
 // CTAs of this shape an SM can hold: shared memory, and at most 10 warps (about 170
-// registers a lane) unless its launch bounds hold it to fewer registers; at least 1.
+// registers a lane) unless min_ctas says its kernel takes fewer registers; at least 1.
 constexpr int ctas_per_sm(int d, Shape s) {
   const int by_smem = int((228 * 1024) / (smem_bytes(d, s) + 1024)),
             by_warps = 10 / s.w > min_ctas(d, s) ? 10 / s.w : min_ctas(d, s);
