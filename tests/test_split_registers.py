@@ -42,10 +42,14 @@ KERNEL = re.compile(r"fwd_split_kernelILi64ELi(\d+)ELi(\d+)E")
 
 
 def cuda_bin() -> Path:
+    """The toolkit's bin folder, with nvcc and ptxas (else the test skips)."""
     try:
-        return toolchain.find_cuda_home(os.environ) / "bin"
+        bin_dir = toolchain.find_cuda_home(os.environ) / "bin"
     except BuildConfigError as e:
         pytest.skip(f"no CUDA toolkit: {e}")
+    if not (bin_dir / "ptxas").is_file():
+        pytest.skip(f"no ptxas in {bin_dir}")
+    return bin_dir
 
 
 def registers(ptxas_log: str) -> dict[tuple[int, int], int]:
