@@ -12,7 +12,9 @@ three CTAs an SM) fails here, not as a quiet slowdown on the GPU.
 
 The head-dim-64 split forward is compiled the way the build compiles it (the project's
 nvcc flags, sm_90a, instantiated through run_fwd_split) to PTX, and ptxas reports each
-split kernel's registers. No GPU needed; skipped without a CUDA toolkit.
+split kernel's registers; the CTAs an SM the planner counts for each shape come from
+split_plan.h itself (ctas_per_sm, in a host probe). Every shape must fit that many CTAs'
+registers on an SM. No GPU needed; skipped without a CUDA toolkit.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from host_probe import ROOT
+from host_probe import ROOT, run_host_probe
 
 from build_tools import toolchain
 from build_tools.knobs import BuildConfigError
@@ -33,11 +35,18 @@ SOURCE = r"""
 #include "fwd_split.cuh"
 template int flash::run_fwd_split<64, __nv_bfloat16>(const FlashAttnParams &, cudaStream_t);
 """
-# The split kernels of head dim 64, (warps, keys a warp) -> the CTAs an SM the planner
-# gives them where registers (not shared memory) bound them: the one-warp and 128-key
-# shapes are bound by shared memory; the 64-key four-warp shape by registers.
-SHAPES = {(1, 32): None, (4, 32): None, (4, 16): 4}
+# The planner's shapes at head dim 64 and the CTAs an SM it counts for each.
+PLAN_PROBE = r"""
+#include <cstdio>
+#include "split_plan.h"
+int main() {
+  using namespace flash::split;
+  for (Shape s : {one_warp(64), wide(64), wide_pair(64)})
+    std::printf("%d %d %d\n", s.w, s.bnw, ctas_per_sm(64, s));
+}
+"""
 REGISTERS_AN_SM = 65536
+REGISTER_UNIT = 8  # registers a lane are allocated in multiples of 8 (256 a warp)
 KERNEL = re.compile(r"fwd_split_kernelILi64ELi(\d+)ELi(\d+)E")
 
 
@@ -67,6 +76,15 @@ def registers(ptxas_log: str) -> dict[tuple[int, int], int]:
 
 
 @pytest.fixture(scope="module")
+def planned_ctas(tmp_path_factory) -> dict[tuple[int, int], int]:
+    """(warps, keys a warp) -> the CTAs an SM split_plan.h counts, at head dim 64."""
+    cuda_bin()
+    out = run_host_probe(PLAN_PROBE, ("90",), tmp_path_factory.mktemp("plan"))
+    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+    return {(w, bnw): ctas for w, bnw, ctas in rows}
+
+
+@pytest.fixture(scope="module")
 def split_registers(tmp_path_factory) -> dict[tuple[int, int], int]:
     bin_dir = cuda_bin()
     tmp = tmp_path_factory.mktemp("split_registers")
@@ -83,14 +101,15 @@ def split_registers(tmp_path_factory) -> dict[tuple[int, int], int]:
     return registers(assembled.stdout + assembled.stderr)
 
 
-def test_every_split_shape_is_compiled(split_registers):
-    assert set(split_registers) == set(SHAPES)
+def test_every_planned_shape_is_compiled(split_registers, planned_ctas):
+    assert set(split_registers) == set(planned_ctas)
+    assert planned_ctas[(4, 16)] == 4  # the four-CTA shape this test is for
 
 
-def test_four_cta_kernel_fits_four_an_sm(split_registers):
-    shape = (4, 16)
-    warps, ctas = shape[0], SHAPES[shape]
-    assert split_registers[shape] * 32 * warps * ctas <= REGISTERS_AN_SM, split_registers
+def test_every_shape_fits_its_planned_ctas(split_registers, planned_ctas):
+    for (warps, bnw), ctas in planned_ctas.items():
+        regs = -(-split_registers[(warps, bnw)] // REGISTER_UNIT) * REGISTER_UNIT
+        assert regs * 32 * warps * ctas <= REGISTERS_AN_SM, (warps, bnw, ctas, split_registers)
 
 
 def test_registers_parsed_from_ptxas_report():
