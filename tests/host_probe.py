@@ -16,12 +16,17 @@ from build_tools.knobs import BuildConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_host_probe(source: str, archs: tuple[str, ...], tmp_path: Path) -> str:
-    """The program's standard output. A build failure fails the test with nvcc's error."""
+def toolkit_bin() -> Path:
+    """The CUDA toolkit's bin folder (nvcc, ptxas); skips the calling test without one."""
     try:
-        nvcc = toolchain.find_cuda_home(os.environ) / "bin" / "nvcc"
+        return toolchain.find_cuda_home(os.environ) / "bin"
     except BuildConfigError as e:
         pytest.skip(f"no CUDA toolkit: {e}")
+
+
+def run_host_probe(source: str, archs: tuple[str, ...], tmp_path: Path) -> str:
+    """The program's standard output. A build failure fails the test with nvcc's error."""
+    nvcc = toolkit_bin() / "nvcc"
     src = tmp_path / "probe.cu"
     src.write_text(source)
     exe = tmp_path / "probe"

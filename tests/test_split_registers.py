@@ -19,16 +19,14 @@ registers on an SM. No GPU needed; skipped without a CUDA toolkit.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from host_probe import ROOT, run_host_probe
+from host_probe import ROOT, run_host_probe, toolkit_bin
 
 from build_tools import toolchain
-from build_tools.knobs import BuildConfigError
 
 SOURCE = r"""
 #define FLASH_HAS_SM90A 1
@@ -52,10 +50,7 @@ KERNEL = re.compile(r"fwd_split_kernelILi64ELi(\d+)ELi(\d+)E")
 
 def cuda_bin() -> Path:
     """The toolkit's bin folder, with nvcc and ptxas (else the test skips)."""
-    try:
-        bin_dir = toolchain.find_cuda_home(os.environ) / "bin"
-    except BuildConfigError as e:
-        pytest.skip(f"no CUDA toolkit: {e}")
+    bin_dir = toolkit_bin()
     if not (bin_dir / "ptxas").is_file():
         pytest.skip(f"no ptxas in {bin_dir}")
     return bin_dir
@@ -90,7 +85,7 @@ def split_registers(tmp_path_factory) -> dict[tuple[int, int], int]:
     tmp = tmp_path_factory.mktemp("split_registers")
     src, ptx, cubin = tmp / "split64.cu", tmp / "split64.ptx", tmp / "split64.cubin"
     src.write_text(SOURCE)
-    flags = [f for f in toolchain.BASE_NVCC_FLAGS if f not in ("-Xcompiler", "-fPIC")]
+    flags = toolchain.BASE_NVCC_FLAGS
     nvcc = [str(bin_dir / "nvcc"), *flags, f"-I{ROOT / 'csrc' / 'kernels'}", "-arch=compute_90a"]
     to_ptx = [*nvcc, "-ptx", str(src), "-o", str(ptx)]
     built = subprocess.run(to_ptx, capture_output=True, text=True)

@@ -184,8 +184,7 @@ __device__ __forceinline__ void copy_kv_stage(T *sK, T *sV, const RowPair<T> *sR
 }
 
 template <int D, int W, int BNW_, typename T>
-__global__ void __launch_bounds__(32 * W)
-    fwd_split_kernel(const FlashAttnParams p) {
+__global__ void __launch_bounds__(32 * W) fwd_split_kernel(const FlashAttnParams p) {
   using C = SplitConfig<D, W, BNW_>;
   constexpr int BN = C::BN, BNW = C::BNW, LD = C::LD, LDQ = C::LDQ, S = C::kStages, KS = D / 16,
                 DT = D / 8;
